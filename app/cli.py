@@ -1,0 +1,255 @@
+"""The `autocontour` command line.
+
+argparse, because hospital scripts need exact, stable behaviour: every
+mistake in the input ends with exit code 2 and one line on stderr that names
+it; a result always ends with exit code 0. Heavy imports (torch) happen inside
+the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from app import __version__
+from app.errors import AutocontourError
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as a single line (and exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _structures_help() -> str:
+    from app.catalogue import DEFAULT_STRUCTURES, STRUCTURES
+
+    return f"comma-separated, from {', '.join(STRUCTURES)} (default: {','.join(DEFAULT_STRUCTURES)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="autocontour",
+        description="Few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT. "
+                    "Every output is a DRAFT for review by a qualified clinician.")
+    parser.add_argument("--version", action="version", version=f"autocontour {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
+                              description="Segment a CT (.nii/.nii.gz) and write one NIfTI mask per structure on "
+                                          "the CT's grid, summary.json (confidence, flagged slices, volumes, "
+                                          "provenance) and preview.png. Results are drafts for clinical review.")
+    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz)")
+    seg.add_argument("--out", type=Path, required=True, help="output folder")
+    seg.add_argument("--structures", default=None, help=_structures_help())
+    seg.add_argument("--weights", type=Path, default=None, help="checkpoint (.safetensors or .pt); default: shipped")
+    seg.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    seg.add_argument("--support-size", type=int, default=None,
+                     help="support slices per ensemble member (default: 8 on CPU, 64 on GPU)")
+    seg.add_argument("--ensemble", type=int, default=None, help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
+    seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
+    seg.add_argument("--support-dir", type=Path, action="append", default=[],
+                     help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
+                          "repeatable")
+    seg.add_argument("--no-shipped-support", action="store_true", help="use only the --support-dir sets")
+    seg.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
+                     help="coarse: find each structure's extent first (default); all: segment every body slice")
+    seg.add_argument("--support-selection", choices=["level", "spread"], default="level",
+                     help="level: examples from the query's relative axial level (default); spread: whole extent")
+    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
+    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(handler=cmd_segment)
+
+    support = commands.add_parser("support", help="build and list support sets").add_subparsers(
+        dest="support_command", required=True, parser_class=OneLineParser)
+    build = support.add_parser("build", help="build a support set from labelled CT volumes",
+                               description="Pick informative slices of one structure from labelled CTs, spread "
+                                           "over its axial extent, and save them as a hash-addressed support set "
+                                           "with a manifest and preview.png.")
+    build.add_argument("name", help="support-set name (also the default structure)")
+    build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", required=True,
+                       help="a CT and its mask on the same grid; repeat for more cases")
+    build.add_argument("--structure", default=None, help="catalogue structure it segments (default: NAME)")
+    how = build.add_mutually_exclusive_group()
+    how.add_argument("--label", type=int, default=None, help="label value, when MASK is a label map")
+    how.add_argument("--recipe", default=None,
+                     help="recipe JSON file, or the name of a shipped recipe (support_sets/recipes/NAME.json)")
+    build.add_argument("--label-names", type=Path, default=None,
+                       help="JSON {value: name} for recipes (default: labels.json beside the mask)")
+    build.add_argument("--size", type=int, default=64, help="slices in the set (default 64)")
+    build.add_argument("--negative-fraction", type=float, default=0.125,
+                       help="share of empty slices from just beyond the structure's ends (default 0.125)")
+    build.add_argument("--no-mirror", action="store_true", help="do not fill the set with left-right mirrored slices")
+    build.add_argument("--description", default="", help="free text stored in the manifest")
+    build.add_argument("--source", default="", help="where the cases come from and their licence")
+    build.add_argument("--out", type=Path, required=True, help="output folder of the support set")
+    build.set_defaults(handler=cmd_support_build)
+    listing = support.add_parser("list", help="list the support sets that segment would use")
+    listing.add_argument("--support-dir", type=Path, action="append", default=[])
+    listing.add_argument("--no-shipped-support", action="store_true")
+    listing.set_defaults(handler=cmd_support_list)
+
+    weights = commands.add_parser("weights", help="download or inspect checkpoints").add_subparsers(
+        dest="weights_command", required=True, parser_class=OneLineParser)
+    download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
+                                  description="Download a known checkpoint, verify its SHA-256 and that it loads, "
+                                              "and store it in the cache folder. universeg-v1 is the official "
+                                              "UniverSeg checkpoint: research use only (OpenRAIL++-M).")
+    download.add_argument("name", choices=["universeg-v1"])
+    download.add_argument("--sha256", default=None, help="expected SHA-256 (pins the download)")
+    download.add_argument("--url", default=None, help="alternative URL (a mirror)")
+    download.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/autocontour/weights")
+    download.add_argument("--quiet", action="store_true")
+    download.set_defaults(handler=cmd_weights_download)
+    info = weights.add_parser("info", help="show a checkpoint's model card")
+    info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
+    info.set_defaults(handler=cmd_weights_info)
+
+    structures = commands.add_parser("structures", help="list the structure catalogue and overlap rules")
+    structures.set_defaults(handler=cmd_structures)
+    return parser
+
+
+def _progress_bar(quiet: bool):
+    """A tqdm bar per phase; returns (callback, close)."""
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(phase: str, done: dict[str, int], total: dict[str, int]) -> None:
+        if phase not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[phase] = tqdm(total=sum(total.values()), desc=f"{phase} pass", unit="slice", file=sys.stderr)
+        bar = bars[phase]
+        bar.update(sum(done.values()) - bar.n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from app.catalogue import parse_structures
+    from app.errors import InputImageError
+    from app.pipeline import Segmenter
+
+    if args.structures is not None:  # cheap checks before the model loads
+        parse_structures(args.structures)
+    if not args.ct.is_file():
+        raise InputImageError(f"file not found: {args.ct}")
+    segmenter = Segmenter(weights=args.weights, device=args.device, support_dirs=args.support_dir,
+                          shipped_support=False if args.no_shipped_support else None)
+    update, close = _progress_bar(args.quiet)
+    try:
+        result = segmenter.segment(
+            args.ct, args.out, args.structures, support_size=args.support_size, ensemble=args.ensemble,
+            threshold=args.threshold, axial_search=args.axial_search, support_selection=args.support_selection,
+            save_probabilities=args.probabilities, preview=not args.no_preview, progress=update)
+    finally:
+        close()
+    summary = result.summary
+    for notice in summary["notices"]:
+        print(f"NOTICE: {notice}", file=sys.stderr)
+    print(f"DRAFT contours for clinical review, written to {args.out}")
+    for name, s in summary["structures"].items():
+        conf = "n/a" if s["confidence"] is None else f"{s['confidence']:.2f}"
+        print(f"  {s['display_name']:<12} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
+              f"{len(s['flagged_slices'])} flagged slice(s)")
+    print(f"  total {summary['timings_s']['total']:.1f} s on {summary['model']['device']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_support_build(args: argparse.Namespace) -> int:
+    from app.catalogue import parse_structures
+    from app.config import Settings
+    from app.support.build import build_support_set
+    from app.support.recipes import Recipe
+
+    structure = parse_structures(args.structure or args.name)[0]
+    recipe = None
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.is_file():
+            path = Settings().shipped_support_dir / "recipes" / f"{args.recipe}.json"
+        recipe = Recipe.from_file(path)
+    support = build_support_set(
+        args.name, structure, [tuple(c) for c in args.case], args.out, size=args.size, label=args.label,
+        recipe=recipe, label_names=args.label_names, negative_fraction=args.negative_fraction,
+        mirror=not args.no_mirror, description=args.description, source=args.source)
+    print(f"support set {support.id}: {len(support)} slices of {structure} -> {args.out}")
+    for warning in support.manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_support_list(args: argparse.Namespace) -> int:
+    from app.config import Settings
+    from app.support.store import discover
+
+    settings = Settings()
+    found = discover(settings.support_folders(args.support_dir, False if args.no_shipped_support else None))
+    for structure, support in found.items():
+        print(f"{structure:<12} {support.id}  {len(support):>3} slices  {support.path}")
+    return 0
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from app.config import Settings
+    from app.model.weights import KNOWN_WEIGHTS, RESEARCH_ONLY_NOTICE, download
+
+    known = KNOWN_WEIGHTS[args.name]
+    path, digest = download(known, args.cache_dir or Settings().weights_cache, sha256=args.sha256, url=args.url,
+                            progress=not args.quiet)
+    print(f"{path}\nsha256 {digest}")
+    if not (args.sha256 or known.sha256):
+        print("warning: no SHA-256 was given to pin this download; record the one above", file=sys.stderr)
+    if known.research_only:
+        print(f"NOTICE: {RESEARCH_ONLY_NOTICE}", file=sys.stderr)
+    return 0
+
+
+def cmd_weights_info(args: argparse.Namespace) -> int:
+    from app.config import Settings
+    from app.model.weights import load_model
+
+    _, card = load_model(args.file or Settings().default_weights)
+    print(card.model_dump_json(indent=1))
+    return 0
+
+
+def cmd_structures(args: argparse.Namespace) -> int:
+    from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES
+
+    for s in STRUCTURES.values():
+        print(f"{s.name:<12} {s.display_name:<12} {s.kind:<6} {s.description}")
+    print("overlaps allowed only between: " + "; ".join(" & ".join(sorted(p)) for p in sorted(ALLOWED_OVERLAPS, key=sorted)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except AutocontourError as exc:
+        print(f"autocontour: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("autocontour: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

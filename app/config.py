@@ -1,0 +1,62 @@
+"""Settings, from `AUTOCONTOUR_*` environment variables (pydantic-settings).
+
+One place for every default the CLI, the Python API and the server share,
+including the per-device inference defaults: a 2-core CPU must stay practical,
+a GPU can afford a full support set and an ensemble.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.model.weights import default_cache_dir
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS_NAME = "autocontour-universeg-v1.safetensors"
+
+
+class Settings(BaseSettings):
+    """Core settings; the server extends them."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOCONTOUR_", extra="ignore")
+
+    home: Path = Field(PACKAGE_ROOT, description="folder holding models/ and support_sets/")
+    weights: Path | None = Field(None, description="checkpoint to load; default: the shipped project weights")
+    support_dirs: list[Path] = Field(default_factory=list, description="extra support-set folders (a clinic's own)")
+    shipped_support: bool = Field(True, description="also use the support sets shipped in support_sets/")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+    precision: str | None = Field(None, pattern="^(float32|bfloat16|float16)$",
+                                  description="default: float32 on CPU, bfloat16 on CUDA")
+    cpu_support_size: int = Field(8, ge=1, le=256)
+    cpu_ensemble: int = Field(1, ge=1, le=16)
+    cuda_support_size: int = Field(64, ge=1, le=256)
+    cuda_ensemble: int = Field(3, ge=1, le=16)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_voxels: int = Field(1 << 30, gt=0)
+    weights_cache: Path = Field(default_factory=default_cache_dir)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def shipped_support_dir(self) -> Path:
+        return self.home / "support_sets"
+
+    @property
+    def default_weights(self) -> Path:
+        return self.models_dir / DEFAULT_WEIGHTS_NAME
+
+    def support_folders(self, extra: list[Path] | None = None, shipped: bool | None = None) -> list[Path]:
+        """Folders to search for support sets, later ones overriding earlier ones."""
+        use_shipped = self.shipped_support if shipped is None else shipped
+        return ([self.shipped_support_dir] if use_shipped else []) + list(self.support_dirs) + list(extra or [])
+
+    def device_defaults(self, device_type: str) -> tuple[int, int, str]:
+        """(support size, ensemble, precision) for a device type."""
+        if device_type == "cuda":
+            return self.cuda_support_size, self.cuda_ensemble, self.precision or "bfloat16"
+        return self.cpu_support_size, self.cpu_ensemble, self.precision or "float32"

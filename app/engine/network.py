@@ -1,0 +1,108 @@
+"""The same UniverSeg, computed with less work: exact algebra, no approximation.
+
+Three identities, all following from the cross conv being linear (the model
+has no nonlinearity between a cross conv and the mean over the support set):
+
+1. Split: conv(concat(q, s_j), W) + b = conv(q, W_q) + b + conv(s_j, W_s).
+   The query half is computed once per query instead of once per pair.
+2. The last decoder block's support stream is never used, so its per-stream
+   conv is skipped.
+3. For that same block only the mean over pairs is needed, and
+   mean_j conv(s_j, W_s) = conv(mean_j s_j, W_s): its cross conv also becomes a
+   per-query conv. Likewise the enc-0 skip of the support stream is kept only
+   as its mean, since the last decoder block is its only reader.
+
+At 128x128 this lowers the per-(query, support) cost from 10.4 to about 3.2
+GFLOP. `tests/test_engine.py` checks equality with `UniverSeg.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.model.universeg import LEAKY_SLOPE, CrossBlock, UniverSeg, check_input_shapes
+
+
+class SplitBlock(nn.Module):
+    """A CrossBlock with its cross-conv weight split into query and support halves."""
+
+    def __init__(self, block: CrossBlock, query_channels: int):
+        super().__init__()
+        weight, bias = block.cross.cross_conv.weight, block.cross.cross_conv.bias
+        self.w_query = nn.Parameter(weight[:, :query_channels].detach().clone(), requires_grad=False)
+        self.w_support = nn.Parameter(weight[:, query_channels:].detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.target = block.target.vmapped.conv
+        self.support = block.support.vmapped.conv
+
+    def forward(self, query: Tensor, support: Tensor, s: int) -> tuple[Tensor, Tensor]:
+        """query (B, Cq, H, W), support (B*S, Cs, H, W) -> the block's two outputs."""
+        zq = F.conv2d(query, self.w_query, self.bias, padding=1)
+        zs = F.conv2d(support, self.w_support, padding=1)
+        zs = zs.unflatten(0, (-1, s))
+        new_query = zq + zs.mean(dim=1)
+        pairs = (zq.unsqueeze(1) + zs).flatten(0, 1)
+        return _act(self.target(new_query)), _act(self.support(pairs))
+
+    def forward_mean_only(self, query: Tensor, support_mean: Tensor) -> Tensor:
+        """The query output alone, from the mean of the support inputs (identity 3)."""
+        z = F.conv2d(query, self.w_query, self.bias, padding=1) + F.conv2d(support_mean, self.w_support, padding=1)
+        return _act(self.target(z))
+
+
+class SplitUniverSeg(nn.Module):
+    """Equal to `UniverSeg.forward` (to float rounding), with about 3x fewer FLOPs."""
+
+    def __init__(self, model: UniverSeg):
+        super().__init__()
+        self.enc = nn.ModuleList()
+        query_ch = 1
+        for width, block in zip(model.encoder_blocks, model.enc_blocks):
+            self.enc.append(SplitBlock(block, query_ch))
+            query_ch = width
+        self.dec = nn.ModuleList()
+        for skip_width, width, block in zip(model.encoder_blocks[-2::-1], model.decoder_blocks, model.dec_blocks):
+            self.dec.append(SplitBlock(block, query_ch + skip_width))
+            query_ch = width
+        self.out_conv = model.out_conv.conv
+        self.factor = model.downsampling_factor
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, target_image: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
+        check_input_shapes(target_image, support_images, support_labels, self.factor)
+        return self.forward_pairs(target_image, torch.cat([support_images, support_labels], dim=2))
+
+    def forward_pairs(self, query: Tensor, support: Tensor) -> Tensor:
+        """query (B, 1, H, W); support (B, S, 2, H, W) = [image, label]; -> logits (B, 1, H, W)."""
+        s = support.shape[1]
+        support = support.flatten(0, 1)
+        skips: list[tuple[Tensor, Tensor]] = []
+        last = len(self.enc) - 1
+        for i, block in enumerate(self.enc):
+            query, support = block(query, support, s)
+            if i < last:
+                kept = support.unflatten(0, (-1, s)).mean(dim=1) if i == 0 else support  # identity 3
+                skips.append((query, kept))
+                query, support = F.max_pool2d(query, 2), F.max_pool2d(support, 2)
+
+        for j, block in enumerate(self.dec):
+            query_skip, support_skip = skips.pop()
+            query = torch.cat([_up(query), query_skip], dim=1)
+            if j < len(self.dec) - 1:
+                support = torch.cat([_up(support), support_skip], dim=1)
+                query, support = block(query, support, s)
+            else:  # identities 2 and 3: only the mean of the support stream matters
+                support_mean = torch.cat([_up(support.unflatten(0, (-1, s)).mean(dim=1)), support_skip], dim=1)
+                query = block.forward_mean_only(query, support_mean)
+        return self.out_conv(query)
+
+
+def _act(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, LEAKY_SLOPE, inplace=True)
+
+
+def _up(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)

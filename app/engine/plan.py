@@ -1,0 +1,238 @@
+"""Which slices to segment, with which examples: the in-context part of inference.
+
+For every requested structure:
+
+1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
+   segment the slice with a support set spread over the structure's whole
+   extent. The slices where the structure shows give its axial extent; no
+   work is spent on slices far outside it.
+2. Fine pass. Every slice from one coarse step below to one above that
+   extent is segmented by an ensemble of K support sets of S slices. With
+   `support_selection="level"` each query gets the examples nearest to its
+   own relative level in the structure (the top of the bladder is segmented
+   from examples of bladder tops); the K members draw different subsets of
+   the nearest examples, and their disagreement feeds the confidence.
+
+Requests of all structures go to the runner together, so batches stay full.
+If the CT is itself one of a support set's source cases, the query's own
+slice and its neighbours are left out of its support (leave-slice-out), so a
+result never copies its own label.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from app.engine.runner import Engine
+from app.errors import OptionError
+from app.preprocess import ModelInput
+from app.support.store import SupportSet
+
+MIN_FOREGROUND_PIXELS = 4
+LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
+
+# progress(phase, requests done per structure, requests in total per structure)
+ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
+
+
+class InferenceOptions(BaseModel):
+    """How hard to look. Defaults per device come from `app.config`."""
+
+    support_size: int = Field(16, ge=1, le=256, description="support slices per ensemble member (S)")
+    ensemble: int = Field(1, ge=1, le=16, description="support subsets averaged per slice (K)")
+    axial_search: str = Field("coarse", pattern="^(coarse|all)$",
+                              description="coarse: find the structure's extent first; all: every body slice")
+    coarse_step_mm: float = Field(9.0, gt=0, le=50)
+    support_selection: str = Field("level", pattern="^(level|spread)$",
+                                   description="level: examples from the query's relative level; spread: from the whole extent")
+    seed: int = 0
+
+
+@dataclass
+class StructurePrediction:
+    """Probabilities on the model grid, and how they were obtained."""
+
+    probability: np.ndarray  # (Z, H, W) mean over ensemble members; 0 where not computed
+    agreement: np.ndarray  # (Z,) mean pairwise Dice of members' masks; 1 where all agree or K = 1
+    computed: np.ndarray  # (Z,) bool: slices the fine pass segmented
+    extent: tuple[int, int] | None  # first and last slice where the coarse pass found the structure
+    support_size: int
+    ensemble: int
+    queries: int = 0
+    pairs: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    structure: str
+    z: int
+    member: int
+    index: np.ndarray  # (S,) indices into the joint pool
+
+
+class _Pools:
+    """All structures' support slices in one array, so one batch can mix structures."""
+
+    def __init__(self, supports: dict[str, SupportSet]):
+        self.offset: dict[str, int] = {}
+        arrays, total = [], 0
+        for name, support in supports.items():
+            self.offset[name] = total
+            arrays.append(np.stack([support.images, support.labels], axis=1))
+            total += len(support)
+        self.array = np.concatenate(arrays).astype(np.float32)
+
+
+def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """K support subsets stratified over the levels: one pick per stratum each."""
+    order = np.nonzero(allowed)[0]
+    order = order[np.argsort(levels[order], kind="stable")]
+    strata = np.array_split(order, s)
+    members = []
+    for member in range(k):
+        picks = [stratum[len(stratum) // 2] if member == 0 else rng.choice(stratum) for stratum in strata]
+        members.append(np.array(picks, dtype=np.int64))
+    return members
+
+
+def _level_members(levels: np.ndarray, allowed: np.ndarray, level: float, s: int, k: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """K support subsets from the examples nearest the query's level."""
+    candidates = np.nonzero(allowed)[0]
+    nearest = candidates[np.argsort(np.abs(levels[candidates] - level), kind="stable")]
+    pool = nearest[: min(nearest.size, 2 * s)]
+    members = [nearest[:s]]
+    for _ in range(1, k):
+        members.append(np.sort(rng.choice(pool, size=s, replace=False)))
+    return members
+
+
+def _allowed(support: SupportSet, z: int, own_cases: set[str]) -> np.ndarray:
+    """Support slices a query at canonical slice z may use (leave-slice-out for source cases)."""
+    allowed = np.ones(len(support), dtype=bool)
+    if own_cases:
+        for i, meta in enumerate(support.manifest.slices):
+            if meta.case in own_cases and abs(meta.slice_index - z) <= LEAVE_OUT_RADIUS:
+                allowed[i] = False
+    return allowed
+
+
+def _step_slices(model_input: ModelInput, step_mm: float) -> int:
+    return max(1, int(round(step_mm / model_input.grid.GetSpacing()[2])))
+
+
+def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
+                       options: InferenceOptions, fingerprint: str | None = None,
+                       progress: ProgressCallback | None = None) -> dict[str, StructurePrediction]:
+    """Coarse then fine pass for every structure; see the module docstring."""
+    pools = _Pools(supports)
+    rng = np.random.default_rng(options.seed)
+    results: dict[str, StructurePrediction] = {}
+    own: dict[str, set[str]] = {}
+    for name, support in supports.items():
+        own[name] = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
+        usable = len(support) - (2 * LEAVE_OUT_RADIUS + 1 if own[name] else 0)
+        if usable < 1:
+            raise OptionError(f"support set {support.id} has too few slices ({len(support)}) to segment with")
+        size = min(options.support_size, usable)
+        z_count = inputs[name].num_slices
+        results[name] = StructurePrediction(
+            probability=np.zeros((z_count, *inputs[name].images.shape[1:]), dtype=np.float32),
+            agreement=np.ones(z_count, dtype=np.float32), computed=np.zeros(z_count, dtype=bool),
+            extent=None, support_size=size, ensemble=options.ensemble)
+        if size < options.support_size:
+            results[name].warnings.append(f"support size reduced to {size}: the support set has {len(support)} slices")
+        if own[name]:
+            results[name].warnings.append(
+                "this CT is a source case of the support set: each slice's own label and its neighbours' were left out")
+
+    coarse_requests: list[_Request] = []
+    for name, support in supports.items():
+        body = np.nonzero(inputs[name].body_slices)[0]
+        for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
+            member = _spread_members(support.levels, _allowed(support, z, own[name]), results[name].support_size, 1, rng)[0]
+            coarse_requests.append(_Request(name, int(z), 0, member + pools.offset[name]))
+    coarse = _run(engine, inputs, pools, coarse_requests, "coarse", progress)
+
+    fine_requests: list[_Request] = []
+    for name, support in supports.items():
+        prediction, model_input = results[name], inputs[name]
+        found = sorted(r.z for r, p in zip(coarse_requests, coarse)
+                       if r.structure == name and (p > 0.5).sum() >= MIN_FOREGROUND_PIXELS)
+        body = np.nonzero(model_input.body_slices)[0]
+        step = _step_slices(model_input, options.coarse_step_mm)
+        if found:
+            prediction.extent = (found[0], found[-1])
+        if options.axial_search == "all":
+            queries = body
+        elif found:
+            queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
+        else:
+            queries = body[:0]
+            prediction.warnings.append("not found by the coarse search: no slice showed the structure")
+        lo, hi = prediction.extent or (int(body[0]), int(body[-1]))
+        for z in queries:
+            allowed = _allowed(support, int(z), own[name])
+            if options.support_selection == "level":
+                members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
+                                         prediction.support_size, options.ensemble, rng)
+            else:
+                members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
+            fine_requests += [_Request(name, int(z), k, m + pools.offset[name]) for k, m in enumerate(members)]
+        prediction.computed[queries] = True
+
+    fine = _run(engine, inputs, pools, fine_requests, "fine", progress)
+    by_slice: dict[tuple[str, int], list[np.ndarray]] = {}
+    for request, probability in zip(fine_requests, fine):
+        by_slice.setdefault((request.structure, request.z), []).append(probability)
+    for (name, z), members in by_slice.items():
+        results[name].probability[z] = np.mean(members, axis=0)
+        results[name].agreement[z] = _agreement([m > 0.5 for m in members])
+    for name, prediction in results.items():
+        prediction.queries = int(prediction.computed.sum())
+        prediction.pairs = sum(r.index.size for r in coarse_requests + fine_requests if r.structure == name)
+    return results
+
+
+def _agreement(masks: list[np.ndarray]) -> float:
+    """Mean pairwise Dice between member masks; empty pairs agree."""
+    if len(masks) < 2:
+        return 1.0
+    scores = []
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            total = masks[i].sum() + masks[j].sum()
+            scores.append(1.0 if total == 0 else 2 * (masks[i] & masks[j]).sum() / total)
+    return float(np.mean(scores))
+
+
+def _run(engine: Engine, inputs: dict[str, ModelInput], pools: _Pools, requests: list[_Request], phase: str,
+         progress: ProgressCallback | None) -> list[np.ndarray]:
+    """Send requests to the runner in groups of equal support size; keep their order."""
+    results: list[np.ndarray | None] = [None] * len(requests)
+    total = Counter(r.structure for r in requests)
+    done: Counter[str] = Counter({name: 0 for name in total})
+    groups: dict[int, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.index.size, []).append(i)
+    for members in groups.values():
+        queries = np.stack([inputs[requests[i].structure].images[requests[i].z] for i in members])
+        index = np.stack([requests[i].index for i in members])
+        finished = 0
+
+        def report(n: int) -> None:
+            nonlocal finished
+            done.update(requests[i].structure for i in members[finished:finished + n])
+            finished += n
+            if progress:
+                progress(phase, dict(done), dict(total))
+
+        for i, probability in zip(members, engine.predict(queries, pools.array, index, report)):
+            results[i] = probability
+    return results  # type: ignore[return-value]

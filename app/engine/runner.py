@@ -1,0 +1,117 @@
+"""The process's one owner of the network: device, precision, batching, memory.
+
+Callers hand over many (query slice, support indices) requests at once; the
+runner packs them into batches as large as memory allows, and when a batch
+does not fit it splits it and carries on, so an out-of-memory condition slows
+a job down instead of failing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from app.engine.network import SplitUniverSeg
+from app.errors import OptionError
+from app.model.universeg import UniverSeg
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Peak bytes per (query, support) pair and pixel, measured for the split network
+# (see bench/engine.py): about 4 live feature maps of 64 float32 channels at full resolution.
+BYTES_PER_PAIR_PIXEL = 4 * 64 * 4
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("device 'cuda' asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 2 << 30
+
+
+class Engine:
+    """Runs the split UniverSeg on one device for batches of queries."""
+
+    def __init__(self, model: UniverSeg, device: str = "auto", precision: str = "float32",
+                 max_pairs_per_batch: int | None = None, memory_fraction: float = 0.25, threads: int | None = None):
+        self.device = resolve_device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        else:
+            torch.backends.cudnn.benchmark = True
+        self.net = SplitUniverSeg(model).to(self.device).eval()
+        self.max_pairs_per_batch = max_pairs_per_batch
+        self.memory_fraction = memory_fraction
+
+    def _autocast(self):
+        if self.precision == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def pairs_per_batch(self, height: int, width: int) -> int:
+        """How many (query, support) pairs fit in one forward."""
+        if self.max_pairs_per_batch:
+            return self.max_pairs_per_batch
+        budget = available_memory_bytes(self.device) * self.memory_fraction
+        return max(1, int(budget // (BYTES_PER_PAIR_PIXEL * height * width)))
+
+    @torch.inference_mode()
+    def predict(self, queries: np.ndarray, pool: np.ndarray, index: np.ndarray,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Foreground probabilities for every query.
+
+        queries: (B, H, W) images in [0, 1]; pool: (N, 2, H, W) support
+        [image, label] pairs; index: (B, S) rows of pool indices, one support
+        set per query. Returns (B, H, W) float32. `progress(n)` is called with
+        the number of queries finished by each batch.
+        """
+        b, s = index.shape
+        out = np.empty(queries.shape, dtype=np.float32)
+        pool_t = torch.from_numpy(np.ascontiguousarray(pool, dtype=np.float32)).to(self.device)
+        chunk = max(1, self.pairs_per_batch(*queries.shape[1:]) // s)
+        start = 0
+        while start < b:
+            stop = min(b, start + chunk)
+            try:
+                out[start:stop] = self._forward(queries[start:stop], pool_t, index[start:stop])
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 2)
+                log.warning("out of memory: batch split to %d queries", chunk)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if progress:
+                progress(stop - start)
+            start = stop
+        return out
+
+    def _forward(self, queries: np.ndarray, pool: torch.Tensor, index: np.ndarray) -> np.ndarray:
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device).unsqueeze(1)
+        support = pool[torch.from_numpy(np.ascontiguousarray(index)).to(self.device)]
+        with self._autocast():
+            logits = self.net.forward_pairs(q, support)
+        return torch.sigmoid(logits.float()).squeeze(1).cpu().numpy()

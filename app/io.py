@@ -1,0 +1,302 @@
+"""Stage 1: read a CT safely and bring it to one canonical orientation.
+
+A planning CT arrives as NIfTI in any orientation. Everything downstream
+(slicing, support sets, the model) works on one canonical orientation, LPS:
+array index (z, y, x) runs inferior->superior, anterior->posterior and
+right->left, so an axial slice shows the patient as radiologists view it.
+`CanonicalCT.to_input_grid` maps results back onto the input's exact grid.
+
+Reading is defensive because ITK reads a truncated .nii.gz without complaint
+(the missing voxels become zeros): the file is checked completely before it
+is handed to SimpleITK, and the header is checked before anything is inflated.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from app.errors import InputImageError
+
+CANONICAL_ORIENTATION = "LPS"
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
+MIN_AXIAL_SLICES = 3
+DEFAULT_MAX_VOXELS = 1024 * 1024 * 1024  # 1 Gi voxels: larger than any planning CT
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class NiftiInfo:
+    """What the header promises, read before any voxel is inflated."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data_bytes: int
+    data_offset: int
+    compressed: bool
+
+
+def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> NiftiInfo:
+    """Check that `path` is a complete NIfTI file of a sane size; read only what that needs.
+
+    Raises InputImageError naming the problem: empty file, not NIfTI,
+    truncated or corrupt gzip, too many voxels (checked from the header,
+    before inflating: a small .nii.gz can claim gigabytes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"file not found: {path.name}")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputImageError("the file is empty (0 bytes)")
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise InputImageError("not a NIfTI file: too short for a header")
+            header_class = _header_class(head)
+            f.seek(0)
+            header = header_class.from_fileobj(f)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputImageError(f"not a readable NIfTI file: {_gzip_reason(exc)}") from exc
+    except InputImageError:
+        raise
+    except Exception as exc:  # nibabel's HeaderDataError and friends
+        raise InputImageError(f"corrupt NIfTI header: {exc}") from exc
+
+    shape = tuple(int(d) for d in header.get_data_shape())
+    if any(d <= 0 for d in shape) or not shape:
+        raise InputImageError(f"the image has a zero-size dimension: {shape}")
+    n_voxels = int(np.prod(shape, dtype=np.int64))
+    if n_voxels > max_voxels:
+        raise InputImageError(f"the image has {n_voxels:,} voxels, more than the limit of {max_voxels:,}")
+    dtype = header.get_data_dtype()
+    info = NiftiInfo(shape, dtype, n_voxels * dtype.itemsize, int(header.get_data_offset()), compressed)
+    needed = info.data_offset + info.data_bytes
+    if not compressed and size < needed:
+        raise InputImageError(f"the file is truncated: it holds {size:,} of the {needed:,} bytes its header promises")
+    read, finite = _scan_data(path, info, limit=needed + (1 << 20))
+    if read < needed:
+        raise InputImageError(f"the file is truncated: it holds {read:,} of the {needed:,} bytes its header promises")
+    if not finite:
+        raise InputImageError("the image contains NaN or infinite values")
+    return info
+
+
+def _scan_data(path: Path, info: NiftiInfo, limit: int) -> tuple[int, bool]:
+    """Read the whole file as a stream (checking the gzip CRC); count bytes, look for NaN/inf.
+
+    ITK silently turns a NaN stored in NIfTI into a number, so this is the
+    only place a NaN can be caught. Stops with an error past `limit` bytes.
+    """
+    total, finite, pending = 0, True, b""
+    is_float = info.dtype.kind in "fc"
+    opener = gzip.open if info.compressed else open
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                start = max(0, info.data_offset - total)
+                total += len(chunk)
+                if total > limit:
+                    raise InputImageError("the compressed file inflates past the size its header promises")
+                if is_float and start < len(chunk):
+                    data = pending + chunk[start:]
+                    usable = len(data) - len(data) % info.dtype.itemsize
+                    finite &= bool(np.isfinite(np.frombuffer(data[:usable], dtype=info.dtype)).all())
+                    pending = data[usable:]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputImageError(f"the file is truncated or corrupt: {_gzip_reason(exc)}") from exc
+    return total, finite
+
+
+def _header_class(first4: bytes):
+    for cls, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        for order in "<>":
+            if struct.unpack(order + "i", first4)[0] == size:
+                return cls
+    raise InputImageError("not a NIfTI file (its first bytes are not a NIfTI-1 or NIfTI-2 header)")
+
+
+def _gzip_reason(exc: Exception) -> str:
+    if isinstance(exc, EOFError):
+        return "the gzip stream ends early (truncated file)"
+    return str(exc) or type(exc).__name__
+
+
+def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
+    """Read a NIfTI image after `inspect_nifti` has vouched for it."""
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputImageError(f"expected a .nii or .nii.gz file, got {path.suffix or 'no extension'!r}")
+    info = inspect_nifti(path, max_voxels)
+    if len(info.shape) == 2:
+        raise InputImageError(f"the image is 2D {info.shape}; a CT volume is 3D")
+    if len(info.shape) > 3 and any(d > 1 for d in info.shape[3:]):
+        raise InputImageError(f"the image is {len(info.shape)}D {info.shape}; give one 3D CT volume")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputImageError(f"SimpleITK cannot read the image: {str(exc).splitlines()[-1]}") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError("the image has vector (multi-component) voxels; a CT has one value per voxel")
+    if image.GetDimension() == 4:  # trailing singleton dimension
+        image = image[:, :, :, 0]
+    return image
+
+
+def read_ct(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
+    """Read and validate a CT volume in Hounsfield units; returns float32."""
+    return validate_ct(read_image(path, max_voxels))
+
+
+def validate_ct(image: sitk.Image) -> sitk.Image:
+    """Check an image already in memory the way a file is checked; returns float32."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError("the image has vector (multi-component) voxels; a CT has one value per voxel")
+    check_geometry(image)
+    ct = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(ct)
+    if not np.isfinite(values).all():
+        raise InputImageError("the image contains NaN or infinite values")
+    check_looks_like_ct(values)
+    return ct
+
+
+def check_geometry(image: sitk.Image) -> None:
+    """Reject geometry that no scanner produces."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    if image.GetDimension() != 3:
+        raise InputImageError(f"expected a 3D image, got {image.GetDimension()}D")
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise InputImageError(
+            f"absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm: each must lie within "
+            f"{MIN_SPACING_MM}..{MAX_SPACING_MM} mm")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-3):
+        raise InputImageError("the direction matrix is not orthonormal")
+    if not np.isfinite(image.GetOrigin()).all():
+        raise InputImageError("the image origin is not finite")
+    axial_axis = int(np.argmax(np.abs(direction[2, :])))
+    if size[axial_axis] < MIN_AXIAL_SLICES:
+        raise InputImageError(f"the image has {size[axial_axis]} axial slice(s); at least {MIN_AXIAL_SLICES} are needed")
+
+
+def check_looks_like_ct(values: np.ndarray) -> None:
+    """A CT in Hounsfield units shows air (about -1000 HU) around the patient.
+
+    Catches the usual mix-ups: a label map, an MR, an image scaled to 0..1 or
+    0..255, or raw stored values without the rescale intercept applied.
+    """
+    sample = values.ravel()[:: max(1, values.size // 2_000_000)]
+    low, high = np.percentile(sample, [0.5, 99.5])
+    if low > -500 or high < -200 or high - low < 300:
+        raise InputImageError(
+            f"the image does not look like a CT in Hounsfield units (0.5-99.5 percentile {low:.0f}..{high:.0f}; "
+            "a CT shows air near -1000 HU): is it a mask, an MR, or stored without its rescale intercept?")
+
+
+def fingerprint(image: sitk.Image) -> str:
+    """SHA-256 of voxel values and geometry: identifies a scan without naming it.
+
+    Take it of the canonical image (`CanonicalCT.image`) so that the same scan
+    stored in another orientation has the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    for item in (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()):
+        digest.update(np.asarray(item, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def is_axis_aligned(image: sitk.Image, tol: float = 1e-4) -> bool:
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    return bool(np.all((direction < tol) | (np.abs(direction - 1) < tol)))
+
+
+class CanonicalCT:
+    """An input volume and its canonical (LPS) view, with the way back.
+
+    Axis-aligned inputs (the usual case) are reoriented by permuting and
+    flipping axes only, which is exact and invertible; oblique inputs are
+    resampled onto an axis-aligned grid and results are resampled back.
+    """
+
+    def __init__(self, image: sitk.Image):
+        self.input = image
+        self.input_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        self.oblique = not is_axis_aligned(image)
+        if self.oblique:
+            self.image = _resample_axis_aligned(image)
+        else:
+            self.image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+    @property
+    def array(self) -> np.ndarray:
+        """(z, y, x) view of the canonical image."""
+        return sitk.GetArrayViewFromImage(self.image)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(self.image.GetSpacing()[::-1])
+
+    def slice_positions_mm(self) -> np.ndarray:
+        """Superior (z) world coordinate of each canonical axial slice."""
+        z0, dz = self.image.GetOrigin()[2], self.image.GetSpacing()[2]
+        return z0 + dz * np.arange(self.image.GetSize()[2])
+
+    def canonical_like(self, array: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(self.image)
+        return out
+
+    def to_input_grid(self, array: np.ndarray, interpolator=sitk.sitkNearestNeighbor) -> sitk.Image:
+        """Put a canonical (z, y, x) array back on the input's exact grid."""
+        canonical = self.canonical_like(array)
+        if self.oblique:
+            return sitk.Resample(canonical, self.input, sitk.Transform(), interpolator, 0.0, canonical.GetPixelID())
+        back = sitk.DICOMOrient(canonical, self.input_orientation)
+        back.CopyInformation(self.input)  # identical up to rounding of origin
+        return back
+
+    def to_canonical(self, image: sitk.Image, interpolator=sitk.sitkNearestNeighbor) -> np.ndarray:
+        """Bring an image on the input's grid (e.g. a mask) into canonical (z, y, x)."""
+        if self.oblique:
+            image = sitk.Resample(image, self.image, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
+        else:
+            image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+        return sitk.GetArrayFromImage(image)
+
+
+def _resample_axis_aligned(image: sitk.Image) -> sitk.Image:
+    """Resample an oblique volume onto an LPS grid covering it, keeping its spacing."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    size = np.array(image.GetSize())
+    spacing = np.array(image.GetSpacing())
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (size - 1)
+    world = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners.astype(float)])
+    # spacing along each world axis: that of the input axis most aligned with it
+    new_spacing = np.array([spacing[int(np.argmax(np.abs(direction[row])))] for row in range(3)])
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    new_size = np.ceil((hi - lo) / new_spacing).astype(int) + 1
+    reference = sitk.Image([int(s) for s in new_size], sitk.sitkFloat32)
+    reference.SetSpacing(new_spacing.tolist())
+    reference.SetOrigin(lo.tolist())
+    air = float(np.min(sitk.GetArrayViewFromImage(image)))
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)

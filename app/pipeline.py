@@ -1,0 +1,248 @@
+"""`segment()`: the one entry point the CLI, the Python API and the server share.
+
+    from app import segment
+    result = segment("ct.nii.gz", "out/", structures=["bladder", "ctvn"])
+    result.summary["structures"]["bladder"]["confidence"]
+
+The stages are visible, one module each: io (read, canonical orientation) ->
+preprocess (crop, resample, window) -> support (the examples) -> engine (the
+network, coarse and fine passes) -> postprocess (masks, rules, confidence) ->
+export (NIfTI, summary, preview). A `Segmenter` holds what is expensive to
+load (network, support sets) so a server loads it once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from app import __version__
+from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
+from app.config import Settings
+from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
+from app.engine.plan import ProgressCallback
+from app.errors import NoSupportSetError, OptionError, WeightsError
+from app.export import PREVIEW, mask_file, probability_file, write_result
+from app.io import CanonicalCT, fingerprint, read_ct, validate_ct
+from app.model.weights import ModelCard, load_model
+from app.postprocess import confidence, postprocess
+from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
+from app.support.store import SupportSet, discover
+
+DRAFT_DISCLAIMER = (
+    "Automatic draft contours for review by a qualified clinician. They are not approved for treatment "
+    "planning until a clinician has reviewed and, where needed, corrected every slice.")
+
+
+@dataclass
+class SegmentationResult:
+    """Masks on the input grid, the summary, and where files were written."""
+
+    masks: dict[str, sitk.Image]
+    probabilities: dict[str, sitk.Image]
+    summary: dict
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def no_weights_message(settings: Settings) -> str:
+    return (f"no model weights found at {settings.default_weights}. autocontour does not run with random weights. "
+            "Get weights one of three ways: the shipped project checkpoint (models/ in the repository), "
+            "`autocontour weights download universeg-v1` (official, research use only) then --weights FILE, "
+            "or your own from `autocontour train` / `autocontour finetune`.")
+
+
+class Segmenter:
+    """A loaded network and support sets, ready to segment many scans."""
+
+    def __init__(self, settings: Settings | None = None, weights: Path | None = None, device: str | None = None,
+                 support_dirs: list[Path] | None = None, shipped_support: bool | None = None,
+                 precision: str | None = None, engine_options: dict | None = None):
+        self.settings = settings or Settings()
+        path = Path(weights or self.settings.weights or self.settings.default_weights)
+        if not path.is_file():
+            raise WeightsError(no_weights_message(self.settings) if weights is None and self.settings.weights is None
+                               else f"weights file not found: {path}")
+        model, self.card = load_model(path)
+        engine_device = device or self.settings.device
+        device_type = resolve_device(engine_device).type
+        self.default_support_size, self.default_ensemble, default_precision = self.settings.device_defaults(device_type)
+        self.engine = Engine(model, engine_device, precision or default_precision, **(engine_options or {}))
+        self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
+
+    def describe_model(self) -> dict:
+        return {**self.card.model_dump(), "device": str(self.engine.device), "precision": self.engine.precision}
+
+    def support_for(self, structures: list[str]) -> dict[str, SupportSet]:
+        missing = [s for s in structures if s not in self.supports]
+        if missing:
+            name = missing[0]
+            raise NoSupportSetError(
+                f"no support set for {name!r} ({STRUCTURES[name].display_name}): none ships with autocontour "
+                f"because no public data set has it. Build one from your own contoured cases with "
+                f"`autocontour support build {name} --structure {name} --case CT.nii.gz MASK.nii.gz [--case ...] "
+                f"--out DIR` and pass --support-dir DIR")
+        return {s: self.supports[s] for s in structures}
+
+    def segment(self, ct: Path | str | sitk.Image, out_dir: Path | None = None,
+                structures: str | list[str] | None = None, support_size: int | None = None,
+                ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
+                support_selection: str = "level", save_probabilities: bool = False, preview: bool = True,
+                progress: ProgressCallback | None = None,
+                cancelled: Callable[[], bool] | None = None) -> SegmentationResult:
+        """Segment one CT volume; see the module docstring."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = round(now - clock, 3)
+            clock = now
+
+        names = parse_structures(structures or "bladder,anorectum,ctvn")
+        supports = self.support_for(names)
+        threshold = self.settings.threshold if threshold is None else threshold
+        if not 0 < threshold < 1:
+            raise OptionError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        try:
+            options = InferenceOptions(
+                support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
+                axial_search=axial_search, support_selection=support_selection)
+        except ValueError as exc:
+            raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
+
+        image = validate_ct(ct) if isinstance(ct, sitk.Image) else read_ct(Path(ct), self.settings.max_voxels)
+        canonical = CanonicalCT(image)
+        scan_id = fingerprint(canonical.image)
+        lap("read")
+
+        inputs = self._model_inputs(canonical, supports)
+        lap("preprocess")
+
+        def report(phase: str, done: dict[str, int], total: dict[str, int]) -> None:
+            if cancelled and cancelled():
+                raise CancelledError()
+            if progress:
+                progress(phase, done, total)
+
+        predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report)
+        lap("inference")
+
+        probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
+        masks, rule_changes = postprocess(probabilities, threshold)
+        spacing = canonical.image.GetSpacing()
+        z_mm = canonical.slice_positions_mm()
+        structures_summary = {}
+        for name in names:
+            m, prediction, support = masks[name], predictions[name], supports[name]
+            # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
+            conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
+            voxels = int(m.mask.sum())
+            zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
+            structures_summary[name] = {
+                "display_name": STRUCTURES[name].display_name,
+                "status": "found" if voxels else "empty",
+                "mask_file": mask_file(name),
+                "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
+                "voxels": voxels,
+                "slice_range": [int(zs.min()), int(zs.max())] if voxels else None,
+                "z_range_mm": [round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
+                "confidence": conf.structure,
+                "slice_confidence": {str(z): c for z, c in conf.per_slice.items()},
+                "flagged_slices": [{**f, "z_mm": round(float(z_mm[f["slice"]]), 2)} for f in conf.flagged],
+                "postprocessing": m.changes,
+                "support_set": support.describe(),
+                "support_size": prediction.support_size,
+                "ensemble": prediction.ensemble,
+                "slices_computed": prediction.queries,
+                "query_support_pairs": prediction.pairs,
+                "warnings": prediction.warnings,
+            }
+        lap("postprocess")
+
+        masks_on_input = {n: canonical.to_input_grid(masks[n].mask.astype(np.uint8)) for n in names}
+        probability_images = ({n: canonical.to_input_grid(masks[n].probability, sitk.sitkLinear) for n in names}
+                              if save_probabilities else {})
+        summary = self._summary(image, canonical, scan_id, options, threshold, structures_summary, rule_changes, timings)
+        summary["files"] = {"masks": {n: mask_file(n) for n in names},
+                            "probabilities": {n: probability_file(n) for n in probability_images}}
+        result = SegmentationResult(masks_on_input, probability_images, summary)
+        if out_dir is not None:
+            result.files = write_result(Path(out_dir), masks_on_input, summary, probability_images)
+            if preview:
+                from app.preview import volume_preview
+
+                flagged = {n: [f["slice"] for f in structures_summary[n]["flagged_slices"]] for n in names}
+                result.files["preview"] = volume_preview(
+                    canonical.array, canonical.spacing_zyx, {n: masks[n].mask for n in names},
+                    Path(out_dir) / PREVIEW, z_mm=z_mm, flagged=flagged, title="autocontour")
+                summary["files"]["preview"] = PREVIEW
+        lap("export")
+        timings["total"] = round(sum(timings.values()), 3)
+        if out_dir is not None:
+            write_result(Path(out_dir), {}, summary)  # rewrite with the final timings
+        return result
+
+    def _model_inputs(self, canonical: CanonicalCT, supports: dict[str, SupportSet]) -> dict[str, ModelInput]:
+        """Prepare the CT once per distinct preprocessing recipe among the support sets."""
+        by_spec: dict[str, ModelInput] = {}
+        bodies: dict[float, np.ndarray] = {}
+        inputs = {}
+        for name, support in supports.items():
+            spec: PreprocessSpec = support.manifest.preprocessing
+            if spec.key() not in by_spec:
+                if spec.body_threshold_hu not in bodies:
+                    bodies[spec.body_threshold_hu] = body_mask(canonical, spec.body_threshold_hu)
+                by_spec[spec.key()] = prepare(canonical, spec, bodies[spec.body_threshold_hu])
+            inputs[name] = by_spec[spec.key()]
+        return inputs
+
+    def _summary(self, image: sitk.Image, canonical: CanonicalCT, scan_id: str, options: InferenceOptions,
+                 threshold: float, structures: dict, rule_changes: list[dict], timings: dict) -> dict:
+        notices = [self.card.notice] if self.card.notice else []
+        warnings = [f"{n}: {w}" for n, s in structures.items() for w in s["warnings"]]
+        if canonical.oblique:
+            warnings.append("the CT is oblique: it was resampled to an axis-aligned grid for segmentation")
+        return {
+            "disclaimer": DRAFT_DISCLAIMER,
+            "notices": notices,
+            "autocontour_version": __version__,
+            "input": {
+                "fingerprint": scan_id,
+                "size": list(image.GetSize()),
+                "spacing_mm": [round(s, 6) for s in image.GetSpacing()],
+                "origin_mm": [round(o, 6) for o in image.GetOrigin()],
+                "direction": [round(d, 6) for d in image.GetDirection()],
+                "orientation": canonical.input_orientation,
+                "slice_convention": "slice = axial index counted from the most inferior slice; z_mm = patient "
+                                    "superior coordinate (DICOM/LPS) of that slice",
+            },
+            "model": self.describe_model(),
+            "options": {**options.model_dump(), "threshold": threshold},
+            "overlap_rules": {
+                "exclusive_groups": "CTVn, CTVp and anorectum never overlap; bladder may overlap CTVn only; "
+                                    "parametrium may overlap anything",
+                "allowed_pairs": sorted(sorted(p) for p in ALLOWED_OVERLAPS),
+            },
+            "rule_changes": rule_changes,
+            "structures": structures,
+            "timings_s": timings,
+            "warnings": warnings,
+        }
+
+
+class CancelledError(Exception):
+    """Raised inside a segmentation when its caller cancelled it."""
+
+
+def segment(ct: Path | str | sitk.Image, out_dir: Path | str | None = None, structures: str | list[str] | None = None,
+            weights: Path | None = None, device: str | None = None, support_dirs: list[Path] | None = None,
+            shipped_support: bool | None = None, **options) -> SegmentationResult:
+    """Segment one CT with a freshly loaded `Segmenter` (see `Segmenter.segment` for options)."""
+    segmenter = Segmenter(weights=weights, device=device, support_dirs=support_dirs, shipped_support=shipped_support)
+    return segmenter.segment(ct, Path(out_dir) if out_dir else None, structures, **options)

@@ -1,0 +1,164 @@
+"""Stage 5: from probabilities to contours a clinician can review.
+
+Steps, in order, each reported with the voxels it changed:
+
+1. threshold the ensemble-mean probability;
+2. fill holes slice by slice (a contour drawn on a slice has no holes);
+3. apply the clinical overlap rules of `app.catalogue`: a voxel claimed by
+   two structures that may not overlap goes to the one with the higher
+   probability;
+4. keep the largest connected components (as many as the structure can have
+   pieces, each at least a tenth of the largest), dropping stray islands.
+
+Then confidence, per slice and per structure, in [0, 1]:
+
+- certainty of a slice: the soft Dice between its probability map p and its
+  own thresholded mask m, 2 sum(p m) / (sum p + sum m). A crisp map scores 1; a
+  map that hovers near the threshold, or spreads probability outside the
+  contour, scores lower;
+- agreement of a slice: the mean pairwise Dice between the masks of the
+  ensemble members (1 with a single member);
+- slice confidence = certainty x agreement; structure confidence = the
+  area-weighted mean over the slices with contour.
+
+Slices are flagged for review when their confidence is below
+`LOW_CONFIDENCE`, when the contoured area jumps by more than a factor of
+`AREA_JUMP` between neighbours, when a slice inside the structure is empty,
+and when the structure reaches the edge of the scan or of the searched range.
+These are pointers for the reviewer, not guarantees: a confident contour can
+still be wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from app.catalogue import STRUCTURES, conflicts
+
+LOW_CONFIDENCE = 0.6
+AREA_JUMP = 2.0
+MIN_AREA_FOR_JUMP_MM2 = 100.0
+MIN_COMPONENT_FRACTION = 0.1
+
+
+@dataclass
+class StructureMask:
+    """A structure's final canonical mask and what each step did to it."""
+
+    name: str
+    mask: np.ndarray  # canonical (z, y, x) bool
+    probability: np.ndarray  # canonical (z, y, x) float32
+    changes: dict[str, int] = field(default_factory=dict)  # step -> voxels added (+) or removed (-)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        out[z] = ndimage.binary_fill_holes(mask[z])
+    return out
+
+
+def keep_components(mask: np.ndarray, max_components: int) -> np.ndarray:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:max_components]
+    keep = [i + 1 for i in order if sizes[i] >= MIN_COMPONENT_FRACTION * sizes[order[0]]]
+    return np.isin(labels, keep)
+
+
+def resolve_overlaps(masks: dict[str, StructureMask]) -> list[dict]:
+    """Give each contested voxel to the structure with the higher probability (greedy, per voxel)."""
+    if len(masks) < 2:
+        return []
+    names = list(masks)
+    contested = np.nonzero(sum(m.mask.astype(np.int8) for m in masks.values()) > 1)
+    if contested[0].size == 0:
+        return []
+    conflict = np.array([[conflicts(a, b) for b in names] for a in names])
+    probs = np.stack([masks[n].probability[contested] for n in names])  # (N, V)
+    claims = np.stack([masks[n].mask[contested] for n in names])
+    accepted = np.zeros_like(claims)
+    voxels = np.arange(claims.shape[1])
+    for rank in np.argsort(-probs, axis=0, kind="stable"):  # per voxel, highest probability first
+        blocked = (accepted & conflict[rank].T).any(axis=0)
+        take = claims[rank, voxels] & ~blocked
+        accepted[rank[take], voxels[take]] = True
+    changes = []
+    for i, name in enumerate(names):
+        lost = claims[i] & ~accepted[i]
+        if lost.any():
+            masks[name].mask[tuple(c[lost] for c in contested)] = False
+            winners = {names[j]: int((lost & accepted[j]).sum()) for j in range(len(names)) if (lost & accepted[j]).any()}
+            changes.append({"structure": name, "voxels_removed": int(lost.sum()), "given_to": winners})
+    return changes
+
+
+def postprocess(probabilities: dict[str, np.ndarray], threshold: float) -> tuple[dict[str, StructureMask], list[dict]]:
+    """Threshold, fill holes, apply overlap rules, clean components (see the module docstring)."""
+    masks: dict[str, StructureMask] = {}
+    for name, p in probabilities.items():
+        mask = p >= threshold
+        filled = fill_holes_per_slice(mask)
+        masks[name] = StructureMask(name, filled, p, {"threshold": int(mask.sum()), "holes_filled": int(filled.sum() - mask.sum())})
+    rule_changes = resolve_overlaps(masks)
+    for change in rule_changes:
+        masks[change["structure"]].changes["overlap_rules"] = -change["voxels_removed"]
+    for name, m in masks.items():
+        kept = keep_components(m.mask, STRUCTURES[name].max_components if name in STRUCTURES else 1)
+        m.changes["components_removed"] = -int(m.mask.sum() - kept.sum())
+        m.changes.setdefault("overlap_rules", 0)
+        m.mask = kept
+    return masks, rule_changes
+
+
+@dataclass
+class Confidence:
+    structure: float | None  # None when the mask is empty
+    per_slice: dict[int, float]  # canonical slice -> confidence, for slices with contour
+    flagged: list[dict]
+
+
+def confidence(mask: np.ndarray, probability: np.ndarray, agreement: np.ndarray, computed: np.ndarray,
+               pixel_area_mm2: float) -> Confidence:
+    """Per-slice and per-structure confidence and review flags (see the module docstring).
+
+    `agreement` and `computed` are per canonical slice; arrays are canonical (z, y, x).
+    """
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    zs = np.nonzero(areas)[0]
+    if zs.size == 0:
+        return Confidence(None, {}, [])
+    per_slice, flagged = {}, []
+    for z in zs:
+        p, m = probability[z], mask[z]
+        certainty = 2 * float((p * m).sum()) / max(float(p.sum() + m.sum()), 1e-6)
+        per_slice[int(z)] = round(min(1.0, certainty) * float(agreement[z]), 4)
+    weights = areas[zs].astype(float)
+    structure_confidence = float(np.average([per_slice[int(z)] for z in zs], weights=weights))
+
+    def flag(z: int, reason: str) -> None:
+        flagged.append({"slice": int(z), "reason": reason})
+
+    for z in zs:
+        if per_slice[int(z)] < LOW_CONFIDENCE:
+            flag(z, f"low confidence {per_slice[int(z)]:.2f}")
+    for z in range(int(zs.min()), int(zs.max())):
+        a, b = areas[z] * pixel_area_mm2, areas[z + 1] * pixel_area_mm2
+        if a == 0 and z > zs.min():
+            flag(z, "empty slice inside the structure")
+        elif min(a, b) > 0 and max(a, b) > MIN_AREA_FOR_JUMP_MM2 and max(a, b) / min(a, b) > AREA_JUMP:
+            flag(z + 1, f"area changes {a:.0f} -> {b:.0f} mm2 from the slice below")
+    ends = {"inferior": int(zs.min()), "superior": int(zs.max())}
+    searched = np.nonzero(computed)[0]
+    for side, z in ends.items():
+        if z in (0, mask.shape[0] - 1):
+            flag(z, f"reaches the {side} edge of the scan: the structure may continue beyond it")
+        elif searched.size and z in (searched.min(), searched.max()):
+            flag(z, f"reaches the {side} end of the searched range")
+    flagged.sort(key=lambda f: f["slice"])
+    return Confidence(round(structure_confidence, 4), per_slice, flagged)

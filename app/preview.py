@@ -1,0 +1,146 @@
+"""Pictures for review: contours drawn on CT, the way a clinician looks at them.
+
+Every picture follows the same conventions, so that nobody has to learn two:
+axial slices in radiological view (patient's right on the image's left,
+anterior at the top), coronal and sagittal views with superior at the top and
+true millimetre aspect, a soft-tissue window, one fixed colour per structure
+(the catalogue's) with a legend, slice positions in mm, flagged slices framed
+in red, and the draft notice on the picture itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from app.catalogue import STRUCTURES  # noqa: E402
+
+DRAFT_NOTICE = "DRAFT - automatic contours for clinical review, not for treatment without approval"
+SOFT_TISSUE = (40.0, 400.0)  # level, width in HU
+FLAG_COLOUR = "#ff3030"
+
+
+def colour_of(name: str) -> tuple[float, float, float]:
+    if name in STRUCTURES:
+        return tuple(c / 255 for c in STRUCTURES[name].colour)
+    palette = plt.get_cmap("tab10")
+    return palette(abs(hash(name)) % 10)[:3]
+
+
+def window(hu: np.ndarray, level: float = SOFT_TISSUE[0], width: float = SOFT_TISSUE[1]) -> np.ndarray:
+    return np.clip((hu - (level - width / 2)) / width, 0, 1)
+
+
+def representative_slices(masks: Mapping[str, np.ndarray], num_slices: int, count: int,
+                          flagged: Sequence[int] = ()) -> list[int]:
+    """Axial slices spread over the structures' joint extent, flagged ones included first."""
+    occupied = np.zeros(num_slices, dtype=bool)
+    for mask in masks.values():
+        occupied |= mask.reshape(mask.shape[0], -1).any(axis=1)
+    zs = np.nonzero(occupied)[0]
+    if zs.size == 0:
+        return list(np.linspace(0, num_slices - 1, min(count, num_slices)).round().astype(int))
+    picked = [z for z in dict.fromkeys(flagged) if occupied[z]][: count // 3]
+    for z in np.linspace(zs.min(), zs.max(), count).round().astype(int):
+        if len(picked) >= count:
+            break
+        if z not in picked:
+            picked.append(int(z))
+    return sorted(picked)
+
+
+def _draw_contours(ax, masks: Mapping[str, np.ndarray], take) -> None:
+    for name, mask in masks.items():
+        plane = take(mask)
+        if plane.any():
+            ax.contour(plane.astype(float), levels=[0.5], colors=[colour_of(name)], linewidths=1.2)
+
+
+def _legend(fig, names: Sequence[str], extra: Sequence[Patch] = ()) -> None:
+    handles = [Patch(facecolor=colour_of(n), label=STRUCTURES[n].display_name if n in STRUCTURES else n) for n in names]
+    fig.legend(handles=handles + list(extra), loc="lower center", ncol=min(6, len(handles) + len(extra)),
+               frameon=False, fontsize=9)
+
+
+def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mapping[str, np.ndarray], path: Path,
+                   z_mm: Sequence[float] | None = None, flagged: Mapping[str, Sequence[int]] | None = None,
+                   title: str = "", count: int = 8) -> Path:
+    """A PNG with `count` axial slices plus one coronal and one sagittal view.
+
+    Arrays are canonical (z, y, x): z inferior -> superior, y anterior -> posterior,
+    x patient right -> left.
+    """
+    flagged = flagged or {}
+    flagged_any = sorted({z for zs in flagged.values() for z in zs})
+    slices = representative_slices(masks, ct_hu.shape[0], count, flagged_any)
+    columns = 4
+    rows = int(np.ceil(len(slices) / columns)) + 1
+    fig = plt.figure(figsize=(3.2 * columns, 3.3 * rows + 0.6), facecolor="black")
+    dz, dy, dx = spacing_zyx
+    shown = window(ct_hu)
+    for k, z in enumerate(slices):
+        ax = fig.add_subplot(rows, columns, k + 1)
+        ax.imshow(shown[z], cmap="gray", vmin=0, vmax=1, aspect=dy / dx, interpolation="bilinear")
+        _draw_contours(ax, masks, lambda m: m[z])
+        label = f"z = {z_mm[z]:.1f} mm" if z_mm is not None else f"slice {z}"
+        is_flagged = z in flagged_any
+        ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white", fontsize=9)
+        for spine in ax.spines.values():
+            spine.set_visible(is_flagged)
+            spine.set_color(FLAG_COLOUR)
+            spine.set_linewidth(2.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(2, ct_hu.shape[1] - 3, "R", color="white", fontsize=8)
+        ax.text(ct_hu.shape[2] - 8, ct_hu.shape[1] - 3, "L", color="white", fontsize=8)
+
+    occupied = [np.argwhere(m) for m in masks.values() if m.any()]
+    centre = np.concatenate(occupied).mean(axis=0).round().astype(int) if occupied else np.array(ct_hu.shape) // 2
+    views = [("coronal", lambda m: m[:, centre[1], :], dz / dx), ("sagittal", lambda m: m[:, :, centre[2]], dz / dy)]
+    for k, (name, take, aspect) in enumerate(views):
+        ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
+        ax.imshow(take(shown), cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
+        _draw_contours(ax, masks, take)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    flag_patch = [Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")] if flagged_any else []
+    _legend(fig, list(masks), flag_patch)
+    fig.suptitle((title + "\n" if title else "") + DRAFT_NOTICE, color="white", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, facecolor="black")
+    plt.close(fig)
+    return path
+
+
+def support_set_preview(support, path: Path, columns: int = 8) -> Path:
+    """Every slice of a support set with its label contour and relative level."""
+    n = len(support)
+    rows = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.5), facecolor="black", squeeze=False)
+    colour = colour_of(support.structure)
+    for ax, k in zip(axes.flat, range(rows * columns)):
+        ax.axis("off")
+        if k >= n:
+            continue
+        meta = support.manifest.slices[k]
+        ax.imshow(support.images[k], cmap="gray", vmin=0, vmax=1)
+        if support.labels[k].any():
+            ax.contour(support.labels[k], levels=[0.5], colors=[colour], linewidths=0.8)
+        ax.set_title(f"{meta.case}:{meta.slice_index}{' m' if meta.flipped else ''} L{meta.level:.2f}",
+                     color="white", fontsize=6)
+    fig.suptitle(f"support set {support.id} ({support.structure}, {n} slices; L = level in the structure's extent, "
+                 "m = mirrored)", color="white", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, facecolor="black")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,188 @@
+"""Support sets as data: labelled 128x128 slices of one structure, plus a manifest.
+
+A support set is what gives autocontour a clinic's contouring style, so it
+must be as traceable as the weights: each one is a folder
+
+    manifest.json       structure, source cases, slices and their axial
+                        levels, preprocessing recipe, creation date, hash
+    slices.safetensors  images (N, H, W) float16 in [0, 1], labels (N, H, W) uint8
+    preview.png         the picked slices with their contours
+
+and is addressed by a content hash over the tensors and everything that
+decides how they are used (structure, preprocessing, slice levels). Results
+name the `id` (`<name>-<hash12>`), so a contour can always be traced to the
+exact examples that shaped it. Loading verifies the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from app.errors import SupportSetError
+from app.preprocess import PreprocessSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "slices.safetensors"
+PREVIEW = "preview.png"
+
+
+class SupportSlice(BaseModel):
+    """One labelled example and where it came from."""
+
+    case: str  # source case id (never a patient identifier)
+    slice_index: int  # canonical axial index in the source case (0 = most inferior)
+    z_mm: float
+    level: float  # position within the structure's axial extent: 0 inferior end, 1 superior end
+    foreground_pixels: int
+    flipped: bool = False  # left-right mirrored copy (augmentation)
+
+
+class SourceCase(BaseModel):
+    case: str
+    fingerprint: str  # SHA-256 of the canonical CT's voxels and geometry (app.io.fingerprint)
+    num_slices: int
+    spacing_mm: list[float]
+    extent_slices: list[int]  # first and last slice showing the structure
+    label: str  # how the mask was made: "label 104", "binary mask", or "recipe ctvn"
+
+
+class SupportManifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    name: str
+    structure: str
+    version: str = "1"
+    description: str = ""
+    created: str
+    source: str = ""  # where the labelled cases come from, and their licence
+    preprocessing: PreprocessSpec
+    recipe: dict | None = None
+    source_cases: list[SourceCase]
+    slices: list[SupportSlice]
+    content_hash: str = ""
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SupportSet:
+    """Loaded support set: manifest plus arrays."""
+
+    def __init__(self, manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, path: Path | None = None):
+        if images.shape != labels.shape or images.ndim != 3:
+            raise SupportSetError(f"images {images.shape} and labels {labels.shape} must both be (N, H, W)")
+        if len(manifest.slices) != images.shape[0]:
+            raise SupportSetError(f"manifest lists {len(manifest.slices)} slices, tensors hold {images.shape[0]}")
+        size = manifest.preprocessing.size
+        if images.shape[1:] != (size, size):
+            raise SupportSetError(f"slices are {images.shape[1:]}, preprocessing says {size}x{size}")
+        self.manifest = manifest
+        self.images = images.astype(np.float32)
+        self.labels = (labels > 0).astype(np.float32)
+        self.path = path
+
+    @property
+    def structure(self) -> str:
+        return self.manifest.structure
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest.content_hash
+
+    @property
+    def id(self) -> str:
+        return f"{self.manifest.name}-{self.content_hash[:12]}"
+
+    @property
+    def levels(self) -> np.ndarray:
+        return np.array([s.level for s in self.manifest.slices], dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def describe(self) -> dict:
+        """What a result or the API says about this set."""
+        m = self.manifest
+        return {
+            "id": self.id,
+            "name": m.name,
+            "structure": m.structure,
+            "version": m.version,
+            "content_hash": m.content_hash,
+            "size": len(self),
+            "positive_slices": int(sum(s.foreground_pixels > 0 for s in m.slices)),
+            "source_cases": len(m.source_cases),
+            "source": m.source,
+            "created": m.created,
+            "recipe": m.recipe,
+        }
+
+
+def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    identity = {
+        "structure": manifest.structure,
+        "preprocessing": manifest.preprocessing.model_dump(),
+        "slices": [s.model_dump() for s in manifest.slices],
+    }
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def save_support_set(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, folder: Path) -> SupportSet:
+    """Write a support set folder; the manifest gets its content hash."""
+    images16 = np.ascontiguousarray(images, dtype=np.float16)
+    labels8 = np.ascontiguousarray(labels > 0, dtype=np.uint8)
+    manifest = manifest.model_copy(update={"content_hash": content_hash(manifest, images16, labels8)})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images16, "labels": labels8}, str(folder / TENSORS))
+    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=1) + "\n")
+    return SupportSet(manifest, images16, labels8, folder)
+
+
+def load_support_set(folder: Path) -> SupportSet:
+    folder = Path(folder)
+    try:
+        manifest = SupportManifest.model_validate_json((folder / MANIFEST).read_text())
+    except FileNotFoundError as exc:
+        raise SupportSetError(f"{folder}: no {MANIFEST}") from exc
+    except ValidationError as exc:
+        raise SupportSetError(f"{folder / MANIFEST} is not a valid support-set manifest: {exc.errors()[0]['msg']}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise SupportSetError(f"{folder}: format version {manifest.format_version}, expected {FORMAT_VERSION}")
+    try:
+        tensors = load_file(str(folder / TENSORS))
+        images, labels = tensors["images"], tensors["labels"]
+    except (FileNotFoundError, SafetensorError, KeyError, OSError) as exc:
+        raise SupportSetError(f"{folder}: cannot read {TENSORS}: {exc}") from exc
+    actual = content_hash(manifest, images, labels)
+    if actual != manifest.content_hash:
+        raise SupportSetError(f"{folder}: content hash mismatch (manifest {manifest.content_hash[:12]}, "
+                              f"data {actual[:12]}): the set was modified after it was built")
+    return SupportSet(manifest, images, labels, folder)
+
+
+def discover(folders: list[Path]) -> dict[str, SupportSet]:
+    """Support sets by structure. Later folders override earlier ones for the same structure.
+
+    A folder may be a support set itself or hold support sets one level down.
+    """
+    found: dict[str, SupportSet] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SupportSetError(f"support-set folder not found: {folder}")
+        candidates = [folder] if (folder / MANIFEST).is_file() else sorted(
+            p for p in folder.iterdir() if (p / MANIFEST).is_file())
+        for candidate in candidates:
+            support = load_support_set(candidate)
+            found[support.structure] = support
+    return found

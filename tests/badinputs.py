@@ -1,0 +1,85 @@
+"""A corpus of bad CT inputs, each with the words its error message must contain.
+
+Shared by the CLI, pipeline and server tests, so every entry point refuses
+the same things the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from app.phantom import make_phantom
+
+
+def _write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+    return path
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, expected words in the error message)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = make_phantom(5, size=(48, 40, 16), spacing=(8.0, 8.0, 6.0)).ct
+    good_path = _write(good, folder / "good.nii.gz")
+    data = good_path.read_bytes()
+    cases: dict[str, tuple[Path, str]] = {}
+
+    empty = folder / "empty.nii.gz"
+    empty.write_bytes(b"")
+    cases["empty file"] = (empty, "empty")
+
+    junk = folder / "junk.nii.gz"
+    junk.write_bytes(b"this is not an image " * 50)
+    cases["not a NIfTI"] = (junk, "not a NIfTI")
+
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    cases["truncated gzip"] = (truncated, "truncated")
+
+    raw = gzip.decompress(data)
+    short_nii = folder / "short.nii"
+    short_nii.write_bytes(raw[: len(raw) - 1000])
+    cases["truncated nii"] = (short_nii, "truncated")
+
+    cases["2D image"] = (_write(good[:, :, 5], folder / "slice.nii.gz"), "2D")
+    cases["4D image"] = (_write(sitk.JoinSeries([good, good]), folder / "series.nii.gz"), "4D")
+
+    arr = sitk.GetArrayFromImage(good)
+    arr[3, 10, 10] = np.nan
+    nan = sitk.GetImageFromArray(arr)
+    nan.CopyInformation(good)
+    cases["NaN values"] = (_write(nan, folder / "nan.nii.gz"), "NaN")
+
+    absurd = sitk.Image(good)
+    absurd.SetSpacing((8.0, 8.0, 500.0))
+    cases["absurd spacing"] = (_write(absurd, folder / "absurd.nii.gz"), "spacing")
+
+    zero = sitk.Image(good)
+    zero.SetSpacing((0.0001, 8.0, 6.0))
+    cases["zero spacing"] = (_write(zero, folder / "zero_spacing.nii.gz"), "spacing")
+
+    label_map = sitk.Cast(good > 0, sitk.sitkUInt8)
+    cases["label map, not CT"] = (_write(label_map, folder / "mask.nii.gz"), "does not look like a CT")
+
+    scaled = sitk.RescaleIntensity(good, 0, 1)
+    cases["scaled to 0..1"] = (_write(scaled, folder / "scaled.nii.gz"), "does not look like a CT")
+
+    few = good[:, :, :2]
+    cases["two slices"] = (_write(few, folder / "two.nii.gz"), "axial slice")
+
+    text = folder / "notes.txt"
+    text.write_text("hello")
+    cases["wrong extension"] = (text, ".nii")
+
+    huge_header = bytearray(raw[:352])
+    dims = np.frombuffer(bytes(huge_header[40:56]), dtype="<i2").copy()
+    dims[1:4] = [30000, 30000, 3000]
+    huge_header[40:56] = dims.tobytes()
+    huge = folder / "huge.nii.gz"
+    huge.write_bytes(gzip.compress(bytes(huge_header) + raw[352:352 + 4096]))
+    cases["gzip bomb header"] = (huge, "voxels")
+    return cases

@@ -1,0 +1,125 @@
+"""The split engine equals the plain network; batching and planning behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
+from app.engine.plan import _level_members, _spread_members
+from app.model import UniverSeg
+
+
+def _random_model(blocks, seed=0) -> UniverSeg:
+    torch.manual_seed(seed)
+    model = UniverSeg(blocks).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # non-zero biases catch a bias added twice by the split
+    return model
+
+
+@pytest.mark.parametrize("blocks, b, s, h, w", [
+    ([16, 16, 16, 16], 1, 1, 32, 32),
+    ([16, 16, 16, 16], 3, 5, 64, 96),
+    ([8, 16, 24, 32], 2, 3, 40, 24),
+    ([64, 64, 64, 64], 2, 4, 64, 64),
+])
+def test_split_network_equals_plain_forward(blocks, b, s, h, w):
+    model = _random_model(blocks)
+    split = SplitUniverSeg(model)
+    g = torch.Generator().manual_seed(1)
+    q = torch.rand(b, 1, h, w, generator=g)
+    images = torch.rand(b, s, 1, h, w, generator=g)
+    labels = (torch.rand(b, s, 1, h, w, generator=g) > 0.5).float()
+    with torch.no_grad():
+        expected = model(q, images, labels)
+        got = split(q, images, labels)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_engine_batches_give_the_same_answer_as_one_by_one():
+    model = _random_model([16] * 4)
+    rng = np.random.default_rng(0)
+    queries = rng.random((7, 32, 32), dtype=np.float32)
+    pool = np.concatenate([rng.random((10, 1, 32, 32)), rng.random((10, 1, 32, 32)) > 0.5], axis=1).astype(np.float32)
+    index = np.stack([rng.choice(10, 3, replace=False) for _ in range(7)])
+    one = Engine(model, "cpu", max_pairs_per_batch=3).predict(queries, pool, index)
+    many = Engine(model, "cpu", max_pairs_per_batch=21).predict(queries, pool, index)
+    assert np.abs(one - many).max() < 1e-5
+    with torch.no_grad():
+        plain = torch.sigmoid(model(torch.from_numpy(queries[:, None]),
+                                    torch.from_numpy(pool[index][:, :, :1]), torch.from_numpy(pool[index][:, :, 1:])))
+    assert np.abs(plain.squeeze(1).numpy() - many).max() < 1e-5
+
+
+def test_out_of_memory_splits_the_batch_instead_of_failing(monkeypatch):
+    model = _random_model([8, 8, 8, 8])
+    engine = Engine(model, "cpu", max_pairs_per_batch=64)
+    real_forward = engine._forward
+    sizes = []
+
+    def forward_with_a_memory_ceiling(queries, pool, index):
+        sizes.append(len(queries))
+        if len(queries) * index.shape[1] > 8:  # simulated device limit: 8 pairs
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(queries, pool, index)
+
+    monkeypatch.setattr(engine, "_forward", forward_with_a_memory_ceiling)
+    rng = np.random.default_rng(1)
+    queries = rng.random((10, 16, 16), dtype=np.float32)
+    pool = rng.random((6, 2, 16, 16)).astype(np.float32)
+    index = np.tile(np.arange(4), (10, 1))
+    out = engine.predict(queries, pool, index)
+    assert out.shape == (10, 16, 16) and max(sizes[-3:]) * 4 <= 8 and sizes[0] == 10
+    assert np.abs(out - Engine(model, "cpu", max_pairs_per_batch=4).predict(queries, pool, index)).max() < 1e-6
+
+
+def test_support_member_selection():
+    rng = np.random.default_rng(0)
+    levels = np.array([-0.1, 0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1])
+    allowed = np.ones(10, dtype=bool)
+    near = _level_members(levels, allowed, 0.05, 3, 2, rng)
+    assert sorted(levels[near[0]].tolist()) == [0.0, 0.1, 0.2] or sorted(levels[near[0]].tolist()) == [-0.1, 0.0, 0.1]
+    assert all(len(set(m.tolist())) == 3 for m in near)
+    spread = _spread_members(levels, allowed, 3, 3, rng)
+    for member in spread:  # one pick per third of the level range
+        picked = sorted(levels[member])
+        assert picked[0] <= 0.1 and 0.2 <= picked[1] <= 0.7 and picked[2] >= 0.9
+    allowed[[1, 2]] = False
+    assert not set(_level_members(levels, allowed, 0.05, 3, 1, rng)[0].tolist()) & {1, 2}
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError):
+        InferenceOptions(support_size=0)
+    with pytest.raises(ValueError):
+        InferenceOptions(axial_search="sometimes")
+
+
+def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom_cases, small_weights):
+    """With a support set, the fine pass covers the coarse extent plus one step, not the whole scan."""
+    from app.io import CanonicalCT, read_ct
+    from app.model.weights import load_model
+    from app.preprocess import prepare
+    from app.support import discover
+
+    model, _ = load_model(small_weights)
+    supports = discover([phantom_support_dir])
+    ct = CanonicalCT(read_ct(phantom_cases[0][0]))
+    inputs = {n: prepare(ct, s.manifest.preprocessing) for n, s in supports.items()}
+    engine = Engine(model, "cpu")
+    full = predict_structures(engine, inputs, supports, InferenceOptions(support_size=4, axial_search="all"))
+    for name, prediction in full.items():
+        assert prediction.computed.sum() == inputs[name].body_slices.sum()
+        assert prediction.probability.min() >= 0 and prediction.probability.max() <= 1
+    coarse = predict_structures(engine, inputs, supports, InferenceOptions(support_size=4, ensemble=2))
+    for name, prediction in coarse.items():
+        if prediction.extent is not None:
+            lo, hi = prediction.extent
+            zs = np.nonzero(prediction.computed)[0]
+            assert zs.min() >= lo - 3 and zs.max() <= hi + 3
+        assert ((prediction.agreement >= 0) & (prediction.agreement <= 1)).all()

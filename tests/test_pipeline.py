@@ -1,0 +1,128 @@
+"""segment() end to end: geometry, orientation invariance, summary, CLI behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.cli import main
+from app.config import Settings
+from app.errors import NoSupportSetError, WeightsError
+from app.pipeline import Segmenter
+from badinputs import bad_inputs
+from conftest import EXAMPLE_CT, ROOT, write_phantom
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+            and a.GetDirection() == b.GetDirection())
+
+
+@pytest.fixture(scope="module")
+def phantom_segmenter(small_weights, phantom_support_dir):
+    return Segmenter(weights=small_weights, device="cpu", support_dirs=[phantom_support_dir], shipped_support=False)
+
+
+def test_phantom_end_to_end(tmp_path, phantom_segmenter):
+    ct_path, _ = write_phantom(tmp_path / "new", seed=21, size=(70, 60, 30), spacing=(5.0, 5.0, 5.0),
+                               orientation="RAI")
+    ct = sitk.ReadImage(str(ct_path))
+    seen = []
+    result = phantom_segmenter.segment(ct_path, tmp_path / "out", "bladder, CTVn", support_size=4, ensemble=2,
+                                       save_probabilities=True, progress=lambda *a: seen.append(a))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["structures"]) == {"bladder", "ctvn"}
+    assert "draft" in summary["disclaimer"].lower() and summary["input"]["orientation"] == "RAI"
+    for name in ("bladder", "ctvn"):
+        mask = sitk.ReadImage(str(tmp_path / "out" / f"{name}.nii.gz"))
+        prob = sitk.ReadImage(str(tmp_path / "out" / f"{name}_prob.nii.gz"))
+        assert same_grid(mask, ct) and same_grid(prob, ct)
+        assert mask.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+        s = summary["structures"][name]
+        assert s["support_set"]["id"].startswith(name) and s["ensemble"] == 2 and s["support_size"] == 4
+        assert s["voxels"] == int(sitk.GetArrayFromImage(mask).sum())
+        assert s["confidence"] is None or 0 <= s["confidence"] <= 1
+        assert set(s["postprocessing"]) == {"threshold", "holes_filled", "overlap_rules", "components_removed"}
+    assert summary["model"]["name"] == "test-small" and len(summary["model"]["sha256"]) == 64
+    assert (tmp_path / "out" / "preview.png").stat().st_size > 20_000
+    assert seen and seen[-1][0] == "fine"
+    assert "ct.nii.gz" not in json.dumps(summary)  # no file names (they can carry patient identifiers)
+    assert summary["timings_s"]["total"] > 0
+
+
+def test_ras_and_lps_copies_give_the_same_masks(tmp_path, small_weights):
+    """The example CT is RAS; an LPS copy of the same scan must give the same result in physical space."""
+    ras = sitk.ReadImage(str(EXAMPLE_CT))
+    lps = sitk.DICOMOrient(ras, "LPS")
+    assert lps.GetDirection() != ras.GetDirection()
+    segmenter = Segmenter(weights=small_weights, device="cpu")
+    a = segmenter.segment(ras, structures="bladder,anorectum", support_size=4, save_probabilities=True)
+    b = segmenter.segment(lps, structures="bladder,anorectum", support_size=4, save_probabilities=True)
+    for name in ("bladder", "anorectum"):
+        assert same_grid(a.masks[name], ras) and same_grid(b.masks[name], lps)
+        b_on_a = sitk.DICOMOrient(b.probabilities[name], "RAS")
+        assert np.abs(sitk.GetArrayFromImage(b_on_a) - sitk.GetArrayFromImage(a.probabilities[name])).max() < 1e-6
+        prob = sitk.GetArrayFromImage(a.probabilities[name])
+        assert prob.max() > 0.01  # the comparison is not between two empty maps
+        mask_b_on_a = sitk.GetArrayFromImage(sitk.DICOMOrient(b.masks[name], "RAS"))
+        assert np.array_equal(mask_b_on_a, sitk.GetArrayFromImage(a.masks[name]))
+    assert a.summary["input"]["fingerprint"] == b.summary["input"]["fingerprint"]  # recognised as one scan
+    assert any("source case" in w for w in b.summary["warnings"])  # so leave-slice-out applies to both
+
+
+def test_missing_weights_are_explained(tmp_path):
+    with pytest.raises(WeightsError, match="does not run with random weights"):
+        Segmenter(settings=Settings(home=tmp_path))
+
+
+def test_structures_without_support_explain_how_to_add_one(phantom_segmenter):
+    with pytest.raises(NoSupportSetError, match="autocontour support build ctvp"):
+        phantom_segmenter.segment(EXAMPLE_CT, structures="bladder,ctvp")
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, small_weights):
+    corpus = bad_inputs(tmp_path / "bad")
+    for name, (path, words) in corpus.items():
+        code = main(["segment", str(path), "--out", str(tmp_path / "o"), "--weights", str(small_weights), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert err.count("\n") == 1 and words.lower() in err.lower(), (name, err)
+    for argv, words in ((["segment", str(EXAMPLE_CT), "--out", str(tmp_path / "o"), "--structures", "liver"], "liver"),
+                        (["segment", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o")], "not found"),
+                        (["segment", str(EXAMPLE_CT), "--out", str(tmp_path / "o"), "--weights",
+                          str(tmp_path / "nope.pt")], "not found"),
+                        (["segment", str(EXAMPLE_CT), "--out", str(tmp_path / "o"), "--threshold", "1.5",
+                          "--weights", str(small_weights)], "threshold")):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", "--out", "x"])
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_support_build_and_segment_with_a_clinic_set(tmp_path, capsys, small_weights, phantom_cases):
+    args = ["support", "build", "bladder", "--label", "104", "--size", "10", "--out", str(tmp_path / "clinic" / "b")]
+    for ct, mask in phantom_cases:
+        args += ["--case", str(ct), str(mask)]
+    assert main(args) == 0
+    assert "bladder-" in capsys.readouterr().out
+    code = main(["segment", str(phantom_cases[0][0]), "--out", str(tmp_path / "out"), "--weights", str(small_weights),
+                 "--structures", "bladder", "--support-dir", str(tmp_path / "clinic"), "--support-size", "3",
+                 "--quiet", "--no-preview"])
+    out = capsys.readouterr().out
+    assert code == 0 and "DRAFT" in out and "Bladder" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["structures"]["bladder"]["support_set"]["source_cases"] == 2
+    assert any("source case" in w for w in summary["warnings"])  # leave-slice-out was applied
+    assert not (tmp_path / "out" / "preview.png").exists()
+
+
+def test_help_texts_name_the_draft_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "drafts for clinical review" in capsys.readouterr().out
+    assert (ROOT / "support_sets" / "recipes" / "ctvn.json").is_file()
