@@ -9,6 +9,7 @@ the commands so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -111,9 +112,163 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
     info.set_defaults(handler=cmd_weights_info)
 
+    evaluate = commands.add_parser("evaluate", help="measure predicted masks against reference masks",
+                                   description="Dice, Jaccard, precision, recall, RVD, volumes, HD, HD95, ASD and "
+                                               "surface Dice (DeepMind definitions, true spacing). Pairs by structure "
+                                               "name, or by label value for label maps; accepts the output folder of "
+                                               "`autocontour segment`. Writes metrics.json, metrics.csv, metrics.md "
+                                               "and plots/.")
+    evaluate.add_argument("--pred", type=Path, required=True, help="mask file, label map, or folder of <name>.nii.gz")
+    evaluate.add_argument("--ref", type=Path, required=True, help="mask file, label map, or folder of <name>.nii.gz")
+    evaluate.add_argument("--structures", default=None, help="comma-separated subset (default: all predicted)")
+    evaluate.add_argument("--tolerance-mm", default=None, help="surface-Dice tolerances, e.g. 1,2,3,5 (default 1,2,3)")
+    evaluate.add_argument("--ref-labels", type=Path, default=None,
+                          help="JSON {value: name} for a reference label map (default: labels.json beside it)")
+    evaluate.add_argument("--ct", type=Path, default=None, help="the CT, for comparison pictures (preview.png)")
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    crossval = commands.add_parser("crossval", help="leave-one-case-out cross-validation of support sets",
+                                   description="For each labelled case, build support sets from the others with the "
+                                               "shipped recipes, segment it, and measure. --phantoms adds synthetic "
+                                               "cases (useful with a single real case).")
+    crossval.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[])
+    crossval.add_argument("--phantoms", type=int, default=0)
+    crossval.add_argument("--structures", default="bladder,anorectum,ctvn")
+    crossval.add_argument("--support-set-size", type=int, default=32)
+    crossval.add_argument("--support-size", type=int, default=None)
+    crossval.add_argument("--weights", type=Path, default=None)
+    crossval.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    crossval.add_argument("--tolerance-mm", default=None)
+    crossval.add_argument("--out", type=Path, required=True)
+    crossval.set_defaults(handler=cmd_crossval)
+
+    train = commands.add_parser("train", help="train the in-context network (episodic)",
+                                description="Episodic in-context training on every label of the given labelled CTs "
+                                            "plus synthetic phantoms (see app/training). Resumes from OUT/checkpoint.pt.")
+    train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
+                       help="a CT and its label map (labels.json beside it names the values); repeatable")
+    train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
+    train.add_argument("--data", type=Path, default=None, help="a prepared data file instead of --case/--phantoms")
+    train.add_argument("--save-data", type=Path, default=None, help="write the prepared data file here")
+    train.add_argument("--prepare-only", action="store_true", help="only prepare --save-data, do not train")
+    train.add_argument("--from", dest="init", type=Path, default=None, help="start from this checkpoint")
+    _training_options(train, steps=6000)
+    train.set_defaults(handler=cmd_train)
+
+    finetune = commands.add_parser("finetune", help="adapt a checkpoint to a clinic's labelled cases",
+                                   description="Transfer learning: start from a compatible checkpoint (the project's, "
+                                               "the official one or your own) and fine-tune on your cases' "
+                                               "structures, with early stopping on a held-out case.")
+    finetune.add_argument("--from", dest="init", type=Path, required=True, help="starting checkpoint")
+    finetune.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", required=True,
+                          help="a CT and its label map or mask; at least two cases")
+    finetune.add_argument("--structures", required=True,
+                          help="structures to learn, each made by its shipped recipe (or --label for one structure)")
+    finetune.add_argument("--label", type=int, default=None, help="label value of the single structure in the masks")
+    finetune.add_argument("--holdout-case", type=int, default=-1, help="index of the case kept for early stopping "
+                                                                         "(default: the last)")
+    _training_options(finetune, steps=1000, patience=5)
+    finetune.set_defaults(handler=cmd_finetune)
+
     structures = commands.add_parser("structures", help="list the structure catalogue and overlap rules")
     structures.set_defaults(handler=cmd_structures)
     return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from app.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerances, write_report
+
+    tolerances = parse_tolerances(args.tolerance_mm)
+    structures = [s.strip() for s in args.structures.split(",")] if args.structures else None
+    pairs = pair_inputs(args.pred, args.ref, structures, args.ref_labels)
+    records = evaluate_pairs(pairs, tolerances)
+    written = write_report(records, args.out, tolerances)
+    if args.ct:
+        from app.evaluation.evaluate import comparison_preview
+
+        comparison_preview(args.ct, pairs, args.out / "preview.png")
+    print(written["markdown"].read_text())
+    print(f"written to {args.out}")
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    from app.catalogue import parse_structures
+    from app.evaluation.crossval import cross_validate
+    from app.evaluation.evaluate import parse_tolerances
+
+    records = cross_validate([tuple(c) for c in args.case], parse_structures(args.structures), args.out,
+                             weights=args.weights, phantoms=args.phantoms, support_set_size=args.support_set_size,
+                             support_size=args.support_size, tolerances_mm=parse_tolerances(args.tolerance_mm),
+                             device=args.device)
+    print((args.out / "metrics.md").read_text())
+    print(f"{len(records)} records written to {args.out}")
+    return 0
+
+
+def _training_options(parser: argparse.ArgumentParser, steps: int, patience: int | None = None) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, log, curves, weights")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--support-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4 if patience is None else 1e-4)
+    parser.add_argument("--low-res-steps", type=int, default=0, help="first steps at 64x64 (cheap curriculum)")
+    parser.add_argument("--heldout", default="", help="comma-separated label names never trained on (validation)")
+    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--patience", type=int, default=patience, help="validations without improvement before stopping")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def _train_config(args: argparse.Namespace):
+    from app.training.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, support_size=args.support_size,
+                       learning_rate=args.lr, low_res_steps=args.low_res_steps,
+                       heldout_structures=[s for s in args.heldout.split(",") if s],
+                       validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
+                       patience=args.patience, seed=args.seed, device=args.device)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from app.errors import OptionError
+    from app.training.data import phantom_volumes, prepare_training_data, volume_from_files
+    from app.training.train import train
+
+    data = args.data
+    if data is None:
+        if not args.case and not args.phantoms:
+            raise OptionError("give --case CT LABELS, --phantoms N or --data FILE")
+        volumes = [volume_from_files(ct, labels, None, f"case{i}", "user-supplied", "see the data's own licence")
+                   for i, (ct, labels) in enumerate(args.case)] + phantom_volumes(args.phantoms)
+        data = prepare_training_data(volumes, args.save_data or args.out / "training_data.safetensors")
+        print(f"training data: {data}")
+    if args.prepare_only:
+        return 0
+    config = _train_config(args)
+    scores = train(data, args.out, config, init=args.init, resume=not args.no_resume, progress=not args.quiet)
+    print(json.dumps(scores, indent=1))
+    print(f"weights: {args.out / 'final.safetensors'} (best validation: {args.out / 'best.safetensors'})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from app.catalogue import parse_structures
+    from app.errors import OptionError
+    from app.training.finetune import finetune
+
+    if len(args.case) < 2:
+        raise OptionError("fine-tuning needs at least two cases: one is held out for early stopping")
+    names = parse_structures(args.structures)
+    scores = finetune(args.init, [tuple(c) for c in args.case], names, args.out, _train_config(args),
+                      label=args.label, holdout_case=args.holdout_case, progress=not args.quiet)
+    print(json.dumps(scores, indent=1))
+    print(f"weights: {args.out / 'best.safetensors'} (use with --weights)")
+    return 0
 
 
 def _progress_bar(quiet: bool):

@@ -232,12 +232,13 @@ class CanonicalCT:
     resampled onto an axis-aligned grid and results are resampled back.
     """
 
-    def __init__(self, image: sitk.Image):
+    def __init__(self, image: sitk.Image, interpolator=sitk.sitkLinear):
+        """`interpolator` matters only for oblique inputs: nearest neighbour for label maps."""
         self.input = image
         self.input_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         self.oblique = not is_axis_aligned(image)
         if self.oblique:
-            self.image = _resample_axis_aligned(image)
+            self.image = _resample_axis_aligned(image, interpolator)
         else:
             self.image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
@@ -278,7 +279,7 @@ class CanonicalCT:
         return sitk.GetArrayFromImage(image)
 
 
-def _resample_axis_aligned(image: sitk.Image) -> sitk.Image:
+def _resample_axis_aligned(image: sitk.Image, interpolator) -> sitk.Image:
     """Resample an oblique volume onto an LPS grid covering it, keeping its spacing."""
     direction = np.array(image.GetDirection()).reshape(3, 3)
     size = np.array(image.GetSize())
@@ -289,11 +290,11 @@ def _resample_axis_aligned(image: sitk.Image) -> sitk.Image:
     new_spacing = np.array([spacing[int(np.argmax(np.abs(direction[row])))] for row in range(3)])
     lo, hi = world.min(axis=0), world.max(axis=0)
     new_size = np.ceil((hi - lo) / new_spacing).astype(int) + 1
-    reference = sitk.Image([int(s) for s in new_size], sitk.sitkFloat32)
+    reference = sitk.Image([int(s) for s in new_size], image.GetPixelID())
     reference.SetSpacing(new_spacing.tolist())
     reference.SetOrigin(lo.tolist())
-    air = float(np.min(sitk.GetArrayViewFromImage(image)))
-    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+    background = float(np.min(sitk.GetArrayViewFromImage(image)))  # air for a CT, 0 for a label map
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, background, image.GetPixelID())
 
 
 def write_image(image: sitk.Image, path: Path) -> None:

@@ -149,3 +149,18 @@ def make_phantom(seed: int = 0, size=(96, 80, 40), spacing=(4.0, 4.0, 4.0), orie
     label_image.CopyInformation(image)
     present = {name: value for name, value in LABELS.items() if (labels == value).any()}
     return Phantom(ct, label_image, present)
+
+
+def save_phantom(folder, seed: int, **kwargs):
+    """Write a phantom as ct.nii.gz, labels.nii.gz and labels.json in `folder`; returns the two image paths."""
+    import json
+    from pathlib import Path
+
+    phantom = make_phantom(seed, **kwargs)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ct, labels = folder / "ct.nii.gz", folder / "labels.nii.gz"
+    sitk.WriteImage(phantom.ct, str(ct), useCompression=True)
+    sitk.WriteImage(phantom.labels, str(labels), useCompression=True)
+    (folder / "labels.json").write_text(json.dumps({str(v): k for k, v in phantom.names.items()}, indent=1))
+    return ct, labels

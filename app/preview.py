@@ -56,30 +56,33 @@ def representative_slices(masks: Mapping[str, np.ndarray], num_slices: int, coun
     return sorted(picked)
 
 
-def _draw_contours(ax, masks: Mapping[str, np.ndarray], take) -> None:
+def _draw_contours(ax, masks: Mapping[str, np.ndarray], take, dashed: bool = False) -> None:
     for name, mask in masks.items():
         plane = take(mask)
         if plane.any():
-            ax.contour(plane.astype(float), levels=[0.5], colors=[colour_of(name)], linewidths=1.2)
+            ax.contour(plane.astype(float), levels=[0.5], colors=[colour_of(name)], linewidths=1.0 if dashed else 1.2,
+                       linestyles="dashed" if dashed else "solid")
 
 
 def _legend(fig, names: Sequence[str], extra: Sequence[Patch] = ()) -> None:
     handles = [Patch(facecolor=colour_of(n), label=STRUCTURES[n].display_name if n in STRUCTURES else n) for n in names]
     fig.legend(handles=handles + list(extra), loc="lower center", ncol=min(6, len(handles) + len(extra)),
-               frameon=False, fontsize=9)
+               frameon=False, fontsize=9, labelcolor="white")
 
 
 def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mapping[str, np.ndarray], path: Path,
                    z_mm: Sequence[float] | None = None, flagged: Mapping[str, Sequence[int]] | None = None,
-                   title: str = "", count: int = 8) -> Path:
+                   title: str = "", count: int = 8, reference: Mapping[str, np.ndarray] | None = None) -> Path:
     """A PNG with `count` axial slices plus one coronal and one sagittal view.
 
     Arrays are canonical (z, y, x): z inferior -> superior, y anterior -> posterior,
-    x patient right -> left.
+    x patient right -> left. `reference` masks, when given, are drawn dashed
+    in the same colours (for comparisons).
     """
     flagged = flagged or {}
     flagged_any = sorted({z for zs in flagged.values() for z in zs})
-    slices = representative_slices(masks, ct_hu.shape[0], count, flagged_any)
+    shown_masks = dict(masks) | {f"{k} (reference)": v for k, v in (reference or {}).items()}
+    slices = representative_slices(shown_masks, ct_hu.shape[0], count, flagged_any)
     columns = 4
     rows = int(np.ceil(len(slices) / columns)) + 1
     fig = plt.figure(figsize=(3.2 * columns, 3.3 * rows + 0.6), facecolor="black")
@@ -89,6 +92,7 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
         ax = fig.add_subplot(rows, columns, k + 1)
         ax.imshow(shown[z], cmap="gray", vmin=0, vmax=1, aspect=dy / dx, interpolation="bilinear")
         _draw_contours(ax, masks, lambda m: m[z])
+        _draw_contours(ax, reference or {}, lambda m: m[z], dashed=True)
         label = f"z = {z_mm[z]:.1f} mm" if z_mm is not None else f"slice {z}"
         is_flagged = z in flagged_any
         ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white", fontsize=9)
@@ -101,13 +105,14 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
         ax.text(2, ct_hu.shape[1] - 3, "R", color="white", fontsize=8)
         ax.text(ct_hu.shape[2] - 8, ct_hu.shape[1] - 3, "L", color="white", fontsize=8)
 
-    occupied = [np.argwhere(m) for m in masks.values() if m.any()]
+    occupied = [np.argwhere(m) for m in shown_masks.values() if m.any()]
     centre = np.concatenate(occupied).mean(axis=0).round().astype(int) if occupied else np.array(ct_hu.shape) // 2
     views = [("coronal", lambda m: m[:, centre[1], :], dz / dx), ("sagittal", lambda m: m[:, :, centre[2]], dz / dy)]
     for k, (name, take, aspect) in enumerate(views):
         ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
         ax.imshow(take(shown), cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
         _draw_contours(ax, masks, take)
+        _draw_contours(ax, reference or {}, take, dashed=True)
         ax.set_title(name, color="white", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 import torch
 
 from app.model import UniverSeg
 from app.model.weights import ModelCard, save_checkpoint
-from app.phantom import make_phantom
+from app.phantom import save_phantom
 from app.support.build import build_support_set
 from app.support.recipes import load_recipes
 
@@ -23,15 +22,7 @@ RECIPES = ROOT / "support_sets" / "recipes"
 
 def write_phantom(folder: Path, seed: int, **kwargs) -> tuple[Path, Path]:
     """A phantom CT and its label map (+ labels.json) as NIfTI files."""
-    import json
-
-    phantom = make_phantom(seed, **kwargs)
-    folder.mkdir(parents=True, exist_ok=True)
-    ct, labels = folder / "ct.nii.gz", folder / "labels.nii.gz"
-    sitk.WriteImage(phantom.ct, str(ct), useCompression=True)
-    sitk.WriteImage(phantom.labels, str(labels), useCompression=True)
-    (folder / "labels.json").write_text(json.dumps({str(v): k for k, v in phantom.names.items()}))
-    return ct, labels
+    return save_phantom(folder, seed, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -26,30 +26,35 @@ from app.model.universeg import LEAKY_SLOPE, CrossBlock, UniverSeg, check_input_
 
 
 class SplitBlock(nn.Module):
-    """A CrossBlock with its cross-conv weight split into query and support halves."""
+    """A CrossBlock computed with its cross-conv weight split into query and support halves.
+
+    The halves are views of the block's own weight, so the split network
+    shares its parameters with the plain one and can be trained.
+    """
 
     def __init__(self, block: CrossBlock, query_channels: int):
         super().__init__()
-        weight, bias = block.cross.cross_conv.weight, block.cross.cross_conv.bias
-        self.w_query = nn.Parameter(weight[:, :query_channels].detach().clone(), requires_grad=False)
-        self.w_support = nn.Parameter(weight[:, query_channels:].detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.target = block.target.vmapped.conv
-        self.support = block.support.vmapped.conv
+        self.block = block
+        self.query_channels = query_channels
+
+    def _halves(self) -> tuple[Tensor, Tensor, Tensor]:
+        conv = self.block.cross.cross_conv
+        return conv.weight[:, : self.query_channels], conv.weight[:, self.query_channels:], conv.bias
 
     def forward(self, query: Tensor, support: Tensor, s: int) -> tuple[Tensor, Tensor]:
         """query (B, Cq, H, W), support (B*S, Cs, H, W) -> the block's two outputs."""
-        zq = F.conv2d(query, self.w_query, self.bias, padding=1)
-        zs = F.conv2d(support, self.w_support, padding=1)
-        zs = zs.unflatten(0, (-1, s))
+        w_query, w_support, bias = self._halves()
+        zq = F.conv2d(query, w_query, bias, padding=1)
+        zs = F.conv2d(support, w_support, padding=1).unflatten(0, (-1, s))
         new_query = zq + zs.mean(dim=1)
         pairs = (zq.unsqueeze(1) + zs).flatten(0, 1)
-        return _act(self.target(new_query)), _act(self.support(pairs))
+        return _act(self.block.target.vmapped.conv(new_query)), _act(self.block.support.vmapped.conv(pairs))
 
     def forward_mean_only(self, query: Tensor, support_mean: Tensor) -> Tensor:
         """The query output alone, from the mean of the support inputs (identity 3)."""
-        z = F.conv2d(query, self.w_query, self.bias, padding=1) + F.conv2d(support_mean, self.w_support, padding=1)
-        return _act(self.target(z))
+        w_query, w_support, bias = self._halves()
+        z = F.conv2d(query, w_query, bias, padding=1) + F.conv2d(support_mean, w_support, padding=1)
+        return _act(self.block.target.vmapped.conv(z))
 
 
 class SplitUniverSeg(nn.Module):
@@ -68,8 +73,6 @@ class SplitUniverSeg(nn.Module):
             query_ch = width
         self.out_conv = model.out_conv.conv
         self.factor = model.downsampling_factor
-        for p in self.parameters():
-            p.requires_grad_(False)
 
     def forward(self, target_image: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
         check_input_shapes(target_image, support_images, support_labels, self.factor)
@@ -101,7 +104,7 @@ class SplitUniverSeg(nn.Module):
 
 
 def _act(x: Tensor) -> Tensor:
-    return F.leaky_relu(x, LEAKY_SLOPE, inplace=True)
+    return F.leaky_relu(x, LEAKY_SLOPE, inplace=not torch.is_grad_enabled())
 
 
 def _up(x: Tensor) -> Tensor:

@@ -1,0 +1,87 @@
+"""A short training run learns, checkpoints, resumes, and its weights segment; fine-tuning runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app.cli import main
+from app.training.data import load_training_data, phantom_volumes, prepare_training_data
+from app.training.episodes import TaskSampler
+from app.training.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return prepare_training_data(phantom_volumes(3, seed=77), tmp_path_factory.mktemp("data") / "train.safetensors")
+
+
+def tiny(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=6, support_size=3, learning_rate=3e-3, warmup_steps=5,
+                       low_res_steps=10_000, low_res_size=32, encoder_blocks=[8, 8, 8, 8], validate_every=20,
+                       validation_episodes=6, checkpoint_every=20, heldout_structures=["sacrum"], device="cpu", **kw)
+
+
+def test_episodes_never_reuse_the_query_and_respect_held_out_structures(data_file):
+    data = load_training_data(data_file)
+    sampler = TaskSampler(data, {"sacrum"}, seed=3)
+    for _ in range(40):
+        q, ql, si, sl, task = sampler.episode(4)
+        assert not any(np.array_equal(q, s) for s in si)
+        assert "sacrum" not in task.names
+        assert si.shape == (4, 128, 128) and set(np.unique(sl)) <= {0.0, 1.0}
+    held = TaskSampler(data, {"sacrum"}, seed=3, heldout_structures=True)
+    assert all(held.episode(3)[4].names == ("sacrum",) for _ in range(5))
+
+
+def test_loss_falls_checkpoint_resume_and_segment(tmp_path, data_file, phantom_support_dir, phantom_cases):
+    out = tmp_path / "run"
+    trainer = Trainer(load_training_data(data_file), out, tiny(60))
+    trainer.run(progress=False)
+    rows = list(csv.DictReader(open(out / "training_log.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == 60 and np.mean(losses[-15:]) < np.mean(losses[:15])
+    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").is_file()
+    assert "val_dice_heldout_structures" in rows[0]
+
+    resumed = Trainer(load_training_data(data_file), out, tiny(80))
+    assert resumed.resume() and resumed.step == 60
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    resumed.run(progress=False)
+    assert resumed.step == 80
+    assert any(not torch.equal(before[k], v) for k, v in resumed.model.state_dict().items())
+    assert len(list(csv.DictReader(open(out / "training_log.csv")))) == 80
+
+    weights = out / "final.safetensors"
+    resumed.export(weights, {"val": 0.0})
+    code = main(["segment", str(phantom_cases[0][0]), "--out", str(tmp_path / "seg"), "--weights", str(weights),
+                 "--support-dir", str(phantom_support_dir), "--no-shipped-support", "--structures", "bladder",
+                 "--support-size", "3", "--quiet", "--no-preview"])
+    assert code == 0
+    summary = json.loads((tmp_path / "seg" / "summary.json").read_text())
+    assert summary["model"]["name"] == "autocontour-universeg-v1" and summary["model"]["encoder_blocks"] == [8] * 4
+
+
+def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):
+    code = main(["train", "--phantoms", "2", "--out", str(tmp_path / "t"), "--steps", "4", "--batch-size", "2",
+                 "--support-size", "2", "--low-res-steps", "4", "--validate-every", "2", "--checkpoint-every", "2",
+                 "--device", "cpu", "--quiet"])
+    assert code == 0 and (tmp_path / "t" / "final.safetensors").is_file()
+    capsys.readouterr()
+    code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"),
+                 "--case", str(phantom_cases[0][0]), str(phantom_cases[0][1]),
+                 "--case", str(phantom_cases[1][0]), str(phantom_cases[1][1]), "--structures", "bladder",
+                 "--out", str(tmp_path / "f"), "--steps", "4", "--batch-size", "2", "--support-size", "2",
+                 "--low-res-steps", "4", "--validate-every", "2", "--checkpoint-every", "2", "--device", "cpu",
+                 "--quiet"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.split("weights:")[0])
+    assert 0 <= result["best_heldout_case_dice"] <= 1 and result["steps"] == 4
+    assert (tmp_path / "f" / "best.safetensors").is_file()
+    code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"), "--case", "a", "b",
+                 "--structures", "bladder", "--out", str(tmp_path / "g")])
+    assert code == 2
