@@ -171,6 +171,36 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(finetune, steps=1000, patience=5)
     finetune.set_defaults(handler=cmd_finetune)
 
+    serve = commands.add_parser("serve", help="run the HTTP service",
+                                description="Start the FastAPI server (uvicorn). Settings: AUTOCONTOUR_* variables "
+                                            "and the TOML file named by AUTOCONTOUR_CONFIG (see README).")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
+
+    submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
+                                 description="Upload a CT to an autocontour server, follow its progress, and unpack "
+                                             "the result (masks, summary.json, preview.png) into --out. Retries on "
+                                             "connection errors and a full queue.")
+    submit.add_argument("ct", type=Path)
+    submit.add_argument("--server", required=True, help="base URL, e.g. http://autocontour:8000")
+    submit.add_argument("--out", type=Path, required=True)
+    submit.add_argument("--structures", default=None)
+    submit.add_argument("--support-size", type=int, default=None)
+    submit.add_argument("--ensemble", type=int, default=None)
+    submit.add_argument("--threshold", type=float, default=None)
+    submit.add_argument("--probabilities", action="store_true")
+    submit.add_argument("--api-key", default=None, help="default: $AUTOCONTOUR_API_KEY")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result")
+    submit.add_argument("--quiet", action="store_true")
+    submit.set_defaults(handler=cmd_submit)
+
+    keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
+                                                                             parser_class=OneLineParser)
+    key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
+    key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
+    key_hash.set_defaults(handler=cmd_keys_hash)
+
     structures = commands.add_parser("structures", help="list the structure catalogue and overlap rules")
     structures.set_defaults(handler=cmd_structures)
     return parser
@@ -382,6 +412,61 @@ def cmd_weights_info(args: argparse.Namespace) -> int:
 
     _, card = load_model(args.file or Settings().default_weights)
     print(card.model_dump_json(indent=1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.server.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False, log_config=None)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import os
+
+    import httpx
+
+    from app.client import Client, ServerError
+    from app.errors import InputImageError, OptionError
+
+    if not args.ct.is_file():
+        raise InputImageError(f"file not found: {args.ct}")
+    key = args.api_key or os.environ.get("AUTOCONTOUR_API_KEY")
+    last = [""]
+
+    def show(job: dict) -> None:
+        p = job.get("progress") or {}
+        line = f"{job['status']}" + (f" {p['phase']} {p['slices_done']}/{p['slices_total']} slices"
+                                     if p.get("slices_total") else "")
+        if line != last[0] and not args.quiet:
+            print(line, file=sys.stderr)
+            last[0] = line
+
+    try:
+        with Client(args.server, key) as client:
+            job = client.submit(args.ct, args.structures, args.support_size, args.ensemble, args.threshold,
+                                args.probabilities)
+            job = client.wait(job["id"], timeout_s=args.timeout, progress=show)
+            if job["status"] != "done":
+                detail = (job.get("error") or {}).get("detail", job["status"])
+                raise OptionError(f"job {job['id']} {job['status']}: {detail}")
+            files = client.download(job["id"], args.out)
+    except ServerError as exc:
+        raise OptionError(f"server refused: {exc}") from exc
+    except httpx.HTTPError as exc:
+        raise OptionError(f"cannot reach {args.server}: {exc}") from exc
+    print(f"DRAFT contours for clinical review: {len(files)} files in {args.out} (job {job['id']})")
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    from app.server.auth import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    print(hash_key(key))
     return 0
 
 

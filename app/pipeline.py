@@ -75,7 +75,20 @@ class Segmenter:
         self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
 
     def describe_model(self) -> dict:
-        return {**self.card.model_dump(), "device": str(self.engine.device), "precision": self.engine.precision}
+        return {**self.card.model_dump(), "device": self.device_name, "precision": self.engine.precision}
+
+    @property
+    def device_name(self) -> str:
+        device = self.engine.device
+        if device.type == "cuda":
+            import torch
+
+            return f"cuda ({torch.cuda.get_device_name(device)})"
+        return "cpu"
+
+    def warm_up(self) -> None:
+        """One small forward pass (and kernel selection on GPU) before the first request."""
+        self.engine.warm_up(self.default_support_size)
 
     def support_for(self, structures: list[str]) -> dict[str, SupportSet]:
         missing = [s for s in structures if s not in self.supports]

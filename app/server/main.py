@@ -1,0 +1,162 @@
+"""The HTTP service: FastAPI around the same `Segmenter` the CLI uses.
+
+    autocontour serve --host 0.0.0.0 --port 8000      (or: uvicorn app.server.main:create_app --factory)
+
+The model is loaded once, in the lifespan, by the process that owns the
+worker (or, with AUTOCONTOUR_QUEUE=celery, by each worker process instead).
+Requests only accept, validate, store and report. Every response carries an
+`X-Request-ID`; log lines carry it too, and never a file name or anything
+from the image headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__
+from app.pipeline import DRAFT_DISCLAIMER, Segmenter
+from app.server import problems
+from app.server.context import configure_logging, request_id
+from app.server.jobs import JobStore, ResultStore
+from app.server.metrics import Metrics
+from app.server.queue import make_queue
+from app.server.routers import catalogue, evaluations, health, segmentations
+from app.server.settings import ServerSettings
+
+log = logging.getLogger("app.server")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+UPLOAD_ROUTES = ("/v1/segmentations", "/v1/evaluations")
+
+
+class BodySizeLimit:
+    """Refuse request bodies above the limit while they stream in (413), before they fill a disk."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = problems.problem_response(413, "too-large", "Upload too large",
+                                             f"the request body exceeds {self.limit:,} bytes")
+        await response({"type": "http"}, None, send)  # type: ignore[arg-type]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        configure_logging()
+        state = app.state
+        state.settings = settings
+        state.jobs = JobStore(settings.data_dir / "jobs.sqlite3")
+        state.results = ResultStore(settings.data_dir)
+        state.metrics = Metrics(state.jobs.queue_depth, _gpu_memory_probe())
+        state.queue = make_queue(settings, state.jobs, state.results, state.metrics)
+        state.segmenter = segmenter or Segmenter(settings)
+        if settings.warmup and state.queue.owns_model:
+            state.segmenter.warm_up()
+        recovered = state.jobs.recover()
+        if recovered:
+            log.info("recovered %d interrupted job(s) after restart", len(recovered))
+        state.queue.start(state.segmenter)
+        log.info("ready: model %s on %s", state.segmenter.card.name, state.segmenter.device_name)
+        yield
+        state.queue.stop()
+        state.jobs.close()
+
+    app = FastAPI(
+        title="autocontour",
+        version=__version__,
+        description="Few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT. "
+                    f"{DRAFT_DISCLAIMER} Errors are RFC 9457 problem documents (application/problem+json).",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    for router in (health.router, catalogue.router, segmentations.router, evaluations.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        incoming = request.headers.get("x-request-id", "")
+        token = request_id.set(incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex)
+        started = time.perf_counter()
+        try:
+            if request.method == "POST" and request.url.path == "/v1/segmentations":
+                full = _queue_full(request)
+                if full is not None:
+                    response = full
+                else:
+                    response = await call_next(request)
+            else:
+                response = await call_next(request)
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            request.app.state.metrics.requests.labels(request.method, template, str(response.status_code)).inc()
+            request.app.state.metrics.latency.labels(template).observe(elapsed)
+            response.headers["X-Request-ID"] = request_id.get()
+            log.info("%s %s -> %d in %.3f s", request.method, template, response.status_code, elapsed)
+            return response
+        finally:
+            request_id.reset(token)
+
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    return app
+
+
+def _queue_full(request: Request):
+    state = request.app.state
+    if state.jobs.queue_depth() >= state.settings.max_queue:
+        return problems.problem_response(
+            503, "queue-full", "Queue full",
+            f"{state.settings.max_queue} jobs are waiting; retry after {state.settings.retry_after_s} s",
+            headers={"Retry-After": str(state.settings.retry_after_s)})
+    return None
+
+
+def _gpu_memory_probe():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lambda: float(torch.cuda.memory_allocated())

@@ -1,0 +1,74 @@
+"""RFC 9457 problem details: every error the API returns names what is wrong.
+
+    {"type": "urn:autocontour:problem:invalid-image", "title": "Invalid image",
+     "status": 422, "detail": "the file is truncated: ...", "request_id": "..."}
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import AutocontourError
+from app.server.context import request_id
+
+MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:autocontour:problem:"
+
+
+class Problem(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(self, status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra):
+        super().__init__(detail)
+        self.status, self.code, self.title, self.detail = status, code, title, detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_body(status: int, code: str, title: str, detail: str, **extra) -> dict:
+    return {"type": TYPE_PREFIX + code, "title": title, "status": status, "detail": detail,
+            "request_id": request_id.get(), **extra}
+
+
+def problem_response(status: int, code: str, title: str, detail: str, headers: dict | None = None,
+                     **extra) -> JSONResponse:
+    return JSONResponse(problem_body(status, code, title, detail, **extra), status_code=status,
+                        media_type=MEDIA_TYPE, headers=headers)
+
+
+def from_error(error: AutocontourError) -> dict:
+    """A problem document for an input error (also stored with failed jobs)."""
+    title = error.code.replace("-", " ").capitalize()
+    return problem_body(error.http_status, error.code, title, str(error))
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem):
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(AutocontourError)
+    async def _input_error(_: Request, exc: AutocontourError):
+        body = from_error(exc)
+        return JSONResponse(body, status_code=exc.http_status, media_type=MEDIA_TYPE)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        missing = first.get("type") == "missing"
+        detail = f"missing field {where!r}" if missing else f"{where}: {first.get('msg', 'invalid value')}"
+        return problem_response(422, "missing-field" if missing else "invalid-option",
+                                "Missing field" if missing else "Invalid option", detail,
+                                errors=[{"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg")}
+                                        for e in errors])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), str(exc.detail),
+                                getattr(exc, "headers", None))

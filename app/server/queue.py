@@ -1,0 +1,58 @@
+"""Job queues behind one interface: the embedded in-process worker, or Celery (app.server.celery_queue)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from app.pipeline import Segmenter
+from app.server.jobs import Job, JobStore, ResultStore
+from app.server.metrics import Metrics
+from app.server.settings import ServerSettings
+from app.server.worker import LocalWorker
+
+
+class JobQueue(Protocol):
+    owns_model: bool  # whether this process runs the jobs (and so loads the model)
+
+    def start(self, segmenter: Segmenter) -> None: ...
+    def stop(self) -> None: ...
+    def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job: ...
+    def cancel(self, job_id: str) -> None: ...
+    def alive(self) -> bool: ...
+
+
+class LocalQueue:
+    """Default: one worker thread in the server process owns the model; jobs wait in SQLite."""
+
+    owns_model = True
+
+    def __init__(self, settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics):
+        self.settings, self.jobs, self.results, self.metrics = settings, jobs, results, metrics
+        self.worker: LocalWorker | None = None
+
+    def start(self, segmenter: Segmenter) -> None:
+        self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings.result_ttl_s)
+        self.worker.start()
+
+    def stop(self) -> None:
+        if self.worker:
+            self.worker.stop()
+
+    def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
+        job = self.jobs.create(options, owner, input_name, job_id)
+        self.worker.notify()
+        return job
+
+    def cancel(self, job_id: str) -> None:
+        self.jobs.cancel(job_id)
+
+    def alive(self) -> bool:
+        return bool(self.worker and self.worker.alive)
+
+
+def make_queue(settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics) -> JobQueue:
+    if settings.queue == "celery":
+        from app.server.celery_queue import CeleryQueue
+
+        return CeleryQueue(settings, jobs, results, metrics)
+    return LocalQueue(settings, jobs, results, metrics)

@@ -1,0 +1,50 @@
+"""/v1/evaluations: metrics for an uploaded prediction against an uploaded reference."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from app.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerances
+from app.evaluation.metrics import metric_keys
+from app.io import inspect_nifti
+from app.server.auth import require
+
+router = APIRouter(prefix="/v1", tags=["evaluations"])
+
+
+async def _save(upload: UploadFile, folder: Path, stem: str) -> Path:
+    head = await upload.read(2)
+    await upload.seek(0)
+    path = folder / (f"{stem}.nii.gz" if head == b"\x1f\x8b" else f"{stem}.nii")
+    with open(path, "wb") as out:
+        while chunk := await upload.read(1 << 20):
+            out.write(chunk)
+    return path
+
+
+def _evaluate(pred: Path, ref: Path, structure: str | None, tolerances) -> list[dict]:
+    for path in (pred, ref):
+        inspect_nifti(path)
+    return evaluate_pairs(pair_inputs(pred, ref, [structure] if structure else None), tolerances)
+
+
+@router.post("/evaluations")
+async def evaluate(
+    prediction: Annotated[UploadFile, File(description="predicted mask or label map (NIfTI)")],
+    reference: Annotated[UploadFile, File(description="reference mask or label map on a comparable grid")],
+    structure: Annotated[str | None, Form(description="name for a single binary pair")] = None,
+    tolerance_mm: Annotated[str, Form(description="surface-Dice tolerances in mm, comma-separated")] = "1,2,3",
+    _: str | None = require("evaluate"),
+):
+    """The metrics of `autocontour evaluate` (same code): one record per structure or label value."""
+    tolerances = parse_tolerances(tolerance_mm)
+    with tempfile.TemporaryDirectory() as tmp:
+        pred = await _save(prediction, Path(tmp), "prediction")
+        ref = await _save(reference, Path(tmp), "reference")
+        records = await run_in_threadpool(_evaluate, pred, ref, structure, tolerances)
+    return {"tolerances_mm": list(tolerances), "metric_keys": metric_keys(tolerances), "records": records}

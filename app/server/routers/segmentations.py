@@ -1,0 +1,204 @@
+"""/v1/segmentations: submit a CT, follow the job, fetch the draft contours."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from app.catalogue import parse_structures
+from app.errors import AutocontourError, InputImageError
+from app.export import PREVIEW, SUMMARY, mask_file
+from app.io import read_ct
+from app.pipeline import DRAFT_DISCLAIMER
+from app.server.auth import require
+from app.server.jobs import FINAL, Job
+from app.server.problems import Problem
+
+router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
+COPY_CHUNK = 1 << 20
+
+
+class Progress(BaseModel):
+    phase: str | None = Field(None, description="coarse (finding each structure's extent) or fine")
+    slices_done: int | None = None
+    slices_total: int | None = None
+    structures: dict[str, dict[str, int]] = {}
+
+
+class SegmentationJob(BaseModel):
+    """A segmentation job. Results are drafts for clinical review."""
+
+    id: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    disclaimer: str = DRAFT_DISCLAIMER
+    created: str
+    started: str | None = None
+    finished: str | None = None
+    options: dict
+    progress: Progress
+    result: dict | None = Field(None, description="per-structure volume, confidence, flags; timings; model")
+    error: dict | None = Field(None, description="an RFC 9457 problem document when the job failed")
+    notes: list[str] = []
+    links: dict[str, str | dict[str, str]]
+
+
+def _iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else None
+
+
+def job_resource(job: Job) -> SegmentationJob:
+    base = f"/v1/segmentations/{job.id}"
+    links: dict = {"self": base}
+    if job.status == "done":
+        links |= {"result": f"{base}/result", "preview": f"{base}/preview",
+                  "masks": {s: f"{base}/masks/{s}" for s in job.options["structures"]}}
+    return SegmentationJob(id=job.id, status=job.status, created=_iso(job.created), started=_iso(job.started),
+                           finished=_iso(job.finished), options=job.options, progress=Progress(**job.progress),
+                           result=job.result, error=job.error, notes=job.notes, links=links)
+
+
+def _owned(request: Request, job_id: str, owner: str | None) -> Job:
+    job = request.app.state.jobs.get(job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise Problem(404, "not-found", "Not found", f"no segmentation job {job_id!r} (it may have expired)")
+    return job
+
+
+def _validate_upload(path) -> None:
+    """The same checks as the CLI, run before the job is accepted."""
+    read_ct(path)
+
+
+@router.post("", status_code=202, response_model=SegmentationJob,
+             responses={200: {"content": {"application/zip": {}}, "description": "with wait=true: the result zip"},
+                        413: {"description": "upload too large"}, 422: {"description": "invalid CT or option"},
+                        503: {"description": "queue full; retry after Retry-After seconds"}})
+async def submit(
+    request: Request,
+    file: Annotated[UploadFile, File(description="CT volume, .nii or .nii.gz, in Hounsfield units")],
+    structures: Annotated[str, Form(description="comma-separated structures")] = "bladder,anorectum,ctvn",
+    support_size: Annotated[int | None, Form(ge=1, le=256, description="support slices per member")] = None,
+    ensemble: Annotated[int | None, Form(ge=1, le=16, description="support subsets averaged")] = None,
+    threshold: Annotated[float | None, Form(gt=0, lt=1)] = None,
+    probabilities: Annotated[bool, Form(description="include probability maps in the result")] = False,
+    wait: Annotated[bool, Query(description="wait for the result and return the zip")] = False,
+    owner: str | None = require("segment"),
+):
+    """Queue a CT for segmentation. Answers 202 with the job and its Location."""
+    state = request.app.state
+    names = parse_structures(structures)
+    state.segmenter.support_for(names)  # a structure without support set is refused now, not later
+    options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
+               "probabilities": probabilities}
+    job_id = uuid.uuid4().hex
+    head = await file.read(2)
+    await file.seek(0)
+    input_name = "ct.nii.gz" if head == b"\x1f\x8b" else "ct.nii"
+    path = state.results.upload_path(job_id, input_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as out:
+            while chunk := await file.read(COPY_CHUNK):
+                out.write(chunk)
+        if path.stat().st_size == 0:
+            raise InputImageError("the uploaded file is empty (0 bytes)")
+        await run_in_threadpool(_validate_upload, path)
+    except AutocontourError:
+        state.results.delete_upload(job_id)
+        raise
+    job = state.queue.submit(options, owner, input_name, job_id)
+    location = f"/v1/segmentations/{job.id}"
+    if wait:
+        job = await _wait(request, job.id)
+        if job.status == "done":
+            return FileResponse(state.results.zip_path(job.id), media_type="application/zip",
+                                filename=f"autocontour-{job.id}.zip", headers={"Location": location, "X-Job-Id": job.id})
+        if job.status in FINAL:
+            error = job.error or {}
+            raise Problem(error.get("status", 422), error.get("type", "failed").rsplit(":", 1)[-1],
+                          error.get("title", "Segmentation failed"), error.get("detail", job.status),
+                          headers={"Location": location})
+    return JSONResponse(job_resource(job).model_dump(), status_code=202, headers={"Location": location})
+
+
+async def _wait(request: Request, job_id: str) -> Job:
+    deadline = asyncio.get_running_loop().time() + request.app.state.settings.wait_timeout_s
+    job = request.app.state.jobs.get(job_id)
+    while job.status not in FINAL and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.25)
+        job = request.app.state.jobs.get(job_id)
+    return job
+
+
+@router.get("", response_model=list[SegmentationJob])
+def list_jobs(request: Request, owner: str | None = require("read"), limit: int = Query(50, ge=1, le=500)):
+    """The caller's jobs, newest first."""
+    return [job_resource(j) for j in request.app.state.jobs.list(owner, limit)]
+
+
+@router.get("/{job_id}", response_model=SegmentationJob)
+def get_job(request: Request, job_id: str, owner: str | None = require("read")):
+    """Status, progress (slices done of total, per structure), timings and errors."""
+    return job_resource(_owned(request, job_id, owner))
+
+
+@router.delete("/{job_id}", status_code=202, response_model=SegmentationJob,
+               responses={204: {"description": "a finished job and its results were removed"}})
+def delete_job(request: Request, job_id: str, owner: str | None = require("segment")):
+    """Cancel a queued or running job (202), or remove a finished one and its results (204)."""
+    job = _owned(request, job_id, owner)
+    state = request.app.state
+    if job.status in FINAL:
+        state.results.delete(job.id)
+        state.jobs.delete(job.id)
+        return Response(status_code=204)
+    state.queue.cancel(job.id)
+    return JSONResponse(job_resource(state.jobs.get(job.id)).model_dump(), status_code=202)
+
+
+def _finished(request: Request, job_id: str, owner: str | None) -> Job:
+    job = _owned(request, job_id, owner)
+    if job.status != "done":
+        raise Problem(409, "not-ready", "Result not ready", f"the job is {job.status}",
+                      headers={"Retry-After": "5"} if job.status not in FINAL else None)
+    return job
+
+
+@router.get("/{job_id}/result", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}}}, 409: {"description": "not finished"}})
+def get_result(request: Request, job_id: str, owner: str | None = require("read")):
+    """A zip: one NIfTI mask per structure, summary.json, preview.png (and probability maps if asked)."""
+    job = _finished(request, job_id, owner)
+    return FileResponse(request.app.state.results.zip_path(job.id), media_type="application/zip",
+                        filename=f"autocontour-{job.id}.zip")
+
+
+@router.get("/{job_id}/summary")
+def get_summary(request: Request, job_id: str, owner: str | None = require("read")):
+    """The full summary.json of a finished job."""
+    job = _finished(request, job_id, owner)
+    return FileResponse(request.app.state.results.result_dir(job.id) / SUMMARY, media_type="application/json")
+
+
+@router.get("/{job_id}/preview", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+def get_preview(request: Request, job_id: str, owner: str | None = require("read")):
+    job = _finished(request, job_id, owner)
+    return FileResponse(request.app.state.results.result_dir(job.id) / PREVIEW, media_type="image/png")
+
+
+@router.get("/{job_id}/masks/{structure}", response_class=FileResponse,
+            responses={200: {"content": {"application/gzip": {}}}})
+def get_mask(request: Request, job_id: str, structure: str, owner: str | None = require("read")):
+    """One structure's mask (uint8 NIfTI on the CT's grid)."""
+    job = _finished(request, job_id, owner)
+    if structure not in job.options["structures"]:
+        raise Problem(404, "not-found", "Not found", f"the job has no structure {structure!r}")
+    return FileResponse(request.app.state.results.result_dir(job.id) / mask_file(structure),
+                        media_type="application/gzip", filename=f"{structure}.nii.gz")
