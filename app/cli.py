@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Segment a CT (.nii/.nii.gz) and write one NIfTI mask per structure on "
                                           "the CT's grid, summary.json (confidence, flagged slices, volumes, "
                                           "provenance) and preview.png. Results are drafts for clinical review.")
-    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz)")
+    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
+                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
     seg.add_argument("--out", type=Path, required=True, help="output folder")
     seg.add_argument("--structures", default=None, help=_structures_help())
     seg.add_argument("--weights", type=Path, default=None, help="checkpoint (.safetensors or .pt); default: shipped")
@@ -195,6 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true")
     submit.set_defaults(handler=cmd_submit)
 
+    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
+        dest="pacs_command", required=True, parser_class=OneLineParser)
+    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
+                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
+                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
+                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
+    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    pull.add_argument("--study", required=True, help="Study Instance UID")
+    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
+    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
+    pull.add_argument("--structures", default=None, help=_structures_help())
+    pull.add_argument("--weights", type=Path, default=None)
+    pull.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    pull.add_argument("--support-size", type=int, default=None)
+    pull.add_argument("--ensemble", type=int, default=None)
+    pull.add_argument("--username", default=None)
+    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    pull.set_defaults(handler=cmd_pacs_pull)
+    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
+    push.add_argument("--url", required=True)
+    push.add_argument("files", type=Path, nargs="+")
+    push.add_argument("--username", default=None)
+    push.add_argument("--password", default=None)
+    push.set_defaults(handler=cmd_pacs_push)
+
     keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
                                                                              parser_class=OneLineParser)
     key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
@@ -331,7 +358,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     if args.structures is not None:  # cheap checks before the model loads
         parse_structures(args.structures)
-    if not args.ct.is_file():
+    if not args.ct.exists():
         raise InputImageError(f"file not found: {args.ct}")
     segmenter = Segmenter(weights=args.weights, device=args.device, support_dirs=args.support_dir,
                           shipped_support=False if args.no_shipped_support else None)
@@ -459,6 +486,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         raise OptionError(f"cannot reach {args.server}: {exc}") from exc
     print(f"DRAFT contours for clinical review: {len(files)} files in {args.out} (job {job['id']})")
+    return 0
+
+
+def cmd_pacs_pull(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from app.dicom import pacs
+    from app.pipeline import Segmenter
+
+    password = args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD")
+    client = pacs.connect(args.url, args.username, password)
+    series_uid = pacs.find_ct_series(client, args.study, args.series)
+    segmenter = Segmenter(weights=args.weights, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
+        files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
+        print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
+        result = segmenter.segment(Path(tmp), args.out, args.structures, support_size=args.support_size,
+                                   ensemble=args.ensemble)
+    outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
+    if args.push and outputs:
+        pacs.store(client, outputs)
+        print(f"stored {', '.join(p.name for p in outputs)} in study {args.study}")
+    print(f"DRAFT contours for clinical review, written to {args.out}")
+    return 0
+
+
+def cmd_pacs_push(args: argparse.Namespace) -> int:
+    import os
+
+    from app.dicom import pacs
+    from app.errors import InputImageError
+
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise InputImageError(f"file not found: {', '.join(missing)}")
+    client = pacs.connect(args.url, args.username, args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD"))
+    pacs.store(client, list(args.files))
+    print(f"stored {len(args.files)} file(s)")
     return 0
 
 

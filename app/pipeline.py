@@ -28,6 +28,7 @@ from app.engine import Engine, InferenceOptions, predict_structures, resolve_dev
 from app.engine.plan import ProgressCallback
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
+from app.dicom.series import is_dicom_input, read_series
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct
 from app.model.weights import ModelCard, load_model
 from app.postprocess import confidence, postprocess
@@ -129,7 +130,14 @@ class Segmenter:
         except ValueError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
-        image = validate_ct(ct) if isinstance(ct, sitk.Image) else read_ct(Path(ct), self.settings.max_voxels)
+        series = None
+        if isinstance(ct, sitk.Image):
+            image = validate_ct(ct)
+        elif is_dicom_input(Path(ct)):
+            series = read_series(Path(ct))
+            image = validate_ct(series.image)
+        else:
+            image = read_ct(Path(ct), self.settings.max_voxels)
         canonical = CanonicalCT(image)
         scan_id = fingerprint(canonical.image)
         lap("read")
@@ -182,6 +190,9 @@ class Segmenter:
         probability_images = ({n: canonical.to_input_grid(masks[n].probability, sitk.sitkLinear) for n in names}
                               if save_probabilities else {})
         summary = self._summary(image, canonical, scan_id, options, threshold, structures_summary, rule_changes, timings)
+        if series is not None:
+            summary["input"]["format"] = "DICOM series"
+            summary["warnings"] += series.warnings
         summary["files"] = {"masks": {n: mask_file(n) for n in names},
                             "probabilities": {n: probability_file(n) for n in probability_images}}
         result = SegmentationResult(masks_on_input, probability_images, summary)
@@ -195,11 +206,29 @@ class Segmenter:
                     canonical.array, canonical.spacing_zyx, {n: masks[n].mask for n in names},
                     Path(out_dir) / PREVIEW, z_mm=z_mm, flagged=flagged, title="autocontour")
                 summary["files"]["preview"] = PREVIEW
+            if series is not None:
+                result.files |= self._write_dicom(series, masks_on_input, summary, Path(out_dir))
         lap("export")
         timings["total"] = round(sum(timings.values()), 3)
         if out_dir is not None:
             write_result(Path(out_dir), {}, summary)  # rewrite with the final timings
         return result
+
+    def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path) -> dict[str, Path]:
+        """RTSTRUCT and DICOM-SEG that reference the input series (structures with voxels only)."""
+        from app.dicom.outputs import RTSTRUCT_FILE, SEG_FILE, write_rtstruct, write_seg
+
+        arrays = {n: sitk.GetArrayFromImage(m) for n, m in masks.items()}
+        if not any(a.any() for a in arrays.values()):
+            summary["warnings"].append("no structure has any voxel: no RTSTRUCT or DICOM-SEG written")
+            return {}
+        structures = summary["structures"]
+        descriptions = {n: f"draft, confidence {s['confidence']}" for n, s in structures.items()}
+        support_ids = {n: s["support_set"]["id"] for n, s in structures.items()}
+        files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions),
+                 "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_ids)}
+        summary["files"] |= {"rtstruct": RTSTRUCT_FILE, "seg": SEG_FILE}
+        return files
 
     def _model_inputs(self, canonical: CanonicalCT, supports: dict[str, SupportSet]) -> dict[str, ModelInput]:
         """Prepare the CT once per distinct preprocessing recipe among the support sets."""

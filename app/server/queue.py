@@ -31,7 +31,7 @@ class LocalQueue:
         self.worker: LocalWorker | None = None
 
     def start(self, segmenter: Segmenter) -> None:
-        self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings.result_ttl_s)
+        self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings)
         self.worker.start()
 
     def stop(self) -> None:

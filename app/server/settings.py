@@ -37,6 +37,10 @@ class ServerSettings(Settings):
     api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
     queue: str = Field("local", pattern="^(local|celery)$", description="local: in-process worker; celery: Redis + workers")
     broker_url: str = Field("redis://127.0.0.1:6379/0")
+    pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
+    pacs_username: str | None = None
+    pacs_password: str | None = None
+    max_dicom_files: int = Field(5000, ge=1, description="most files in an uploaded DICOM zip")
     warmup: bool = Field(True, description="run one forward pass at start-up so the first request is not slow")
 
     @classmethod

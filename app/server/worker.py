@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+from pathlib import Path
 
 from app.errors import AutocontourError
 from app.pipeline import CancelledError, Segmenter
@@ -34,11 +35,29 @@ def brief(summary: dict) -> dict:
         "timings_s": summary["timings_s"], "warnings": summary["warnings"], "notices": summary["notices"],
         "model": {k: summary["model"][k] for k in ("name", "version", "sha256", "licence", "device", "precision")},
         "rule_changes": summary["rule_changes"],
+        "files": {k: v for k, v in summary["files"].items() if k in ("rtstruct", "seg")},
     }
 
 
+def fetch_from_pacs(settings, job, target: Path) -> None:
+    """Download a PACS job's CT series into its upload folder (done by the worker, not the request)."""
+    from app.dicom import pacs
+
+    client = pacs.connect(settings.pacs_url, settings.pacs_username, settings.pacs_password)
+    spec = job.options["pacs"]
+    series_uid = pacs.find_ct_series(client, spec["study_uid"], spec["series_uid"])
+    pacs.fetch_series(client, spec["study_uid"], series_uid, target)
+
+
+def push_to_pacs(settings, result_dir: Path, files: dict) -> None:
+    from app.dicom import pacs
+
+    client = pacs.connect(settings.pacs_url, settings.pacs_username, settings.pacs_password)
+    pacs.store(client, [result_dir / files[k] for k in ("rtstruct", "seg") if k in files])
+
+
 def run_job(segmenter: Segmenter, store: JobStore, results: ResultStore, job_id: str,
-            metrics: Metrics | None = None) -> str:
+            metrics: Metrics | None = None, settings=None) -> str:
     """Execute one claimed job to its final status; returns that status."""
     job = store.get(job_id)
     if job is None or job.status in FINAL:
@@ -57,12 +76,19 @@ def run_job(segmenter: Segmenter, store: JobStore, results: ResultStore, job_id:
                                     "structures": {n: {"done": done.get(n, 0), "total": t} for n, t in total.items()}})
 
     options = dict(job.options)
+    pacs_job = options.pop("pacs", None)
     try:
+        if pacs_job:
+            fetch_from_pacs(settings, job, results.upload_path(job.id, job.input_name))
         result = segmenter.segment(results.upload_path(job.id, job.input_name), staging,
                                    options.pop("structures"), save_probabilities=options.pop("probabilities", False),
                                    progress=progress, cancelled=lambda: store.cancel_requested(job.id), **options)
         results.publish(job.id, staging)
-        store.finish(job.id, brief(result.summary))
+        summary = brief(result.summary)
+        if pacs_job and pacs_job["push"] and summary["files"]:
+            push_to_pacs(settings, results.result_dir(job.id), summary["files"])
+            summary["pushed_to_pacs"] = sorted(summary["files"].values())
+        store.finish(job.id, summary)
         results.delete_upload(job.id)
         status = "done"
         slices = sum(s["slices_computed"] for s in result.summary["structures"].values())
@@ -94,10 +120,10 @@ def run_job(segmenter: Segmenter, store: JobStore, results: ResultStore, job_id:
 class LocalWorker:
     """The one thread that owns the model: takes queued jobs oldest first, one at a time."""
 
-    def __init__(self, segmenter: Segmenter, store: JobStore, results: ResultStore, metrics: Metrics,
-                 result_ttl_s: float):
+    def __init__(self, segmenter: Segmenter, store: JobStore, results: ResultStore, metrics: Metrics, settings):
         self.segmenter, self.store, self.results, self.metrics = segmenter, store, results, metrics
-        self.result_ttl_s = result_ttl_s
+        self.settings = settings
+        self.result_ttl_s = settings.result_ttl_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autocontour-worker", daemon=True)
@@ -126,7 +152,7 @@ class LocalWorker:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            run_job(self.segmenter, self.store, self.results, job.id, self.metrics)
+            run_job(self.segmenter, self.store, self.results, job.id, self.metrics, self.settings)
 
     def _expire(self) -> None:
         now = time.monotonic()

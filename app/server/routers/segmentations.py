@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from app.catalogue import parse_structures
 from app.errors import AutocontourError, InputImageError
 from app.export import PREVIEW, SUMMARY, mask_file
-from app.io import read_ct
+from app.dicom.series import read_series
+from app.io import read_ct, validate_ct
 from app.pipeline import DRAFT_DISCLAIMER
 from app.server.auth import require
 from app.server.jobs import FINAL, Job
@@ -59,6 +60,7 @@ def job_resource(job: Job) -> SegmentationJob:
     if job.status == "done":
         links |= {"result": f"{base}/result", "preview": f"{base}/preview",
                   "masks": {s: f"{base}/masks/{s}" for s in job.options["structures"]}}
+        links |= {k: f"{base}/dicom/{k}" for k in ("rtstruct", "seg") if k in (job.result or {}).get("files", {})}
     return SegmentationJob(id=job.id, status=job.status, created=_iso(job.created), started=_iso(job.started),
                            finished=_iso(job.finished), options=job.options, progress=Progress(**job.progress),
                            result=job.result, error=job.error, notes=job.notes, links=links)
@@ -71,9 +73,20 @@ def _owned(request: Request, job_id: str, owner: str | None) -> Job:
     return job
 
 
-def _validate_upload(path) -> None:
+def _validate_upload(path, max_files: int) -> None:
     """The same checks as the CLI, run before the job is accepted."""
-    read_ct(path)
+    if path.suffix == ".zip":
+        validate_ct(read_series(path, max_files=max_files).image)
+    else:
+        read_ct(path)
+
+
+def _input_name(head: bytes) -> str:
+    if head[:2] == b"\x1f\x8b":
+        return "ct.nii.gz"
+    if head[:4] == b"PK\x03\x04":
+        return "ct.zip"  # a DICOM series
+    return "ct.nii"
 
 
 @router.post("", status_code=202, response_model=SegmentationJob,
@@ -82,7 +95,11 @@ def _validate_upload(path) -> None:
                         503: {"description": "queue full; retry after Retry-After seconds"}})
 async def submit(
     request: Request,
-    file: Annotated[UploadFile, File(description="CT volume, .nii or .nii.gz, in Hounsfield units")],
+    file: Annotated[UploadFile | None, File(description="CT volume (.nii or .nii.gz, in Hounsfield units) or a "
+                                                        "zip of one DICOM CT series")] = None,
+    study_uid: Annotated[str | None, Form(description="instead of a file: a study in the configured PACS")] = None,
+    series_uid: Annotated[str | None, Form(description="the CT series of that study, if it has several")] = None,
+    push_to_pacs: Annotated[bool, Form(description="store the RTSTRUCT and SEG back into the PACS")] = False,
     structures: Annotated[str, Form(description="comma-separated structures")] = "bladder,anorectum,ctvn",
     support_size: Annotated[int | None, Form(ge=1, le=256, description="support slices per member")] = None,
     ensemble: Annotated[int | None, Form(ge=1, le=16, description="support subsets averaged")] = None,
@@ -91,28 +108,37 @@ async def submit(
     wait: Annotated[bool, Query(description="wait for the result and return the zip")] = False,
     owner: str | None = require("segment"),
 ):
-    """Queue a CT for segmentation. Answers 202 with the job and its Location."""
+    """Queue a CT (upload, DICOM zip, or PACS study) for segmentation. Answers 202 with the job and its Location."""
     state = request.app.state
     names = parse_structures(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
                "probabilities": probabilities}
     job_id = uuid.uuid4().hex
-    head = await file.read(2)
-    await file.seek(0)
-    input_name = "ct.nii.gz" if head == b"\x1f\x8b" else "ct.nii"
-    path = state.results.upload_path(job_id, input_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "wb") as out:
-            while chunk := await file.read(COPY_CHUNK):
-                out.write(chunk)
-        if path.stat().st_size == 0:
-            raise InputImageError("the uploaded file is empty (0 bytes)")
-        await run_in_threadpool(_validate_upload, path)
-    except AutocontourError:
-        state.results.delete_upload(job_id)
-        raise
+    if file is None and study_uid is None:
+        raise Problem(422, "missing-field", "Missing field", "missing field 'file' (or 'study_uid' with a PACS)")
+    if file is not None and study_uid is not None:
+        raise Problem(422, "invalid-option", "Invalid option", "give either 'file' or 'study_uid', not both")
+    if study_uid is not None:
+        if not state.settings.pacs_url:
+            raise Problem(422, "no-pacs", "No PACS configured", "this server has no PACS (AUTOCONTOUR_PACS_URL)")
+        options["pacs"] = {"study_uid": study_uid, "series_uid": series_uid, "push": push_to_pacs}
+        input_name = "series"
+    else:
+        input_name = _input_name(await file.read(4))
+        await file.seek(0)
+        path = state.results.upload_path(job_id, input_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "wb") as out:
+                while chunk := await file.read(COPY_CHUNK):
+                    out.write(chunk)
+            if path.stat().st_size == 0:
+                raise InputImageError("the uploaded file is empty (0 bytes)")
+            await run_in_threadpool(_validate_upload, path, state.settings.max_dicom_files)
+        except AutocontourError:
+            state.results.delete_upload(job_id)
+            raise
     job = state.queue.submit(options, owner, input_name, job_id)
     location = f"/v1/segmentations/{job.id}"
     if wait:
@@ -202,3 +228,15 @@ def get_mask(request: Request, job_id: str, structure: str, owner: str | None = 
         raise Problem(404, "not-found", "Not found", f"the job has no structure {structure!r}")
     return FileResponse(request.app.state.results.result_dir(job.id) / mask_file(structure),
                         media_type="application/gzip", filename=f"{structure}.nii.gz")
+
+
+@router.get("/{job_id}/dicom/{kind}", response_class=FileResponse,
+            responses={200: {"content": {"application/dicom": {}}}})
+def get_dicom(request: Request, job_id: str, kind: str, owner: str | None = require("read")):
+    """The RTSTRUCT (kind=rtstruct) or DICOM-SEG (kind=seg) of a job whose input was DICOM."""
+    job = _finished(request, job_id, owner)
+    name = (job.result or {}).get("files", {}).get(kind) if kind in ("rtstruct", "seg") else None
+    if not name:
+        raise Problem(404, "not-found", "Not found", f"the job has no {kind!r} output (its input was not DICOM)")
+    return FileResponse(request.app.state.results.result_dir(job.id) / name, media_type="application/dicom",
+                        filename=name)

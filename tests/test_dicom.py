@@ -1,0 +1,239 @@
+"""DICOM in (folder, zip, PACS) and RTSTRUCT + DICOM-SEG out, with round trips and a real Orthanc."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zipfile
+
+import highdicom as hd
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom import config as pydicom_config
+from pydicom.valuerep import validate_value
+
+from app.cli import main
+from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
+from app.dicom.series import read_series, safe_extract
+from app.errors import InputImageError
+from conftest import DATA
+from orthanc import pacs_copy, start_orthanc, upload_folder
+from servers import start_server
+
+SERIES = DATA / "dicom_ct"
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def validate_dataset(ds: pydicom.Dataset) -> None:
+    """pydicom's value validation, strict, on every element (sequences included)."""
+    for element in ds.iterall():
+        if element.VR in ("SQ", "OB", "OW", "UN") or element.value is None:
+            continue
+        values = element.value if isinstance(element.value, (list, pydicom.multival.MultiValue)) else [element.value]
+        for value in values:
+            if element.VR in ("DS", "IS"):
+                value = str(value)  # the string as written, which is what the 16-character limit is about
+            validate_value(element.VR, value, pydicom_config.RAISE)
+
+
+@pytest.fixture(scope="module")
+def series():
+    return read_series(SERIES)
+
+
+@pytest.fixture(scope="module")
+def known_masks(series):
+    hu = sitk.GetArrayFromImage(series.image)
+    body = hu > -300
+    box = np.zeros_like(body)
+    box[3:15, 200:300, 150:260] = True
+    return {"bladder": box, "ctvn": body & (np.arange(hu.shape[2])[None, None, :] > 256)}
+
+
+def test_series_geometry_and_hu(series):
+    image = series.image
+    assert image.GetSize() == (512, 512, 20)
+    assert np.allclose(image.GetSpacing(), (0.9765625, 0.9765625, 2.0))
+    assert np.allclose(image.GetOrigin(), (-249.51171875, -437.51171875, -804.5))  # the most inferior slice first
+    hu = sitk.GetArrayFromImage(image)
+    assert hu.min() == -1024 and hu.max() > 1000  # rescale intercept applied
+    assert [float(ds.ImagePositionPatient[2]) for ds in series.datasets] == sorted(
+        float(ds.ImagePositionPatient[2]) for ds in series.datasets)
+    assert any("deterministic UIDs" in w for w in series.warnings)
+    assert read_series(SERIES).series_uid == series.series_uid  # the same UIDs every time
+
+
+def test_mixed_series_and_gaps_are_refused(tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(SERIES, mixed)
+    for path in sorted(mixed.glob("CT.*"))[:5]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "1.2.3.4.5"
+        ds.save_as(path)
+    with pytest.raises(InputImageError, match="2 CT series found"):
+        read_series(mixed)
+    gap = tmp_path / "gap"
+    shutil.copytree(SERIES, gap)
+    sorted(gap.glob("CT.*"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))[10].unlink()
+    with pytest.raises(InputImageError, match="irregular slice spacing.*gaps at"):
+        read_series(gap)
+    with pytest.raises(InputImageError, match="no DICOM files"):
+        read_series(DATA / "metrics" / "a_identical_blob")
+
+
+def test_zip_input_and_unsafe_zips(tmp_path):
+    good = tmp_path / "series.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for path in SERIES.glob("CT.*"):
+            z.write(path, f"export/{path.name}")
+    assert read_series(good).image.GetSize() == (512, 512, 20)
+    slip = tmp_path / "slip.zip"
+    with zipfile.ZipFile(slip, "w") as z:
+        z.writestr("../../etc/evil", b"x")
+    with pytest.raises(InputImageError, match="unsafe path"):
+        read_series(slip)
+    with pytest.raises(InputImageError, match="more than the limit of 5"):
+        read_series(good, max_files=5)
+    with pytest.raises(InputImageError, match="inflates to"):
+        safe_extract(good, tmp_path, max_bytes=1000)
+    (tmp_path / "notzip.zip").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(InputImageError, match="not a readable zip"):
+        read_series(tmp_path / "notzip.zip")
+
+
+def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp_path):
+    path = write_rtstruct(series, known_masks, tmp_path / "rtstruct.dcm", {"bladder": "draft, confidence 0.9"})
+    ds = pydicom.dcmread(path)
+    validate_dataset(ds)
+    assert ds.Modality == "RTSTRUCT" and ds.StudyInstanceUID == series.study_uid
+    assert "autocontour draft" in ds.SeriesDescription and ds.ApprovalStatus == "UNAPPROVED"
+    assert ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == series.frame_of_reference_uid
+    rois = {r.ROINumber: r.ROIName for r in ds.StructureSetROISequence}
+    assert set(rois.values()) == {"Bladder", "CTVn"}
+    kinds = {rois[o.ReferencedROINumber]: o.RTROIInterpretedType for o in ds.RTROIObservationsSequence}
+    assert kinds == {"Bladder": "ORGAN", "CTVn": "CTV"}
+    sop_uids = {str(d.SOPInstanceUID) for d in series.datasets}
+    z_positions = {round(float(d.ImagePositionPatient[2]), 3) for d in series.datasets}
+    for roi in ds.ROIContourSequence:
+        assert list(roi.ROIDisplayColor) in ([255, 215, 0], [0, 200, 255])
+        for contour in roi.ContourSequence:
+            assert contour.ContourImageSequence[0].ReferencedSOPInstanceUID in sop_uids
+            raw = contour["ContourData"].value
+            assert all(len(str(v)) <= 16 for v in raw)
+            assert round(float(raw[2]), 3) in z_positions  # on the input's own slice positions
+    back = read_rtstruct(series, path)
+    assert dice(back["Bladder"], known_masks["bladder"]) >= 0.95
+    assert dice(back["CTVn"], known_masks["ctvn"]) >= 0.95
+
+
+def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
+    path = write_seg(series, known_masks, tmp_path / "seg.dcm", {"name": "m", "sha256": "ab" * 32},
+                     {"bladder": "bladder-123", "ctvn": "ctvn-456"})
+    seg = hd.seg.segread(str(path))  # highdicom's reader accepts it
+    validate_dataset(pydicom.dcmread(path))
+    assert seg.StudyInstanceUID == series.study_uid and "autocontour draft" in seg.SeriesDescription
+    algorithm = seg.get_segment_description(1).algorithm_identification
+    assert algorithm[0].AlgorithmName == "autocontour"
+    back = read_seg(series, path)
+    assert np.array_equal(back["Bladder"], known_masks["bladder"])
+    assert np.array_equal(back["CTVn"], known_masks["ctvn"])
+
+
+def test_segment_a_dicom_folder_and_zip(tmp_path, small_weights):
+    archive = tmp_path / "ct.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in SERIES.glob("CT.*"):
+            z.write(path, path.name)
+    for source, out in ((SERIES, tmp_path / "folder"), (archive, tmp_path / "zip")):
+        assert main(["segment", str(source), "--out", str(out), "--weights", str(small_weights),
+                     "--support-size", "2", "--quiet", "--no-preview"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["input"]["format"] == "DICOM series"
+        assert summary["files"]["rtstruct"] == "rtstruct.dcm" and summary["files"]["seg"] == "seg.dcm"
+    series = read_series(archive)
+    rt = read_rtstruct(series, tmp_path / "zip" / "rtstruct.dcm")
+    seg = read_seg(series, tmp_path / "zip" / "seg.dcm")
+    for name, display in (("bladder", "Bladder"), ("anorectum", "Anorectum"), ("ctvn", "CTVn")):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "zip" / f"{name}.nii.gz"))).astype(bool)
+        if mask.any():
+            assert dice(rt[display], mask) >= 0.95, name
+            assert np.array_equal(seg[display], mask), name
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    server = start_orthanc()
+    yield server
+    server.stop()
+
+
+def _series_of_study(orthanc, study_uid: str) -> dict[str, str]:
+    found = httpx.get(f"{orthanc.dicomweb}/studies/{study_uid}/series").json()
+    return {s["0020000E"]["Value"][0]: s["00080060"]["Value"][0] for s in found}
+
+
+def test_pacs_pull_segment_and_push(orthanc, tmp_path, small_weights):
+    study = pacs_copy(SERIES, tmp_path / "pacs")
+    upload_folder(orthanc, tmp_path / "pacs")
+    assert sorted(_series_of_study(orthanc, study).values()) == ["CT"]
+    code = main(["pacs", "pull", "--url", orthanc.dicomweb, "--study", study, "--out", str(tmp_path / "out"),
+                 "--push", "--weights", str(small_weights), "--support-size", "2"])
+    assert code == 0
+    modalities = sorted(_series_of_study(orthanc, study).values())
+    assert modalities == ["CT", "RTSTRUCT", "SEG"]  # visible in Orthanc, under the same study
+    series = read_series(tmp_path / "pacs")
+    rt = read_rtstruct(series, tmp_path / "out" / "rtstruct.dcm")
+    assert set(rt) <= {"Bladder", "Anorectum", "CTVn"} and rt
+    assert main(["pacs", "pull", "--url", orthanc.dicomweb, "--study", "1.2.3.999", "--out", str(tmp_path / "x"),
+                 "--weights", str(small_weights)]) == 2
+    assert main(["pacs", "pull", "--url", "http://127.0.0.1:9/dicom-web", "--study", study, "--out",
+                 str(tmp_path / "y"), "--weights", str(small_weights)]) == 2
+
+
+def test_server_zip_upload_and_pacs_job(orthanc, tmp_path, small_weights):
+    study = pacs_copy(SERIES, tmp_path / "pacs")
+    server = start_server(tmp_path / "data", small_weights, pacs_url=orthanc.dicomweb)
+    try:
+        archive = tmp_path / "ct.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for path in (tmp_path / "pacs").iterdir():
+                z.write(path, path.name)
+        with open(archive, "rb") as f:
+            response = httpx.post(f"{server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
+                                  params={"wait": "true"}, timeout=300)
+        assert response.status_code == 200
+        with zipfile.ZipFile(__import__("io").BytesIO(response.content)) as z:
+            assert {"rtstruct.dcm", "seg.dcm"} <= set(z.namelist())
+        job_id = response.headers["x-job-id"]
+        assert httpx.get(f"{server.url}/v1/segmentations/{job_id}/dicom/rtstruct").status_code == 200
+
+        upload_folder(orthanc, tmp_path / "pacs")
+        submitted = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": study, "push_to_pacs": "true",
+                                                                       "structures": "bladder,ctvn"})
+        assert submitted.status_code == 202
+        job_url = f"{server.url}/v1/segmentations/{submitted.json()['id']}"
+        for _ in range(600):
+            job = httpx.get(job_url).json()
+            if job["status"] in ("done", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "done", job
+        assert job["result"]["pushed_to_pacs"] == ["rtstruct.dcm", "seg.dcm"]
+        assert sorted(set(_series_of_study(orthanc, study).values())) == ["CT", "RTSTRUCT", "SEG"]
+        missing = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": "1.2.3.999"}).json()
+        job = httpx.get(f"{server.url}/v1/segmentations/{missing['id']}").json()
+        for _ in range(100):
+            if job["status"] == "failed":
+                break
+            time.sleep(0.2)
+            job = httpx.get(f"{server.url}/v1/segmentations/{missing['id']}").json()
+        assert job["status"] == "failed" and "not in the PACS" in job["error"]["detail"]
+    finally:
+        server.stop()
