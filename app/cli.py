@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=cmd_serve)
 
+    worker = commands.add_parser("worker", help="run a Celery worker that owns one model (AUTOCONTOUR_QUEUE=celery)",
+                                 description="Load the model once and run segmentation tasks from the Redis broker "
+                                             "(AUTOCONTOUR_BROKER_URL). Start one per GPU; the API runs with "
+                                             "AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared).")
+    worker.add_argument("--name", default=None, help="worker node name (default: autocontour@HOST-PID)")
+    worker.set_defaults(handler=cmd_worker)
+
     submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
                                  description="Upload a CT to an autocontour server, follow its progress, and unpack "
                                              "the result (masks, summary.json, preview.png) into --out. Retries on "
@@ -448,6 +455,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.server.main import create_app
 
     uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False, log_config=None)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from app.pipeline import Segmenter
+    from app.server.celery_queue import worker_app
+    from app.server.context import configure_logging
+    from app.server.settings import ServerSettings
+
+    configure_logging()
+    settings = ServerSettings()
+    segmenter = Segmenter(settings)
+    if settings.warmup:
+        segmenter.warm_up()
+    app = worker_app(settings, segmenter)
+    name = args.name or f"autocontour-{os.getpid()}@{socket.gethostname()}"
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", f"--hostname={name}",
+                     "--without-gossip", "--without-mingle"])
     return 0
 
 

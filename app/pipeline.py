@@ -30,7 +30,7 @@ from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
 from app.dicom.series import is_dicom_input, read_series
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct
-from app.model.weights import ModelCard, load_model
+from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
 from app.support.store import SupportSet, discover
@@ -62,24 +62,33 @@ class Segmenter:
 
     def __init__(self, settings: Settings | None = None, weights: Path | None = None, device: str | None = None,
                  support_dirs: list[Path] | None = None, shipped_support: bool | None = None,
-                 precision: str | None = None, engine_options: dict | None = None):
+                 precision: str | None = None, engine_options: dict | None = None, load_engine: bool = True):
+        """`load_engine=False` keeps only the model card and support sets: for API processes
+        that validate and report while separate workers run the network."""
         self.settings = settings or Settings()
         path = Path(weights or self.settings.weights or self.settings.default_weights)
         if not path.is_file():
             raise WeightsError(no_weights_message(self.settings) if weights is None and self.settings.weights is None
                                else f"weights file not found: {path}")
-        model, self.card = load_model(path)
         engine_device = device or self.settings.device
-        device_type = resolve_device(engine_device).type
+        device_type = resolve_device(engine_device).type if load_engine else "cpu"
         self.default_support_size, self.default_ensemble, default_precision = self.settings.device_defaults(device_type)
-        self.engine = Engine(model, engine_device, precision or default_precision, **(engine_options or {}))
+        if load_engine:
+            model, self.card = load_model(path)
+            self.engine: Engine | None = Engine(model, engine_device, precision or default_precision,
+                                                threads=self.settings.threads, **(engine_options or {}))
+        else:
+            self.card, self.engine = read_card(path, sha256_of(path)), None
         self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
 
     def describe_model(self) -> dict:
-        return {**self.card.model_dump(), "device": self.device_name, "precision": self.engine.precision}
+        precision = self.engine.precision if self.engine else "set by each worker"
+        return {**self.card.model_dump(), "device": self.device_name, "precision": precision}
 
     @property
     def device_name(self) -> str:
+        if self.engine is None:
+            return "separate workers"
         device = self.engine.device
         if device.type == "cuda":
             import torch

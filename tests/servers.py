@@ -41,10 +41,8 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None = None, timeout: float = 120,
-                 **settings) -> Server:
-    """`autocontour serve` in a child process; waits for /readyz."""
-    port = free_port()
+def service_env(data_dir: Path, weights: Path, support_dirs: list[Path] | None = None, **settings) -> dict:
+    """Environment for an autocontour process: AUTOCONTOUR_* settings only from the arguments."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCONTOUR_")}
     env |= {"AUTOCONTOUR_DATA_DIR": str(data_dir), "AUTOCONTOUR_WEIGHTS": str(weights),
             "AUTOCONTOUR_DEVICE": "cpu", "AUTOCONTOUR_CPU_SUPPORT_SIZE": "2"}
@@ -52,6 +50,14 @@ def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None 
         env |= {"AUTOCONTOUR_SUPPORT_DIRS": json.dumps([str(d) for d in support_dirs]),
                 "AUTOCONTOUR_SHIPPED_SUPPORT": "false"}
     env |= {f"AUTOCONTOUR_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
+    return env
+
+
+def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None = None, timeout: float = 120,
+                 ready_path: str = "/readyz", **settings) -> Server:
+    """`autocontour serve` in a child process; waits until `ready_path` answers 200."""
+    port = free_port()
+    env = service_env(data_dir, weights, support_dirs, **settings)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
@@ -62,10 +68,38 @@ def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None 
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
         time.sleep(0.3)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready in {timeout} s:\n{server.logs()}")
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+
+def start_worker(env: dict, name: str, data_dir: Path, timeout: float = 120) -> Worker:
+    """`autocontour worker` in a child process; waits until Celery reports it ready."""
+    log = data_dir / f"worker-{name}.log"
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--name", name], env=env,
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        if " ready." in log.read_text(errors="replace"):
+            return Worker(name, process, log)
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"worker not ready:\n{log.read_text(errors='replace')}")

@@ -180,20 +180,18 @@ class JobStore:
                 (time.time(),)).fetchone()
         return Job.from_row(row) if row else None
 
-    def mark_running(self, job_id: str) -> Job | None:
-        """For external workers: claim a specific job if it is still queued (or was left running)."""
-        with self._lock:
-            row = self._db.execute(
-                "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 "
-                "WHERE id = ? AND status IN ('queued', 'running') RETURNING *", (time.time(), job_id)).fetchone()
-        return Job.from_row(row) if row else None
+    def mark_running(self, job_id: str) -> None:
+        """A job an external worker has started (Celery mode)."""
+        self._exec("UPDATE jobs SET status = 'running', started = COALESCE(started, ?) WHERE id = ? AND status = 'queued'",
+                   (time.time(), job_id))
 
     def set_progress(self, job_id: str, progress: dict) -> None:
         self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
 
     def finish(self, job_id: str, result: dict) -> None:
-        self._exec("UPDATE jobs SET status = 'done', finished = ?, result = ? WHERE id = ? AND status = 'running'",
-                   (time.time(), json.dumps(result), job_id))
+        self._exec("UPDATE jobs SET status = 'done', finished = ?, result = ?, started = COALESCE(started, ?) "
+                   "WHERE id = ? AND status IN ('queued', 'running')",
+                   (time.time(), json.dumps(result), time.time(), job_id))
 
     def fail(self, job_id: str, error: dict) -> None:
         self._exec("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE id = ? AND status IN "
@@ -209,7 +207,7 @@ class JobStore:
         return row["status"] if row else None
 
     def mark_cancelled(self, job_id: str) -> None:
-        self._exec("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'running'",
+        self._exec("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status IN ('queued', 'running')",
                    (time.time(), job_id))
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -29,6 +29,7 @@ from app.server.metrics import Metrics
 from app.server.queue import make_queue
 from app.server.routers import catalogue, evaluations, health, segmentations
 from app.server.settings import ServerSettings
+from app.server.worker import Janitor
 
 log = logging.getLogger("app.server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -90,17 +91,18 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         state.settings = settings
         state.jobs = JobStore(settings.data_dir / "jobs.sqlite3")
         state.results = ResultStore(settings.data_dir)
-        state.metrics = Metrics(state.jobs.queue_depth, _gpu_memory_probe())
+        state.metrics = Metrics(lambda: state.queue.depth(), _gpu_memory_probe())
         state.queue = make_queue(settings, state.jobs, state.results, state.metrics)
-        state.segmenter = segmenter or Segmenter(settings)
+        # the model is loaded where jobs run: here (local queue) or in the workers (Celery)
+        state.segmenter = segmenter or Segmenter(settings, load_engine=state.queue.owns_model)
         if settings.warmup and state.queue.owns_model:
             state.segmenter.warm_up()
-        recovered = state.jobs.recover()
-        if recovered:
-            log.info("recovered %d interrupted job(s) after restart", len(recovered))
         state.queue.start(state.segmenter)
+        janitor = Janitor(state.jobs, state.results, settings.result_ttl_s)
+        janitor.start()
         log.info("ready: model %s on %s", state.segmenter.card.name, state.segmenter.device_name)
         yield
+        janitor.stop()
         state.queue.stop()
         state.jobs.close()
 
@@ -146,7 +148,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
 
 def _queue_full(request: Request):
     state = request.app.state
-    if state.jobs.queue_depth() >= state.settings.max_queue:
+    if state.queue.depth() >= state.settings.max_queue:
         return problems.problem_response(
             503, "queue-full", "Queue full",
             f"{state.settings.max_queue} jobs are waiting; retry after {state.settings.retry_after_s} s",

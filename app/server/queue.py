@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from app.pipeline import Segmenter
@@ -9,6 +10,8 @@ from app.server.jobs import Job, JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.settings import ServerSettings
 from app.server.worker import LocalWorker
+
+log = logging.getLogger(__name__)
 
 
 class JobQueue(Protocol):
@@ -19,6 +22,8 @@ class JobQueue(Protocol):
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job: ...
     def cancel(self, job_id: str) -> None: ...
     def alive(self) -> bool: ...
+    def depth(self) -> int: ...
+    def get(self, job_id: str) -> Job | None: ...
 
 
 class LocalQueue:
@@ -31,6 +36,9 @@ class LocalQueue:
         self.worker: LocalWorker | None = None
 
     def start(self, segmenter: Segmenter) -> None:
+        recovered = self.jobs.recover()  # jobs that were running when the process stopped
+        if recovered:
+            log.info("requeued %d interrupted job(s) after a restart", len(recovered))
         self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings)
         self.worker.start()
 
@@ -48,6 +56,12 @@ class LocalQueue:
 
     def alive(self) -> bool:
         return bool(self.worker and self.worker.alive)
+
+    def depth(self) -> int:
+        return self.jobs.queue_depth()
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
 
 
 def make_queue(settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics) -> JobQueue:

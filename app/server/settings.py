@@ -36,7 +36,10 @@ class ServerSettings(Settings):
     wait_timeout_s: float = Field(600.0, gt=0, description="longest ?wait=true before answering 202")
     api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
     queue: str = Field("local", pattern="^(local|celery)$", description="local: in-process worker; celery: Redis + workers")
-    broker_url: str = Field("redis://127.0.0.1:6379/0")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker and task results)")
+    visibility_timeout_s: int = Field(7200, ge=10, description="a task unacknowledged this long is redelivered: "
+                                                               "keep it above the longest job")
+    max_attempts: int = Field(3, ge=1, description="deliveries of one job before it fails (workers that died)")
     pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
     pacs_username: str | None = None
     pacs_password: str | None = None

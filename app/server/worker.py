@@ -3,9 +3,10 @@
 `run_job` is shared by every queue backend (the local thread here, Celery
 workers in `app.server.celery_queue`), so a job runs the same way everywhere:
 the upload goes through `Segmenter.segment` into a staging folder, which is
-published in one rename with its zip; progress and cancellation go through the
-job store. A result is written completely or not at all, so retrying a job is
-safe.
+published in one rename together with its zip. A result is therefore written
+completely or not at all, and running a job twice (a redelivered task) is
+harmless. Progress and cancellation go through a small `Reporter`; the
+outcome is returned, and each backend records it where it keeps job state.
 """
 
 from __future__ import annotations
@@ -14,16 +15,36 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from app.errors import AutocontourError
 from app.pipeline import CancelledError, Segmenter
-from app.server.jobs import FINAL, JobStore, ResultStore
+from app.server.jobs import JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.problems import from_error
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
+
+
+class Reporter(Protocol):
+    def progress(self, progress: dict) -> None: ...
+    def cancel_requested(self) -> bool: ...
+
+
+@dataclass
+class Outcome:
+    status: str  # done, failed or cancelled
+    result: dict | None = None
+    error: dict | None = None
+    seconds: float = 0.0
+    slices: int = 0
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "result": self.result, "error": self.error, "seconds": self.seconds,
+                "slices": self.slices}
 
 
 def brief(summary: dict) -> dict:
@@ -39,12 +60,11 @@ def brief(summary: dict) -> dict:
     }
 
 
-def fetch_from_pacs(settings, job, target: Path) -> None:
+def fetch_from_pacs(settings, spec: dict, target: Path) -> None:
     """Download a PACS job's CT series into its upload folder (done by the worker, not the request)."""
     from app.dicom import pacs
 
     client = pacs.connect(settings.pacs_url, settings.pacs_username, settings.pacs_password)
-    spec = job.options["pacs"]
     series_uid = pacs.find_ct_series(client, spec["study_uid"], spec["series_uid"])
     pacs.fetch_series(client, spec["study_uid"], series_uid, target)
 
@@ -56,65 +76,81 @@ def push_to_pacs(settings, result_dir: Path, files: dict) -> None:
     pacs.store(client, [result_dir / files[k] for k in ("rtstruct", "seg") if k in files])
 
 
-def run_job(segmenter: Segmenter, store: JobStore, results: ResultStore, job_id: str,
-            metrics: Metrics | None = None, settings=None) -> str:
-    """Execute one claimed job to its final status; returns that status."""
-    job = store.get(job_id)
-    if job is None or job.status in FINAL:
-        return job.status if job else "missing"
+def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: dict, input_name: str,
+            reporter: Reporter, settings=None) -> Outcome:
+    """Execute one job to its final status."""
     started = time.perf_counter()
     last_update = [0.0]
-    staging = results.staging_dir(job.id)
 
     def progress(phase: str, done: dict[str, int], total: dict[str, int]) -> None:
         now = time.perf_counter()
         if now - last_update[0] < PROGRESS_INTERVAL_S and sum(done.values()) < sum(total.values()):
             return
         last_update[0] = now
-        store.set_progress(job.id, {"phase": phase, "slices_done": sum(done.values()),
-                                    "slices_total": sum(total.values()),
-                                    "structures": {n: {"done": done.get(n, 0), "total": t} for n, t in total.items()}})
+        reporter.progress({"phase": phase, "slices_done": sum(done.values()), "slices_total": sum(total.values()),
+                           "structures": {n: {"done": done.get(n, 0), "total": t} for n, t in total.items()}})
 
-    options = dict(job.options)
+    options = dict(options)
     pacs_job = options.pop("pacs", None)
+    staging = results.staging_dir(job_id)
     try:
         if pacs_job:
-            fetch_from_pacs(settings, job, results.upload_path(job.id, job.input_name))
-        result = segmenter.segment(results.upload_path(job.id, job.input_name), staging,
-                                   options.pop("structures"), save_probabilities=options.pop("probabilities", False),
-                                   progress=progress, cancelled=lambda: store.cancel_requested(job.id), **options)
-        results.publish(job.id, staging)
+            fetch_from_pacs(settings, pacs_job, results.upload_path(job_id, input_name))
+        result = segmenter.segment(results.upload_path(job_id, input_name), staging, options.pop("structures"),
+                                   save_probabilities=options.pop("probabilities", False), progress=progress,
+                                   cancelled=reporter.cancel_requested, **options)
+        results.publish(job_id, staging)
         summary = brief(result.summary)
         if pacs_job and pacs_job["push"] and summary["files"]:
-            push_to_pacs(settings, results.result_dir(job.id), summary["files"])
+            push_to_pacs(settings, results.result_dir(job_id), summary["files"])
             summary["pushed_to_pacs"] = sorted(summary["files"].values())
-        store.finish(job.id, summary)
-        results.delete_upload(job.id)
-        status = "done"
         slices = sum(s["slices_computed"] for s in result.summary["structures"].values())
-        if metrics:
-            metrics.slices.inc(slices)
-            metrics.slices_per_second.set(slices / max(result.summary["timings_s"]["inference"], 1e-6))
+        outcome = Outcome("done", result=summary, slices=slices)
+        results.delete_upload(job_id)
     except CancelledError:
-        store.mark_cancelled(job.id)
-        results.delete_upload(job.id)
-        status = "cancelled"
+        outcome = Outcome("cancelled")
+        results.delete_upload(job_id)
     except AutocontourError as exc:
-        store.fail(job.id, from_error(exc))
-        results.delete_upload(job.id)
-        status = "failed"
-    except Exception:  # a bug: keep the server alive, record it, keep the details in the log
-        log.exception("job %s failed", job.id)
-        store.fail(job.id, {"type": "urn:autocontour:problem:internal-error", "title": "Internal error",
-                            "status": 500, "detail": "segmentation failed unexpectedly; the server log has details"})
-        status = "failed"
+        outcome = Outcome("failed", error=from_error(exc))
+        results.delete_upload(job_id)
+    except Exception:  # a bug: keep the worker alive, record it, keep the details in the log
+        log.exception("job %s failed", job_id)
+        outcome = Outcome("failed", error={"type": "urn:autocontour:problem:internal-error", "title": "Internal error",
+                                           "status": 500,
+                                           "detail": "segmentation failed unexpectedly; the server log has details"})
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+        shutil.rmtree(staging, ignore_errors=True)  # already gone when published
+    outcome.seconds = round(time.perf_counter() - started, 3)
+    log.info("job %s %s in %.1f s", job_id, outcome.status, outcome.seconds)
+    return outcome
+
+
+def record(store: JobStore, job_id: str, outcome: Outcome, metrics: Metrics | None) -> None:
+    """Write an outcome into the job store (and the metrics)."""
+    if outcome.status == "done":
+        store.finish(job_id, outcome.result)
+    elif outcome.status == "cancelled":
+        store.mark_cancelled(job_id)
+    else:
+        store.fail(job_id, outcome.error)
     if metrics:
-        metrics.jobs.labels(status).inc()
-        metrics.job_seconds.observe(time.perf_counter() - started)
-    log.info("job %s %s in %.1f s", job.id, status, time.perf_counter() - started)
-    return status
+        metrics.jobs.labels(outcome.status).inc()
+        metrics.job_seconds.observe(outcome.seconds)
+        if outcome.slices:
+            metrics.slices.inc(outcome.slices)
+            inference = (outcome.result or {}).get("timings_s", {}).get("inference", 0)
+            metrics.slices_per_second.set(outcome.slices / max(inference, 1e-6))
+
+
+class _StoreReporter:
+    def __init__(self, store: JobStore, job_id: str):
+        self.store, self.job_id = store, job_id
+
+    def progress(self, progress: dict) -> None:
+        self.store.set_progress(self.job_id, progress)
+
+    def cancel_requested(self) -> bool:
+        return self.store.cancel_requested(self.job_id)
 
 
 class LocalWorker:
@@ -123,11 +159,9 @@ class LocalWorker:
     def __init__(self, segmenter: Segmenter, store: JobStore, results: ResultStore, metrics: Metrics, settings):
         self.segmenter, self.store, self.results, self.metrics = segmenter, store, results, metrics
         self.settings = settings
-        self.result_ttl_s = settings.result_ttl_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autocontour-worker", daemon=True)
-        self._last_cleanup = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -146,19 +180,38 @@ class LocalWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._expire()
             job = self.store.claim_next()
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            run_job(self.segmenter, self.store, self.results, job.id, self.metrics, self.settings)
+            outcome = run_job(self.segmenter, self.results, job.id, job.options, job.input_name,
+                              _StoreReporter(self.store, job.id), self.settings)
+            record(self.store, job.id, outcome, self.metrics)
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cleanup < 60:
-            return
-        self._last_cleanup = now
-        for job_id in self.store.expired(self.result_ttl_s):
+
+class Janitor:
+    """Deletes finished jobs and their files once they are older than the configured time to live."""
+
+    def __init__(self, store: JobStore, results: ResultStore, ttl_s: float, interval_s: float = 60.0):
+        self.store, self.results, self.ttl_s, self.interval_s = store, results, ttl_s, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="autocontour-janitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sweep(self) -> int:
+        expired = self.store.expired(self.ttl_s)
+        for job_id in expired:
             self.results.delete(job_id)
             self.store.delete(job_id)
+        return len(expired)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sweep()

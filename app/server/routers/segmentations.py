@@ -31,6 +31,8 @@ class Progress(BaseModel):
     slices_done: int | None = None
     slices_total: int | None = None
     structures: dict[str, dict[str, int]] = {}
+    worker: str | None = Field(None, description="the worker running the job (distributed mode)")
+    attempt: int | None = None
 
 
 class SegmentationJob(BaseModel):
@@ -67,7 +69,7 @@ def job_resource(job: Job) -> SegmentationJob:
 
 
 def _owned(request: Request, job_id: str, owner: str | None) -> Job:
-    job = request.app.state.jobs.get(job_id)
+    job = request.app.state.queue.get(job_id)
     if job is None or (owner is not None and job.owner != owner):
         raise Problem(404, "not-found", "Not found", f"no segmentation job {job_id!r} (it may have expired)")
     return job
@@ -156,10 +158,10 @@ async def submit(
 
 async def _wait(request: Request, job_id: str) -> Job:
     deadline = asyncio.get_running_loop().time() + request.app.state.settings.wait_timeout_s
-    job = request.app.state.jobs.get(job_id)
+    job = request.app.state.queue.get(job_id)
     while job.status not in FINAL and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.25)
-        job = request.app.state.jobs.get(job_id)
+        job = await run_in_threadpool(request.app.state.queue.get, job_id)
     return job
 
 
@@ -186,7 +188,7 @@ def delete_job(request: Request, job_id: str, owner: str | None = require("segme
         state.jobs.delete(job.id)
         return Response(status_code=204)
     state.queue.cancel(job.id)
-    return JSONResponse(job_resource(state.jobs.get(job.id)).model_dump(), status_code=202)
+    return JSONResponse(job_resource(state.queue.get(job.id)).model_dump(), status_code=202)
 
 
 def _finished(request: Request, job_id: str, owner: str | None) -> Job:
