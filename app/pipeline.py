@@ -29,7 +29,7 @@ from app.engine.plan import ProgressCallback
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
 from app.dicom.series import is_dicom_input, read_series
-from app.io import CanonicalCT, fingerprint, read_ct, validate_ct
+from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
@@ -115,8 +115,8 @@ class Segmenter:
                 structures: str | list[str] | None = None, support_size: int | None = None,
                 ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
                 support_selection: str = "level", save_probabilities: bool = False, preview: bool = True,
-                progress: ProgressCallback | None = None,
-                cancelled: Callable[[], bool] | None = None) -> SegmentationResult:
+                progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
+                keep_ct: bool = False) -> SegmentationResult:
         """Segment one CT volume; see the module docstring."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -217,6 +217,9 @@ class Segmenter:
                 summary["files"]["preview"] = PREVIEW
             if series is not None:
                 result.files |= self._write_dicom(series, masks_on_input, summary, Path(out_dir))
+            if keep_ct:  # for the review page; not part of the result zip
+                result.files["review_ct"] = Path(out_dir) / "review" / "ct.nii.gz"
+                write_image(_compact(image), result.files["review_ct"])
         lap("export")
         timings["total"] = round(sum(timings.values()), 3)
         if out_dir is not None:
@@ -285,6 +288,14 @@ class Segmenter:
             "timings_s": timings,
             "warnings": warnings,
         }
+
+
+def _compact(image: sitk.Image) -> sitk.Image:
+    """int16 when the HU values are whole numbers in range (CTs are), else as is."""
+    values = sitk.GetArrayViewFromImage(image)
+    if values.min() >= -32768 and values.max() <= 32767 and np.array_equal(values, np.round(values)):
+        return sitk.Cast(image, sitk.sitkInt16)
+    return image
 
 
 class CancelledError(Exception):

@@ -18,6 +18,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
@@ -27,7 +28,8 @@ from app.server.context import configure_logging, request_id
 from app.server.jobs import JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.queue import make_queue
-from app.server.routers import catalogue, evaluations, health, segmentations
+from app.server.review import ReviewCache
+from app.server.routers import catalogue, evaluations, health, review, segmentations
 from app.server.settings import ServerSettings
 from app.server.worker import Janitor
 
@@ -92,6 +94,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         state.jobs = JobStore(settings.data_dir / "jobs.sqlite3")
         state.results = ResultStore(settings.data_dir)
         state.metrics = Metrics(lambda: state.queue.depth(), _gpu_memory_probe())
+        state.review = ReviewCache()
         state.queue = make_queue(settings, state.jobs, state.results, state.metrics)
         # the model is loaded where jobs run: here (local queue) or in the workers (Celery)
         state.segmenter = segmenter or Segmenter(settings, load_engine=state.queue.owns_model)
@@ -114,8 +117,9 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         lifespan=lifespan,
     )
     problems.install(app)
-    for router in (health.router, catalogue.router, segmentations.router, evaluations.router):
+    for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

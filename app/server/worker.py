@@ -98,7 +98,7 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
             fetch_from_pacs(settings, pacs_job, results.upload_path(job_id, input_name))
         result = segmenter.segment(results.upload_path(job_id, input_name), staging, options.pop("structures"),
                                    save_probabilities=options.pop("probabilities", False), progress=progress,
-                                   cancelled=reporter.cancel_requested, **options)
+                                   cancelled=reporter.cancel_requested, keep_ct=True, **options)
         results.publish(job_id, staging)
         summary = brief(result.summary)
         if pacs_job and pacs_job["push"] and summary["files"]:

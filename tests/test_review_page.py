@@ -1,0 +1,119 @@
+"""The review page in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+Set AUTOCONTOUR_SCREENSHOTS=docs/screenshots to write the README's screenshots
+(with the shipped weights, so the contours are meaningful).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.server.auth import hash_key
+from conftest import EXAMPLE_CT, ROOT
+from servers import start_server
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("AUTOCONTOUR_SCREENSHOTS") or tmp_path_factory.mktemp("screens"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_weights):
+    weights = Settings().default_weights if os.environ.get("AUTOCONTOUR_SCREENSHOTS") else small_weights
+    s = start_server(tmp_path_factory.mktemp("page"), weights,
+                     api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
+    yield s
+    s.stop()
+
+
+def test_upload_review_toggle_and_download(browser, server, screenshots, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(server.url + "/")
+    assert "DRAFT CONTOURS" in page.inner_text("header")
+    page.wait_for_selector("text=An API key may be needed")  # the server requires a key
+    page.click("summary")
+    page.fill("#api-key", "planner-key")
+    page.press("#api-key", "Tab")  # the change reloads the catalogue with the key
+    page.wait_for_selector("input[name=structures][value=bladder]:checked")
+    assert page.is_disabled("input[name=structures][value=ctvp]")  # no support set: cannot be chosen
+    page.set_input_files("#ct-file", str(EXAMPLE_CT))
+    page.click("#submit-button")
+    page.wait_for_selector("#review-section:not([hidden])", timeout=600_000)
+    page.wait_for_function("() => document.getElementById('slice-label').textContent.includes('/')")
+    page.screenshot(path=str(screenshots / "review-axial.png"))
+
+    start = int(page.input_value("#slice"))
+    page.focus("#canvas")
+    for _ in range(3):
+        page.keyboard.press("ArrowUp")
+    page.wait_for_function(f"() => document.getElementById('slice').value == '{start + 3}'")
+    page.keyboard.press("PageDown")
+    page.wait_for_function(f"() => document.getElementById('slice').value == '{start - 7}'")
+    assert "z = " in page.inner_text("#slice-label")
+
+    assert page.evaluate("() => state.visible.bladder") is True
+    page.uncheck("#show-bladder")
+    assert page.evaluate("() => state.visible.bladder") is False
+    page.check("#show-bladder")
+
+    flagged = page.query_selector_all("#flagged li button")
+    if flagged:
+        flagged[0].click()
+        page.wait_for_function("() => state.plane === 'axial'")
+
+    page.select_option("#window-preset", "400,1800")
+    page.wait_for_function("() => document.getElementById('width').value == '1800'")
+    page.select_option("#plane", "coronal")
+    page.wait_for_function("() => document.getElementById('slice-label').textContent.includes('coronal')")
+    page.screenshot(path=str(screenshots / "review-coronal.png"))
+
+    with page.expect_download() as info:
+        page.click("#download-zip")
+    zip_path = tmp_path / "result.zip"
+    info.value.save_as(str(zip_path))
+    with zipfile.ZipFile(zip_path) as archive:
+        assert {"bladder.nii.gz", "anorectum.nii.gz", "ctvn.nii.gz", "summary.json", "preview.png"} <= set(
+            archive.namelist())
+    with page.expect_download() as info:
+        page.click("button[aria-label='download the Bladder mask']")
+    assert info.value.suggested_filename == "bladder.nii.gz"
+
+    assert all(url.startswith(server.url) or url.startswith("blob:") or url.startswith("data:") for url in requests)
+    page.close()
+
+
+def test_page_is_keyboard_and_label_friendly(browser, server):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    for control in ("#ct-file", "#api-key", "#level", "#width", "#plane", "#slice"):
+        label = page.query_selector(f"label[for='{control[1:]}']")
+        assert label is not None, control
+    assert page.get_attribute("#canvas", "tabindex") == "0" and page.get_attribute("#canvas", "aria-label")
+    assert page.get_attribute("#status", "aria-live") == "polite"
+    page.close()
+    assert (ROOT / "app" / "server" / "static" / "app.js").is_file()
