@@ -282,6 +282,7 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, patience: int
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--patience", type=int, default=patience, help="validations without improvement before stopping")
+    parser.add_argument("--max-seconds", type=float, default=None, help="training time budget")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
@@ -295,16 +296,17 @@ def _train_config(args: argparse.Namespace):
                        learning_rate=args.lr, low_res_steps=args.low_res_steps,
                        heldout_structures=[s for s in args.heldout.split(",") if s],
                        validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
-                       patience=args.patience, seed=args.seed, device=args.device)
+                       patience=args.patience, max_seconds=args.max_seconds, seed=args.seed, device=args.device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from app.errors import OptionError
-    from app.training.data import phantom_volumes, prepare_training_data, volume_from_files
     from app.training.train import train
 
     data = args.data
     if data is None:
+        from app.training.data import phantom_volumes, prepare_training_data, volume_from_files  # needs SimpleITK
+
         if not args.case and not args.phantoms:
             raise OptionError("give --case CT LABELS, --phantoms N or --data FILE")
         volumes = [volume_from_files(ct, labels, None, f"case{i}", "user-supplied", "see the data's own licence")

@@ -24,11 +24,11 @@ import SimpleITK as sitk
 from app import __version__
 from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
 from app.config import Settings
+from app.dicom.series import is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
 from app.engine.plan import ProgressCallback
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
-from app.dicom.series import is_dicom_input, read_series
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, postprocess

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pydicom
 from pydicom.uid import generate_uid
-
 from servers import free_port
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"

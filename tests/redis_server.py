@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-
 from servers import free_port
 
 

@@ -13,16 +13,16 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import DATA
+from orthanc import pacs_copy, start_orthanc, upload_folder
 from pydicom import config as pydicom_config
 from pydicom.valuerep import validate_value
+from servers import start_server
 
 from app.cli import main
 from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
 from app.dicom.series import read_series, safe_extract
 from app.errors import InputImageError
-from conftest import DATA
-from orthanc import pacs_copy, start_orthanc, upload_folder
-from servers import start_server
 
 SERIES = DATA / "dicom_ct"
 

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import EXAMPLE_CT
 from redis_server import start_redis
 from servers import service_env, start_server, start_worker

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import DATA
 
 from app.cli import main
 from app.evaluation.metrics import metric_keys
-from conftest import DATA
 
 FIXTURES = DATA / "metrics"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

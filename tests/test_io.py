@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from badinputs import bad_inputs
+from conftest import EXAMPLE_CT
 
 from app.errors import InputImageError
 from app.io import CanonicalCT, check_looks_like_ct, read_ct
 from app.phantom import make_phantom
-from badinputs import bad_inputs
-from conftest import EXAMPLE_CT
 
 
 @pytest.fixture(scope="module")

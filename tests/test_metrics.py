@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import DATA
 
 from app.evaluation.metrics import compute_metrics, metric_keys
-from conftest import DATA
 
 FIXTURES = DATA / "metrics"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import DATA
 from safetensors.torch import load_file, save_file
 
 from app.errors import WeightsError
 from app.model import UniverSeg
 from app.model.weights import RESEARCH_ONLY_NOTICE, load_model
-from conftest import DATA
 
 FIXTURES = DATA / "universeg_v1"
 TOLERANCE = 1e-5

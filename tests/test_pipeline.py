@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from badinputs import bad_inputs
+from conftest import EXAMPLE_CT, ROOT, write_phantom
 
 from app.cli import main
 from app.config import Settings
 from app.errors import NoSupportSetError, WeightsError
 from app.pipeline import Segmenter
-from badinputs import bad_inputs
-from conftest import EXAMPLE_CT, ROOT, write_phantom
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -31,7 +31,7 @@ def test_phantom_end_to_end(tmp_path, phantom_segmenter):
                                orientation="RAI")
     ct = sitk.ReadImage(str(ct_path))
     seen = []
-    result = phantom_segmenter.segment(ct_path, tmp_path / "out", "bladder, CTVn", support_size=4, ensemble=2,
+    phantom_segmenter.segment(ct_path, tmp_path / "out", "bladder, CTVn", support_size=4, ensemble=2,
                                        save_probabilities=True, progress=lambda *a: seen.append(a))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["structures"]) == {"bladder", "ctvn"}

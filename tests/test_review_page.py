@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_CT, ROOT
+from servers import start_server
 
 from app.config import Settings
 from app.server.auth import hash_key
-from conftest import EXAMPLE_CT, ROOT
-from servers import start_server
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")

@@ -13,13 +13,13 @@ import httpx
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from badinputs import bad_inputs
+from conftest import EXAMPLE_CT
+from servers import start_server
 
 from app.cli import main
 from app.client import Client, ServerError
 from app.server.auth import hash_key
-from badinputs import bad_inputs
-from conftest import EXAMPLE_CT
-from servers import start_server
 
 PROBLEM = "application/problem+json"
 

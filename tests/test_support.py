@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import RECIPES
 
 from app.errors import SupportSetError
 from app.support.build import build_support_set
 from app.support.recipes import Recipe, load_recipes, margin, track_from_inferior
 from app.support.store import MANIFEST, TENSORS, discover, load_support_set
-from conftest import RECIPES
 
 
 def test_margin_is_in_millimetres_on_anisotropic_spacing():
@@ -63,9 +63,9 @@ def test_track_from_inferior_follows_one_tube():
 
 def test_shipped_recipes_on_the_example_labels():
     import SimpleITK as sitk
+    from conftest import EXAMPLE_CT, EXAMPLE_LABELS
 
     from app.io import CanonicalCT, read_ct
-    from conftest import EXAMPLE_CT, EXAMPLE_LABELS
 
     ct = CanonicalCT(read_ct(EXAMPLE_CT))
     labels = ct.to_canonical(sitk.ReadImage(str(EXAMPLE_LABELS)))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.cli import main
-from app.training.data import load_training_data, phantom_volumes, prepare_training_data
+from app.training.data import phantom_volumes, prepare_training_data
+from app.training.dataset import load_training_data
 from app.training.episodes import TaskSampler
 from app.training.train import TrainConfig, Trainer
 
@@ -85,3 +86,18 @@ def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):
     code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"), "--case", "a", "b",
                  "--structures", "bladder", "--out", str(tmp_path / "g")])
     assert code == 2
+
+
+def test_training_from_a_prepared_file_needs_no_simpleitk(tmp_path, data_file):
+    """The GPU machine has no SimpleITK: `autocontour train --data` must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['SimpleITK'] = None; sys.modules['nibabel'] = None; sys.modules['monai'] = None\n"
+            "from app.cli import main\n"
+            f"sys.exit(main(['train', '--data', {str(data_file)!r}, '--out', {str(tmp_path / 'gpu')!r}, '--steps', '2',"
+            " '--batch-size', '2', '--support-size', '2', '--low-res-steps', '2', '--validate-every', '2',"
+            " '--device', 'cpu', '--quiet']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "gpu" / "final.safetensors").is_file()

@@ -21,8 +21,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
-from rt_utils.rtstruct import RTStruct
 from rt_utils import ds_helper
+from rt_utils.rtstruct import RTStruct
 
 from app import __version__
 from app.catalogue import STRUCTURES

@@ -1,7 +1,20 @@
-"""Stage 4: run the network over the slices that matter, with the right examples."""
+"""Stage 4: run the network over the slices that matter, with the right examples.
 
-from app.engine.network import SplitUniverSeg
-from app.engine.plan import InferenceOptions, StructurePrediction, predict_structures
-from app.engine.runner import Engine, resolve_device
+Names are imported lazily so that `app.engine.network` (the split network) can
+be used where SimpleITK is not installed, e.g. for training on a GPU machine.
+"""
 
-__all__ = ["Engine", "InferenceOptions", "SplitUniverSeg", "StructurePrediction", "predict_structures", "resolve_device"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Engine": "app.engine.runner", "resolve_device": "app.engine.runner", "SplitUniverSeg": "app.engine.network",
+    "InferenceOptions": "app.engine.plan", "StructurePrediction": "app.engine.plan",
+    "predict_structures": "app.engine.plan",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'app.engine' has no attribute {name!r}")

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from app.io import CanonicalCT, read_ct, read_image
 from app.phantom import make_phantom
@@ -131,25 +131,3 @@ def prepare_training_data(volumes: list[Volume], out: Path, spec: PreprocessSpec
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out), metadata=metadata)
     return out
-
-
-@dataclass
-class TrainingData:
-    images: np.ndarray
-    labels: np.ndarray
-    volume: np.ndarray
-    plane: np.ndarray
-    position: np.ndarray
-    heldout: np.ndarray
-    volumes: list[dict]
-    spec: PreprocessSpec
-
-
-def load_training_data(path: Path) -> TrainingData:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata()
-    t = load_file(str(path))
-    return TrainingData(t["images"], t["labels"], t["volume"], t["plane"], t["position"], t["heldout"],
-                        json.loads(meta["volumes"]), PreprocessSpec.model_validate_json(meta["preprocessing"]))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from app.training.data import TrainingData
+from app.training.dataset import TrainingData
 
 MIN_PIXELS = 12
 

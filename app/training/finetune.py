@@ -15,7 +15,8 @@ from app.config import Settings
 from app.io import CanonicalCT, read_ct, read_image
 from app.support.build import label_names_for, structure_mask
 from app.support.recipes import load_recipes
-from app.training.data import Volume, load_training_data, prepare_training_data
+from app.training.data import Volume, prepare_training_data
+from app.training.dataset import load_training_data
 from app.training.train import TrainConfig, Trainer
 
 

@@ -32,7 +32,7 @@ from app.engine.network import SplitUniverSeg
 from app.engine.runner import resolve_device
 from app.model import UniverSeg
 from app.model.weights import ModelCard, load_model, save_checkpoint
-from app.training.data import TrainingData, load_training_data
+from app.training.dataset import TrainingData, load_training_data
 from app.training.episodes import TaskSampler, augment
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     validation_episodes: int = Field(32, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     patience: int | None = Field(None, description="stop after this many validations without improvement")
+    max_seconds: float | None = Field(None, gt=0, description="stop after this much training time (a time budget)")
     seed: int = 0
     device: str = "auto"
 
@@ -236,6 +237,9 @@ class Trainer:
                 if c.patience is not None and self.stale >= c.patience:
                     bar.write(f"early stop at step {self.step}: no improvement in {c.patience} validations")
                     break
+                if c.max_seconds is not None and time.perf_counter() - started > c.max_seconds:
+                    bar.write(f"time budget of {c.max_seconds:.0f} s reached at step {self.step}")
+                    break
             bar.close()
         self.save()
         plot_curves(log_path, self.out / CURVES)
@@ -258,7 +262,7 @@ class Trainer:
 
 def _subset(data: TrainingData, keep: np.ndarray) -> TrainingData:
     return TrainingData(data.images[keep], data.labels[keep], data.volume[keep], data.plane[keep],
-                        data.position[keep], data.heldout[keep], data.volumes, data.spec)
+                        data.position[keep], data.heldout[keep], data.volumes, data.preprocessing)
 
 
 def plot_curves(log: Path, out: Path) -> None:

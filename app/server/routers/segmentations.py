@@ -13,9 +13,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.catalogue import parse_structures
+from app.dicom.series import read_series
 from app.errors import AutocontourError, InputImageError
 from app.export import PREVIEW, SUMMARY, mask_file
-from app.dicom.series import read_series
 from app.io import read_ct, validate_ct
 from app.pipeline import DRAFT_DISCLAIMER
 from app.server.auth import require
