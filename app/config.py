@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     cuda_support_size: int = Field(64, ge=1, le=256)
     cuda_ensemble: int = Field(3, ge=1, le=16)
     threads: int | None = Field(None, ge=1, description="CPU threads for the network (default: all cores)")
+    compile: bool = Field(False, description="torch.compile the network (paid once at start-up by warm-up)")
     threshold: float = Field(0.5, gt=0, lt=1)
     max_voxels: int = Field(1 << 30, gt=0)
     weights_cache: Path = Field(default_factory=default_cache_dir)

@@ -76,7 +76,8 @@ class Segmenter:
         if load_engine:
             model, self.card = load_model(path)
             self.engine: Engine | None = Engine(model, engine_device, precision or default_precision,
-                                                threads=self.settings.threads, **(engine_options or {}))
+                                                threads=self.settings.threads, compile=self.settings.compile,
+                                                **(engine_options or {}))
         else:
             self.card, self.engine = read_card(path, sha256_of(path)), None
         self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))

@@ -62,11 +62,11 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(monkeypatch):
     real_forward = engine._forward
     sizes = []
 
-    def forward_with_a_memory_ceiling(queries, pool, index):
+    def forward_with_a_memory_ceiling(queries, pool, index, pad_to=None):
         sizes.append(len(queries))
         if len(queries) * index.shape[1] > 8:  # simulated device limit: 8 pairs
             raise torch.OutOfMemoryError("simulated")
-        return real_forward(queries, pool, index)
+        return real_forward(queries, pool, index, pad_to)
 
     monkeypatch.setattr(engine, "_forward", forward_with_a_memory_ceiling)
     rng = np.random.default_rng(1)
@@ -123,3 +123,15 @@ def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom
             zs = np.nonzero(prediction.computed)[0]
             assert zs.min() >= lo - 3 and zs.max() <= hi + 3
         assert ((prediction.agreement >= 0) & (prediction.agreement <= 1)).all()
+
+
+def test_compiled_engine_equals_eager_and_pads_batches():
+    model = _random_model([8, 8, 8, 8])
+    rng = np.random.default_rng(2)
+    queries = rng.random((5, 32, 32), dtype=np.float32)
+    pool = rng.random((6, 2, 32, 32)).astype(np.float32)
+    index = np.stack([rng.choice(6, 2, replace=False) for _ in range(5)])
+    eager = Engine(model, "cpu", max_pairs_per_batch=4).predict(queries, pool, index)
+    compiled = Engine(model, "cpu", max_pairs_per_batch=4, compile=True)
+    assert compiled.compiled
+    assert np.abs(compiled.predict(queries, pool, index) - eager).max() < 1e-5  # 5 queries in batches of 2: last padded

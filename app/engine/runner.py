@@ -26,6 +26,7 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 # Peak bytes per (query, support) pair and pixel, measured for the split network
 # (see bench/engine.py): about 4 live feature maps of 64 float32 channels at full resolution.
 BYTES_PER_PAIR_PIXEL = 4 * 64 * 4
+CPU_MAX_PAIRS = 64  # larger CPU batches gain nothing and fall out of cache (bench/engine.py)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,7 +53,10 @@ class Engine:
     """Runs the split UniverSeg on one device for batches of queries."""
 
     def __init__(self, model: UniverSeg, device: str = "auto", precision: str = "float32",
-                 max_pairs_per_batch: int | None = None, memory_fraction: float = 0.25, threads: int | None = None):
+                 max_pairs_per_batch: int | None = None, memory_fraction: float | None = None,
+                 threads: int | None = None, compile: bool = False):
+        """`compile` wraps the network in torch.compile; batches are then padded to one shape
+        (no recompiles), and `warm_up` pays the compilation before the first job."""
         self.device = resolve_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -60,10 +64,15 @@ class Engine:
         if self.device.type == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = True  # pick the fastest kernels for our fixed shapes
         self.net = SplitUniverSeg(model).to(self.device).eval()
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.net.forward_pairs, dynamic=False) if compile else self.net.forward_pairs
+        self.compiled = compile
         self.max_pairs_per_batch = max_pairs_per_batch
-        self.memory_fraction = memory_fraction
+        # CPU: small batches stay in cache (measured in bench/engine.py); GPU: as much as fits
+        self.memory_fraction = memory_fraction or (0.6 if self.device.type == "cuda" else 0.25)
 
     def _autocast(self):
         if self.precision == "float32":
@@ -75,7 +84,9 @@ class Engine:
         if self.max_pairs_per_batch:
             return self.max_pairs_per_batch
         budget = available_memory_bytes(self.device) * self.memory_fraction
-        return max(1, int(budget // (BYTES_PER_PAIR_PIXEL * height * width)))
+        per_pair = BYTES_PER_PAIR_PIXEL * height * width * (0.5 if self.precision != "float32" else 1.0)
+        pairs = max(1, int(budget // per_pair))
+        return min(pairs, CPU_MAX_PAIRS) if self.device.type == "cpu" else pairs
 
     @torch.inference_mode()
     def predict(self, queries: np.ndarray, pool: np.ndarray, index: np.ndarray,
@@ -95,7 +106,8 @@ class Engine:
         while start < b:
             stop = min(b, start + chunk)
             try:
-                out[start:stop] = self._forward(queries[start:stop], pool_t, index[start:stop])
+                out[start:stop] = self._forward(queries[start:stop], pool_t, index[start:stop],
+                                                pad_to=chunk if self.compiled else None)
             except torch.OutOfMemoryError:
                 if chunk == 1:
                     raise
@@ -115,9 +127,15 @@ class Engine:
         pool = np.zeros((support_size, 2, size, size), dtype=np.float32)
         self.predict(queries, pool, np.arange(support_size)[None])
 
-    def _forward(self, queries: np.ndarray, pool: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    def _forward(self, queries: np.ndarray, pool: torch.Tensor, index: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+        n = len(queries)
+        if pad_to and n < pad_to:  # one shape for a compiled network
+            queries = np.concatenate([queries, np.zeros((pad_to - n, *queries.shape[1:]), queries.dtype)])
+            index = np.concatenate([index, np.repeat(index[:1], pad_to - n, axis=0)])
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device).unsqueeze(1)
         support = pool[torch.from_numpy(np.ascontiguousarray(index)).to(self.device)]
+        if self.device.type == "cuda":
+            q = q.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            logits = self.net.forward_pairs(q, support)
-        return torch.sigmoid(logits.float()).squeeze(1).cpu().numpy()
+            logits = self.forward(q, support)
+        return torch.sigmoid(logits.float()).squeeze(1)[:n].cpu().numpy()
