@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--support-size", type=int, default=None)
     parser.add_argument("--weights", type=Path, default=Settings().default_weights)
     parser.add_argument("--naive-subset", type=int, default=None, help="time the naive path on this many queries")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine (timed after warm-up)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="pairs per batch (default: the engine's choice)")
     args = parser.parse_args()
     device = torch.device(args.device)
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
@@ -107,8 +109,10 @@ def main() -> None:
         subset = args.naive_subset or len(images)
     print(f"device={device} precision={precision} queries={len(images)} support_size={s} weights={card.name}")
 
-    engine = Engine(model, str(device), precision)
+    engine = Engine(model, str(device), precision, max_pairs_per_batch=args.max_pairs, compile=args.compile)
     engine.warm_up(s)
+    if args.compile:  # compile for the batch shape the run uses, before timing
+        engine.predict(images[:1], pool, index[:1])
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

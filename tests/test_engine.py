@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
-from app.engine.plan import _level_members, _spread_members
+from app.engine.plan import _level_members, _main_run, _spread_members
 from app.model import UniverSeg
 
 
@@ -135,3 +135,9 @@ def test_compiled_engine_equals_eager_and_pads_batches():
     compiled = Engine(model, "cpu", max_pairs_per_batch=4, compile=True)
     assert compiled.compiled
     assert np.abs(compiled.predict(queries, pool, index) - eager).max() < 1e-5  # 5 queries in batches of 2: last padded
+
+
+def test_the_structure_is_the_largest_axial_run():
+    areas = {0: 0, 3: 50, 6: 400, 9: 380, 12: 0, 15: 90, 30: 0, 33: 20, 36: 0}
+    assert _main_run(areas, 3) == [3, 6, 9, 15]  # 15 bridges one missed coarse slice; 33 is a stray
+    assert _main_run({0: 0, 3: 1}, 3) == []

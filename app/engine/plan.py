@@ -4,8 +4,8 @@ For every requested structure:
 
 1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
    segment the slice with a support set spread over the structure's whole
-   extent. The slices where the structure shows give its axial extent; no
-   work is spent on slices far outside it.
+   extent. The longest run of slices where the structure shows (by area)
+   gives its axial extent; no work is spent on slices far outside it.
 2. Fine pass. Every slice from one coarse step below to one above that
    extent is segmented by an ensemble of K support sets of S slices. With
    `support_selection="level"` each query gets the examples nearest to its
@@ -163,10 +163,10 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     fine_requests: list[_Request] = []
     for name, support in supports.items():
         prediction, model_input = results[name], inputs[name]
-        found = sorted(r.z for r, p in zip(coarse_requests, coarse)
-                       if r.structure == name and (p > 0.5).sum() >= MIN_FOREGROUND_PIXELS)
         body = np.nonzero(model_input.body_slices)[0]
         step = _step_slices(model_input, options.coarse_step_mm)
+        areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse) if r.structure == name}
+        found = _main_run(areas, step)
         if found:
             prediction.extent = (found[0], found[-1])
         if options.axial_search == "all":
@@ -198,6 +198,23 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         prediction.queries = int(prediction.computed.sum())
         prediction.pairs = sum(r.index.size for r in coarse_requests + fine_requests if r.structure == name)
     return results
+
+
+def _main_run(areas: dict[int, int], step: int) -> list[int]:
+    """The coarse slices of the structure: the axially contiguous run with the most area.
+
+    A structure is one axial run; a stray detection far from it must not stretch
+    the searched range. Slices one coarse step apart (or two, bridging one miss)
+    belong to the same run.
+    """
+    found = sorted(z for z, area in areas.items() if area >= MIN_FOREGROUND_PIXELS)
+    runs: list[list[int]] = []
+    for z in found:
+        if runs and z - runs[-1][-1] <= 2 * step:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    return max(runs, key=lambda run: sum(areas[z] for z in run)) if runs else []
 
 
 def _agreement(masks: list[np.ndarray]) -> float:
