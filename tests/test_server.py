@@ -98,7 +98,8 @@ def test_wait_returns_the_zip_with_masks_on_the_ct_grid(server, tmp_path):
 
 
 def test_async_job_lifecycle(server, tmp_path):
-    response = upload(server.url, EXAMPLE_CT, {"structures": "bladder,anorectum,ctvn"})
+    response = upload(server.url, EXAMPLE_CT, {"structures": "bladder,anorectum,ctvn"},
+                      headers={"X-Request-ID": "lifecycle-42"})
     assert response.status_code == 202
     job = response.json()
     assert response.headers["location"] == f"/v1/segmentations/{job['id']}"
@@ -126,6 +127,8 @@ def test_async_job_lifecycle(server, tmp_path):
     missing = httpx.get(f"{base}/masks/ctvp")
     assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
     assert any(j["id"] == job["id"] for j in httpx.get(f"{server.url}/v1/segmentations").json())
+    assert f"[lifecycle-42] app.server.worker: job {job['id']} done" in server.logs()  # the worker logs the id too
+    assert "request_id" not in job["options"]
     assert httpx.delete(base).status_code == 204
     gone = httpx.get(base)
     assert gone.status_code == 404 and gone.json()["type"].endswith("not-found")

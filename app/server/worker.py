@@ -21,6 +21,7 @@ from typing import Protocol
 
 from app.errors import AutocontourError
 from app.pipeline import CancelledError, Segmenter
+from app.server.context import request_id
 from app.server.jobs import JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.problems import from_error
@@ -92,6 +93,7 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
 
     options = dict(options)
     pacs_job = options.pop("pacs", None)
+    token = request_id.set(options.pop("request_id", job_id))
     staging = results.staging_dir(job_id)
     try:
         if pacs_job:
@@ -122,6 +124,7 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
         shutil.rmtree(staging, ignore_errors=True)  # already gone when published
     outcome.seconds = round(time.perf_counter() - started, 3)
     log.info("job %s %s in %.1f s", job_id, outcome.status, outcome.seconds)
+    request_id.reset(token)
     return outcome
 
 

@@ -19,6 +19,7 @@ from app.export import PREVIEW, SUMMARY, mask_file
 from app.io import read_ct, validate_ct
 from app.pipeline import DRAFT_DISCLAIMER
 from app.server.auth import require
+from app.server.context import request_id
 from app.server.jobs import FINAL, Job
 from app.server.problems import Problem
 
@@ -58,13 +59,14 @@ def _iso(t: float | None) -> str | None:
 
 def job_resource(job: Job) -> SegmentationJob:
     base = f"/v1/segmentations/{job.id}"
+    options = {k: v for k, v in job.options.items() if k != "request_id"}
     links: dict = {"self": base}
     if job.status == "done":
         links |= {"result": f"{base}/result", "preview": f"{base}/preview",
                   "masks": {s: f"{base}/masks/{s}" for s in job.options["structures"]}}
         links |= {k: f"{base}/dicom/{k}" for k in ("rtstruct", "seg") if k in (job.result or {}).get("files", {})}
     return SegmentationJob(id=job.id, status=job.status, created=_iso(job.created), started=_iso(job.started),
-                           finished=_iso(job.finished), options=job.options, progress=Progress(**job.progress),
+                           finished=_iso(job.finished), options=options, progress=Progress(**job.progress),
                            result=job.result, error=job.error, notes=job.notes, links=links)
 
 
@@ -141,6 +143,7 @@ async def submit(
         except AutocontourError:
             state.results.delete_upload(job_id)
             raise
+    options["request_id"] = request_id.get()  # so the worker's log lines carry the submitting request's id
     job = state.queue.submit(options, owner, input_name, job_id)
     location = f"/v1/segmentations/{job.id}"
     if wait:
