@@ -107,15 +107,21 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
 
     occupied = [np.argwhere(m) for m in shown_masks.values() if m.any()]
     centre = np.concatenate(occupied).mean(axis=0).round().astype(int) if occupied else np.array(ct_hu.shape) // 2
-    views = [("coronal", lambda m: m[:, centre[1], :], dz / dx), ("sagittal", lambda m: m[:, :, centre[2]], dz / dy)]
-    for k, (name, take, aspect) in enumerate(views):
+    views = [("coronal", lambda m: m[:, centre[1], :], dz / dx, ("R", "L")),
+             ("sagittal", lambda m: m[:, :, centre[2]], dz / dy, ("A", "P"))]
+    for k, (name, take, aspect, (left, right)) in enumerate(views):
         ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
-        ax.imshow(take(shown), cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
+        plane = take(shown)
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
         _draw_contours(ax, masks, take)
         _draw_contours(ax, reference or {}, take, dashed=True)
         ax.set_title(name, color="white", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        height, width = plane.shape
+        for x, y, letter in ((2, height / 2, left), (width - 8, height / 2, right), (width / 2, height - 6, "S"),
+                             (width / 2, 2, "I")):
+            ax.text(x, y, letter, color="white", fontsize=8)
     flag_patch = [Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")] if flagged_any else []
     _legend(fig, list(masks), flag_patch)
     fig.suptitle((title + "\n" if title else "") + DRAFT_NOTICE, color="white", fontsize=10)

@@ -48,6 +48,8 @@ class InferenceOptions(BaseModel):
     axial_search: str = Field("coarse", pattern="^(coarse|all)$",
                               description="coarse: find the structure's extent first; all: every body slice")
     coarse_step_mm: float = Field(9.0, gt=0, le=50)
+    coarse_support_size: int = Field(4, ge=1, le=256, description="support slices for the coarse pass "
+                                                                  "(it only has to find the structure)")
     support_selection: str = Field("level", pattern="^(level|spread)$",
                                    description="level: examples from the query's relative level; spread: from the whole extent")
     seed: int = 0
@@ -156,7 +158,8 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     for name, support in supports.items():
         body = np.nonzero(inputs[name].body_slices)[0]
         for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
-            member = _spread_members(support.levels, _allowed(support, z, own[name]), results[name].support_size, 1, rng)[0]
+            size = min(options.coarse_support_size, results[name].support_size)
+            member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
             coarse_requests.append(_Request(name, int(z), 0, member + pools.offset[name]))
     coarse = _run(engine, inputs, pools, coarse_requests, "coarse", progress)
 

@@ -26,7 +26,7 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 # Peak bytes per (query, support) pair and pixel, measured for the split network
 # (see bench/engine.py): about 4 live feature maps of 64 float32 channels at full resolution.
 BYTES_PER_PAIR_PIXEL = 4 * 64 * 4
-CPU_MAX_PAIRS = 64  # larger CPU batches gain nothing and fall out of cache (bench/engine.py)
+CPU_MAX_PAIRS = 32  # larger CPU batches gain nothing and fall out of cache (bench/engine.py)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -151,10 +151,12 @@ async def submit(
         if job.status == "done":
             return FileResponse(state.results.zip_path(job.id), media_type="application/zip",
                                 filename=f"autocontour-{job.id}.zip", headers={"Location": location, "X-Job-Id": job.id})
-        if job.status in FINAL:
+        if job.status == "cancelled":
+            raise Problem(409, "cancelled", "Cancelled", "the job was cancelled", headers={"Location": location})
+        if job.status == "failed":
             error = job.error or {}
-            raise Problem(error.get("status", 422), error.get("type", "failed").rsplit(":", 1)[-1],
-                          error.get("title", "Segmentation failed"), error.get("detail", job.status),
+            raise Problem(error.get("status", 500), error.get("type", "failed").rsplit(":", 1)[-1],
+                          error.get("title", "Segmentation failed"), error.get("detail", "the job failed"),
                           headers={"Location": location})
     return JSONResponse(job_resource(job).model_dump(), status_code=202, headers={"Location": location})
 
