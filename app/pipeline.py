@@ -33,6 +33,7 @@ from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
+from app.support.localize import bone_profile
 from app.support.store import SupportSet, discover
 
 DRAFT_DISCLAIMER = (
@@ -161,7 +162,8 @@ class Segmenter:
             if progress:
                 progress(phase, done, total)
 
-        predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report)
+        profile = bone_profile(canonical.array, canonical.spacing_zyx, canonical.slice_positions_mm())
+        predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report, profile)
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
@@ -191,6 +193,7 @@ class Segmenter:
                 "support_size": prediction.support_size,
                 "ensemble": prediction.ensemble,
                 "slices_computed": prediction.queries,
+                "searched_z_mm": list(prediction.window_mm) if prediction.window_mm else None,
                 "query_support_pairs": prediction.pairs,
                 "warnings": prediction.warnings,
             }

@@ -2,6 +2,8 @@
 
 For every requested structure:
 
+0. Localisation. The support set's bone profiles are matched to the scan's
+   (app.support.localize) to bound where along z the structure can be.
 1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
    segment the slice with a support set spread over the structure's whole
    extent. The longest run of slices where the structure shows (by area)
@@ -31,6 +33,7 @@ from pydantic import BaseModel, Field
 from app.engine.runner import Engine
 from app.errors import OptionError
 from app.preprocess import ModelInput
+from app.support.localize import Profile, expected_range
 from app.support.store import SupportSet
 
 MIN_FOREGROUND_PIXELS = 4
@@ -67,6 +70,7 @@ class StructurePrediction:
     ensemble: int
     queries: int = 0
     pairs: int = 0
+    window_mm: tuple[float, float] | None = None  # the z range searched, from the bone profiles
     warnings: list[str] = field(default_factory=list)
 
 
@@ -129,10 +133,28 @@ def _step_slices(model_input: ModelInput, step_mm: float) -> int:
     return max(1, int(round(step_mm / model_input.grid.GetSpacing()[2])))
 
 
+def axial_window(support: SupportSet, query: Profile | None) -> tuple[tuple[float, float] | None, str | None]:
+    """The z range (mm) where the structure can be in the query scan, from the bone profiles; or why not."""
+    cases = [(Profile.from_dict(c.bone_profile), tuple(c.extent_mm)) for c in support.manifest.source_cases
+             if c.bone_profile and c.extent_mm]
+    if query is None or not cases:
+        return None, "the support set has no bone profiles: the whole scan was searched"
+    window, score = expected_range(cases, query)
+    if window is None:
+        return None, (f"the scan's skeleton did not match the support set's source cases (best r = {score:.2f}): "
+                      "the whole scan was searched")
+    return window, None
+
+
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
                        options: InferenceOptions, fingerprint: str | None = None,
-                       progress: ProgressCallback | None = None) -> dict[str, StructurePrediction]:
-    """Coarse then fine pass for every structure; see the module docstring."""
+                       progress: ProgressCallback | None = None,
+                       profile: Profile | None = None) -> dict[str, StructurePrediction]:
+    """Coarse then fine pass for every structure; see the module docstring.
+
+    `profile` is the query's bone profile; with it each structure is searched only
+    where the skeleton says it can be (app.support.localize).
+    """
     pools = _Pools(supports)
     rng = np.random.default_rng(options.seed)
     results: dict[str, StructurePrediction] = {}
@@ -154,9 +176,21 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
             results[name].warnings.append(
                 "this CT is a source case of the support set: each slice's own label and its neighbours' were left out")
 
+    searched: dict[str, np.ndarray] = {}
+    for name, support in supports.items():
+        window, why_not = axial_window(support, profile)
+        z_mm = inputs[name].grid.GetOrigin()[2] + inputs[name].grid.GetSpacing()[2] * np.arange(inputs[name].num_slices)
+        inside = inputs[name].body_slices.copy()
+        if window is not None:
+            inside &= (z_mm >= window[0]) & (z_mm <= window[1])
+            results[name].window_mm = (round(window[0], 1), round(window[1], 1))
+        else:
+            results[name].warnings.append(why_not)
+        searched[name] = np.nonzero(inside)[0]
+
     coarse_requests: list[_Request] = []
     for name, support in supports.items():
-        body = np.nonzero(inputs[name].body_slices)[0]
+        body = searched[name]
         for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
             size = min(options.coarse_support_size, results[name].support_size)
             member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
@@ -166,7 +200,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     fine_requests: list[_Request] = []
     for name, support in supports.items():
         prediction, model_input = results[name], inputs[name]
-        body = np.nonzero(model_input.body_slices)[0]
+        body = searched[name]
         step = _step_slices(model_input, options.coarse_step_mm)
         areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse) if r.structure == name}
         found = _main_run(areas, step)
@@ -179,7 +213,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         else:
             queries = body[:0]
             prediction.warnings.append("not found by the coarse search: no slice showed the structure")
-        lo, hi = prediction.extent or (int(body[0]), int(body[-1]))
+        lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
         for z in queries:
             allowed = _allowed(support, int(z), own[name])
             if options.support_selection == "level":

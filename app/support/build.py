@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from app.errors import InputImageError, SupportSetError
 from app.io import CanonicalCT, fingerprint, read_ct, read_image
 from app.preprocess import PreprocessSpec, mask_to_grid, prepare
+from app.support.localize import bone_profile
 from app.support.recipes import Recipe
 from app.support.store import SourceCase, SupportManifest, SupportSet, SupportSlice, save_support_set
 
@@ -84,10 +85,13 @@ def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec
     zs = np.nonzero(labels.reshape(labels.shape[0], -1).sum(axis=1) >= MIN_FOREGROUND_PIXELS)[0]
     if zs.size == 0:
         raise SupportSetError(f"case {case_id}: the structure is too small to see at {spec.size}x{spec.size}")
+    z_mm = ct.slice_positions_mm()
     source = SourceCase(
         case=case_id, fingerprint=fingerprint(ct.image), num_slices=model_input.num_slices,
-        spacing_mm=list(ct.image.GetSpacing()), extent_slices=[int(zs.min()), int(zs.max())], label=how)
-    return LabelledCase(source, model_input.images, labels, ct.slice_positions_mm(), model_input.body_slices)
+        spacing_mm=list(ct.image.GetSpacing()), extent_slices=[int(zs.min()), int(zs.max())], label=how,
+        extent_mm=[round(float(z_mm[zs.min()]), 3), round(float(z_mm[zs.max()]), 3)],
+        bone_profile=bone_profile(ct.array, ct.spacing_zyx, z_mm).to_dict())
+    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices)
 
 
 def _spread(candidates: np.ndarray, n: int) -> np.ndarray:

@@ -52,6 +52,8 @@ class SourceCase(BaseModel):
     spacing_mm: list[float]
     extent_slices: list[int]  # first and last slice showing the structure
     label: str  # how the mask was made: "label 104", "binary mask", or "recipe ctvn"
+    extent_mm: list[float] | None = None  # z (patient superior, mm) of the first and last slice showing it
+    bone_profile: dict | None = None  # app.support.localize.Profile: where along z the skeleton is
 
 
 class SupportManifest(BaseModel):
@@ -129,6 +131,7 @@ def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarr
         "structure": manifest.structure,
         "preprocessing": manifest.preprocessing.model_dump(),
         "slices": [s.model_dump() for s in manifest.slices],
+        "localisation": [[c.extent_mm, c.bone_profile] for c in manifest.source_cases],
     }
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
