@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     shipped_support: bool = Field(True, description="also use the support sets shipped in support_sets/")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
     precision: str | None = Field(None, pattern="^(float32|bfloat16|float16)$",
-                                  description="default: float32 on CPU, bfloat16 on CUDA")
+                                  description="default: bfloat16 on CUDA; on CPU bfloat16 where the CPU has native "
+                                              "bf16 and a start-up check finds the masks unchanged, else float32")
     cpu_support_size: int = Field(8, ge=1, le=256)
     cpu_ensemble: int = Field(1, ge=1, le=16)
     cuda_support_size: int = Field(64, ge=1, le=256)
@@ -61,4 +62,4 @@ class Settings(BaseSettings):
         """(support size, ensemble, precision) for a device type."""
         if device_type == "cuda":
             return self.cuda_support_size, self.cuda_ensemble, self.precision or "bfloat16"
-        return self.cpu_support_size, self.cpu_ensemble, self.precision or "float32"
+        return self.cpu_support_size, self.cpu_ensemble, self.precision or "auto"

@@ -26,6 +26,7 @@ from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
 from app.config import Settings
 from app.dicom.series import is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
+from app.engine.runner import cpu_has_native_bf16
 from app.engine.plan import ProgressCallback
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
@@ -36,6 +37,7 @@ from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canoni
 from app.support.localize import bone_profile
 from app.support.store import SupportSet, discover
 
+MIN_BF16_AGREEMENT = 0.99
 DRAFT_DISCLAIMER = (
     "Automatic draft contours for review by a qualified clinician. They are not approved for treatment "
     "planning until a clinician has reviewed and, where needed, corrected every slice.")
@@ -74,18 +76,40 @@ class Segmenter:
         engine_device = device or self.settings.device
         device_type = resolve_device(engine_device).type if load_engine else "cpu"
         self.default_support_size, self.default_ensemble, default_precision = self.settings.device_defaults(device_type)
+        self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
+        self.precision_note = ""
         if load_engine:
             model, self.card = load_model(path)
-            self.engine: Engine | None = Engine(model, engine_device, precision or default_precision,
+            chosen = precision or default_precision
+            self.engine: Engine | None = Engine(model, engine_device, "float32" if chosen == "auto" else chosen,
                                                 threads=self.settings.threads, compile=self.settings.compile,
                                                 **(engine_options or {}))
+            if chosen == "auto":
+                self._choose_cpu_precision()
         else:
             self.card, self.engine = read_card(path, sha256_of(path)), None
-        self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
+
+    def _choose_cpu_precision(self) -> None:
+        """bfloat16 on a CPU with native bf16, if and only if it leaves the masks as float32 draws them.
+
+        Checked at start-up on real support slices (Dice of the masks >= MIN_BF16_AGREEMENT);
+        bench/engine.py measures the same on whole scans.
+        """
+        if not cpu_has_native_bf16() or not self.supports:
+            self.precision_note = "float32: this CPU has no native bfloat16"
+            return
+        pool = np.concatenate([np.stack([s.images, s.labels], axis=1) for s in self.supports.values()])
+        agreement = self.engine.agreement("bfloat16", pool.astype(np.float32))
+        if agreement >= MIN_BF16_AGREEMENT:
+            self.engine.precision = "bfloat16"
+            self.precision_note = f"bfloat16: masks agree with float32 (Dice {agreement:.4f}) at start-up"
+        else:
+            self.precision_note = f"float32: bfloat16 changed the masks (Dice {agreement:.4f}) at start-up"
 
     def describe_model(self) -> dict:
         precision = self.engine.precision if self.engine else "set by each worker"
-        return {**self.card.model_dump(), "device": self.device_name, "precision": precision}
+        return {**self.card.model_dump(), "device": self.device_name, "precision": precision,
+                "precision_note": self.precision_note}
 
     @property
     def device_name(self) -> str:

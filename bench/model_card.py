@@ -5,7 +5,8 @@ shipped structures (seen in training), each structure gets a support set of 64
 slices built from the same CT; every query slice is segmented with its own
 slice and neighbours left out of the support (leave-slice-out), using the
 product's inference path (coarse-to-fine search, level-matched supports) at the
-CPU defaults. Metrics: 3D Dice and surface Dice at 2 mm on the true spacing.
+CPU defaults. The baseline labels every body slice. Metrics: 3D Dice and
+surface Dice at 2 mm on the true spacing.
 
     python bench/model_card.py --weights models/autocontour-universeg-v1.safetensors
 """
@@ -35,6 +36,7 @@ from app.model import UniverSeg  # noqa: E402
 from app.model.weights import ModelCard, load_model, save_checkpoint  # noqa: E402
 from app.preprocess import PreprocessSpec, grid_to_canonical, prepare  # noqa: E402
 from app.support.build import build_support_set  # noqa: E402
+from app.support.localize import bone_profile  # noqa: E402
 from app.support.recipes import load_recipes  # noqa: E402
 
 CT = ROOT / "examples" / "pelvis_ct" / "ct.nii.gz"
@@ -58,6 +60,7 @@ def main() -> None:
     spec = PreprocessSpec()
     model_input = prepare(ct, spec)
     scan = fingerprint(ct.image)
+    profile = bone_profile(ct.array, ct.spacing_zyx, ct.slice_positions_mm())
 
     with tempfile.TemporaryDirectory() as tmp:
         supports, references = {}, {}
@@ -78,7 +81,7 @@ def main() -> None:
             engine = Engine(model, "cpu")
             inputs = {n: model_input for n in supports}
             predictions = predict_structures(engine, inputs, supports,
-                                             InferenceOptions(support_size=args.support_size), scan)
+                                             InferenceOptions(support_size=args.support_size), scan, profile=profile)
             results[method] = {n: score(grid_to_canonical(p.probability, model_input, ct) >= 0.5, references[n], ct)
                                for n, p in predictions.items()}
             results[method]["seconds"] = round(time.perf_counter() - started, 1)

@@ -45,9 +45,9 @@ class SplitBlock(nn.Module):
         """query (B, Cq, H, W), support (B*S, Cs, H, W) -> the block's two outputs."""
         w_query, w_support, bias = self._halves()
         zq = F.conv2d(query, w_query, bias, padding=1)
-        zs = F.conv2d(support, w_support, padding=1).unflatten(0, (-1, s))
-        new_query = zq + zs.mean(dim=1)
-        pairs = (zq.unsqueeze(1) + zs).flatten(0, 1)
+        zs = F.conv2d(support, w_support, padding=1)
+        new_query = zq + support_mean(zs, s)
+        pairs = (zq.unsqueeze(1) + zs.unflatten(0, (-1, s))).flatten(0, 1)
         return _act(self.block.target.vmapped.conv(new_query)), _act(self.block.support.vmapped.conv(pairs))
 
     def forward_mean_only(self, query: Tensor, support_mean: Tensor) -> Tensor:
@@ -82,12 +82,14 @@ class SplitUniverSeg(nn.Module):
         """query (B, 1, H, W); support (B, S, 2, H, W) = [image, label]; -> logits (B, 1, H, W)."""
         s = support.shape[1]
         support = support.flatten(0, 1)
+        if query.is_contiguous(memory_format=torch.channels_last):  # keep the layout the weights have
+            support = support.contiguous(memory_format=torch.channels_last)
         skips: list[tuple[Tensor, Tensor]] = []
         last = len(self.enc) - 1
         for i, block in enumerate(self.enc):
             query, support = block(query, support, s)
             if i < last:
-                kept = support.unflatten(0, (-1, s)).mean(dim=1) if i == 0 else support  # identity 3
+                kept = support_mean(support, s) if i == 0 else support  # identity 3
                 skips.append((query, kept))
                 query, support = F.max_pool2d(query, 2), F.max_pool2d(support, 2)
 
@@ -98,9 +100,23 @@ class SplitUniverSeg(nn.Module):
                 support = torch.cat([_up(support), support_skip], dim=1)
                 query, support = block(query, support, s)
             else:  # identities 2 and 3: only the mean of the support stream matters
-                support_mean = torch.cat([_up(support.unflatten(0, (-1, s)).mean(dim=1)), support_skip], dim=1)
-                query = block.forward_mean_only(query, support_mean)
+                mean = torch.cat([_up(support_mean(support, s)), support_skip], dim=1)
+                query = block.forward_mean_only(query, mean)
         return self.out_conv(query)
+
+
+def support_mean(x: Tensor, s: int) -> Tensor:
+    """Mean over each query's S pairs of a (B*S, C, H, W) stream.
+
+    In channels-last memory the S maps of one query are S contiguous blocks,
+    so the mean is taken over them directly; a plain reduction over the S axis
+    of that layout is several times slower.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        n, c, h, w = x.shape
+        mean = x.permute(0, 2, 3, 1).reshape(n // s, s, h * w * c).mean(dim=1)
+        return mean.view(n // s, h, w, c).permute(0, 3, 1, 2)
+    return x.unflatten(0, (-1, s)).mean(dim=1)
 
 
 def _act(x: Tensor) -> Tensor:

@@ -37,6 +37,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 convolutions run natively (and fast) on this CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -65,9 +75,8 @@ class Engine:
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
             torch.backends.cudnn.benchmark = True  # pick the fastest kernels for our fixed shapes
-        self.net = SplitUniverSeg(model).to(self.device).eval()
-        if self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # channels-last suits both cuDNN and oneDNN convolutions (bench/RESULTS.md)
+        self.net = SplitUniverSeg(model).to(self.device).eval().to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.net.forward_pairs, dynamic=False) if compile else self.net.forward_pairs
         self.compiled = compile
         self.max_pairs_per_batch = max_pairs_per_batch
@@ -121,6 +130,24 @@ class Engine:
             start = stop
         return out
 
+    def agreement(self, precision: str, pool: np.ndarray, queries: int = 6, support_size: int = 8) -> float:
+        """Mask Dice between float32 and `precision` on real slices: each query is a support slice,
+        segmented with other slices of the same set as its supports."""
+        rng = np.random.default_rng(0)
+        picks = rng.choice(len(pool), size=min(queries, len(pool)), replace=False)
+        index = np.stack([rng.choice(np.setdiff1d(np.arange(len(pool)), [q]), size=min(support_size, len(pool) - 1),
+                                     replace=False) for q in picks])
+        current = self.precision
+        try:
+            self.precision = "float32"
+            reference = self.predict(pool[picks, 0], pool, index) > 0.5
+            self.precision = precision
+            reduced = self.predict(pool[picks, 0], pool, index) > 0.5
+        finally:
+            self.precision = current
+        total = reference.sum() + reduced.sum()
+        return 1.0 if total == 0 else float(2 * (reference & reduced).sum() / total)
+
     def warm_up(self, support_size: int, size: int = 128) -> None:
         """Run the network once at the production shape so the first job does not pay for set-up."""
         queries = np.zeros((1, size, size), dtype=np.float32)
@@ -134,8 +161,7 @@ class Engine:
             index = np.concatenate([index, np.repeat(index[:1], pad_to - n, axis=0)])
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device).unsqueeze(1)
         support = pool[torch.from_numpy(np.ascontiguousarray(index)).to(self.device)]
-        if self.device.type == "cuda":
-            q = q.contiguous(memory_format=torch.channels_last)
+        q = q.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.forward(q, support)
         return torch.sigmoid(logits.float()).squeeze(1)[:n].cpu().numpy()
