@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--structures", default=None, help=_structures_help())
     seg.add_argument("--weights", type=Path, default=None, help="checkpoint (.safetensors or .pt); default: shipped")
     seg.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    seg.add_argument("--precision", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16 and a "
+                          "start-up check finds the masks unchanged, else float32")
     seg.add_argument("--support-size", type=int, default=None,
                      help="support slices per ensemble member (default: 8 on CPU, 64 on GPU)")
-    seg.add_argument("--ensemble", type=int, default=None, help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
+    seg.add_argument("--ensemble", type=int, default=None,
+                     help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
     seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
     seg.add_argument("--support-dir", type=Path, action="append", default=[],
                      help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
@@ -146,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the in-context network (episodic)",
                                 description="Episodic in-context training on every label of the given labelled CTs "
-                                            "plus synthetic phantoms (see app/training). Resumes from OUT/checkpoint.pt.")
+                                            "plus synthetic phantoms (see app/training). "
+                                            "Resumes from OUT/checkpoint.pt.")
     train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
                        help="a CT and its label map (labels.json beside it names the values); repeatable")
     train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
@@ -281,7 +286,8 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, patience: int
     parser.add_argument("--heldout", default="", help="comma-separated label names never trained on (validation)")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--patience", type=int, default=patience, help="validations without improvement before stopping")
+    parser.add_argument("--patience", type=int, default=patience,
+                        help="validations without improvement before stopping")
     parser.add_argument("--max-seconds", type=float, default=None, help="training time budget")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
@@ -369,8 +375,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         parse_structures(args.structures)
     if not args.ct.exists():
         raise InputImageError(f"file not found: {args.ct}")
-    segmenter = Segmenter(weights=args.weights, device=args.device, support_dirs=args.support_dir,
-                          shipped_support=False if args.no_shipped_support else None)
+    segmenter = Segmenter(weights=args.weights, device=args.device, precision=args.precision,
+                          support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None)
     update, close = _progress_bar(args.quiet)
     try:
         result = segmenter.segment(
@@ -383,7 +389,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for notice in summary["notices"]:
         print(f"NOTICE: {notice}", file=sys.stderr)
     print(f"DRAFT contours for clinical review, written to {args.out}")
-    for name, s in summary["structures"].items():
+    for _name, s in summary["structures"].items():
         conf = "n/a" if s["confidence"] is None else f"{s['confidence']:.2f}"
         print(f"  {s['display_name']:<12} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
               f"{len(s['flagged_slices'])} flagged slice(s)")
@@ -571,7 +577,8 @@ def cmd_structures(args: argparse.Namespace) -> int:
 
     for s in STRUCTURES.values():
         print(f"{s.name:<12} {s.display_name:<12} {s.kind:<6} {s.description}")
-    print("overlaps allowed only between: " + "; ".join(" & ".join(sorted(p)) for p in sorted(ALLOWED_OVERLAPS, key=sorted)))
+    pairs = sorted(ALLOWED_OVERLAPS, key=sorted)
+    print("overlaps allowed only between: " + "; ".join(" & ".join(sorted(p)) for p in pairs))
     return 0
 
 

@@ -189,7 +189,8 @@ def check_geometry(image: sitk.Image) -> None:
         raise InputImageError("the image origin is not finite")
     axial_axis = int(np.argmax(np.abs(direction[2, :])))
     if size[axial_axis] < MIN_AXIAL_SLICES:
-        raise InputImageError(f"the image has {size[axial_axis]} axial slice(s); at least {MIN_AXIAL_SLICES} are needed")
+        raise InputImageError(f"the image has {size[axial_axis]} axial slice(s); "
+                              f"at least {MIN_AXIAL_SLICES} are needed")
 
 
 def check_looks_like_ct(values: np.ndarray) -> None:

@@ -62,7 +62,8 @@ def _grid(size, spacing, direction: np.ndarray, centre_mm) -> tuple[sitk.Image, 
 
 
 def _ellipsoid(x, y, z, centre, radii) -> np.ndarray:
-    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 <= 1
+    return (((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+            + ((z - centre[2]) / radii[2]) ** 2 <= 1)
 
 
 def _tube(x, y, z, points: np.ndarray, radius: float) -> np.ndarray:

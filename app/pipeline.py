@@ -26,8 +26,8 @@ from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
 from app.config import Settings
 from app.dicom.series import is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.runner import cpu_has_native_bf16
 from app.engine.plan import ProgressCallback
+from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
@@ -86,6 +86,8 @@ class Segmenter:
                                                 **(engine_options or {}))
             if chosen == "auto":
                 self._choose_cpu_precision()
+            else:
+                self.precision_note = f"{chosen}: {'set by the caller' if precision else 'the device default'}"
         else:
             self.card, self.engine = read_card(path, sha256_of(path)), None
 
@@ -226,7 +228,8 @@ class Segmenter:
         masks_on_input = {n: canonical.to_input_grid(masks[n].mask.astype(np.uint8)) for n in names}
         probability_images = ({n: canonical.to_input_grid(masks[n].probability, sitk.sitkLinear) for n in names}
                               if save_probabilities else {})
-        summary = self._summary(image, canonical, scan_id, options, threshold, structures_summary, rule_changes, timings)
+        summary = self._summary(image, canonical, scan_id, options, threshold, structures_summary, rule_changes,
+                                timings)
         if series is not None:
             summary["input"]["format"] = "DICOM series"
             summary["warnings"] += series.warnings

@@ -93,7 +93,8 @@ def resolve_overlaps(masks: dict[str, StructureMask]) -> list[dict]:
         lost = claims[i] & ~accepted[i]
         if lost.any():
             masks[name].mask[tuple(c[lost] for c in contested)] = False
-            winners = {names[j]: int((lost & accepted[j]).sum()) for j in range(len(names)) if (lost & accepted[j]).any()}
+            winners = {names[j]: int((lost & accepted[j]).sum()) for j in range(len(names))
+                       if (lost & accepted[j]).any()}
             changes.append({"structure": name, "voxels_removed": int(lost.sum()), "given_to": winners})
     return changes
 
@@ -104,7 +105,8 @@ def postprocess(probabilities: dict[str, np.ndarray], threshold: float) -> tuple
     for name, p in probabilities.items():
         mask = p >= threshold
         filled = fill_holes_per_slice(mask)
-        masks[name] = StructureMask(name, filled, p, {"threshold": int(mask.sum()), "holes_filled": int(filled.sum() - mask.sum())})
+        masks[name] = StructureMask(name, filled, p, {"threshold": int(mask.sum()),
+                                                      "holes_filled": int(filled.sum() - mask.sum())})
     rule_changes = resolve_overlaps(masks)
     for change in rule_changes:
         masks[change["structure"]].changes["overlap_rules"] = -change["voxels_removed"]

@@ -91,11 +91,12 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
     for k, z in enumerate(slices):
         ax = fig.add_subplot(rows, columns, k + 1)
         ax.imshow(shown[z], cmap="gray", vmin=0, vmax=1, aspect=dy / dx, interpolation="bilinear")
-        _draw_contours(ax, masks, lambda m: m[z])
-        _draw_contours(ax, reference or {}, lambda m: m[z], dashed=True)
+        _draw_contours(ax, masks, lambda m, z=z: m[z])
+        _draw_contours(ax, reference or {}, lambda m, z=z: m[z], dashed=True)
         label = f"z = {z_mm[z]:.1f} mm" if z_mm is not None else f"slice {z}"
         is_flagged = z in flagged_any
-        ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white", fontsize=9)
+        ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white",
+                     fontsize=9)
         for spine in ax.spines.values():
             spine.set_visible(is_flagged)
             spine.set_color(FLAG_COLOUR)
@@ -122,7 +123,8 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
         for x, y, letter in ((2, height / 2, left), (width - 8, height / 2, right), (width / 2, height - 6, "S"),
                              (width / 2, 2, "I")):
             ax.text(x, y, letter, color="white", fontsize=8)
-    flag_patch = [Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")] if flagged_any else []
+    flag_patch = ([Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")]
+                  if flagged_any else [])
     _legend(fig, list(masks), flag_patch)
     fig.suptitle((title + "\n" if title else "") + DRAFT_NOTICE, color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
@@ -137,9 +139,10 @@ def support_set_preview(support, path: Path, columns: int = 8) -> Path:
     """Every slice of a support set with its label contour and relative level."""
     n = len(support)
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.5), facecolor="black", squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.5), facecolor="black",
+                             squeeze=False)
     colour = colour_of(support.structure)
-    for ax, k in zip(axes.flat, range(rows * columns)):
+    for ax, k in zip(axes.flat, range(rows * columns), strict=True):
         ax.axis("off")
         if k >= n:
             continue

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from app.config import Settings  # noqa: E402
 from redis_server import start_redis  # noqa: E402
 from servers import service_env, start_server, start_worker  # noqa: E402
+
+from app.config import Settings  # noqa: E402
 
 CT = ROOT / "examples" / "pelvis_ct" / "ct.nii.gz"
 
@@ -36,7 +37,8 @@ def run(workers: int, threads: int, jobs: int, structures: str, weights: Path) -
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         redis = start_redis(tmp / "redis")
-        settings = dict(queue="celery", broker_url=redis.url, threads=threads, max_queue=100, warmup=True)
+        settings = dict(queue="celery", broker_url=redis.url, threads=threads, max_queue=100, warmup=True,
+                        cpu_support_size=str(Settings().cpu_support_size))  # the CPU default, not the tests' 2
         env = service_env(tmp / "data", weights, **settings)
         (tmp / "data").mkdir()
         procs = [start_worker(env, f"w{i}@bench", tmp / "data") for i in range(workers)]

@@ -93,16 +93,18 @@ def main() -> None:
         for name, support in supports.items():
             own = {c.case for c in support.manifest.source_cases}
             fractions = np.zeros(model_input.images.shape, dtype=np.float32)
-            fractions[body] = atlas_predict(model_input.images[body], support, [_allowed(support, z, own) for z in body])
+            fractions[body] = atlas_predict(model_input.images[body], support,
+                                            [_allowed(support, z, own) for z in body])
             results["atlas_baseline"][name] = score(grid_to_canonical(fractions, model_input, ct) >= 0.5,
                                                     references[name], ct)
         results["atlas_baseline"]["seconds"] = round(time.perf_counter() - started, 1)
 
     summary = {"support_set_size": 64, "support_size": args.support_size, "ensemble": 1, "heldout": HELDOUT,
                "seen": SEEN, "results": results}
-    for method, per in results.items():
+    for _method, per in results.items():
         for group, members in (("heldout", HELDOUT), ("seen", SEEN)):
-            per[f"mean_{group}"] = {k: round(float(np.mean([per[n][k] for n in members])), 4) for k in ("dice", "nsd_2mm")}
+            per[f"mean_{group}"] = {k: round(float(np.mean([per[n][k] for n in members])), 4)
+                                    for k in ("dice", "nsd_2mm")}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary))
 

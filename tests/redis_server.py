@@ -22,7 +22,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         # append-only file, fsync on every write: a restart keeps every accepted task
         self.process = subprocess.Popen(

@@ -117,7 +117,7 @@ def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom
         assert prediction.computed.sum() == inputs[name].body_slices.sum()
         assert prediction.probability.min() >= 0 and prediction.probability.max() <= 1
     coarse = predict_structures(engine, inputs, supports, InferenceOptions(support_size=4, ensemble=2))
-    for name, prediction in coarse.items():
+    for _name, prediction in coarse.items():
         if prediction.extent is not None:
             lo, hi = prediction.extent
             zs = np.nonzero(prediction.computed)[0]

@@ -19,7 +19,8 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 def test_single_pair_with_custom_tolerances(tmp_path, capsys):
     case = EXPECTED["cases"]["d_dilated_1vox"]
-    code = main(["evaluate", "--pred", str(FIXTURES / case["files"]["pred"]), "--ref", str(FIXTURES / case["files"]["ref"]),
+    code = main(["evaluate", "--pred", str(FIXTURES / case["files"]["pred"]),
+                 "--ref", str(FIXTURES / case["files"]["ref"]),
                  "--structures", "blob", "--tolerance-mm", "1,2,3,5", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
@@ -69,7 +70,8 @@ def test_missing_and_mismatched_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "pred").mkdir()
     for argv, words in (
         (["--pred", str(tmp_path / "nothing"), "--ref", str(tmp_path)], "prediction not found"),
-        (["--pred", str(tmp_path / "pred"), "--ref", str(FIXTURES / "a_identical_blob" / "ref.nii.gz")], "no prediction mask"),
+        (["--pred", str(tmp_path / "pred"), "--ref", str(FIXTURES / "a_identical_blob" / "ref.nii.gz")],
+         "no prediction mask"),
         (["--pred", str(FIXTURES / "a_identical_blob" / "pred.nii.gz"), "--ref", str(tmp_path)], "single reference"),
         (["--pred", str(FIXTURES / "a_identical_blob" / "pred.nii.gz"), "--ref",
           str(FIXTURES / "a_identical_blob" / "ref.nii.gz"), "--tolerance-mm", "1,x"], "tolerance"),

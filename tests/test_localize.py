@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import EXAMPLE_CT, ROOT
 
 from app.io import CanonicalCT, read_ct
 from app.support import discover
 from app.support.localize import Profile, bone_profile, expected_range, match
-from conftest import EXAMPLE_CT, ROOT
 
 
 def _profile(ct: CanonicalCT) -> Profile:

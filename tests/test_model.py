@@ -46,7 +46,8 @@ def test_intermediate_activations_match_reference():
     fixture = load_file(str(FIXTURES / "golden_small_intermediates.safetensors"))
     model = _model_from(weights, [16] * 4)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    blocks = {f"enc{i}": b for i, b in enumerate(model.enc_blocks)} | {f"dec{i}": b for i, b in enumerate(model.dec_blocks)}
+    blocks = ({f"enc{i}": b for i, b in enumerate(model.enc_blocks)}
+              | {f"dec{i}": b for i, b in enumerate(model.dec_blocks)})
     for name, block in blocks.items():
         block.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
     model.enc_blocks[0].cross.register_forward_hook(lambda _m, _i, out: seen.__setitem__("enc0_cross", out))

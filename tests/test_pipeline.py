@@ -112,13 +112,14 @@ def test_cli_support_build_and_segment_with_a_clinic_set(tmp_path, capsys, small
     assert "bladder-" in capsys.readouterr().out
     code = main(["segment", str(phantom_cases[0][0]), "--out", str(tmp_path / "out"), "--weights", str(small_weights),
                  "--structures", "bladder", "--support-dir", str(tmp_path / "clinic"), "--support-size", "3",
-                 "--quiet", "--no-preview"])
+                 "--precision", "float32", "--quiet", "--no-preview"])
     out = capsys.readouterr().out
     assert code == 0 and "DRAFT" in out and "Bladder" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["structures"]["bladder"]["support_set"]["source_cases"] == 2
     assert any("source case" in w for w in summary["warnings"])  # leave-slice-out was applied
     assert not (tmp_path / "out" / "preview.png").exists()
+    assert summary["model"]["precision"] == "float32" and "caller" in summary["model"]["precision_note"]
 
 
 def test_help_texts_name_the_draft_status(capsys):

@@ -42,8 +42,12 @@ def screenshots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_weights):
-    weights = Settings().default_weights if os.environ.get("AUTOCONTOUR_SCREENSHOTS") else small_weights
-    s = start_server(tmp_path_factory.mktemp("page"), weights,
+    # Screenshots for the README: the shipped weights and the CPU defaults; tests: small and fast.
+    if os.environ.get("AUTOCONTOUR_SCREENSHOTS"):
+        weights, speed = Settings().default_weights, {"cpu_support_size": str(Settings().cpu_support_size)}
+    else:
+        weights, speed = small_weights, {}
+    s = start_server(tmp_path_factory.mktemp("page"), weights, **speed,
                      api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
     yield s
     s.stop()

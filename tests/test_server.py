@@ -75,7 +75,8 @@ def test_health_catalogue_model_and_metrics(server):
     response = httpx.get(f"{server.url}/metrics")
     assert "autocontour_queue_depth" in response.text and "autocontour_http_requests_total" in response.text
     assert response.headers["x-request-id"]
-    assert httpx.get(f"{server.url}/healthz", headers={"X-Request-ID": "trace-42"}).headers["x-request-id"] == "trace-42"
+    traced = httpx.get(f"{server.url}/healthz", headers={"X-Request-ID": "trace-42"})
+    assert traced.headers["x-request-id"] == "trace-42"
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert "/v1/segmentations/{job_id}/masks/{structure}" in schema["paths"]
     assert "draft" in schema["info"]["description"].lower()
@@ -277,7 +278,8 @@ def test_restart_keeps_results_and_finishes_accepted_jobs(tmp_path, small_weight
     s = start_server(data, small_weights)
     try:
         again = httpx.get(f"{s.url}/v1/segmentations/{done_id}/result")
-        assert again.status_code == 200 and read_zip(again.content)["bladder.nii.gz"] == read_zip(done.content)["bladder.nii.gz"]
+        assert again.status_code == 200
+        assert read_zip(again.content)["bladder.nii.gz"] == read_zip(done.content)["bladder.nii.gz"]
         for job_id in accepted:
             job = wait_done(s.url, job_id)
             assert job["status"] == "done", job

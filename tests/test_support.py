@@ -38,7 +38,8 @@ def test_recipe_operations_on_a_label_map():
     union = Recipe("x", {"union": ["vessel", {"label": 2}]}).evaluate(labels, names, spacing)
     assert union.sum() == 10 * (25 + 16 - 4)
     inter = Recipe("x", {"intersection": [{"expand": "vessel", "mm": 1}, "bone"]}).evaluate(labels, names, spacing)
-    assert inter.sum() == 10 * 3 and inter[:, 8, 9].all() and not inter[:, 9, 9].any()  # bone voxels touching the vessel's faces
+    # bone voxels touching the vessel's faces
+    assert inter.sum() == 10 * 3 and inter[:, 8, 9].all() and not inter[:, 9, 9].any()
     lower_half = Recipe("x", {"axial_limit": "vessel", "reference": "ref", "to_fraction": 0.5}).evaluate(
         labels, names, spacing)
     assert np.nonzero(lower_half.any(axis=(1, 2)))[0].tolist() == [0, 1, 2, 3, 4]  # z <= 2 + 0.5 * 5

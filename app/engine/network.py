@@ -64,11 +64,12 @@ class SplitUniverSeg(nn.Module):
         super().__init__()
         self.enc = nn.ModuleList()
         query_ch = 1
-        for width, block in zip(model.encoder_blocks, model.enc_blocks):
+        for width, block in zip(model.encoder_blocks, model.enc_blocks, strict=True):
             self.enc.append(SplitBlock(block, query_ch))
             query_ch = width
         self.dec = nn.ModuleList()
-        for skip_width, width, block in zip(model.encoder_blocks[-2::-1], model.decoder_blocks, model.dec_blocks):
+        skip_widths = model.encoder_blocks[-2::-1]
+        for skip_width, width, block in zip(skip_widths, model.decoder_blocks, model.dec_blocks, strict=True):
             self.dec.append(SplitBlock(block, query_ch + skip_width))
             query_ch = width
         self.out_conv = model.out_conv.conv

@@ -54,7 +54,8 @@ class InferenceOptions(BaseModel):
     coarse_support_size: int = Field(4, ge=1, le=256, description="support slices for the coarse pass "
                                                                   "(it only has to find the structure)")
     support_selection: str = Field("level", pattern="^(level|spread)$",
-                                   description="level: examples from the query's relative level; spread: from the whole extent")
+                                   description="level: examples from the query's relative level; "
+                                               "spread: from the whole extent")
     seed: int = 0
 
 
@@ -95,7 +96,8 @@ class _Pools:
         self.array = np.concatenate(arrays).astype(np.float32)
 
 
-def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
     """K support subsets stratified over the levels: one pick per stratum each."""
     order = np.nonzero(allowed)[0]
     order = order[np.argsort(levels[order], kind="stable")]
@@ -202,7 +204,8 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         prediction, model_input = results[name], inputs[name]
         body = searched[name]
         step = _step_slices(model_input, options.coarse_step_mm)
-        areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse) if r.structure == name}
+        areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse, strict=True)
+                 if r.structure == name}
         found = _main_run(areas, step)
         if found:
             prediction.extent = (found[0], found[-1])
@@ -226,7 +229,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
 
     fine = _run(engine, inputs, pools, fine_requests, "fine", progress)
     by_slice: dict[tuple[str, int], list[np.ndarray]] = {}
-    for request, probability in zip(fine_requests, fine):
+    for request, probability in zip(fine_requests, fine, strict=True):
         by_slice.setdefault((request.structure, request.z), []).append(probability)
     for (name, z), members in by_slice.items():
         results[name].probability[z] = np.mean(members, axis=0)
@@ -280,13 +283,13 @@ def _run(engine: Engine, inputs: dict[str, ModelInput], pools: _Pools, requests:
         index = np.stack([requests[i].index for i in members])
         finished = 0
 
-        def report(n: int) -> None:
+        def report(n: int, members: list[int] = members) -> None:
             nonlocal finished
             done.update(requests[i].structure for i in members[finished:finished + n])
             finished += n
             if progress:
                 progress(phase, dict(done), dict(total))
 
-        for i, probability in zip(members, engine.predict(queries, pools.array, index, report)):
+        for i, probability in zip(members, engine.predict(queries, pools.array, index, report), strict=True):
             results[i] = probability
     return results  # type: ignore[return-value]

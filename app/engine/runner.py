@@ -154,7 +154,8 @@ class Engine:
         pool = np.zeros((support_size, 2, size, size), dtype=np.float32)
         self.predict(queries, pool, np.arange(support_size)[None])
 
-    def _forward(self, queries: np.ndarray, pool: torch.Tensor, index: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+    def _forward(self, queries: np.ndarray, pool: torch.Tensor, index: np.ndarray,
+                 pad_to: int | None = None) -> np.ndarray:
         n = len(queries)
         if pad_to and n < pad_to:  # one shape for a compiled network
             queries = np.concatenate([queries, np.zeros((pad_to - n, *queries.shape[1:]), queries.dtype)])

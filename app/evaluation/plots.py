@@ -14,7 +14,8 @@ from app.preview import colour_of  # noqa: E402
 
 LABELS = {"dice": "Dice", "jaccard": "Jaccard", "precision": "precision", "recall": "recall",
           "rvd": "relative volume difference", "hd100_mm": "Hausdorff distance (mm)", "hd95_mm": "HD95 (mm)",
-          "asd_ref_to_pred_mm": "ASD reference->prediction (mm)", "asd_pred_to_ref_mm": "ASD prediction->reference (mm)",
+          "asd_ref_to_pred_mm": "ASD reference->prediction (mm)",
+          "asd_pred_to_ref_mm": "ASD prediction->reference (mm)",
           "assd_mm": "average symmetric surface distance (mm)", "volume_ref_ml": "reference volume (mL)",
           "volume_pred_ml": "predicted volume (mL)"}
 
@@ -39,7 +40,7 @@ def metric_plots(records: list[dict], folder: Path, keys: list[str]) -> Path:
         if any(data):
             ax.boxplot([d if d else [np.nan] for d in data], widths=0.5, showfliers=False,
                        medianprops={"color": "black"})
-        for i, (s, d) in enumerate(zip(structures, data), start=1):
+        for i, (s, d) in enumerate(zip(structures, data, strict=True), start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, color=colour_of(s), edgecolor="black", zorder=3, s=28)
         ax.set_xticks(range(1, len(structures) + 1), structures)
         ax.set_ylabel(metric_label(key))

@@ -129,7 +129,7 @@ class UniverSeg(nn.Module):
             query_ch = support_ch = width
 
         self.dec_blocks = nn.ModuleList()
-        for skip_width, width in zip(encoder_blocks[-2::-1], decoder_blocks):
+        for skip_width, width in zip(encoder_blocks[-2::-1], decoder_blocks, strict=True):
             self.dec_blocks.append(CrossBlock(query_ch + skip_width, support_ch + skip_width, width, width))
             query_ch = support_ch = width
 

@@ -63,7 +63,7 @@ class Job:
     cancel_requested: bool = False
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Job":
+    def from_row(cls, row: sqlite3.Row) -> Job:
         return cls(id=row["id"], owner=row["owner"], status=row["status"], created=row["created"],
                    options=json.loads(row["options"]), input_name=row["input_name"], started=row["started"],
                    finished=row["finished"], progress=json.loads(row["progress"]),
@@ -182,7 +182,8 @@ class JobStore:
 
     def mark_running(self, job_id: str) -> None:
         """A job an external worker has started (Celery mode)."""
-        self._exec("UPDATE jobs SET status = 'running', started = COALESCE(started, ?) WHERE id = ? AND status = 'queued'",
+        self._exec("UPDATE jobs SET status = 'running', started = COALESCE(started, ?) "
+                   "WHERE id = ? AND status = 'queued'",
                    (time.time(), job_id))
 
     def set_progress(self, job_id: str, progress: dict) -> None:
@@ -207,7 +208,8 @@ class JobStore:
         return row["status"] if row else None
 
     def mark_cancelled(self, job_id: str) -> None:
-        self._exec("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status IN ('queued', 'running')",
+        self._exec("UPDATE jobs SET status = 'cancelled', finished = ? "
+                   "WHERE id = ? AND status IN ('queued', 'running')",
                    (time.time(), job_id))
 
     def cancel_requested(self, job_id: str) -> bool:

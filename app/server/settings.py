@@ -35,7 +35,8 @@ class ServerSettings(Settings):
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="finished jobs and results are deleted after this")
     wait_timeout_s: float = Field(600.0, gt=0, description="longest ?wait=true before answering 202")
     api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
-    queue: str = Field("local", pattern="^(local|celery)$", description="local: in-process worker; celery: Redis + workers")
+    queue: str = Field("local", pattern="^(local|celery)$",
+                       description="local: in-process worker; celery: Redis + workers")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker and task results)")
     visibility_timeout_s: int = Field(7200, ge=10, description="a task unacknowledged this long is redelivered: "
                                                                "keep it above the longest job")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +103,8 @@ def _spread(candidates: np.ndarray, n: int) -> np.ndarray:
     return candidates[np.unique(np.round(np.linspace(0, candidates.size - 1, n)).astype(int))]
 
 
-def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float, mirror: bool) -> list[tuple[int, int, bool]]:
+def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float,
+                  mirror: bool) -> list[tuple[int, int, bool]]:
     """(case index, slice index, flipped) triples for a support set of `size` slices."""
     n_negative = int(round(size * negative_fraction))
     n_positive = size - n_negative
@@ -112,7 +113,7 @@ def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float
     total = sum(p.size for p in positives)
     quota = [max(1, int(round(n_positive * p.size / total))) for p in positives]
     picks: list[tuple[int, int, bool]] = []
-    for i, (pos, want) in enumerate(zip(positives, quota)):
+    for i, (pos, want) in enumerate(zip(positives, quota, strict=True)):
         chosen = _spread(pos, want)
         picks += [(i, int(z), False) for z in chosen]
         if mirror and want > chosen.size:
@@ -120,7 +121,8 @@ def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float
     for i, case in enumerate(cases):
         lo, hi = case.case.extent_slices
         below = [z for z in range(lo - NEGATIVE_MARGIN_SLICES, lo) if z >= 0 and case.body_slices[z]]
-        above = [z for z in range(hi + 1, hi + 1 + NEGATIVE_MARGIN_SLICES) if z < len(case.body_slices) and case.body_slices[z]]
+        above = [z for z in range(hi + 1, hi + 1 + NEGATIVE_MARGIN_SLICES)
+                 if z < len(case.body_slices) and case.body_slices[z]]
         share = int(round(n_negative / len(cases)))
         picks += [(i, int(z), False) for z in _spread(np.array(below, dtype=int), share - share // 2)]
         picks += [(i, int(z), False) for z in _spread(np.array(above, dtype=int), share // 2)]
@@ -162,7 +164,7 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
 
     manifest = SupportManifest(
         name=name, structure=structure, description=description,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=source,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
         preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
         source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)
     support = save_support_set(manifest, np.stack(images), np.stack(labels), out)

@@ -41,10 +41,11 @@ class Profile:
         return self.z0_mm + SAMPLE_MM * np.arange(len(self.values))
 
     def to_dict(self) -> dict:
-        return {"z0_mm": round(self.z0_mm, 3), "step_mm": SAMPLE_MM, "bone_area_mm2": [round(v, 1) for v in self.values]}
+        return {"z0_mm": round(self.z0_mm, 3), "step_mm": SAMPLE_MM,
+                "bone_area_mm2": [round(v, 1) for v in self.values]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
+    def from_dict(cls, data: dict) -> Profile:
         return cls(float(data["z0_mm"]), tuple(float(v) for v in data["bone_area_mm2"]))
 
 

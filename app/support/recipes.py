@@ -49,7 +49,7 @@ class Recipe:
         self.labels_used()  # validates the expression
 
     @classmethod
-    def from_file(cls, path: Path) -> "Recipe":
+    def from_file(cls, path: Path) -> Recipe:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -164,7 +164,7 @@ def margin(mask: np.ndarray, mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
     idx = np.nonzero(mask)
     lo = np.maximum(np.array([i.min() for i in idx]) - pad, 0)
     hi = np.minimum(np.array([i.max() for i in idx]) + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing_zyx)
     out = np.zeros_like(mask)
     out[box] = distance <= mm

@@ -158,7 +158,8 @@ def load_support_set(folder: Path) -> SupportSet:
     except FileNotFoundError as exc:
         raise SupportSetError(f"{folder}: no {MANIFEST}") from exc
     except ValidationError as exc:
-        raise SupportSetError(f"{folder / MANIFEST} is not a valid support-set manifest: {exc.errors()[0]['msg']}") from exc
+        raise SupportSetError(f"{folder / MANIFEST} is not a valid support-set manifest: "
+                              f"{exc.errors()[0]['msg']}") from exc
     if manifest.format_version != FORMAT_VERSION:
         raise SupportSetError(f"{folder}: format version {manifest.format_version}, expected {FORMAT_VERSION}")
     try:

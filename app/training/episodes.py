@@ -99,7 +99,8 @@ class TaskSampler:
     def task_rows(self, task: Task) -> np.ndarray:
         if task.kind == "synthetic":
             return np.nonzero((self.data.volume == task.volume) & (self.data.plane == task.plane))[0]
-        rows = np.unique(np.concatenate([self.by_task[(n, task.plane)] for n in task.names if (n, task.plane) in self.by_task]))
+        rows = np.unique(np.concatenate([self.by_task[(n, task.plane)] for n in task.names
+                                         if (n, task.plane) in self.by_task]))
         return rows[self.data.volume[rows] == task.volume] if task.volume >= 0 else rows
 
     def task_label(self, task: Task, rows: np.ndarray) -> np.ndarray:
@@ -167,7 +168,8 @@ class TaskSampler:
             return None
         positions = self.data.position[rows]
         lo, hi = positions[present].min(), positions[present].max()
-        near = rows[~present & (((positions < lo) & (positions >= lo - 6)) | ((positions > hi) & (positions <= hi + 6)))]
+        near = rows[~present & (((positions < lo) & (positions >= lo - 6))
+                                | ((positions > hi) & (positions <= hi + 6)))]
         return int(self.rng.choice(near)) if near.size else None
 
     def _synthetic(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -219,7 +219,8 @@ class Trainer:
                 running.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-50:]):.3f}")
-                row = {"step": self.step, "loss": round(loss.item(), 5), "lr": f"{self.learning_rate(self.step - 1):.2e}",
+                row = {"step": self.step, "loss": round(loss.item(), 5),
+                       "lr": f"{self.learning_rate(self.step - 1):.2e}",
                        "size": size, "seconds": round(time.perf_counter() - started, 1)}
                 if self.step % c.validate_every == 0 or self.step == c.steps:
                     scores = self.validate()
@@ -286,7 +287,7 @@ def plot_curves(log: Path, out: Path) -> None:
     for key in [k for k in rows[0] if k.startswith("val_dice_")]:
         points = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
         if points:
-            b.plot(*zip(*points), marker="o", label=key.removeprefix("val_dice_").replace("_", " "))
+            b.plot(*zip(*points, strict=True), marker="o", label=key.removeprefix("val_dice_").replace("_", " "))
     b.set_xlabel("step")
     b.set_ylabel("validation Dice")
     b.set_ylim(0, 1)

@@ -28,7 +28,8 @@ def structures(request: Request, _: str | None = require("read")):
         })
     return {"structures": items,
             "overlaps_allowed": sorted(sorted(p) for p in ALLOWED_OVERLAPS),
-            "rule": "CTVn, CTVp and anorectum never overlap; bladder may overlap CTVn; parametrium may overlap anything"}
+            "rule": "CTVn, CTVp and anorectum never overlap; bladder may overlap CTVn; "
+                    "parametrium may overlap anything"}
 
 
 @router.get("/model")

@@ -22,7 +22,8 @@ def readyz(request: Request):
     checks = {"model_loaded": state.segmenter is not None, "worker_running": state.queue.alive(),
               "storage_writable": state.results.writable()}
     ready = all(checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
 
 
 @router.get("/metrics")

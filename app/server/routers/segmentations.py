@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -54,7 +54,7 @@ class SegmentationJob(BaseModel):
 
 
 def _iso(t: float | None) -> str | None:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds") if t else None
 
 
 def job_resource(job: Job) -> SegmentationJob:
@@ -150,7 +150,8 @@ async def submit(
         job = await _wait(request, job.id)
         if job.status == "done":
             return FileResponse(state.results.zip_path(job.id), media_type="application/zip",
-                                filename=f"autocontour-{job.id}.zip", headers={"Location": location, "X-Job-Id": job.id})
+                                filename=f"autocontour-{job.id}.zip",
+                                headers={"Location": location, "X-Job-Id": job.id})
         if job.status == "cancelled":
             raise Problem(409, "cancelled", "Cancelled", "the job was cancelled", headers={"Location": location})
         if job.status == "failed":
