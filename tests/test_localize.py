@@ -42,3 +42,11 @@ def test_segment_reports_the_searched_range(small_weights):
     assert lo < 110 and 180 < hi < 260
     if bladder["z_range_mm"]:
         assert lo - 1 <= bladder["z_range_mm"][0] and bladder["z_range_mm"][1] <= hi + 1
+
+
+def test_a_profile_of_the_right_shape_but_a_fraction_of_the_bone_is_no_match():
+    # A stretch of lumbar spine can correlate with a pelvis; it has far less bone.
+    shape = np.sin(np.linspace(0, 6, 60)) * 100 + 200
+    source = Profile(0.0, tuple(float(v) for v in shape))
+    assert match(source, Profile(0.0, tuple(float(v) for v in shape / 1.5))).score > 0.99  # a smaller patient
+    assert match(source, Profile(0.0, tuple(float(v) for v in shape / 6))) is None

@@ -9,8 +9,12 @@ this profile for its source cases; for a new scan the source profile is
 matched to the scan's own (a 1-D registration: scale and shift along z,
 maximising correlation), and the structure's extent in the source case,
 mapped through that match and widened by a margin, is where the engine looks.
-If no source case matches well enough, the whole scan is searched and the
-result says so.
+Correlation alone ignores magnitude, and a flat stretch of lumbar spine can
+correlate with a pelvis by chance; bone area is a physical quantity that
+differs between adults by far less than the 5-10x between pelvis and lumbar
+spine, so a match whose mean bone areas differ by more than MAX_AREA_RATIO is
+not a match. If no source case matches well enough, the whole scan is
+searched and the result says so.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ SCALES = np.arange(0.85, 1.151, 0.025)  # patients differ in height
 MIN_OVERLAP_MM = 120.0
 MIN_SCORE = 0.6
 MARGIN_MM = 30.0
+MAX_AREA_RATIO = 2.5
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ def match(source: Profile, query: Profile) -> Match | None:
             a = sv[inside]
             b = np.interp(mapped[inside], qz, qv)
             if a.std() < 1e-6 or b.std() < 1e-6:
+                continue
+            if not 1 / MAX_AREA_RATIO <= a.mean() / max(b.mean(), 1e-6) <= MAX_AREA_RATIO:
                 continue
             score = float(np.corrcoef(a, b)[0, 1])
             if best is None or score > best.score:
