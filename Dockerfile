@@ -36,8 +36,9 @@ USER 10001
 VOLUME ["/data"]
 EXPOSE 8000
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+# The API answers /healthz; a worker container (`... autocontour worker`) checks its broker instead.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["autocontour", "health"]
 
 ENTRYPOINT ["autocontour"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
-                              description="Segment a CT (.nii/.nii.gz) and write one NIfTI mask per structure on "
-                                          "the CT's grid, summary.json (confidence, flagged slices, volumes, "
-                                          "provenance) and preview.png. Results are drafts for clinical review.")
+                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
+                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
+                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
+                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
     seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
                                            "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
     seg.add_argument("--out", type=Path, required=True, help="output folder")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", type=Path, required=True, help="mask file, label map, or folder of <name>.nii.gz")
     evaluate.add_argument("--structures", default=None, help="comma-separated subset (default: all predicted)")
     evaluate.add_argument("--tolerance-mm", default=None, help="surface-Dice tolerances, e.g. 1,2,3,5 (default 1,2,3)")
+    evaluate.add_argument("--structure-tolerance", action="append", default=[], metavar="NAME=MM[,MM]",
+                          help="extra surface-Dice tolerances for one structure, e.g. ctvn=5; 'catalogue' adds "
+                               "each catalogue structure's own (autocontour structures); repeatable")
     evaluate.add_argument("--ref-labels", type=Path, default=None,
                           help="JSON {value: name} for a reference label map (default: labels.json beside it)")
     evaluate.add_argument("--ct", type=Path, default=None, help="the CT, for comparison pictures (preview.png)")
@@ -159,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-data", type=Path, default=None, help="write the prepared data file here")
     train.add_argument("--prepare-only", action="store_true", help="only prepare --save-data, do not train")
     train.add_argument("--from", dest="init", type=Path, default=None, help="start from this checkpoint")
+    train.add_argument("--name", default=None, help="model name in the weights' card (default: autocontour-<OUT>)")
+    train.add_argument("--licence", default=None,
+                       help="licence of the weights, which follows the training data's (default: says so); "
+                            "weights from research-only --from weights stay research-only whatever this says")
     _training_options(train, steps=6000)
     train.set_defaults(handler=cmd_train)
 
@@ -188,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Load the model once and run segmentation tasks from the Redis broker "
                                              "(AUTOCONTOUR_BROKER_URL). Start one per GPU; the API runs with "
                                              "AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared).")
-    worker.add_argument("--name", default=None, help="worker node name (default: autocontour@HOST-PID)")
+    worker.add_argument("--name", default=None, help="worker node name (default: autocontour-PID@HOST)")
     worker.set_defaults(handler=cmd_worker)
 
     submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
@@ -240,19 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
     key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
     key_hash.set_defaults(handler=cmd_keys_hash)
 
+    health = commands.add_parser("health", help="container health check: the API answers, or a worker reaches "
+                                                "its broker",
+                                 description="Exit 0 when healthy, 1 with one line otherwise. A worker container "
+                                             "(PID 1 runs `autocontour worker`, or --worker) is healthy when it "
+                                             "reaches its Redis broker; otherwise the API must answer --url.")
+    health.add_argument("--url", default="http://127.0.0.1:8000/healthz")
+    health.add_argument("--worker", action="store_true", help="check the broker (default: when PID 1 is a worker)")
+    health.set_defaults(handler=cmd_health)
+
     structures = commands.add_parser("structures", help="list the structure catalogue and overlap rules")
     structures.set_defaults(handler=cmd_structures)
     return parser
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from app.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerances, write_report
+    from app.evaluation.evaluate import (
+        evaluate_pairs,
+        pair_inputs,
+        parse_structure_tolerances,
+        parse_tolerances,
+        report_tolerances,
+        write_report,
+    )
 
     tolerances = parse_tolerances(args.tolerance_mm)
+    by_structure = parse_structure_tolerances(args.structure_tolerance)
     structures = [s.strip() for s in args.structures.split(",")] if args.structures else None
     pairs = pair_inputs(args.pred, args.ref, structures, args.ref_labels)
-    records = evaluate_pairs(pairs, tolerances)
-    written = write_report(records, args.out, tolerances)
+    records = evaluate_pairs(pairs, tolerances, by_structure)
+    written = write_report(records, args.out, report_tolerances(tolerances, by_structure))
     if args.ct:
         from app.evaluation.evaluate import comparison_preview
 
@@ -322,7 +347,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.prepare_only:
         return 0
     config = _train_config(args)
-    scores = train(data, args.out, config, init=args.init, resume=not args.no_resume, progress=not args.quiet)
+    card = {"name": args.name or f"autocontour-{args.out.resolve().name}", "source": "autocontour train"}
+    if args.licence:
+        card["licence"] = args.licence
+    scores = train(data, args.out, config, init=args.init, resume=not args.no_resume, progress=not args.quiet,
+                   card=card)
     print(json.dumps(scores, indent=1))
     print(f"weights: {args.out / 'final.safetensors'} (best validation: {args.out / 'best.safetensors'})")
     return 0
@@ -572,11 +601,42 @@ def cmd_keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pid1_is_worker() -> bool:
+    try:
+        argv = Path("/proc/1/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a.endswith(b"autocontour") for a in argv) and b"worker" in argv
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    try:
+        if args.worker or _pid1_is_worker():
+            from kombu import Connection
+
+            from app.server.settings import ServerSettings
+
+            with Connection(ServerSettings().broker_url, connect_timeout=4) as connection:
+                connection.ensure_connection(max_retries=1, timeout=4)
+            print("healthy: broker reachable")
+        else:
+            import httpx
+
+            httpx.get(args.url, timeout=4).raise_for_status()
+            print(f"healthy: {args.url} answers")
+        return 0
+    except Exception as exc:  # any failure is "unhealthy", said in one line
+        print(f"autocontour: unhealthy: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return 1
+
+
 def cmd_structures(args: argparse.Namespace) -> int:
     from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES
 
     for s in STRUCTURES.values():
-        print(f"{s.name:<12} {s.display_name:<12} {s.kind:<6} {s.description}")
+        print(f"{s.name:<12} {s.display_name:<12} {s.kind:<6} surface-Dice tolerance {s.nsd_tolerance_mm:g} mm  "
+              f"{s.description}")
     pairs = sorted(ALLOWED_OVERLAPS, key=sorted)
     print("overlaps allowed only between: " + "; ".join(" & ".join(sorted(p)) for p in pairs))
     return 0

@@ -125,17 +125,22 @@ class Segmenter:
         return "cpu"
 
     def warm_up(self) -> None:
-        """One small forward pass (and kernel selection on GPU) before the first request."""
-        self.engine.warm_up(self.default_support_size)
+        """Forward passes at the coarse and fine support sizes (kernel selection on GPU, compilation
+        when enabled) before the first request."""
+        coarse = InferenceOptions.model_fields["coarse_support_size"].default
+        for size in sorted({min(coarse, self.default_support_size), self.default_support_size}):
+            self.engine.warm_up(size)
 
     def support_for(self, structures: list[str]) -> dict[str, SupportSet]:
         missing = [s for s in structures if s not in self.supports]
         if missing:
             name = missing[0]
+            shipped = (self.settings.shipped_support_dir / name / "manifest.json").is_file()
+            why = ("the shipped one is switched off (--no-shipped-support)" if shipped else
+                   "none ships with autocontour because no public data set has it")
             raise NoSupportSetError(
-                f"no support set for {name!r} ({STRUCTURES[name].display_name}): none ships with autocontour "
-                f"because no public data set has it. Build one from your own contoured cases with "
-                f"`autocontour support build {name} --structure {name} --case CT.nii.gz MASK.nii.gz [--case ...] "
+                f"no support set for {name!r} ({STRUCTURES[name].display_name}): {why}. Build one from your own "
+                f"contoured cases with `autocontour support build {name} --case CT.nii.gz MASK.nii.gz [--case ...] "
                 f"--out DIR` and pass --support-dir DIR")
         return {s: self.supports[s] for s in structures}
 

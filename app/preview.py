@@ -10,6 +10,7 @@ in red, and the draft notice on the picture itself.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def colour_of(name: str) -> tuple[float, float, float]:
     if name in STRUCTURES:
         return tuple(c / 255 for c in STRUCTURES[name].colour)
     palette = plt.get_cmap("tab10")
-    return palette(abs(hash(name)) % 10)[:3]
+    return palette(zlib.crc32(name.encode()) % 10)[:3]  # the same colour in every run (hash() is salted)
 
 
 def window(hu: np.ndarray, level: float = SOFT_TISSUE[0], width: float = SOFT_TISSUE[1]) -> np.ndarray:

@@ -33,6 +33,28 @@ def test_single_pair_with_custom_tolerances(tmp_path, capsys):
     assert (tmp_path / "plots" / "hd95_mm.png").stat().st_size > 5000
 
 
+def test_per_structure_tolerances(tmp_path, capsys):
+    case = EXPECTED["cases"]["d_dilated_1vox"]
+    for folder, key in (("pred", "pred"), ("ref", "ref")):
+        (tmp_path / folder).mkdir()
+        for structure in ("bladder", "ctvn"):
+            sitk.WriteImage(sitk.ReadImage(str(FIXTURES / case["files"][key])),
+                            str(tmp_path / folder / f"{structure}.nii.gz"))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--structure-tolerance", "ctvn=5", "--out", str(tmp_path / "out")]) == 0
+    records = {r["structure"]: r["metrics"] for r in
+               json.loads((tmp_path / "out" / "metrics.json").read_text())["records"]}
+    assert "nsd_5mm" not in records["bladder"] and list(records["bladder"]) == metric_keys((1, 2, 3))
+    assert records["ctvn"]["nsd_5mm"] == pytest.approx(case["metrics"]["nsd_5mm"], abs=1e-5)
+    rows = {r["structure"]: r for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))}
+    assert rows["bladder"]["nsd_5mm"] == "" and float(rows["ctvn"]["nsd_5mm"]) == pytest.approx(
+        case["metrics"]["nsd_5mm"], abs=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--structure-tolerance", "ctvn", "--out", str(tmp_path / "bad")]) == 2
+    assert "NAME=MM" in capsys.readouterr().err
+
+
 def test_folders_pair_by_name_and_grids_are_reconciled(tmp_path):
     ref = sitk.ReadImage(str(FIXTURES / "a_identical_blob" / "ref.nii.gz"))
     (tmp_path / "ref").mkdir()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.cli import main
+from app.model.weights import load_model, save_checkpoint
 from app.training.data import phantom_volumes, prepare_training_data
 from app.training.dataset import load_training_data
 from app.training.episodes import TaskSampler
@@ -72,8 +73,14 @@ def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):
                  "--support-size", "2", "--low-res-steps", "4", "--validate-every", "2", "--checkpoint-every", "2",
                  "--device", "cpu", "--quiet"])
     assert code == 0 and (tmp_path / "t" / "final.safetensors").is_file()
+    model, card = load_model(tmp_path / "t" / "final.safetensors")
+    assert card.name == "autocontour-t" and "training data" in card.licence and not card.research_only
+    # research-only starting weights (like the official ones): whatever is trained from them stays research-only
+    research = tmp_path / "research.safetensors"
+    save_checkpoint(model, research, card.model_copy(update={"name": "official", "licence": "OpenRAIL++-M",
+                                                             "research_only": True, "notice": "research use only"}))
     capsys.readouterr()
-    code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"),
+    code = main(["finetune", "--from", str(research),
                  "--case", str(phantom_cases[0][0]), str(phantom_cases[0][1]),
                  "--case", str(phantom_cases[1][0]), str(phantom_cases[1][1]), "--structures", "bladder",
                  "--out", str(tmp_path / "f"), "--steps", "4", "--batch-size", "2", "--support-size", "2",
@@ -83,6 +90,8 @@ def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):
     result = json.loads(capsys.readouterr().out.split("weights:")[0])
     assert 0 <= result["best_heldout_case_dice"] <= 1 and result["steps"] == 4
     assert (tmp_path / "f" / "best.safetensors").is_file()
+    _, tuned = load_model(tmp_path / "f" / "best.safetensors")
+    assert tuned.research_only and tuned.notice == "research use only" and "research use only" in tuned.licence
     code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"), "--case", "a", "b",
                  "--structures", "bladder", "--out", str(tmp_path / "g")])
     assert code == 2

@@ -27,6 +27,9 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 # (see bench/engine.py): about 4 live feature maps of 64 float32 channels at full resolution.
 BYTES_PER_PAIR_PIXEL = 4 * 64 * 4
 CPU_MAX_PAIRS = 32  # larger CPU batches gain nothing and fall out of cache (bench/engine.py)
+# A GPU batch of ~6 GiB (about 750 bf16 pairs at 128x128) already keeps an H100 busy; more memory
+# buys no speed and leaves none for a second process on the card.
+GPU_MAX_BATCH_GIB = 6.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,7 +67,7 @@ class Engine:
 
     def __init__(self, model: UniverSeg, device: str = "auto", precision: str = "float32",
                  max_pairs_per_batch: int | None = None, memory_fraction: float | None = None,
-                 threads: int | None = None, compile: bool = False):
+                 threads: int | None = None, compile: bool = False, max_batch_gib: float = GPU_MAX_BATCH_GIB):
         """`compile` wraps the network in torch.compile; batches are then padded to one shape
         (no recompiles), and `warm_up` pays the compilation before the first job."""
         self.device = resolve_device(device)
@@ -82,6 +85,7 @@ class Engine:
         self.max_pairs_per_batch = max_pairs_per_batch
         # CPU: small batches stay in cache (measured in bench/engine.py); GPU: as much as fits
         self.memory_fraction = memory_fraction or (0.6 if self.device.type == "cuda" else 0.25)
+        self.max_batch_bytes = max_batch_gib * 2**30
 
     def _autocast(self):
         if self.precision == "float32":
@@ -93,6 +97,8 @@ class Engine:
         if self.max_pairs_per_batch:
             return self.max_pairs_per_batch
         budget = available_memory_bytes(self.device) * self.memory_fraction
+        if self.device.type == "cuda":
+            budget = min(budget, self.max_batch_bytes)
         per_pair = BYTES_PER_PAIR_PIXEL * height * width * (0.5 if self.precision != "float32" else 1.0)
         pairs = max(1, int(budget // per_pair))
         return min(pairs, CPU_MAX_PAIRS) if self.device.type == "cpu" else pairs

@@ -133,15 +133,16 @@ def _on_reference_grid(pair: Pair) -> None:
 
 
 def evaluate_pairs(pairs: list[Pair], tolerances_mm=DEFAULT_TOLERANCES_MM,
-                   tolerance_by_structure: dict[str, float] | None = None) -> list[dict]:
-    """One record per pair: structure, case, metrics (exact keys), flags, notes."""
+                   tolerance_by_structure: dict[str, tuple[float, ...]] | None = None) -> list[dict]:
+    """One record per pair: structure, case, metrics (exact keys), flags, notes.
+
+    `tolerance_by_structure` adds surface-Dice tolerances for some structures (a CTV is judged
+    more leniently than an organ wall); their records gain those `nsd_<t>mm` keys."""
     records = []
     for pair in pairs:
         _on_reference_grid(pair)
         tolerances = list(tolerances_mm)
-        extra = (tolerance_by_structure or {}).get(pair.structure)
-        if extra is not None and extra not in tolerances:
-            tolerances.append(extra)
+        tolerances += [t for t in (tolerance_by_structure or {}).get(pair.structure, ()) if t not in tolerances]
         metrics, flags = compute_metrics(sitk.GetArrayFromImage(pair.pred), sitk.GetArrayFromImage(pair.ref),
                                          pair.ref.GetSpacing()[::-1], tolerances)
         records.append({"structure": pair.structure, "case": pair.case, "metrics": metrics, "flags": flags,
@@ -159,6 +160,32 @@ def parse_tolerances(text: str | None) -> tuple[float, ...]:
     if not values or any(v <= 0 for v in values):
         raise OptionError(f"tolerances must be positive millimetres: {text!r}")
     return values
+
+
+def parse_structure_tolerances(items: list[str] | None) -> dict[str, tuple[float, ...]]:
+    """`["ctvn=3,5", "bladder=1"]` -> per-structure tolerances; `catalogue` takes each catalogue
+    structure's own (`autocontour structures`)."""
+    result: dict[str, tuple[float, ...]] = {}
+    for item in items or []:
+        if item.strip().lower() == "catalogue":
+            from app.catalogue import STRUCTURES
+
+            for name, structure in STRUCTURES.items():
+                result[name] = tuple(sorted({*result.get(name, ()), structure.nsd_tolerance_mm}))
+            continue
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip():
+            raise OptionError(f"--structure-tolerance takes NAME=MM[,MM] or 'catalogue': {item!r}")
+        result[name.strip()] = parse_tolerances(values) if values.strip() else ()
+        if not result[name.strip()]:
+            raise OptionError(f"--structure-tolerance {item!r}: give at least one tolerance in mm")
+    return result
+
+
+def report_tolerances(tolerances_mm, tolerance_by_structure: dict[str, tuple[float, ...]] | None) -> tuple:
+    """Every tolerance some record carries, for the columns of the report."""
+    extra = sorted({t for ts in (tolerance_by_structure or {}).values() for t in ts} - set(tolerances_mm))
+    return (*tolerances_mm, *extra)
 
 
 def _fmt(value) -> str:

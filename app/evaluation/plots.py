@@ -30,9 +30,10 @@ def metric_plots(records: list[dict], folder: Path, keys: list[str]) -> Path:
     """plots/<metric>.png: a box per structure with every case as a point; nulls counted in the title."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    structures = list(dict.fromkeys(r["structure"] for r in records))
     rng = np.random.default_rng(0)
     for key in keys:
+        # a per-structure tolerance's key exists only for that structure's records
+        structures = list(dict.fromkeys(r["structure"] for r in records if key in r["metrics"]))
         values = {s: [r["metrics"][key] for r in records if r["structure"] == s] for s in structures}
         nulls = sum(v is None for vs in values.values() for v in vs)
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(structures), 3.6))

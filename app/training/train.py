@@ -248,14 +248,18 @@ class Trainer:
 
     def export(self, path: Path, scores: dict[str, float]) -> str:
         """The weights as a project checkpoint with its model card."""
+        research_only = bool(self.init_card and self.init_card.research_only)
+        licence = self.card_extra.get("licence", "not stated: weights follow the licences of their training data")
+        if research_only:  # derived from research-only weights: that restriction is inherited
+            licence = f"{self.init_card.licence} (derived from {self.init_card.name}; research use only)"
         card = ModelCard(
-            name=self.card_extra.get("name", "autocontour-universeg-v1"),
+            name=self.card_extra.get("name", f"autocontour-{self.out.name}"),
             version=self.card_extra.get("version", f"step {self.step}"),
-            sha256="", licence=self.card_extra.get("licence", "Apache-2.0 (project weights)"),
+            sha256="", licence=licence,
             source=self.card_extra.get("source", "autocontour train"),
             encoder_blocks=self.model.encoder_blocks,
-            research_only=bool(self.init_card and self.init_card.research_only),
-            notice=self.init_card.notice if self.init_card and self.init_card.research_only else None,
+            research_only=research_only,
+            notice=self.init_card.notice if research_only else None,
             description=json.dumps({"step": self.step, "validation": scores, **self.card_extra.get("details", {})}),
         )
         return save_checkpoint(self.model, path, card)
