@@ -105,6 +105,7 @@ def test_pt_and_safetensors_load_strictly(tmp_path):
     assert official.research_only and official.notice == RESEARCH_ONLY_NOTICE and "OpenRAIL" in official.licence
     unknown = load_model(st)[1]
     assert not unknown.research_only and unknown.version == "unknown"
+    assert "research use only" in unknown.notice  # a renamed official file cannot be ruled out
 
 
 def test_wrong_checkpoint_names_the_keys(tmp_path):

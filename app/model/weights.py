@@ -149,12 +149,16 @@ def read_card(path: Path, sha256: str) -> ModelCard:
                 notice=RESEARCH_ONLY_NOTICE if known.research_only else None,
                 description=known.description,
             )
+    # No card and not recognised: a renamed copy of the official weights would land here, so the
+    # result says what it cannot rule out.
     return ModelCard(
         name=path.stem,
         version="unknown",
         sha256=sha256,
         licence="unknown: user-supplied checkpoint, check its licence before clinical use",
         source=path.name,
+        notice="Weights of unknown provenance (no model card in the file). If they are the official UniverSeg "
+               "weights under another name, they are licensed for research use only.",
     )
 
 
