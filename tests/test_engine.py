@@ -141,3 +141,17 @@ def test_the_structure_is_the_largest_axial_run():
     areas = {0: 0, 3: 50, 6: 400, 9: 380, 12: 0, 15: 90, 30: 0, 33: 20, 36: 0}
     assert _main_run(areas, 3) == [3, 6, 9, 15]  # 15 bridges one missed coarse slice; 33 is a stray
     assert _main_run({0: 0, 3: 1}, 3) == []
+
+
+def test_the_gpu_benchmark_needs_no_simpleitk():
+    """bench/gpu.sh runs bench/engine.py on a machine without SimpleITK, nibabel or MONAI."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, runpy; sys.modules.update(SimpleITK=None, nibabel=None, monai=None)\n"
+            f"runpy.run_path({str(ROOT / 'bench' / 'engine.py')!r}, run_name='bench')\n"
+            "from app.engine import Engine; import app.engine.runner")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
