@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import pydantic
+
 from app import __version__
 from app.errors import AutocontourError
 
@@ -648,6 +650,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except AutocontourError as exc:
         print(f"autocontour: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except pydantic.ValidationError as exc:  # an AUTOCONTOUR_* setting that does not parse
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        print(f"autocontour: error: setting {field!r} (AUTOCONTOUR_{field.upper()}): {first['msg']}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("autocontour: interrupted", file=sys.stderr)

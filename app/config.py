@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the network (paid once at start-up by warm-up)")
     threshold: float = Field(0.5, gt=0, lt=1)
     max_voxels: int = Field(1 << 30, gt=0)
+    max_dicom_files: int = Field(5000, ge=1, description="most files in a DICOM zip or folder")
+    max_dicom_bytes: int = Field(4 << 30, ge=1, description="most bytes a DICOM zip may inflate to")
     weights_cache: Path = Field(default_factory=default_cache_dir)
 
     @property

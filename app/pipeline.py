@@ -176,7 +176,7 @@ class Segmenter:
         if isinstance(ct, sitk.Image):
             image = validate_ct(ct)
         elif is_dicom_input(Path(ct)):
-            series = read_series(Path(ct))
+            series = read_series(Path(ct), self.settings.max_dicom_files, self.settings.max_dicom_bytes)
             image = validate_ct(series.image)
         else:
             image = read_ct(Path(ct), self.settings.max_voxels)

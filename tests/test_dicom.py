@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import time
 import zipfile
+from pathlib import Path
 
 import highdicom as hd
 import httpx
@@ -25,6 +27,8 @@ from app.dicom.series import read_series, safe_extract
 from app.errors import InputImageError
 
 SERIES = DATA / "dicom_ct"
+PROBLEM = "application/problem+json"
+BOMB_LIMIT = 20_000_000  # AUTOCONTOUR_MAX_DICOM_BYTES in the bad-input tests: a real series zip stays under it
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,6 +45,113 @@ def validate_dataset(ds: pydicom.Dataset) -> None:
             if element.VR in ("DS", "IS"):
                 value = str(value)  # the string as written, which is what the 16-character limit is about
             validate_value(element.VR, value, pydicom_config.RAISE)
+
+
+def assert_outputs_round_trip(series, out: Path) -> None:
+    """The rtstruct.dcm and seg.dcm the pipeline wrote in `out`: valid DICOM (pydicom's validation, highdicom's
+    reader), referencing the input series, and equal to the NIfTI masks beside them (RTSTRUCT: Dice >= 0.95 per
+    non-empty structure; SEG: voxel for voxel)."""
+    rt_path, seg_path = out / "rtstruct.dcm", out / "seg.dcm"
+    rt_ds = pydicom.dcmread(rt_path)
+    validate_dataset(rt_ds)
+    validate_dataset(pydicom.dcmread(seg_path))
+    seg_ds = hd.seg.segread(str(seg_path))  # highdicom's reader accepts what the pipeline wrote
+    for ds in (rt_ds, seg_ds):
+        assert ds.StudyInstanceUID == series.study_uid and "autocontour draft" in ds.SeriesDescription
+    assert rt_ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == series.frame_of_reference_uid
+    assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+    rt, seg = read_rtstruct(series, rt_path), read_seg(series, seg_path)
+    found = 0
+    for name, display in (("bladder", "Bladder"), ("anorectum", "Anorectum"), ("ctvn", "CTVn")):
+        mask_path = out / f"{name}.nii.gz"
+        if not mask_path.exists():
+            continue
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))).astype(bool)
+        if mask.any():
+            found += 1
+            assert dice(rt[display], mask) >= 0.95, name
+            assert np.array_equal(seg[display], mask), name
+        else:
+            assert display not in rt and display not in seg, name  # empty structures are left out
+    assert found and set(rt) == set(seg)
+
+
+def _zip(path: Path, members: dict[str, bytes | Path]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, content in members.items():
+            z.writestr(name, content.read_bytes() if isinstance(content, Path) else content)
+    return path
+
+
+def _slices(folder: Path = SERIES) -> list[Path]:
+    return sorted(folder.glob("CT.*"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+
+
+def bad_dicom_inputs(folder: Path, rtstruct: Path) -> dict[str, tuple[Path, str]]:
+    """DICOM inputs every entry point must refuse: name -> (zip or folder, words its error must contain).
+
+    The zip bomb needs AUTOCONTOUR_MAX_DICOM_BYTES=BOMB_LIMIT.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    slices = _slices()
+    good = {p.name: p for p in slices}
+    cases: dict[str, tuple[Path, str]] = {}
+    cases["path traversal"] = (_zip(folder / "traversal.zip", good | {"../evil.dcm": b"x"}), "unsafe path")
+
+    bomb = folder / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z, z.open("ct/slice.dcm", "w") as f:
+        for _ in range(32):
+            f.write(bytes(1 << 20))  # 32 MiB of zeros
+    assert bomb.stat().st_size < 100_000 and (32 << 20) > BOMB_LIMIT  # a ratio of ~1000:1
+    cases["zip bomb"] = (bomb, "inflates to")
+
+    link = folder / "symlink.zip"
+    with zipfile.ZipFile(link, "w") as z:
+        info = zipfile.ZipInfo("ct/slice0.dcm")
+        info.create_system = 3  # unix
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(info, "/etc/passwd")
+        for name, path in good.items():
+            z.write(path, name)
+    cases["symbolic link"] = (link, "symbolic link")
+
+    mr = folder / "mr"
+    mr.mkdir()
+    for path in slices[:4]:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        ds.save_as(mr / path.name)
+    cases["MR, no CT"] = (_zip(folder / "mr.zip", {p.name: p for p in mr.iterdir()}), "no CT series found")
+    cases["MR folder, no CT"] = (mr, "modalities present: MR")
+    cases["RTSTRUCT only"] = (_zip(folder / "rtstruct.zip", {"rtstruct.dcm": rtstruct}), "no CT series found")
+
+    mixed = {}
+    for i, path in enumerate(slices):
+        ds = pydicom.dcmread(path)
+        if i % 2:
+            ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # a second reconstruction
+        mixed[path.name] = pydicom.filebase.DicomBytesIO()
+        ds.save_as(mixed[path.name])
+    cases["two CT series"] = (_zip(folder / "mixed.zip", {n: b.getvalue() for n, b in mixed.items()}),
+                              "2 CT series found")
+    gap = dict(good)
+    del gap[slices[10].name]
+    cases["missing slice"] = (_zip(folder / "gap.zip", gap), "a slice may be missing")
+
+    corrupt = _zip(folder / "corrupt.zip", {slices[0].name: slices[0]})
+    data = bytearray(corrupt.read_bytes())
+    data[200] ^= 0xFF  # inside the deflated data of the only member
+    corrupt.write_bytes(bytes(data))
+    cases["corrupt member"] = (corrupt, "corrupt")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_dicom(tmp_path_factory, series, known_masks):
+    folder = tmp_path_factory.mktemp("bad_dicom")
+    rtstruct = write_rtstruct(series, {"bladder": known_masks["bladder"]}, folder / "rtstruct.dcm", {})
+    return bad_dicom_inputs(folder / "cases", rtstruct)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +199,7 @@ def test_mixed_series_and_gaps_are_refused(tmp_path):
         read_series(DATA / "metrics" / "a_identical_blob")
 
 
-def test_zip_input_and_unsafe_zips(tmp_path):
+def test_zip_input_and_unsafe_zips(tmp_path, capsys, small_weights):
     good = tmp_path / "series.zip"
     with zipfile.ZipFile(good, "w") as z:
         for path in SERIES.glob("CT.*"):
@@ -106,6 +217,22 @@ def test_zip_input_and_unsafe_zips(tmp_path):
     (tmp_path / "notzip.zip").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(InputImageError, match="not a readable zip"):
         read_series(tmp_path / "notzip.zip")
+    with pytest.MonkeyPatch.context() as env:  # the settings the CLI, the API and its workers share
+        env.setenv("AUTOCONTOUR_MAX_DICOM_FILES", "5")
+        assert main(["segment", str(good), "--out", str(tmp_path / "o"), "--weights", str(small_weights)]) == 2
+        assert "more than the limit of 5" in capsys.readouterr().err
+        env.setenv("AUTOCONTOUR_MAX_DICOM_BYTES", "lots")
+        assert main(["segment", str(good), "--out", str(tmp_path / "o"), "--weights", str(small_weights)]) == 2
+        assert "AUTOCONTOUR_MAX_DICOM_BYTES" in capsys.readouterr().err
+    encrypted = tmp_path / "encrypted.zip"
+    shutil.copy(good, encrypted)
+    data = bytearray(encrypted.read_bytes())
+    data[6] |= 1  # the first member's local header: "encrypted" (its central directory entry says it too)
+    central = data.find(b"PK\x01\x02")
+    data[central + 8] |= 1
+    encrypted.write_bytes(bytes(data))
+    with pytest.raises(InputImageError, match="encrypted member"):
+        read_series(encrypted)
 
 
 def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp_path):
@@ -157,14 +284,19 @@ def test_segment_a_dicom_folder_and_zip(tmp_path, small_weights):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["input"]["format"] == "DICOM series"
         assert summary["files"]["rtstruct"] == "rtstruct.dcm" and summary["files"]["seg"] == "seg.dcm"
-    series = read_series(archive)
-    rt = read_rtstruct(series, tmp_path / "zip" / "rtstruct.dcm")
-    seg = read_seg(series, tmp_path / "zip" / "seg.dcm")
-    for name, display in (("bladder", "Bladder"), ("anorectum", "Anorectum"), ("ctvn", "CTVn")):
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "zip" / f"{name}.nii.gz"))).astype(bool)
-        if mask.any():
-            assert dice(rt[display], mask) >= 0.95, name
-            assert np.array_equal(seg[display], mask), name
+    assert_outputs_round_trip(read_series(archive), tmp_path / "zip")
+
+
+def test_cli_refuses_bad_dicom_with_exit_2_and_one_line(bad_dicom, tmp_path, capsys, monkeypatch, small_weights):
+    monkeypatch.setenv("AUTOCONTOUR_MAX_DICOM_BYTES", str(BOMB_LIMIT))
+    for name, (path, words) in bad_dicom.items():
+        code = main(["segment", str(path), "--out", str(tmp_path / "out"), "--weights", str(small_weights),
+                     "--support-size", "2", "--quiet", "--no-preview"])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("autocontour: error: "), (name, err)
+        assert words.lower() in err.lower(), (name, err)
+    assert not (tmp_path / "out" / "rtstruct.dcm").exists()
 
 
 @pytest.fixture(scope="module")
@@ -188,52 +320,81 @@ def test_pacs_pull_segment_and_push(orthanc, tmp_path, small_weights):
     assert code == 0
     modalities = sorted(_series_of_study(orthanc, study).values())
     assert modalities == ["CT", "RTSTRUCT", "SEG"]  # visible in Orthanc, under the same study
-    series = read_series(tmp_path / "pacs")
-    rt = read_rtstruct(series, tmp_path / "out" / "rtstruct.dcm")
-    assert set(rt) <= {"Bladder", "Anorectum", "CTVn"} and rt
+    series = read_series(tmp_path / "pacs")  # the same files (and UIDs) as the PACS holds
+    assert_outputs_round_trip(series, tmp_path / "out")
+    in_pacs = _series_of_study(orthanc, study)
+    for name in ("rtstruct.dcm", "seg.dcm"):  # the files pushed are the files checked
+        assert str(pydicom.dcmread(tmp_path / "out" / name).SeriesInstanceUID) in in_pacs
     assert main(["pacs", "pull", "--url", orthanc.dicomweb, "--study", "1.2.3.999", "--out", str(tmp_path / "x"),
                  "--weights", str(small_weights)]) == 2
     assert main(["pacs", "pull", "--url", "http://127.0.0.1:9/dicom-web", "--study", study, "--out",
                  str(tmp_path / "y"), "--weights", str(small_weights)]) == 2
 
 
-def test_server_zip_upload_and_pacs_job(orthanc, tmp_path, small_weights):
-    study = pacs_copy(SERIES, tmp_path / "pacs")
-    server = start_server(tmp_path / "data", small_weights, pacs_url=orthanc.dicomweb)
-    try:
-        archive = tmp_path / "ct.zip"
-        with zipfile.ZipFile(archive, "w") as z:
-            for path in (tmp_path / "pacs").iterdir():
-                z.write(path, path.name)
-        with open(archive, "rb") as f:
-            response = httpx.post(f"{server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
-                                  params={"wait": "true"}, timeout=300)
-        assert response.status_code == 200
-        with zipfile.ZipFile(__import__("io").BytesIO(response.content)) as z:
-            assert {"rtstruct.dcm", "seg.dcm"} <= set(z.namelist())
-        job_id = response.headers["x-job-id"]
-        assert httpx.get(f"{server.url}/v1/segmentations/{job_id}/dicom/rtstruct").status_code == 200
+@pytest.fixture(scope="module")
+def dicom_server(orthanc, tmp_path_factory, small_weights):
+    """One server for this module's HTTP tests, with the PACS and a small zip inflation limit."""
+    data = tmp_path_factory.mktemp("server")
+    server = start_server(data, small_weights, pacs_url=orthanc.dicomweb, max_dicom_bytes=BOMB_LIMIT)
+    yield server
+    server.stop()
 
-        upload_folder(orthanc, tmp_path / "pacs")
-        submitted = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": study, "push_to_pacs": "true",
-                                                                       "structures": "bladder,ctvn"})
-        assert submitted.status_code == 202
-        job_url = f"{server.url}/v1/segmentations/{submitted.json()['id']}"
-        for _ in range(600):
-            job = httpx.get(job_url).json()
-            if job["status"] in ("done", "failed"):
-                break
-            time.sleep(0.2)
-        assert job["status"] == "done", job
-        assert job["result"]["pushed_to_pacs"] == ["rtstruct.dcm", "seg.dcm"]
-        assert sorted(set(_series_of_study(orthanc, study).values())) == ["CT", "RTSTRUCT", "SEG"]
-        missing = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": "1.2.3.999"}).json()
+
+def test_server_refuses_bad_dicom_with_named_4xx_and_stays_healthy(dicom_server, bad_dicom):
+    uploads = Path(dicom_server.env["AUTOCONTOUR_DATA_DIR"]) / "uploads"
+    before = set(uploads.iterdir()) if uploads.exists() else set()
+    jobs = len(httpx.get(f"{dicom_server.url}/v1/segmentations").json())
+    for name, (path, words) in bad_dicom.items():
+        if path.is_dir():
+            continue  # HTTP takes zips only
+        with open(path, "rb") as f:
+            response = httpx.post(f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
+                                  data={"structures": "bladder"}, timeout=120)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert response.headers["content-type"] == PROBLEM, (name, response.text)
+        body = response.json()
+        assert body["status"] == response.status_code and body["type"] == "urn:autocontour:problem:invalid-image"
+        assert words.lower() in body["detail"].lower(), (name, body)
+    assert httpx.get(f"{dicom_server.url}/healthz").status_code == 200
+    assert httpx.get(f"{dicom_server.url}/readyz").status_code == 200
+    assert len(httpx.get(f"{dicom_server.url}/v1/segmentations").json()) == jobs  # no job was queued
+    assert (set(uploads.iterdir()) if uploads.exists() else set()) == before  # no refused upload left on disk
+
+
+def test_server_zip_upload_and_pacs_job(orthanc, dicom_server, tmp_path):
+    study = pacs_copy(SERIES, tmp_path / "pacs")
+    server = dicom_server
+    archive = tmp_path / "ct.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in (tmp_path / "pacs").iterdir():
+            z.write(path, path.name)
+    with open(archive, "rb") as f:
+        response = httpx.post(f"{server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
+                              params={"wait": "true"}, timeout=300)
+    assert response.status_code == 200
+    with zipfile.ZipFile(__import__("io").BytesIO(response.content)) as z:
+        assert {"rtstruct.dcm", "seg.dcm"} <= set(z.namelist())
+    job_id = response.headers["x-job-id"]
+    assert httpx.get(f"{server.url}/v1/segmentations/{job_id}/dicom/rtstruct").status_code == 200
+
+    upload_folder(orthanc, tmp_path / "pacs")
+    submitted = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": study, "push_to_pacs": "true",
+                                                                   "structures": "bladder,ctvn"})
+    assert submitted.status_code == 202
+    job_url = f"{server.url}/v1/segmentations/{submitted.json()['id']}"
+    for _ in range(600):
+        job = httpx.get(job_url).json()
+        if job["status"] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "done", job
+    assert job["result"]["pushed_to_pacs"] == ["rtstruct.dcm", "seg.dcm"]
+    assert sorted(set(_series_of_study(orthanc, study).values())) == ["CT", "RTSTRUCT", "SEG"]
+    missing = httpx.post(f"{server.url}/v1/segmentations", data={"study_uid": "1.2.3.999"}).json()
+    job = httpx.get(f"{server.url}/v1/segmentations/{missing['id']}").json()
+    for _ in range(100):
+        if job["status"] == "failed":
+            break
+        time.sleep(0.2)
         job = httpx.get(f"{server.url}/v1/segmentations/{missing['id']}").json()
-        for _ in range(100):
-            if job["status"] == "failed":
-                break
-            time.sleep(0.2)
-            job = httpx.get(f"{server.url}/v1/segmentations/{missing['id']}").json()
-        assert job["status"] == "failed" and "not in the PACS" in job["error"]["detail"]
-    finally:
-        server.stop()
+    assert job["status"] == "failed" and "not in the PACS" in job["error"]["detail"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import zipfile
 
-from app.server.jobs import MAX_ATTEMPTS, JobStore, ResultStore
+from app.server.jobs import MAX_ATTEMPTS, JobStore, QueueFull, ResultStore
 from app.server.worker import Janitor
 
 
@@ -53,3 +54,69 @@ def test_publish_is_atomic_and_janitor_expires(tmp_path):
     time.sleep(0.01)
     assert janitor.sweep() == 1
     assert store.get(job.id) is None and not results.result_dir(job.id).exists()
+
+
+def test_create_with_a_bound_never_overfills_the_queue(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: _try_create(store, max_queued=3), range(8)))
+    assert outcomes.count("accepted") == 3 and outcomes.count("full") == 5
+    assert store.queue_depth() == 3
+    store.claim_next()  # a running job no longer waits: one place is free again
+    assert _try_create(store, max_queued=3) == "accepted" and _try_create(store, max_queued=3) == "full"
+
+
+def _try_create(store: JobStore, max_queued: int) -> str:
+    try:
+        store.create({}, None, "ct.nii.gz", max_queued=max_queued)
+        return "accepted"
+    except QueueFull:
+        return "full"
+
+
+class FakeTask:
+    """Stands in for celery's AsyncResult: task states by job id."""
+
+    states: dict[str, tuple[str, object]] = {}
+
+    def __init__(self, task_id: str, app=None):
+        found = self.states.get(task_id, ("PENDING", None))
+        if isinstance(found, Exception):
+            raise found
+        self.state, self.info = found
+
+
+def test_celery_refresh_updates_jobs_nobody_polled_and_the_janitor_expires_them(tmp_path, monkeypatch):
+    from app.server import celery_queue
+    from app.server.metrics import Metrics
+    from app.server.settings import ServerSettings
+    from app.server.worker import Outcome, record
+
+    monkeypatch.setattr(celery_queue, "AsyncResult", FakeTask)
+    store, results = JobStore(tmp_path / "jobs.sqlite3"), ResultStore(tmp_path)
+    metrics = Metrics(lambda: 0)
+    queue = celery_queue.CeleryQueue(ServerSettings(data_dir=tmp_path, broker_url="redis://127.0.0.1:9/0"), store,
+                                     results, metrics)
+    done, running, waiting, broken = (store.create({"structures": ["bladder"]}, None, "ct.nii.gz") for _ in range(4))
+    outcome = Outcome("done", result={"files": {}}, seconds=2.0, slices=10)
+    monkeypatch.setattr(FakeTask, "states", {
+        done.id: ("SUCCESS", outcome.to_dict()),
+        running.id: ("PROGRESS", {"progress": {"slices_done": 3, "worker": "w1"}}),
+        broken.id: ("FAILURE", RuntimeError("boom"))})
+    janitor = Janitor(store, results, ttl_s=3600, refresh=queue.refresh)
+    assert janitor.sweep() == 0
+    assert store.get(done.id).status == "done" and store.get(done.id).result == {"files": {}}
+    assert store.get(running.id).status == "running" and store.get(running.id).progress["worker"] == "w1"
+    assert store.get(waiting.id).status == "queued"
+    assert store.get(broken.id).status == "failed" and "worker" in store.get(broken.id).error["detail"]
+    record(store, done.id, outcome, metrics)  # seen finished a second time (a poll racing the janitor)
+    assert metrics.registry.get_sample_value("autocontour_jobs_total", {"status": "done"}) == 1
+
+    monkeypatch.setattr(FakeTask, "states", {waiting.id: ConnectionError("broker down")})
+    listed = store.list(None, 10)
+    assert [j.status for j in queue.refresh(listed)] == [j.status for j in listed]  # broker down: as recorded
+
+    janitor.ttl_s = 0
+    time.sleep(0.01)
+    assert janitor.sweep() == 2 and store.get(done.id) is None and store.get(broken.id) is None
+    queue.stop()

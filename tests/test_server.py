@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
+import logging
 import signal
+import threading
 import time
+import warnings
 import zipfile
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from badinputs import bad_inputs
-from conftest import EXAMPLE_CT
-from servers import start_server
+from conftest import DATA, EXAMPLE_CT
+from servers import free_port, start_server
 
 from app.cli import main
 from app.client import Client, ServerError
+from app.phantom import make_phantom
+from app.pipeline import Segmenter
 from app.server.auth import hash_key
+from app.server.main import create_app
+from app.server.settings import ServerSettings
 
 PROBLEM = "application/problem+json"
 
@@ -55,6 +64,38 @@ def image_from(data: bytes, tmp_path, name: str) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+@contextlib.contextmanager
+def in_process(tmp_path, weights, **settings):
+    """The app in this process, for tests that look inside it or hold it at a chosen point.
+
+    No network is loaded (the model card and support sets only), and the embedded worker is stopped at
+    once, so accepted jobs stay queued.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using `httpx` with")  # starlette would rather have httpx2; httpx works
+        from fastapi.testclient import TestClient
+
+    config = ServerSettings(data_dir=tmp_path / "data", weights=weights, device="cpu", warmup=False, **settings)
+    app = create_app(config, Segmenter(config, load_engine=False))
+    logger = logging.getLogger("app")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            if app.state.queue.owns_model:
+                app.state.queue.worker.stop()
+            yield client, app
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved  # the lifespan configured logging
+
+
+def small_ct(folder: Path) -> Path:
+    """A valid CT of 48 x 40 x 16 = 30,720 voxels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "small_ct.nii.gz"
+    sitk.WriteImage(make_phantom(5, size=(48, 40, 16), spacing=(8.0, 8.0, 6.0)).ct, str(path), useCompression=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_weights):
     s = start_server(tmp_path_factory.mktemp("server"), small_weights, max_upload_bytes=20_000_000)
@@ -67,6 +108,7 @@ def test_health_catalogue_model_and_metrics(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["status"] == "ready" and all(ready["checks"].values())
+    assert ready["checks"]["model_loaded"] and ready["model"] == "loaded in this process (cpu)"
     catalogue = {s["name"]: s for s in httpx.get(f"{server.url}/v1/structures").json()["structures"]}
     assert catalogue["bladder"]["support_set"]["id"].startswith("bladder-")
     assert catalogue["ctvp"]["support_set"] is None and "support build ctvp" in catalogue["ctvp"]["how_to_add"]
@@ -286,3 +328,141 @@ def test_restart_keeps_results_and_finishes_accepted_jobs(tmp_path, small_weight
         assert any("restarted" in n for n in httpx.get(f"{s.url}/v1/segmentations/{accepted[0]}").json()["notes"])
     finally:
         s.stop()
+
+
+def test_openapi_matches_the_problem_documents(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert "HTTPValidationError" not in components and "ValidationError" not in components
+    assert set(components["Problem"]["required"]) >= {"type", "title", "status", "detail"}
+    assert components["Problem"]["properties"]["detail"]["type"] == "string"
+
+    def errors(path: str, method: str) -> dict:
+        responses = schema["paths"][path][method]["responses"]
+        found = {}
+        for code, response in responses.items():
+            if int(code) >= 400:
+                assert set(response["content"]) == {PROBLEM}, (path, method, code)
+                assert response["content"][PROBLEM]["schema"] == {"$ref": "#/components/schemas/Problem"}
+                found[int(code)] = response
+        return found
+
+    submit = errors("/v1/segmentations", "post")
+    assert {400, 401, 403, 409, 413, 422, 503} <= set(submit)
+    assert "Retry-After" in submit[503]["headers"] and "WWW-Authenticate" in submit[401]["headers"]
+    assert {401, 403, 404} <= set(errors("/v1/segmentations/{job_id}", "get"))
+    assert {401, 403, 404, 409} <= set(errors("/v1/segmentations/{job_id}/result", "get"))
+    assert {401, 403, 413, 422} <= set(errors("/v1/evaluations", "post"))
+    assert {401, 403} <= set(errors("/v1/model", "get"))
+    for path, item in schema["paths"].items():  # every documented error is a problem document
+        for method in item:
+            if path != "/readyz":
+                errors(path, method)
+    ready = schema["paths"]["/readyz"]["get"]["responses"]
+    assert ready["503"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    # and what is documented is what is sent
+    refused = httpx.get(f"{server.url}/v1/segmentations", params={"limit": 0})
+    assert refused.status_code == 422 and refused.headers["content-type"] == PROBLEM
+    assert isinstance(refused.json()["detail"], str)
+    assert httpx.get(f"{server.url}/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_the_configured_voxel_limit_refuses_an_upload_before_inflating_it(tmp_path, small_weights, monkeypatch):
+    import app.io
+
+    ct = small_ct(tmp_path / "in").read_bytes()
+    dicom_zip = io.BytesIO()
+    with zipfile.ZipFile(dicom_zip, "w") as archive:
+        for path in (DATA / "dicom_ct").glob("CT.*"):
+            archive.write(path, path.name)
+    dicom_zip = dicom_zip.getvalue()
+    scanned = []
+    scan = app.io._scan_data
+    monkeypatch.setattr(app.io, "_scan_data", lambda *a, **k: scanned.append(1) or scan(*a, **k))
+    with in_process(tmp_path, small_weights, max_voxels=30_000) as (client, server_app):
+        refused = client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)}, data={"structures": "bladder"})
+        assert refused.status_code == 422 and refused.headers["content-type"] == PROBLEM
+        body = refused.json()
+        assert body["type"].endswith("invalid-image") and "30,720 voxels" in body["detail"]
+        assert "limit of 30,000" in body["detail"]
+        assert not scanned  # refused from the header: no voxel was inflated
+        series = client.post("/v1/segmentations", files={"file": ("ct.zip", dicom_zip)}, data={"structures": "bladder"})
+        assert series.status_code == 422 and series.headers["content-type"] == PROBLEM
+        assert "5,242,880 voxels, more than the limit of 30,000" in series.json()["detail"]  # a DICOM series too
+        assert server_app.state.jobs.list(None, 10) == []  # and no job was created
+        assert not any((tmp_path / "data" / "uploads").iterdir())
+        server_app.state.settings.max_voxels = 30_720  # the limit is the configured one, not the built-in one
+        accepted = client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)}, data={"structures": "bladder"})
+        assert accepted.status_code == 202 and scanned
+
+
+def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, monkeypatch):
+    """All uploads pass the early check together (the queue is empty), then are recorded together."""
+    from app.server.routers import segmentations
+
+    uploads = 5
+    ct = small_ct(tmp_path / "in").read_bytes()
+    together = threading.Barrier(uploads, timeout=60)
+    validate = segmentations._validate_upload
+
+    def validate_then_wait(*args):
+        validate(*args)
+        together.wait()
+
+    monkeypatch.setattr(segmentations, "_validate_upload", validate_then_wait)
+    with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9) as (client, server_app):
+        with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
+            responses = list(pool.map(lambda _: client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)},
+                                                            data={"structures": "bladder"}), range(uploads)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [202, 202, 503, 503, 503], [r.text for r in responses]
+        for refused in (r for r in responses if r.status_code == 503):
+            assert refused.headers["retry-after"] == "9" and refused.headers["content-type"] == PROBLEM
+            assert refused.json()["type"].endswith("queue-full")
+        accepted = {r.json()["id"] for r in responses if r.status_code == 202}
+        assert server_app.state.jobs.queue_depth() == 2
+        assert {p.name for p in (tmp_path / "data" / "uploads").iterdir()} == accepted  # refused uploads removed
+
+
+def test_celery_mode_readiness_says_what_it_checks(tmp_path, small_weights):
+    broker = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with in_process(tmp_path, small_weights, queue="celery", broker_url=broker) as (client, _):
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+        assert ready.json()["model"] == "card loaded; network runs in workers"  # no network in this process
+        assert ready.json()["checks"] == {"model_card_loaded": True, "broker_reachable": False,
+                                          "worker_running": False, "storage_writable": True}
+
+
+def test_celery_mode_with_the_broker_down_refuses_with_503_and_records_nothing(tmp_path, small_weights):
+    broker = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with in_process(tmp_path, small_weights, queue="celery", broker_url=broker) as (client, server_app):
+        ct = small_ct(tmp_path).read_bytes()
+        started = time.monotonic()
+        response = client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)})
+        assert response.status_code == 503 and time.monotonic() - started < 60  # refused, not hung
+        assert response.headers["content-type"] == "application/problem+json" and "Retry-After" in response.headers
+        assert response.json()["type"].endswith("queue-unavailable") and "broker" in response.json()["detail"]
+        assert server_app.state.jobs.list(None, 10) == []  # no job left "queued" forever
+        assert not any((tmp_path / "data").rglob("ct.nii.gz"))  # nor its upload
+
+
+def test_celery_mode_job_list_is_up_to_date_without_polling_each_job(tmp_path, small_weights, monkeypatch):
+    from test_jobs import FakeTask
+
+    from app.server import celery_queue
+    from app.server.worker import Outcome
+
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    with in_process(tmp_path, small_weights, queue="celery", broker_url=broker) as (client, server_app):
+        monkeypatch.setattr(celery_queue, "AsyncResult", FakeTask)
+        store = server_app.state.jobs
+        done, running, waiting = (store.create({"structures": ["bladder"]}, None, "ct.nii.gz") for _ in range(3))
+        monkeypatch.setattr(FakeTask, "states", {
+            done.id: ("SUCCESS", Outcome("done", result={"files": {}}).to_dict()),
+            running.id: ("PROGRESS", {"progress": {"slices_done": 3, "slices_total": 9, "worker": "w1"}})})
+        listed = {j["id"]: j for j in client.get("/v1/segmentations").json()}  # no job was fetched on its own
+        assert listed[done.id]["status"] == "done" and listed[done.id]["links"]["result"]
+        assert listed[running.id]["status"] == "running" and listed[running.id]["progress"]["slices_done"] == 3
+        assert listed[waiting.id]["status"] == "queued"

@@ -65,7 +65,7 @@ def test_loss_falls_checkpoint_resume_and_segment(tmp_path, data_file, phantom_s
                  "--support-size", "3", "--quiet", "--no-preview"])
     assert code == 0
     summary = json.loads((tmp_path / "seg" / "summary.json").read_text())
-    assert summary["model"]["name"] == "autocontour-universeg-v1" and summary["model"]["encoder_blocks"] == [8] * 4
+    assert summary["model"]["name"] == "autocontour-run" and summary["model"]["encoder_blocks"] == [8] * 4
 
 
 def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):

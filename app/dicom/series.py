@@ -10,8 +10,11 @@ transfer syntaxes. The headers (without pixel data) stay with the image so
 that RTSTRUCT and SEG outputs can reference every source instance.
 
 Zip uploads are checked before extraction: no absolute paths, no `..`, no
-links, a bounded number of members and of uncompressed bytes (counted while
-extracting, not trusted from the header).
+links, no encryption, a bounded number of members and of uncompressed bytes
+(counted while extracting, not trusted from the header); a corrupt member is
+an input error, not a crash. The limits come from the settings
+(AUTOCONTOUR_MAX_DICOM_FILES, AUTOCONTOUR_MAX_DICOM_BYTES), so the CLI, the
+API's upload check and its workers apply the same ones.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -86,15 +90,20 @@ def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_by
                 raise InputImageError(f"the zip has an unsafe path {m.filename!r}")
             if stat.S_ISLNK(mode):
                 raise InputImageError(f"the zip has a symbolic link {m.filename!r}")
+            if m.flag_bits & 0x1:
+                raise InputImageError(f"the zip has an encrypted member {m.filename!r}; upload it unencrypted")
         written = 0
         for i, m in enumerate(members):
             out = target / f"{i:05d}.dcm"  # never the member's own name: it is not ours to trust
-            with zf.open(m) as source, open(out, "wb") as sink:
-                while chunk := source.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise InputImageError(f"the zip inflates past the limit of {max_bytes:,} bytes")
-                    sink.write(chunk)
+            try:
+                with zf.open(m) as source, open(out, "wb") as sink:
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise InputImageError(f"the zip inflates past the limit of {max_bytes:,} bytes")
+                        sink.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                raise InputImageError(f"the zip is corrupt or unreadable at member {m.filename!r}: {exc}") from exc
     return len(members)
 
 

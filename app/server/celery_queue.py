@@ -18,23 +18,32 @@ it. Nothing is lost:
 - each delivery is counted in Redis; past `max_attempts` the job fails with a
   clear reason instead of looping;
 - with Redis persistence (AOF), a Redis restart keeps every queued task.
+
+Job records catch up with task states whenever jobs are read (one job or the
+list) and at every janitor sweep, so finished jobs expire even if nobody
+fetched them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
-from app.server.jobs import FINAL, Job, JobStore, ResultStore
+from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
 from app.server.metrics import Metrics
 from app.server.settings import ServerSettings
 from app.server.worker import Outcome, brief, record, run_job
 
 log = logging.getLogger(__name__)
+# What an unreachable broker raises: kombu and redis-py errors while publishing, and the RuntimeError
+# Celery's Redis result backend raises once its reconnect retries are spent.
+BROKER_ERRORS = (OperationalError, redis.RedisError, OSError, RuntimeError)
 TASK = "autocontour.segment"
 QUEUE = "autocontour"
 
@@ -43,14 +52,20 @@ def _key(kind: str, job_id: str) -> str:
     return f"autocontour:{kind}:{job_id}"
 
 
-def make_celery(settings: ServerSettings) -> Celery:
+def make_celery(settings: ServerSettings, api: bool = False) -> Celery:
+    """`api=True`: the API process gives up on an unreachable broker within seconds (the caller gets 503
+    and retries); workers keep Celery's patient reconnects, so a Redis restart costs them no result."""
     app = Celery("autocontour", broker=settings.broker_url, backend=settings.broker_url)
     transport = {"visibility_timeout": settings.visibility_timeout_s}
+    backend_transport = dict(transport)
+    if api:
+        backend_transport["retry_policy"] = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                             "interval_max": 1}
     app.conf.update(
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_track_started=True, task_default_queue=QUEUE, task_serializer="json", result_serializer="json",
         accept_content=["json"], result_expires=settings.result_ttl_s, broker_transport_options=transport,
-        result_backend_transport_options=transport, broker_connection_retry_on_startup=True,
+        result_backend_transport_options=backend_transport, broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
     return app
@@ -63,8 +78,9 @@ class CeleryQueue:
 
     def __init__(self, settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics):
         self.settings, self.jobs, self.results, self.metrics = settings, jobs, results, metrics
-        self.app = make_celery(settings)
+        self.app = make_celery(settings, api=True)
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        self._submit_lock = threading.Lock()
 
     def start(self, segmenter) -> None:
         pass
@@ -73,8 +89,19 @@ class CeleryQueue:
         self.app.close()
 
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
-        job = self.jobs.create(options, owner, input_name, job_id)
-        self.app.send_task(TASK, args=[job.id, options, input_name], task_id=job.id)
+        # the broker's queue is the true depth (the jobs table learns of starts late): count and send
+        # under one lock so that concurrent uploads to this API process cannot overfill it
+        with self._submit_lock:
+            if self.depth() >= self.settings.max_queue:
+                raise QueueFull(f"{self.settings.max_queue} jobs are waiting")
+            job = self.jobs.create(options, owner, input_name, job_id)
+            try:  # a few quick retries, then the caller hears 503 instead of waiting on a dead broker
+                self.app.send_task(TASK, args=[job.id, options, input_name], task_id=job.id, retry=True,
+                                   retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+            except BROKER_ERRORS as exc:
+                self.jobs.delete(job.id)  # never accepted: no job left "queued" forever
+                log.warning("broker unavailable, job refused: %s", type(exc).__name__)
+                raise QueueUnavailable("the job queue's broker cannot be reached") from exc
         return job
 
     def cancel(self, job_id: str) -> None:
@@ -90,33 +117,59 @@ class CeleryQueue:
 
     def alive(self) -> bool:
         """The broker answers and at least one worker replies to a ping."""
+        return all(self.checks().values())
+
+    def checks(self) -> dict[str, bool]:
+        """Whether the broker answers, and whether at least one worker replies to a ping."""
         try:
             self.redis.ping()
-            return bool(self.app.control.ping(timeout=1.0))
         except (redis.RedisError, OSError):
-            return False
+            return {"broker_reachable": False, "worker_running": False}
+        try:
+            workers = bool(self.app.control.ping(timeout=1.0))
+        except (redis.RedisError, OSError):
+            workers = False
+        return {"broker_reachable": True, "worker_running": workers}
 
     def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
-        if job is None or job.status in FINAL:
-            return job
-        try:
-            task = AsyncResult(job_id, app=self.app)
-            state, info = task.state, task.info
-        except (redis.RedisError, OSError) as exc:  # broker down: report what we know
-            log.warning("cannot read task state of %s: %s", job_id, exc)
-            return job
+        return self.refresh([job])[0] if job is not None else None
+
+    def refresh(self, jobs: list[Job]) -> list[Job]:
+        """Turn the task states of unfinished jobs into job records (finished ones are left alone).
+
+        Used by every read of jobs (one job, the list) and by the janitor, so that no job stays
+        "queued" in the table just because nobody asked for it. With the broker down, the jobs not
+        yet read are returned as the table has them (one warning, not one timeout per job).
+        """
+        out = []
+        for i, job in enumerate(jobs):
+            if job.status in FINAL:
+                out.append(job)
+                continue
+            try:
+                out.append(self._sync(job))
+            except (redis.RedisError, OSError) as exc:  # broker down: report what we know
+                log.warning("cannot read task states (%d job(s) left as recorded): %s", len(jobs) - i, exc)
+                return out + jobs[i:]
+        return out
+
+    def _sync(self, job: Job) -> Job:
+        task = AsyncResult(job.id, app=self.app)
+        state, info = task.state, task.info
         if state in ("STARTED", "PROGRESS"):
-            self.jobs.mark_running(job_id)
+            self.jobs.mark_running(job.id)
             if isinstance(info, dict) and info.get("progress"):
-                self.jobs.set_progress(job_id, info["progress"])
+                self.jobs.set_progress(job.id, info["progress"])
         elif state == "SUCCESS" and isinstance(info, dict):
-            record(self.jobs, job_id, Outcome(**info), self.metrics)
+            record(self.jobs, job.id, Outcome(**info), self.metrics)
         elif state == "FAILURE":
-            record(self.jobs, job_id, Outcome("failed", error={
+            record(self.jobs, job.id, Outcome("failed", error={
                 "type": "urn:autocontour:problem:internal-error", "title": "Internal error", "status": 500,
                 "detail": "the worker failed unexpectedly; its log has details"}), self.metrics)
-        return self.jobs.get(job_id)
+        else:  # PENDING (waiting in the broker) or unknown: nothing new
+            return job
+        return self.jobs.get(job.id) or job
 
 
 class _TaskReporter:

@@ -45,6 +45,14 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 """
 
 
+class QueueFull(Exception):
+    """The queue already holds `max_queue` waiting jobs: the caller should retry later (503 + Retry-After)."""
+
+
+class QueueUnavailable(Exception):
+    """The queue's broker cannot take the job now; nothing was recorded (503 + Retry-After)."""
+
+
 @dataclass
 class Job:
     id: str
@@ -145,11 +153,20 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, args).rowcount
 
-    def create(self, options: dict, owner: str | None, input_name: str, job_id: str | None = None) -> Job:
+    def create(self, options: dict, owner: str | None, input_name: str, job_id: str | None = None,
+               max_queued: int | None = None) -> Job:
+        """Record a queued job. With `max_queued`, refuse it (QueueFull) when that many jobs wait already:
+        the count and the insert are one statement, so concurrent uploads cannot overfill the queue."""
         job = Job(id=job_id or uuid.uuid4().hex, owner=owner, status="queued", created=time.time(),
                   options=options, input_name=input_name)
-        self._exec("INSERT INTO jobs (id, owner, status, created, options, input_name) VALUES (?, ?, ?, ?, ?, ?)",
-                   (job.id, owner, job.status, job.created, json.dumps(options), input_name))
+        values = (job.id, owner, job.status, job.created, json.dumps(options), input_name)
+        if max_queued is None:
+            self._exec("INSERT INTO jobs (id, owner, status, created, options, input_name) VALUES (?, ?, ?, ?, ?, ?)",
+                       values)
+        elif not self._exec("INSERT INTO jobs (id, owner, status, created, options, input_name) "
+                            "SELECT ?, ?, ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM jobs WHERE status = 'queued') < ?",
+                            (*values, max_queued)):
+            raise QueueFull(f"{max_queued} jobs are waiting")
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -163,6 +180,13 @@ class JobStore:
             else:
                 rows = self._db.execute("SELECT * FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?",
                                         (owner, limit)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def unfinished(self) -> list[Job]:
+        """Jobs not yet done, failed or cancelled, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created"
+                                    ).fetchall()
         return [Job.from_row(r) for r in rows]
 
     def queue_depth(self) -> int:
@@ -189,14 +213,15 @@ class JobStore:
     def set_progress(self, job_id: str, progress: dict) -> None:
         self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
 
-    def finish(self, job_id: str, result: dict) -> None:
-        self._exec("UPDATE jobs SET status = 'done', finished = ?, result = ?, started = COALESCE(started, ?) "
-                   "WHERE id = ? AND status IN ('queued', 'running')",
-                   (time.time(), json.dumps(result), time.time(), job_id))
+    def finish(self, job_id: str, result: dict) -> bool:
+        """Returns whether this call finished the job (False: it was final already)."""
+        return bool(self._exec("UPDATE jobs SET status = 'done', finished = ?, result = ?, "
+                               "started = COALESCE(started, ?) WHERE id = ? AND status IN ('queued', 'running')",
+                               (time.time(), json.dumps(result), time.time(), job_id)))
 
-    def fail(self, job_id: str, error: dict) -> None:
-        self._exec("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE id = ? AND status IN "
-                   "('queued', 'running')", (time.time(), json.dumps(error), job_id))
+    def fail(self, job_id: str, error: dict) -> bool:
+        return bool(self._exec("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE id = ? AND status IN "
+                               "('queued', 'running')", (time.time(), json.dumps(error), job_id)))
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once, ask a running one to stop; returns the status after."""
@@ -207,10 +232,10 @@ class JobStore:
             row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row["status"] if row else None
 
-    def mark_cancelled(self, job_id: str) -> None:
-        self._exec("UPDATE jobs SET status = 'cancelled', finished = ? "
-                   "WHERE id = ? AND status IN ('queued', 'running')",
-                   (time.time(), job_id))
+    def mark_cancelled(self, job_id: str) -> bool:
+        return bool(self._exec("UPDATE jobs SET status = 'cancelled', finished = ? "
+                               "WHERE id = ? AND status IN ('queued', 'running')",
+                               (time.time(), job_id)))
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.pipeline import DRAFT_DISCLAIMER, Segmenter
-from app.server import problems
+from app.server import openapi, problems
 from app.server.context import configure_logging, request_id
 from app.server.jobs import JobStore, ResultStore
 from app.server.metrics import Metrics
@@ -101,7 +101,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         if settings.warmup and state.queue.owns_model:
             state.segmenter.warm_up()
         state.queue.start(state.segmenter)
-        janitor = Janitor(state.jobs, state.results, settings.result_ttl_s)
+        janitor = Janitor(state.jobs, state.results, settings.result_ttl_s, refresh=state.queue.refresh)
         janitor.start()
         log.info("ready: model %s on %s", state.segmenter.card.name, state.segmenter.device_name)
         yield
@@ -117,6 +117,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         lifespan=lifespan,
     )
     problems.install(app)
+    openapi.install(app)
     for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
@@ -151,12 +152,10 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
 
 
 def _queue_full(request: Request):
+    """An early refusal, before the body is read; `JobQueue.submit` checks again, atomically."""
     state = request.app.state
     if state.queue.depth() >= state.settings.max_queue:
-        return problems.problem_response(
-            503, "queue-full", "Queue full",
-            f"{state.settings.max_queue} jobs are waiting; retry after {state.settings.retry_after_s} s",
-            headers={"Retry-After": str(state.settings.retry_after_s)})
+        return problems.queue_full(state.settings.max_queue, state.settings.retry_after_s).response()
     return None
 
 

@@ -27,6 +27,15 @@ class Problem(Exception):
         self.headers = headers or {}
         self.extra = extra
 
+    def response(self) -> JSONResponse:
+        return problem_response(self.status, self.code, self.title, self.detail, self.headers, **self.extra)
+
+
+def queue_full(max_queue: int, retry_after_s: int) -> Problem:
+    """503 + Retry-After: the queue holds `max_queue` waiting jobs."""
+    return Problem(503, "queue-full", "Queue full", f"{max_queue} jobs are waiting; retry after {retry_after_s} s",
+                   headers={"Retry-After": str(retry_after_s)})
+
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra) -> dict:
     return {"type": TYPE_PREFIX + code, "title": title, "status": status, "detail": detail,
@@ -48,7 +57,7 @@ def from_error(error: AutocontourError) -> dict:
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem):
-        return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers, **exc.extra)
+        return exc.response()
 
     @app.exception_handler(AutocontourError)
     async def _input_error(_: Request, exc: AutocontourError):

@@ -19,11 +19,16 @@ class JobQueue(Protocol):
 
     def start(self, segmenter: Segmenter) -> None: ...
     def stop(self) -> None: ...
-    def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job: ...
+    def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
+        """Record and queue a job; raises QueueFull when `max_queue` jobs wait already (checked atomically)."""
     def cancel(self, job_id: str) -> None: ...
     def alive(self) -> bool: ...
+    def checks(self) -> dict[str, bool]:
+        """What /readyz reports of the queue: each check by name, True when it passes."""
     def depth(self) -> int: ...
     def get(self, job_id: str) -> Job | None: ...
+    def refresh(self, jobs: list[Job]) -> list[Job]:
+        """The same jobs, with the unfinished ones brought up to date from wherever jobs run."""
 
 
 class LocalQueue:
@@ -47,7 +52,7 @@ class LocalQueue:
             self.worker.stop()
 
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
-        job = self.jobs.create(options, owner, input_name, job_id)
+        job = self.jobs.create(options, owner, input_name, job_id, max_queued=self.settings.max_queue)
         self.worker.notify()
         return job
 
@@ -57,11 +62,17 @@ class LocalQueue:
     def alive(self) -> bool:
         return bool(self.worker and self.worker.alive)
 
+    def checks(self) -> dict[str, bool]:
+        return {"worker_running": self.alive()}
+
     def depth(self) -> int:
         return self.jobs.queue_depth()
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
+
+    def refresh(self, jobs: list[Job]) -> list[Job]:
+        return jobs  # the worker writes to the store itself: nothing to fetch
 
 
 def make_queue(settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics) -> JobQueue:

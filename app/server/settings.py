@@ -44,7 +44,6 @@ class ServerSettings(Settings):
     pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
     pacs_username: str | None = None
     pacs_password: str | None = None
-    max_dicom_files: int = Field(5000, ge=1, description="most files in an uploaded DICOM zip")
     warmup: bool = Field(True, description="run one forward pass at start-up so the first request is not slow")
 
     @classmethod

@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +23,7 @@ from typing import Protocol
 from app.errors import AutocontourError
 from app.pipeline import CancelledError, Segmenter
 from app.server.context import request_id
-from app.server.jobs import JobStore, ResultStore
+from app.server.jobs import Job, JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.problems import from_error
 
@@ -129,14 +130,14 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
 
 
 def record(store: JobStore, job_id: str, outcome: Outcome, metrics: Metrics | None) -> None:
-    """Write an outcome into the job store (and the metrics)."""
+    """Write an outcome into the job store (and, the first time only, into the metrics)."""
     if outcome.status == "done":
-        store.finish(job_id, outcome.result)
+        changed = store.finish(job_id, outcome.result)
     elif outcome.status == "cancelled":
-        store.mark_cancelled(job_id)
+        changed = store.mark_cancelled(job_id)
     else:
-        store.fail(job_id, outcome.error)
-    if metrics:
+        changed = store.fail(job_id, outcome.error)
+    if metrics and changed:  # a job seen finished by two refreshes at once counts once
         metrics.jobs.labels(outcome.status).inc()
         metrics.job_seconds.observe(outcome.seconds)
         if outcome.slices:
@@ -194,10 +195,16 @@ class LocalWorker:
 
 
 class Janitor:
-    """Deletes finished jobs and their files once they are older than the configured time to live."""
+    """Deletes finished jobs and their files once they are older than the configured time to live.
 
-    def __init__(self, store: JobStore, results: ResultStore, ttl_s: float, interval_s: float = 60.0):
+    With `refresh` (the queue's `refresh`), it first brings unfinished jobs up to date, so that jobs
+    nobody polls still finish, and so expire, where job state lives outside this process (Celery).
+    """
+
+    def __init__(self, store: JobStore, results: ResultStore, ttl_s: float, interval_s: float = 60.0,
+                 refresh: Callable[[list[Job]], list[Job]] | None = None):
         self.store, self.results, self.ttl_s, self.interval_s = store, results, ttl_s, interval_s
+        self.refresh = refresh
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autocontour-janitor", daemon=True)
 
@@ -209,6 +216,8 @@ class Janitor:
         self._thread.join(5)
 
     def sweep(self) -> int:
+        if self.refresh is not None:
+            self.refresh(self.store.unfinished())
         expired = self.store.expired(self.ttl_s)
         for job_id in expired:
             self.results.delete(job_id)
@@ -217,4 +226,7 @@ class Janitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # keep sweeping: a failed round is retried at the next interval
+                log.exception("janitor sweep failed")

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request
 
 from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES
 from app.server.auth import require
+from app.server.openapi import AUTH, problem_responses
 
-router = APIRouter(prefix="/v1", tags=["catalogue"])
+router = APIRouter(prefix="/v1", tags=["catalogue"], responses=problem_responses(*AUTH))
 
 
 @router.get("/structures")
@@ -34,5 +35,5 @@ def structures(request: Request, _: str | None = require("read")):
 
 @router.get("/model")
 def model(request: Request, _: str | None = require("read")):
-    """The loaded model card: name, version, SHA-256, licence, device, precision."""
+    """The model card: name, version, SHA-256, licence, device, precision (with Celery: "separate workers")."""
     return request.app.state.segmenter.describe_model()

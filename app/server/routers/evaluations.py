@@ -13,8 +13,9 @@ from app.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerance
 from app.evaluation.metrics import metric_keys
 from app.io import inspect_nifti
 from app.server.auth import require
+from app.server.openapi import AUTH, problem_responses
 
-router = APIRouter(prefix="/v1", tags=["evaluations"])
+router = APIRouter(prefix="/v1", tags=["evaluations"], responses=problem_responses(*AUTH))
 
 
 async def _save(upload: UploadFile, folder: Path, stem: str) -> Path:
@@ -33,7 +34,8 @@ def _evaluate(pred: Path, ref: Path, structure: str | None, tolerances) -> list[
     return evaluate_pairs(pair_inputs(pred, ref, [structure] if structure else None), tolerances)
 
 
-@router.post("/evaluations")
+@router.post("/evaluations", responses=problem_responses(400, 413, 422, described={
+    422: "an unreadable or mismatched mask, an invalid tolerance, or a missing file"}))
 async def evaluate(
     prediction: Annotated[UploadFile, File(description="predicted mask or label map (NIfTI)")],
     reference: Annotated[UploadFile, File(description="reference mask or label map on a comparable grid")],

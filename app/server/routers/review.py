@@ -10,11 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from app.server.auth import require
+from app.server.openapi import AUTH, problem_responses
 from app.server.problems import Problem
 from app.server.review import REVIEW_CT, ReviewVolume
 from app.server.routers.segmentations import _finished
 
 router = APIRouter(tags=["review"])
+REVIEW_ERRORS = problem_responses(*AUTH, 404, 409, described={
+    404: "no such job (or another key's), a job that kept no CT for review, or a slice outside the volume"})
 STATIC = Path(__file__).resolve().parent.parent / "static"
 Plane = Literal["axial", "coronal", "sagittal"]
 
@@ -38,14 +41,14 @@ def _check(volume: ReviewVolume, plane: str, index: int) -> None:
         raise Problem(404, "not-found", "Not found", f"{plane} slice {index} is outside 0..{volume.count(plane) - 1}")
 
 
-@router.get("/v1/segmentations/{job_id}/review")
+@router.get("/v1/segmentations/{job_id}/review", responses=REVIEW_ERRORS)
 async def review_info(request: Request, job_id: str, owner: str | None = require("read")):
     """What the viewer needs: planes, slice positions, structures with colours, confidence and flagged slices."""
     return (await _volume(request, job_id, owner)).info()
 
 
 @router.get("/v1/segmentations/{job_id}/review/{plane}/{index}.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}})
+            responses={200: {"content": {"image/png": {}}}, **REVIEW_ERRORS, **problem_responses(422)})
 async def review_slice(request: Request, job_id: str, plane: Plane, index: int,
                        level: float = Query(40.0, ge=-2000, le=4000), width: float = Query(400.0, gt=1, le=6000),
                        owner: str | None = require("read")):
@@ -56,7 +59,8 @@ async def review_slice(request: Request, job_id: str, plane: Plane, index: int,
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
-@router.get("/v1/segmentations/{job_id}/review/{plane}/{index}/contours")
+@router.get("/v1/segmentations/{job_id}/review/{plane}/{index}/contours",
+            responses={**REVIEW_ERRORS, **problem_responses(422)})
 async def review_contours(request: Request, job_id: str, plane: Plane, index: int,
                           owner: str | None = require("read")):
     """Each structure's contour on that slice: polylines of [column, row] pixel coordinates."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated
@@ -14,16 +15,17 @@ from pydantic import BaseModel, Field
 
 from app.catalogue import parse_structures
 from app.dicom.series import read_series
-from app.errors import AutocontourError, InputImageError
+from app.errors import InputImageError
 from app.export import PREVIEW, SUMMARY, mask_file
 from app.io import read_ct, validate_ct
 from app.pipeline import DRAFT_DISCLAIMER
 from app.server.auth import require
 from app.server.context import request_id
-from app.server.jobs import FINAL, Job
-from app.server.problems import Problem
+from app.server.jobs import FINAL, Job, QueueFull, QueueUnavailable
+from app.server.openapi import AUTH, problem_responses
+from app.server.problems import Problem, queue_full
 
-router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
+router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], responses=problem_responses(*AUTH))
 COPY_CHUNK = 1 << 20
 
 
@@ -77,12 +79,21 @@ def _owned(request: Request, job_id: str, owner: str | None) -> Job:
     return job
 
 
-def _validate_upload(path, max_files: int) -> None:
-    """The same checks as the CLI, run before the job is accepted."""
+def _validate_upload(path, settings) -> None:
+    """The same checks as the CLI, run before the job is accepted.
+
+    A NIfTI's voxel count is checked against AUTOCONTOUR_MAX_VOXELS from its header, before anything is
+    inflated; a DICOM series (within the zip limits) once it is read.
+    """
+    max_voxels = settings.max_voxels
     if path.suffix == ".zip":
-        validate_ct(read_series(path, max_files=max_files).image)
+        image = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes).image
+        voxels = math.prod(image.GetSize())
+        if voxels > max_voxels:
+            raise InputImageError(f"the image has {voxels:,} voxels, more than the limit of {max_voxels:,}")
+        validate_ct(image)
     else:
-        read_ct(path)
+        read_ct(path, max_voxels)
 
 
 def _input_name(head: bytes) -> str:
@@ -95,8 +106,13 @@ def _input_name(head: bytes) -> str:
 
 @router.post("", status_code=202, response_model=SegmentationJob,
              responses={200: {"content": {"application/zip": {}}, "description": "with wait=true: the result zip"},
-                        413: {"description": "upload too large"}, 422: {"description": "invalid CT or option"},
-                        503: {"description": "queue full; retry after Retry-After seconds"}})
+                        **problem_responses(400, 409, 413, 422, 500, 503, described={
+                            409: "with wait=true: the job was cancelled",
+                            413: "the upload is larger than AUTOCONTOUR_MAX_UPLOAD_BYTES",
+                            422: "an invalid CT (unreadable, truncated, not 3D, not in HU, more voxels than "
+                                 "AUTOCONTOUR_MAX_VOXELS...), structure or option, or a missing file",
+                            500: "with wait=true: the job failed (its problem document; an input error the "
+                                 "worker found has its own 4xx status)"})})
 async def submit(
     request: Request,
     file: Annotated[UploadFile | None, File(description="CT volume (.nii or .nii.gz, in Hounsfield units) or a "
@@ -139,12 +155,20 @@ async def submit(
                     out.write(chunk)
             if path.stat().st_size == 0:
                 raise InputImageError("the uploaded file is empty (0 bytes)")
-            await run_in_threadpool(_validate_upload, path, state.settings.max_dicom_files)
-        except AutocontourError:
+            await run_in_threadpool(_validate_upload, path, state.settings)
+        except BaseException:  # refused, or anything unexpected: no upload left behind
             state.results.delete_upload(job_id)
             raise
     options["request_id"] = request_id.get()  # so the worker's log lines carry the submitting request's id
-    job = state.queue.submit(options, owner, input_name, job_id)
+    try:
+        job = await run_in_threadpool(state.queue.submit, options, owner, input_name, job_id)
+    except QueueFull:  # filled up while this upload was read and checked
+        state.results.delete_upload(job_id)
+        raise queue_full(state.settings.max_queue, state.settings.retry_after_s) from None
+    except QueueUnavailable as exc:
+        state.results.delete_upload(job_id)
+        raise Problem(503, "queue-unavailable", "Queue unavailable", f"{exc}; retry later",
+                      headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     location = f"/v1/segmentations/{job.id}"
     if wait:
         job = await _wait(request, job.id)
@@ -171,20 +195,22 @@ async def _wait(request: Request, job_id: str) -> Job:
     return job
 
 
-@router.get("", response_model=list[SegmentationJob])
+@router.get("", response_model=list[SegmentationJob], responses=problem_responses(422))
 def list_jobs(request: Request, owner: str | None = require("read"), limit: int = Query(50, ge=1, le=500)):
-    """The caller's jobs, newest first."""
-    return [job_resource(j) for j in request.app.state.jobs.list(owner, limit)]
+    """The caller's jobs, newest first, each as up to date as `GET /v1/segmentations/{id}` shows it."""
+    state = request.app.state
+    return [job_resource(j) for j in state.queue.refresh(state.jobs.list(owner, limit))]
 
 
-@router.get("/{job_id}", response_model=SegmentationJob)
+@router.get("/{job_id}", response_model=SegmentationJob, responses=problem_responses(404))
 def get_job(request: Request, job_id: str, owner: str | None = require("read")):
     """Status, progress (slices done of total, per structure), timings and errors."""
     return job_resource(_owned(request, job_id, owner))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=SegmentationJob,
-               responses={204: {"description": "a finished job and its results were removed"}})
+               responses={204: {"description": "a finished job and its results were removed"},
+                          **problem_responses(404)})
 def delete_job(request: Request, job_id: str, owner: str | None = require("segment")):
     """Cancel a queued or running job (202), or remove a finished one and its results (204)."""
     job = _owned(request, job_id, owner)
@@ -197,6 +223,9 @@ def delete_job(request: Request, job_id: str, owner: str | None = require("segme
     return JSONResponse(job_resource(state.queue.get(job.id)).model_dump(), status_code=202)
 
 
+FINISHED_ONLY = problem_responses(404, 409)  # routes that serve a finished job's files
+
+
 def _finished(request: Request, job_id: str, owner: str | None) -> Job:
     job = _owned(request, job_id, owner)
     if job.status != "done":
@@ -206,7 +235,7 @@ def _finished(request: Request, job_id: str, owner: str | None) -> Job:
 
 
 @router.get("/{job_id}/result", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {}}}, 409: {"description": "not finished"}})
+            responses={200: {"content": {"application/zip": {}}}, **FINISHED_ONLY})
 def get_result(request: Request, job_id: str, owner: str | None = require("read")):
     """A zip: one NIfTI mask per structure, summary.json, preview.png (and probability maps if asked)."""
     job = _finished(request, job_id, owner)
@@ -214,21 +243,22 @@ def get_result(request: Request, job_id: str, owner: str | None = require("read"
                         filename=f"autocontour-{job.id}.zip")
 
 
-@router.get("/{job_id}/summary")
+@router.get("/{job_id}/summary", responses=FINISHED_ONLY)
 def get_summary(request: Request, job_id: str, owner: str | None = require("read")):
     """The full summary.json of a finished job."""
     job = _finished(request, job_id, owner)
     return FileResponse(request.app.state.results.result_dir(job.id) / SUMMARY, media_type="application/json")
 
 
-@router.get("/{job_id}/preview", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/preview", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}, **FINISHED_ONLY})
 def get_preview(request: Request, job_id: str, owner: str | None = require("read")):
     job = _finished(request, job_id, owner)
     return FileResponse(request.app.state.results.result_dir(job.id) / PREVIEW, media_type="image/png")
 
 
 @router.get("/{job_id}/masks/{structure}", response_class=FileResponse,
-            responses={200: {"content": {"application/gzip": {}}}})
+            responses={200: {"content": {"application/gzip": {}}}, **FINISHED_ONLY})
 def get_mask(request: Request, job_id: str, structure: str, owner: str | None = require("read")):
     """One structure's mask (uint8 NIfTI on the CT's grid)."""
     job = _finished(request, job_id, owner)
@@ -239,7 +269,7 @@ def get_mask(request: Request, job_id: str, structure: str, owner: str | None = 
 
 
 @router.get("/{job_id}/dicom/{kind}", response_class=FileResponse,
-            responses={200: {"content": {"application/dicom": {}}}})
+            responses={200: {"content": {"application/dicom": {}}}, **FINISHED_ONLY})
 def get_dicom(request: Request, job_id: str, kind: str, owner: str | None = require("read")):
     """The RTSTRUCT (kind=rtstruct) or DICOM-SEG (kind=seg) of a job whose input was DICOM."""
     job = _finished(request, job_id, owner)
