@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16 and a "
                           "start-up check finds the masks unchanged, else float32")
     seg.add_argument("--support-size", type=int, default=None,
-                     help="support slices per ensemble member (default: 8 on CPU, 64 on GPU)")
+                     help="support slices per ensemble member (default: 16 on CPU, 64 on GPU)")
     seg.add_argument("--ensemble", type=int, default=None,
                      help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
     seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     precision: str | None = Field(None, pattern="^(float32|bfloat16|float16)$",
                                   description="default: bfloat16 on CUDA; on CPU bfloat16 where the CPU has native "
                                               "bf16 and a start-up check finds the masks unchanged, else float32")
-    cpu_support_size: int = Field(8, ge=1, le=256)
+    cpu_support_size: int = Field(16, ge=1, le=256,
+                                  description="16: the most accurate size that keeps the example under 60 s on "
+                                              "2 cores (bench/RESULTS.md)")
     cpu_ensemble: int = Field(1, ge=1, le=16)
     cuda_support_size: int = Field(64, ge=1, le=256)
     cuda_ensemble: int = Field(3, ge=1, le=16)
