@@ -272,9 +272,9 @@ class Segmenter:
             return {}
         structures = summary["structures"]
         descriptions = {n: f"draft, confidence {s['confidence']}" for n, s in structures.items()}
-        support_ids = {n: s["support_set"]["id"] for n, s in structures.items()}
+        support_sets = {n: s["support_set"] for n, s in structures.items()}
         files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions),
-                 "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_ids)}
+                 "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_sets)}
         summary["files"] |= {"rtstruct": RTSTRUCT_FILE, "seg": SEG_FILE}
         return files
 

@@ -262,12 +262,15 @@ def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp
 
 def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     path = write_seg(series, known_masks, tmp_path / "seg.dcm", {"name": "m", "sha256": "ab" * 32},
-                     {"bladder": "bladder-123", "ctvn": "ctvn-456"})
+                     {"bladder": {"id": "bladder-123", "content_hash": "12" * 32},
+                      "ctvn": {"id": "ctvn-456", "content_hash": "45" * 32}})
     seg = hd.seg.segread(str(path))  # highdicom's reader accepts it
     validate_dataset(pydicom.dcmread(path))
     assert seg.StudyInstanceUID == series.study_uid and "autocontour draft" in seg.SeriesDescription
     algorithm = seg.get_segment_description(1).algorithm_identification
     assert algorithm[0].AlgorithmName == "autocontour"
+    assert algorithm[0].AlgorithmParameters == f"model_sha256={'ab' * 32},support_set=bladder-123," \
+                                               f"support_set_sha256={'12' * 32}"
     back = read_seg(series, path)
     assert np.array_equal(back["Bladder"], known_masks["bladder"])
     assert np.array_equal(back["CTVn"], known_masks["ctvn"])

@@ -97,8 +97,10 @@ def read_rtstruct(series: DicomSeries, path: Path) -> dict[str, np.ndarray]:
 
 
 def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, model: dict,
-              support_ids: dict[str, str]) -> Path:
-    """A binary DICOM-SEG with one segment per non-empty structure."""
+              support_sets: dict[str, dict]) -> Path:
+    """A binary DICOM-SEG with one segment per non-empty structure.
+
+    Each segment names the exact inputs that drew it: model and support set, by full SHA-256."""
     names = [n for n, m in masks.items() if m.any()]
     descriptions = []
     for number, name in enumerate(names, start=1):
@@ -106,7 +108,9 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
         algorithm = hd.AlgorithmIdentificationSequence(
             name="autocontour", version=__version__, family=codes.cid7162.ArtificialIntelligence,
             source=model.get("name", ""),
-            parameters={"model_sha256": model.get("sha256", "")[:64], "support_set": support_ids.get(name, "")[:64]})
+            parameters={"model_sha256": model.get("sha256", "")[:64],
+                        "support_set": support_sets.get(name, {}).get("id", "")[:64],
+                        "support_set_sha256": support_sets.get(name, {}).get("content_hash", "")[:64]})
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=STRUCTURES[name].display_name, segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
