@@ -6,13 +6,8 @@
 # (see bench/train_gpu.sh for the pip download line), then with the device tool:
 #     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
 # and copy the printed lines into bench/RESULTS.md with the card's name.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/autocontour-bench}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 for precision in bfloat16 float32; do
   python3 bench/engine.py --device cuda --precision "$precision" --queries 200 --support-size 64 \
       --naive-subset 8 2>&1 | tee "$OUT/engine-$precision.txt"

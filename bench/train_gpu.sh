@@ -15,13 +15,8 @@
 # 2. There, with the device tool: run(command="bash bench/train_gpu.sh", carry=[".gpu", ".whl"], timeout_s=600).
 #    It writes the checkpoint, curves and log to $OUT; copy $OUT/run/best.safetensors to
 #    models/autocontour-universeg-v1.safetensors and update models/MODEL_CARD.md with the numbers.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/autocontour-gpu}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 python3 -m app.cli train --data .gpu/training_data.safetensors --out "$OUT/run" --device cuda \
     --steps 20000 --max-seconds 450 --batch-size 16 --support-size 16 --lr 3e-4 \
     --heldout iliopsoas_left,iliopsoas_right,kidney_left,kidney_right,femur_left,femur_right,spleen \
