@@ -83,8 +83,7 @@ class SplitUniverSeg(nn.Module):
         """query (B, 1, H, W); support (B, S, 2, H, W) = [image, label]; -> logits (B, 1, H, W)."""
         s = support.shape[1]
         support = support.flatten(0, 1)
-        if query.is_contiguous(memory_format=torch.channels_last):  # keep the layout the weights have
-            support = support.contiguous(memory_format=torch.channels_last)
+        support = support.contiguous(memory_format=torch.channels_last)  # oneDNN's and cuDNN's preferred layout
         skips: list[tuple[Tensor, Tensor]] = []
         last = len(self.enc) - 1
         for i, block in enumerate(self.enc):

@@ -83,7 +83,7 @@ class _Request:
     index: np.ndarray  # (S,) indices into the joint pool
 
 
-class _Pools:
+class SupportPool:
     """All structures' support slices in one array, so one batch can mix structures."""
 
     def __init__(self, supports: dict[str, SupportSet]):
@@ -157,7 +157,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     `profile` is the query's bone profile; with it each structure is searched only
     where the skeleton says it can be (app.support.localize).
     """
-    pools = _Pools(supports)
+    pools = SupportPool(supports)
     rng = np.random.default_rng(options.seed)
     results: dict[str, StructurePrediction] = {}
     own: dict[str, set[str]] = {}
@@ -193,8 +193,8 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     coarse_requests: list[_Request] = []
     for name, support in supports.items():
         body = searched[name]
+        size = min(options.coarse_support_size, results[name].support_size)
         for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
-            size = min(options.coarse_support_size, results[name].support_size)
             member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
             coarse_requests.append(_Request(name, int(z), 0, member + pools.offset[name]))
     coarse = _run(engine, inputs, pools, coarse_requests, "coarse", progress)
@@ -269,7 +269,7 @@ def _agreement(masks: list[np.ndarray]) -> float:
     return float(np.mean(scores))
 
 
-def _run(engine: Engine, inputs: dict[str, ModelInput], pools: _Pools, requests: list[_Request], phase: str,
+def _run(engine: Engine, inputs: dict[str, ModelInput], pools: SupportPool, requests: list[_Request], phase: str,
          progress: ProgressCallback | None) -> list[np.ndarray]:
     """Send requests to the runner in groups of equal support size; keep their order."""
     results: list[np.ndarray | None] = [None] * len(requests)

@@ -168,7 +168,6 @@ class Engine:
             index = np.concatenate([index, np.repeat(index[:1], pad_to - n, axis=0)])
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device).unsqueeze(1)
         support = pool[torch.from_numpy(np.ascontiguousarray(index)).to(self.device)]
-        q = q.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.forward(q, support)
         return torch.sigmoid(logits.float()).squeeze(1)[:n].cpu().numpy()

@@ -19,6 +19,7 @@ searched and the result says so.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,7 @@ class Match:
         return self.scale * z_source + self.shift_mm
 
 
+@functools.lru_cache(maxsize=64)  # support sets built from the same case share its profile
 def match(source: Profile, query: Profile) -> Match | None:
     """The scale and shift along z that best align the source profile with the query's."""
     qz, qv = query.z, np.asarray(query.values)
