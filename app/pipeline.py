@@ -24,9 +24,9 @@ import SimpleITK as sitk
 from app import __version__
 from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
 from app.config import Settings
-from app.dicom.series import is_dicom_input, read_series
+from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.plan import ProgressCallback
+from app.engine.plan import ProgressCallback, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
@@ -35,7 +35,7 @@ from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
 from app.support.localize import bone_profile
-from app.support.store import SupportSet, discover
+from app.support.store import MANIFEST, SupportSet, discover
 
 MIN_BF16_AGREEMENT = 0.99
 DRAFT_DISCLAIMER = (
@@ -58,6 +58,15 @@ def no_weights_message(settings: Settings) -> str:
             "Get weights one of three ways: the shipped project checkpoint (models/ in the repository), "
             "`autocontour weights download universeg-v1` (official, research use only) then --weights FILE, "
             "or your own from `autocontour train` / `autocontour finetune`.")
+
+
+def read_input(path: Path, settings: Settings) -> tuple[sitk.Image, DicomSeries | None]:
+    """A CT from a NIfTI file or a DICOM series (folder or zip), with every check and limit of the
+    settings: the one reader of the CLI, the Python API, the server's upload check and its workers."""
+    if is_dicom_input(path):
+        series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, settings.max_voxels)
+        return validate_ct(series.image), series
+    return read_ct(path, settings.max_voxels), None
 
 
 class Segmenter:
@@ -97,11 +106,13 @@ class Segmenter:
         Checked at start-up on real support slices (Dice of the masks >= MIN_BF16_AGREEMENT);
         bench/engine.py measures the same on whole scans.
         """
-        if not cpu_has_native_bf16() or not self.supports:
+        if not cpu_has_native_bf16():
             self.precision_note = "float32: this CPU has no native bfloat16"
             return
-        pool = np.concatenate([np.stack([s.images, s.labels], axis=1) for s in self.supports.values()])
-        agreement = self.engine.agreement("bfloat16", pool.astype(np.float32))
+        if not self.supports:
+            self.precision_note = "float32: no support set to check bfloat16 against"
+            return
+        agreement = self.engine.agreement("bfloat16", SupportPool(self.supports).array)
         if agreement >= MIN_BF16_AGREEMENT:
             self.engine.precision = "bfloat16"
             self.precision_note = f"bfloat16: masks agree with float32 (Dice {agreement:.4f}) at start-up"
@@ -135,7 +146,7 @@ class Segmenter:
         missing = [s for s in structures if s not in self.supports]
         if missing:
             name = missing[0]
-            shipped = (self.settings.shipped_support_dir / name / "manifest.json").is_file()
+            shipped = (self.settings.shipped_support_dir / name / MANIFEST).is_file()
             why = ("the shipped one is switched off (--no-shipped-support)" if shipped else
                    "none ships with autocontour because no public data set has it")
             raise NoSupportSetError(
@@ -172,14 +183,10 @@ class Segmenter:
         except ValueError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
-        series = None
         if isinstance(ct, sitk.Image):
-            image = validate_ct(ct)
-        elif is_dicom_input(Path(ct)):
-            series = read_series(Path(ct), self.settings.max_dicom_files, self.settings.max_dicom_bytes)
-            image = validate_ct(series.image)
+            image, series = validate_ct(ct), None
         else:
-            image = read_ct(Path(ct), self.settings.max_voxels)
+            image, series = read_input(Path(ct), self.settings)
         canonical = CanonicalCT(image)
         scan_id = fingerprint(canonical.image)
         lap("read")
@@ -193,14 +200,14 @@ class Segmenter:
             if progress:
                 progress(phase, done, total)
 
-        profile = bone_profile(canonical.array, canonical.spacing_zyx, canonical.slice_positions_mm())
+        z_mm = canonical.slice_positions_mm()
+        profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
         predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report, profile)
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
         masks, rule_changes = postprocess(probabilities, threshold)
         spacing = canonical.image.GetSpacing()
-        z_mm = canonical.slice_positions_mm()
         structures_summary = {}
         for name in names:
             m, prediction, support = masks[name], predictions[name], supports[name]

@@ -221,6 +221,10 @@ def test_zip_input_and_unsafe_zips(tmp_path, capsys, small_weights):
         env.setenv("AUTOCONTOUR_MAX_DICOM_FILES", "5")
         assert main(["segment", str(good), "--out", str(tmp_path / "o"), "--weights", str(small_weights)]) == 2
         assert "more than the limit of 5" in capsys.readouterr().err
+        env.delenv("AUTOCONTOUR_MAX_DICOM_FILES")
+        env.setenv("AUTOCONTOUR_MAX_VOXELS", "1000")  # checked from the headers, as for NIfTI
+        assert main(["segment", str(good), "--out", str(tmp_path / "o"), "--weights", str(small_weights)]) == 2
+        assert "more than the limit of 1,000" in capsys.readouterr().err
         env.setenv("AUTOCONTOUR_MAX_DICOM_BYTES", "lots")
         assert main(["segment", str(good), "--out", str(tmp_path / "o"), "--weights", str(small_weights)]) == 2
         assert "AUTOCONTOUR_MAX_DICOM_BYTES" in capsys.readouterr().err

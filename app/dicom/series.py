@@ -122,8 +122,11 @@ def _normal(ds: pydicom.Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> DicomSeries:
-    """Read the CT series in a folder or zip; raises InputImageError naming any problem."""
+def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
+                max_voxels: int | None = None) -> DicomSeries:
+    """Read the CT series in a folder or zip; raises InputImageError naming any problem.
+
+    `max_voxels` is checked from the headers, before any pixel data is decoded."""
     path = Path(path)
     workdir = None
     if path.is_file():
@@ -188,6 +191,10 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
         gaps = [f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm" for i in np.nonzero(irregular)[0][:5]]
         raise InputImageError(f"irregular slice spacing (median {median:.2f} mm): gaps at {', '.join(gaps)}; "
                               "a slice may be missing")
+
+    voxels = int(first.Rows) * int(first.Columns) * len(slices)
+    if max_voxels is not None and voxels > max_voxels:
+        raise InputImageError(f"the image has {voxels:,} voxels, more than the limit of {max_voxels:,}")
 
     _ensure_uids(slices, warnings)
     files = [str(f) for f, _ in slices]

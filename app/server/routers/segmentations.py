@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated
@@ -14,11 +13,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.catalogue import parse_structures
-from app.dicom.series import read_series
 from app.errors import InputImageError
 from app.export import PREVIEW, SUMMARY, mask_file
-from app.io import read_ct, validate_ct
-from app.pipeline import DRAFT_DISCLAIMER
+from app.pipeline import DRAFT_DISCLAIMER, read_input
 from app.server.auth import require
 from app.server.context import request_id
 from app.server.jobs import FINAL, Job, QueueFull, QueueUnavailable
@@ -80,20 +77,9 @@ def _owned(request: Request, job_id: str, owner: str | None) -> Job:
 
 
 def _validate_upload(path, settings) -> None:
-    """The same checks as the CLI, run before the job is accepted.
-
-    A NIfTI's voxel count is checked against AUTOCONTOUR_MAX_VOXELS from its header, before anything is
-    inflated; a DICOM series (within the zip limits) once it is read.
-    """
-    max_voxels = settings.max_voxels
-    if path.suffix == ".zip":
-        image = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes).image
-        voxels = math.prod(image.GetSize())
-        if voxels > max_voxels:
-            raise InputImageError(f"the image has {voxels:,} voxels, more than the limit of {max_voxels:,}")
-        validate_ct(image)
-    else:
-        read_ct(path, max_voxels)
+    """The pipeline's own reading and checks, run before the job is accepted: AUTOCONTOUR_MAX_VOXELS is
+    checked from the NIfTI or DICOM headers, before anything is inflated or decoded."""
+    read_input(path, settings)
 
 
 def _input_name(head: bytes) -> str:
