@@ -6,8 +6,10 @@ import concurrent.futures
 import time
 import zipfile
 
-from app.server.jobs import MAX_ATTEMPTS, JobStore, QueueFull, ResultStore
+from app.server.jobs import JobStore, QueueFull, ResultStore
 from app.server.worker import Janitor
+
+MAX_ATTEMPTS = 3  # AUTOCONTOUR_MAX_ATTEMPTS's default
 
 
 def test_claim_order_cancel_and_recovery(tmp_path):
@@ -23,12 +25,12 @@ def test_claim_order_cancel_and_recovery(tmp_path):
     store.close()
 
     reopened = JobStore(tmp_path / "jobs.sqlite3")  # a restart
-    assert reopened.recover() == [a.id]
+    assert reopened.recover(MAX_ATTEMPTS) == [a.id]
     job = reopened.get(a.id)
     assert job.status == "queued" and "restarted" in job.notes[0]
     for _ in range(MAX_ATTEMPTS):
         reopened.claim_next()
-        reopened.recover()
+        reopened.recover(MAX_ATTEMPTS)
     assert reopened.get(a.id).status == "failed" and "stopped during this job" in reopened.get(a.id).error["detail"]
     assert [j.id for j in reopened.list("alice", 10)] == [a.id]
 

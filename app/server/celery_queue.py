@@ -35,10 +35,11 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from app.export import SUMMARY
 from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
 from app.server.metrics import Metrics
 from app.server.settings import ServerSettings
-from app.server.worker import Outcome, brief, record, run_job
+from app.server.worker import Outcome, brief, internal_error, record, run_job
 
 log = logging.getLogger(__name__)
 # What an unreachable broker raises: kombu and redis-py errors while publishing, and the RuntimeError
@@ -115,10 +116,6 @@ class CeleryQueue:
         except redis.RedisError:
             return 0
 
-    def alive(self) -> bool:
-        """The broker answers and at least one worker replies to a ping."""
-        return all(self.checks().values())
-
     def checks(self) -> dict[str, bool]:
         """Whether the broker answers, and whether at least one worker replies to a ping."""
         try:
@@ -158,15 +155,15 @@ class CeleryQueue:
         task = AsyncResult(job.id, app=self.app)
         state, info = task.state, task.info
         if state in ("STARTED", "PROGRESS"):
-            self.jobs.mark_running(job.id)
-            if isinstance(info, dict) and info.get("progress"):
+            if job.status != "running":
+                self.jobs.mark_running(job.id)
+            if isinstance(info, dict) and info.get("progress") and info["progress"] != job.progress:
                 self.jobs.set_progress(job.id, info["progress"])
         elif state == "SUCCESS" and isinstance(info, dict):
             record(self.jobs, job.id, Outcome(**info), self.metrics)
         elif state == "FAILURE":
-            record(self.jobs, job.id, Outcome("failed", error={
-                "type": "urn:autocontour:problem:internal-error", "title": "Internal error", "status": 500,
-                "detail": "the worker failed unexpectedly; its log has details"}), self.metrics)
+            record(self.jobs, job.id, Outcome("failed", error=internal_error(
+                "the worker failed unexpectedly; its log has details")), self.metrics)
         else:  # PENDING (waiting in the broker) or unknown: nothing new
             return job
         return self.jobs.get(job.id) or job
@@ -196,7 +193,7 @@ def worker_app(settings: ServerSettings, segmenter) -> Celery:
         if client.exists(_key("cancel", job_id)):
             return Outcome("cancelled").to_dict()
         if results.zip_path(job_id).is_file():  # a redelivery after the result was published: do not redo it
-            summary = json.loads((results.result_dir(job_id) / "summary.json").read_text())
+            summary = json.loads((results.result_dir(job_id) / SUMMARY).read_text())
             return Outcome("done", result=brief(summary)).to_dict()
         if attempts > settings.max_attempts:
             return Outcome("failed", error={

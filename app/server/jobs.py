@@ -5,7 +5,7 @@ error; the `ResultStore` holds its files (the upload while it waits, the
 results once done). A job is written before the client gets its 202, and a
 server that restarts finds every accepted job again: queued ones stay queued,
 running ones go back to the queue with a note (or fail, with the reason, after
-`MAX_ATTEMPTS`). Nothing here stores the uploaded file's name.
+`AUTOCONTOUR_MAX_ATTEMPTS`). Nothing here stores the uploaded file's name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
-MAX_ATTEMPTS = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -249,13 +248,13 @@ class JobStore:
         if job:
             self._exec("UPDATE jobs SET notes = ? WHERE id = ?", (json.dumps(job.notes + [note]), job_id))
 
-    def recover(self) -> list[str]:
-        """After a restart: requeue jobs that were running, or fail them after MAX_ATTEMPTS."""
+    def recover(self, max_attempts: int) -> list[str]:
+        """After a restart: requeue jobs that were running, or fail them after `max_attempts` starts."""
         with self._lock:
             rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
         recovered = []
         for row in rows:
-            if row["attempts"] >= MAX_ATTEMPTS:
+            if row["attempts"] >= max_attempts:
                 self.fail(row["id"], {"type": "interrupted", "title": "Interrupted too often",
                                       "detail": f"the server stopped during this job {row['attempts']} times"})
             else:

@@ -22,7 +22,6 @@ class JobQueue(Protocol):
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
         """Record and queue a job; raises QueueFull when `max_queue` jobs wait already (checked atomically)."""
     def cancel(self, job_id: str) -> None: ...
-    def alive(self) -> bool: ...
     def checks(self) -> dict[str, bool]:
         """What /readyz reports of the queue: each check by name, True when it passes."""
     def depth(self) -> int: ...
@@ -41,7 +40,7 @@ class LocalQueue:
         self.worker: LocalWorker | None = None
 
     def start(self, segmenter: Segmenter) -> None:
-        recovered = self.jobs.recover()  # jobs that were running when the process stopped
+        recovered = self.jobs.recover(self.settings.max_attempts)  # jobs that were running when the process stopped
         if recovered:
             log.info("requeued %d interrupted job(s) after a restart", len(recovered))
         self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings)
@@ -59,11 +58,8 @@ class LocalQueue:
     def cancel(self, job_id: str) -> None:
         self.jobs.cancel(job_id)
 
-    def alive(self) -> bool:
-        return bool(self.worker and self.worker.alive)
-
     def checks(self) -> dict[str, bool]:
-        return {"worker_running": self.alive()}
+        return {"worker_running": bool(self.worker and self.worker.alive)}
 
     def depth(self) -> int:
         return self.jobs.queue_depth()

@@ -23,6 +23,7 @@ from PIL import Image
 from app.catalogue import STRUCTURES
 from app.export import SUMMARY
 from app.io import CanonicalCT
+from app.preview import window
 
 REVIEW_CT = Path("review") / "ct.nii.gz"
 PLANES = ("axial", "coronal", "sagittal")
@@ -68,7 +69,7 @@ class ReviewVolume:
 
     def png(self, plane: str, index: int, level: float, width: float) -> bytes:
         hu = self._cut(self.hu, plane, index).astype(np.float32)
-        pixels = np.clip((hu - (level - width / 2)) / width * 255, 0, 255).astype(np.uint8)
+        pixels = (window(hu, level, width) * 255).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=1)
         return buffer.getvalue()

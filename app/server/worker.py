@@ -62,6 +62,12 @@ def brief(summary: dict) -> dict:
     }
 
 
+def internal_error(detail: str) -> dict:
+    """A job's error when the code failed, not the input: the details stay in the log."""
+    return {"type": "urn:autocontour:problem:internal-error", "title": "Internal error", "status": 500,
+            "detail": detail}
+
+
 def fetch_from_pacs(settings, spec: dict, target: Path) -> None:
     """Download a PACS job's CT series into its upload folder (done by the worker, not the request)."""
     from app.dicom import pacs
@@ -118,9 +124,8 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
         results.delete_upload(job_id)
     except Exception:  # a bug: keep the worker alive, record it, keep the details in the log
         log.exception("job %s failed", job_id)
-        outcome = Outcome("failed", error={"type": "urn:autocontour:problem:internal-error", "title": "Internal error",
-                                           "status": 500,
-                                           "detail": "segmentation failed unexpectedly; the server log has details"})
+        outcome = Outcome("failed",
+                          error=internal_error("segmentation failed unexpectedly; the server log has details"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # already gone when published
     outcome.seconds = round(time.perf_counter() - started, 3)
