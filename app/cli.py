@@ -13,8 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import pydantic
-
 from app import __version__
 from app.errors import AutocontourError
 
@@ -349,9 +347,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.prepare_only:
         return 0
     config = _train_config(args)
-    card = {"name": args.name or f"autocontour-{args.out.resolve().name}", "source": "autocontour train"}
-    if args.licence:
-        card["licence"] = args.licence
+    card = {key: value for key, value in (("name", args.name), ("licence", args.licence)) if value}
     scores = train(data, args.out, config, init=args.init, resume=not args.no_resume, progress=not args.quiet,
                    card=card)
     print(json.dumps(scores, indent=1))
@@ -556,15 +552,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pacs_pull(args: argparse.Namespace) -> int:
+def _pacs_password(args: argparse.Namespace) -> str | None:
+    """--password, else AUTOCONTOUR_PACS_PASSWORD (keeps it out of shell history and process lists)."""
     import os
+
+    return args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD")
+
+
+def cmd_pacs_pull(args: argparse.Namespace) -> int:
     import tempfile
 
     from app.dicom import pacs
     from app.pipeline import Segmenter
 
-    password = args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD")
-    client = pacs.connect(args.url, args.username, password)
+    client = pacs.connect(args.url, args.username, _pacs_password(args))
     series_uid = pacs.find_ct_series(client, args.study, args.series)
     segmenter = Segmenter(weights=args.weights, device=args.device)
     with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
@@ -581,7 +582,6 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_push(args: argparse.Namespace) -> int:
-    import os
 
     from app.dicom import pacs
     from app.errors import InputImageError
@@ -589,7 +589,7 @@ def cmd_pacs_push(args: argparse.Namespace) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise InputImageError(f"file not found: {', '.join(missing)}")
-    client = pacs.connect(args.url, args.username, args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD"))
+    client = pacs.connect(args.url, args.username, _pacs_password(args))
     pacs.store(client, list(args.files))
     print(f"stored {len(args.files)} file(s)")
     return 0
@@ -651,7 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     except AutocontourError as exc:
         print(f"autocontour: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except pydantic.ValidationError as exc:  # an AUTOCONTOUR_* setting that does not parse
+    except Exception as exc:
+        # an AUTOCONTOUR_* setting that does not parse; pydantic is not imported for commands that need
+        # no settings (health checks run often), so it is looked up rather than imported here
+        pydantic = sys.modules.get("pydantic")
+        if pydantic is None or not isinstance(exc, pydantic.ValidationError):
+            raise
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         print(f"autocontour: error: setting {field!r} (AUTOCONTOUR_{field.upper()}): {first['msg']}", file=sys.stderr)

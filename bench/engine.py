@@ -111,7 +111,6 @@ def main() -> None:
         subset = args.naive_subset or 10
     else:
         s = args.support_size or 16
-        torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
         images, pool, index = cpu_case(args.queries or 16, s)
         subset = args.naive_subset or len(images)
     print(f"device={device} precision={precision} queries={len(images)} support_size={s} weights={card.name}")

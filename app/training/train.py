@@ -253,7 +253,7 @@ class Trainer:
         if research_only:  # derived from research-only weights: that restriction is inherited
             licence = f"{self.init_card.licence} (derived from {self.init_card.name}; research use only)"
         card = ModelCard(
-            name=self.card_extra.get("name", f"autocontour-{self.out.name}"),
+            name=self.card_extra.get("name", f"autocontour-{self.out.resolve().name}"),
             version=self.card_extra.get("version", f"step {self.step}"),
             sha256="", licence=licence,
             source=self.card_extra.get("source", "autocontour train"),
