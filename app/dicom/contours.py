@@ -12,7 +12,9 @@ it by a zero-width "keyhole" cut (the cut is traversed once each way, so it
 encloses nothing). A keyholed polygon means the same thing to systems that
 combine a slice's contours by union and to those that combine them by XOR,
 which is not true of a separate inner contour. An island inside a hole is a
-polygon of its own. Every polygon has at least 4 points.
+polygon of its own. Every polygon has at least 4 points; one that would
+exceed a DICOM value's 64 KiB is cut into bands of rows that meet along a
+voxel boundary (so, again, union and XOR agree).
 """
 
 from __future__ import annotations
@@ -96,21 +98,36 @@ def _bridge(polygon: list[tuple[int, int]], hole: list[tuple[int, int]]) -> list
     return polygon[:best + 1] + cut + polygon[best + 1:]
 
 
-def slice_polygons(mask: np.ndarray) -> list[np.ndarray]:
-    """Polygons (k x 2 arrays of (column, row) pixel coordinates, pixel centres at integers) whose
-    centre-based rasterisation is exactly `mask` (2D, rows x columns)."""
-    pieces, count = ndimage.label(mask)  # 4-connected
+def _keyholed(piece: np.ndarray) -> list[tuple[int, int]]:
+    """One polygon for a 4-connected piece: its outer boundary with every hole bridged in, top holes first."""
+    loops = _loops(piece)
+    polygon = max(loops, key=_area2)
+    for hole in sorted((lp for lp in loops if lp is not polygon), key=lambda lp: min((y, x) for x, y in lp)):
+        polygon = _bridge(polygon, hole)
+    return polygon
+
+
+def _pieces(mask: np.ndarray, row: int, column: int, max_points: int | None) -> list[np.ndarray]:
+    labels, _ = ndimage.label(mask)  # 4-connected
     polygons = []
-    for label, box in enumerate(ndimage.find_objects(pieces), start=1):
-        piece = pieces[box] == label
-        loops = _loops(piece)
-        outer = max(loops, key=_area2)
-        polygon = outer
-        for hole in sorted((lp for lp in loops if lp is not outer), key=lambda lp: min((y, x) for x, y in lp)):
-            polygon = _bridge(polygon, hole)
-        offset = np.array([box[1].start - 0.5, box[0].start - 0.5])
-        polygons.append(np.asarray(polygon, dtype=float) + offset)
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        piece = labels[box] == label
+        top, left = row + box[0].start, column + box[1].start
+        polygon = _keyholed(piece)
+        if max_points is None or len(polygon) <= max_points or piece.shape[0] == 1:
+            polygons.append(np.asarray(polygon, dtype=float) + (left - 0.5, top - 0.5))
+        else:  # too long for one contour: two bands of rows, which meet on a voxel boundary
+            half = piece.shape[0] // 2
+            polygons += _pieces(piece[:half], top, left, max_points) + _pieces(piece[half:], top + half, left,
+                                                                               max_points)
     return polygons
+
+
+def slice_polygons(mask: np.ndarray, max_points: int | None = None) -> list[np.ndarray]:
+    """Polygons (k x 2 arrays of (column, row) pixel coordinates, pixel centres at integers) whose
+    centre-based rasterisation is exactly `mask` (2D, rows x columns). A piece whose polygon would have more
+    than `max_points` points is cut into bands of rows."""
+    return _pieces(mask, 0, 0, max_points)
 
 
 def rasterise(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

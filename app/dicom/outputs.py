@@ -44,6 +44,9 @@ from app.errors import OptionError
 DRAFT_DESCRIPTION = "autocontour draft - not approved"
 RTSTRUCT_FILE = "rtstruct.dcm"
 SEG_FILE = "seg.dcm"
+# Contour Data is one DS value list; in explicit VR its length field has 16 bits. 3 values of at most 16
+# characters and a separator each per point.
+MAX_CONTOUR_POINTS = 0xFFFE // (3 * 17)
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # the SOP class RTSTRUCTs cite for their study (retired)
 
@@ -123,7 +126,7 @@ def _contours(series: DicomSeries, mask: np.ndarray) -> list[pydicom.Dataset]:
     for index in np.nonzero(mask.any(axis=(1, 2)))[0]:
         image = series.datasets[index]
         origin, column_step, row_step = _slice_axes(image)
-        for polygon in slice_polygons(mask[index]):
+        for polygon in slice_polygons(mask[index], MAX_CONTOUR_POINTS):
             points = origin + polygon[:, :1] * column_step + polygon[:, 1:] * row_step
             contour = pydicom.Dataset()
             contour.ContourImageSequence = [_image_reference(image)]
