@@ -385,6 +385,23 @@ def test_server_refuses_bad_dicom_with_named_4xx_and_stays_healthy(dicom_server,
     assert (set(uploads.iterdir()) if uploads.exists() else set()) == before  # no refused upload left on disk
 
 
+def test_server_upload_picks_a_series(dicom_server, bad_dicom):
+    """series_uid picks one CT series of a zip that holds two; a UID not in it is a named 422."""
+    mixed, _ = bad_dicom["two CT series"]
+    for series_uid, status in (("9.9", 422), ("1.2.826.0.1.3680043.8.498.1", 202)):
+        with open(mixed, "rb") as f:
+            response = httpx.post(f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
+                                  data={"structures": "bladder", "series_uid": series_uid, "roi_names": "tg263"},
+                                  timeout=120)
+        assert response.status_code == status, response.text
+    assert "CT series 9.9 is not in the input; CT series found:" in httpx.post(
+        f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", mixed.read_bytes())},
+        data={"series_uid": "9.9"}).json()["detail"]
+    job = response.json()
+    assert job["options"]["series_uid"] == "1.2.826.0.1.3680043.8.498.1" and job["options"]["roi_names"] == "tg263"
+    httpx.delete(f"{dicom_server.url}/v1/segmentations/{job['id']}")  # accepted is all this test needs
+
+
 def test_server_zip_upload_and_pacs_job(orthanc, dicom_server, tmp_path):
     study = pacs_copy(SERIES, tmp_path / "pacs")
     server = dicom_server
