@@ -2,7 +2,9 @@
 
 Planning systems export a CT as one file per slice, often beside other series
 (a scout, an RTSTRUCT, a second reconstruction). This module picks the CT
-series (and refuses a mixture it cannot choose from), sorts slices along the
+series (a mixture is refused with its series listed, unless a series UID
+picks one), takes blank SOP Instance/Class UIDs from the file meta (where a
+PACS indexes them), sorts slices along the
 slice normal, checks that they are evenly spaced (a missing slice would
 silently stretch the anatomy), and reads pixels with SimpleITK/GDCM, which
 applies each slice's rescale slope and intercept and decodes compressed
