@@ -61,7 +61,7 @@ BUILTIN: dict[str, StructureDefinition] = {
     for s in (
         _builtin("bladder", "Bladder", (255, 215, 0), "ORGAN", "Bladder", "midline",
                  "Urinary bladder, outer wall.", 1, 2.0),
-        _builtin("anorectum", "Anorectum", (160, 82, 45), "ORGAN", "Rectum", "midline",
+        _builtin("anorectum", "Anorectum", (160, 82, 45), "ORGAN", "Anorectum", "midline",
                  "Anal canal and rectum up to the rectosigmoid junction.", 1, 2.0),
         _builtin("ctvn", "CTVn", (0, 200, 255), "CTV", "CTVn", "bilateral",
                  "Nodal CTV: nodal tumour and the pelvic, common iliac and para-aortic node regions "

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="coarse: find each structure's extent first (default); all: segment every body slice")
     seg.add_argument("--support-selection", choices=["level", "spread"], default="level",
                      help="level: examples from the query's relative axial level (default); spread: whole extent")
+    seg.add_argument("--series", default=None, metavar="UID",
+                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
+    _roi_names_option(seg)
     seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
     seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -263,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     pull.add_argument("--support-size", type=int, default=None)
     pull.add_argument("--ensemble", type=int, default=None)
+    _roi_names_option(pull)
     pull.add_argument("--username", default=None)
     pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
     pull.set_defaults(handler=cmd_pacs_pull)
@@ -297,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     structures.add_argument("--rules", type=Path, default=None, help="overlap-rules JSON (default: shipped)")
     structures.set_defaults(handler=cmd_structures)
     return parser
+
+
+def _roi_names_option(parser: argparse.ArgumentParser) -> None:
+    from app.dicom import ROI_NAME_STYLES
+
+    parser.add_argument("--roi-names", choices=ROI_NAME_STYLES, default="display",
+                        help="ROI names in rtstruct.dcm: the catalogue's display names (default) or TG-263 names "
+                             "(the display name where a structure has none)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -447,7 +459,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         result = segmenter.segment(
             args.ct, args.out, args.structures, support_size=args.support_size, ensemble=args.ensemble,
             threshold=args.threshold, axial_search=args.axial_search, support_selection=args.support_selection,
-            save_probabilities=args.probabilities, preview=not args.no_preview, progress=update)
+            save_probabilities=args.probabilities, preview=not args.no_preview, progress=update,
+            roi_names=args.roi_names, series_uid=args.series)
     finally:
         close()
     summary = result.summary
@@ -661,7 +674,7 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
         files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
         print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
         result = segmenter.segment(Path(tmp), args.out, args.structures, support_size=args.support_size,
-                                   ensemble=args.ensemble)
+                                   ensemble=args.ensemble, roi_names=args.roi_names)
     outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
     if args.push and outputs:
         pacs.store(client, outputs)

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from app import __version__
 from app.catalogue import DEFAULT_STRUCTURES, Catalogue
 from app.config import Settings
+from app.dicom import ROI_NAME_STYLES
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
 from app.engine.plan import ProgressCallback, SupportPool
@@ -61,11 +62,13 @@ def no_weights_message(settings: Settings) -> str:
             "or your own from `autocontour train` / `autocontour finetune`.")
 
 
-def read_input(path: Path, settings: Settings) -> tuple[sitk.Image, DicomSeries | None]:
-    """A CT from a NIfTI file or a DICOM series (folder or zip), with every check and limit of the
-    settings: the one reader of the CLI, the Python API, the server's upload check and its workers."""
+def read_input(path: Path, settings: Settings, series_uid: str | None = None) -> tuple[sitk.Image, DicomSeries | None]:
+    """A CT from a NIfTI file or a DICOM series (folder or zip; `series_uid` picks one of several), with every
+    check and limit of the settings: the one reader of the CLI, the Python API, the server's upload check and
+    its workers."""
     if is_dicom_input(path):
-        series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, settings.max_voxels)
+        series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, settings.max_voxels,
+                             series_uid)
         return validate_ct(series.image), series
     return read_ct(path, settings.max_voxels), None
 
@@ -170,8 +173,10 @@ class Segmenter:
                 ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
                 support_selection: str = "level", save_probabilities: bool = False, preview: bool = True,
                 progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
-                keep_ct: bool = False) -> SegmentationResult:
-        """Segment one CT volume; see the module docstring."""
+                keep_ct: bool = False, roi_names: str = "display", series_uid: str | None = None,
+                ) -> SegmentationResult:
+        """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
+        CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -182,6 +187,8 @@ class Segmenter:
             clock = now
 
         names = self.catalogue.parse(structures) if structures else self.default_structures
+        if roi_names not in ROI_NAME_STYLES:
+            raise OptionError(f"roi_names must be one of {', '.join(ROI_NAME_STYLES)}, got {roi_names!r}")
         supports = self.support_for(names)
         threshold = self.settings.threshold if threshold is None else threshold
         if not 0 < threshold < 1:
@@ -196,7 +203,7 @@ class Segmenter:
         if isinstance(ct, sitk.Image):
             image, series = validate_ct(ct), None
         else:
-            image, series = read_input(Path(ct), self.settings)
+            image, series = read_input(Path(ct), self.settings, series_uid)
         canonical = CanonicalCT(image)
         scan_id = fingerprint(canonical.image)
         lap("read")
@@ -284,7 +291,7 @@ class Segmenter:
                     Path(out_dir) / PREVIEW, z_mm=z_mm, flagged=flagged, title="autocontour", definitions=definitions)
                 summary["files"]["preview"] = PREVIEW
             if series is not None:
-                result.files |= self._write_dicom(series, masks_on_input, summary, Path(out_dir))
+                result.files |= self._write_dicom(series, masks_on_input, summary, Path(out_dir), roi_names)
             if keep_ct:  # for the review page; not part of the result zip
                 result.files["review_ct"] = Path(out_dir) / "review" / "ct.nii.gz"
                 write_image(_compact(image), result.files["review_ct"])
@@ -294,8 +301,10 @@ class Segmenter:
             write_result(Path(out_dir), {}, summary)  # rewrite with the final timings
         return result
 
-    def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path) -> dict[str, Path]:
+    def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path,
+                     roi_names: str) -> dict[str, Path]:
         """RTSTRUCT and DICOM-SEG that reference the input series (structures with voxels only)."""
+
         from app.dicom.outputs import RTSTRUCT_FILE, SEG_FILE, write_rtstruct, write_seg
 
         arrays = {n: sitk.GetArrayFromImage(m) for n, m in masks.items()}
@@ -306,7 +315,8 @@ class Segmenter:
         descriptions = {n: f"draft, confidence {s['confidence']}" for n, s in structures.items()}
         support_sets = {n: s["support_set"] for n, s in structures.items()}
         definitions = {n: self.supports[n].definition for n in arrays}
-        files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions, definitions),
+        files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions, definitions,
+                                            roi_names),
                  "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_sets, definitions)}
         summary["files"] |= {"rtstruct": RTSTRUCT_FILE, "seg": SEG_FILE}
         return files

@@ -16,24 +16,20 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import DATA
+from dicom_tools import DEFINITIONS, definition
 from orthanc import pacs_copy, start_orthanc, upload_folder
 from pydicom import config as pydicom_config
 from pydicom.valuerep import validate_value
 from servers import start_server
 
 from app.cli import main
-from app.catalogue import BUILTIN
 from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
 from app.dicom.series import read_series, safe_extract
-from app.errors import InputImageError
+from app.errors import InputImageError, OptionError
 
 SERIES = DATA / "dicom_ct"
 PROBLEM = "application/problem+json"
 BOMB_LIMIT = 20_000_000  # AUTOCONTOUR_MAX_DICOM_BYTES in the bad-input tests: a real series zip stays under it
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def validate_dataset(ds: pydicom.Dataset) -> None:
@@ -50,8 +46,7 @@ def validate_dataset(ds: pydicom.Dataset) -> None:
 
 def assert_outputs_round_trip(series, out: Path) -> None:
     """The rtstruct.dcm and seg.dcm the pipeline wrote in `out`: valid DICOM (pydicom's validation, highdicom's
-    reader), referencing the input series, and equal to the NIfTI masks beside them (RTSTRUCT: Dice >= 0.95 per
-    non-empty structure; SEG: voxel for voxel)."""
+    reader), referencing the input series, and equal voxel for voxel to the NIfTI masks beside them."""
     rt_path, seg_path = out / "rtstruct.dcm", out / "seg.dcm"
     rt_ds = pydicom.dcmread(rt_path)
     validate_dataset(rt_ds)
@@ -70,7 +65,7 @@ def assert_outputs_round_trip(series, out: Path) -> None:
         mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))).astype(bool)
         if mask.any():
             found += 1
-            assert dice(rt[display], mask) >= 0.95, name
+            assert np.array_equal(rt[display], mask), name
             assert np.array_equal(seg[display], mask), name
         else:
             assert display not in rt and display not in seg, name  # empty structures are left out
@@ -151,7 +146,7 @@ def bad_dicom_inputs(folder: Path, rtstruct: Path) -> dict[str, tuple[Path, str]
 @pytest.fixture(scope="module")
 def bad_dicom(tmp_path_factory, series, known_masks):
     folder = tmp_path_factory.mktemp("bad_dicom")
-    rtstruct = write_rtstruct(series, {"bladder": known_masks["bladder"]}, folder / "rtstruct.dcm", {}, BUILTIN)
+    rtstruct = write_rtstruct(series, {"bladder": known_masks["bladder"]}, folder / "rtstruct.dcm", {}, DEFINITIONS)
     return bad_dicom_inputs(folder / "cases", rtstruct)
 
 
@@ -179,6 +174,10 @@ def test_series_geometry_and_hu(series):
     assert [float(ds.ImagePositionPatient[2]) for ds in series.datasets] == sorted(
         float(ds.ImagePositionPatient[2]) for ds in series.datasets)
     assert any("deterministic UIDs" in w for w in series.warnings)
+    # the datasets' SOP Instance UIDs are empty: those of the file meta (the PACS's) are used, not made up
+    assert [ds.SOPInstanceUID for ds in series.datasets] == [
+        pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in series.files]
+    assert any("SOPInstanceUID are empty; those of their file meta are used" in w for w in series.warnings)
     assert read_series(SERIES).series_uid == series.series_uid  # the same UIDs every time
 
 
@@ -189,8 +188,12 @@ def test_mixed_series_and_gaps_are_refused(tmp_path):
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID = "1.2.3.4.5"
         ds.save_as(path)
-    with pytest.raises(InputImageError, match="2 CT series found"):
+    with pytest.raises(InputImageError, match="2 CT series found, choose one with --series UID"):
         read_series(mixed)
+    assert len(read_series(mixed, series_uid="1.2.3.4.5").datasets) == 5
+    with pytest.raises(InputImageError, match=r"CT series 9\.9 is not in the input; CT series found: .*1\.2\.3\.4\.5 "
+                                              r"\(5 slices\)"):
+        read_series(mixed, series_uid="9.9")
     gap = tmp_path / "gap"
     shutil.copytree(SERIES, gap)
     sorted(gap.glob("CT.*"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))[10].unlink()
@@ -242,7 +245,7 @@ def test_zip_input_and_unsafe_zips(tmp_path, capsys, small_weights):
 
 def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp_path):
     path = write_rtstruct(series, known_masks, tmp_path / "rtstruct.dcm", {"bladder": "draft, confidence 0.9"},
-                          BUILTIN)
+                          DEFINITIONS)
     ds = pydicom.dcmread(path)
     validate_dataset(ds)
     assert ds.Modality == "RTSTRUCT" and ds.StudyInstanceUID == series.study_uid
@@ -262,14 +265,26 @@ def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp
             assert all(len(str(v)) <= 16 for v in raw)
             assert round(float(raw[2]), 3) in z_positions  # on the input's own slice positions
     back = read_rtstruct(series, path)
-    assert dice(back["Bladder"], known_masks["bladder"]) >= 0.95
-    assert dice(back["CTVn"], known_masks["ctvn"]) >= 0.95
+    assert np.array_equal(back["Bladder"], known_masks["bladder"])
+    assert np.array_equal(back["CTVn"], known_masks["ctvn"])
+
+
+def test_roi_names_display_or_tg263(series, known_masks, tmp_path):
+    definitions = {"bladder": definition("Urinary bladder", (255, 215, 0), "ORGAN", "Bladder"),
+                   "ctvn": definition("CTV nodes", (0, 200, 255), "CTV")}  # no TG-263 name: the display name
+    for style, expected in (("display", {"Urinary bladder", "CTV nodes"}), ("tg263", {"Bladder", "CTV nodes"})):
+        path = write_rtstruct(series, known_masks, tmp_path / f"{style}.dcm", {}, definitions, style)
+        assert {r.ROIName for r in pydicom.dcmread(path).StructureSetROISequence} == expected
+    with pytest.raises(OptionError, match="display, tg263"):
+        write_rtstruct(series, known_masks, tmp_path / "x.dcm", {}, definitions, "short")
+    seg = read_seg(series, write_seg(series, known_masks, tmp_path / "seg.dcm", {}, {}, definitions))
+    assert set(seg) == {"Urinary bladder", "CTV nodes"}  # segment labels are display names
 
 
 def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     path = write_seg(series, known_masks, tmp_path / "seg.dcm", {"name": "m", "sha256": "ab" * 32},
                      {"bladder": {"id": "bladder-123", "content_hash": "12" * 32},
-                      "ctvn": {"id": "ctvn-456", "content_hash": "45" * 32}}, BUILTIN)
+                      "ctvn": {"id": "ctvn-456", "content_hash": "45" * 32}}, DEFINITIONS)
     seg = hd.seg.segread(str(path))  # highdicom's reader accepts it
     validate_dataset(pydicom.dcmread(path))
     assert seg.StudyInstanceUID == series.study_uid and "autocontour draft" in seg.SeriesDescription
@@ -368,6 +383,23 @@ def test_server_refuses_bad_dicom_with_named_4xx_and_stays_healthy(dicom_server,
     assert httpx.get(f"{dicom_server.url}/readyz").status_code == 200
     assert len(httpx.get(f"{dicom_server.url}/v1/segmentations").json()) == jobs  # no job was queued
     assert (set(uploads.iterdir()) if uploads.exists() else set()) == before  # no refused upload left on disk
+
+
+def test_server_upload_picks_a_series(dicom_server, bad_dicom):
+    """series_uid picks one CT series of a zip that holds two; a UID not in it is a named 422."""
+    mixed, _ = bad_dicom["two CT series"]
+    for series_uid, status in (("9.9", 422), ("1.2.826.0.1.3680043.8.498.1", 202)):
+        with open(mixed, "rb") as f:
+            response = httpx.post(f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
+                                  data={"structures": "bladder", "series_uid": series_uid, "roi_names": "tg263"},
+                                  timeout=120)
+        assert response.status_code == status, response.text
+    assert "CT series 9.9 is not in the input; CT series found:" in httpx.post(
+        f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", mixed.read_bytes())},
+        data={"series_uid": "9.9"}).json()["detail"]
+    job = response.json()
+    assert job["options"]["series_uid"] == "1.2.826.0.1.3680043.8.498.1" and job["options"]["roi_names"] == "tg263"
+    httpx.delete(f"{dicom_server.url}/v1/segmentations/{job['id']}")  # accepted is all this test needs
 
 
 def test_server_zip_upload_and_pacs_job(orthanc, dicom_server, tmp_path):

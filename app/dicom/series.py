@@ -2,7 +2,9 @@
 
 Planning systems export a CT as one file per slice, often beside other series
 (a scout, an RTSTRUCT, a second reconstruction). This module picks the CT
-series (and refuses a mixture it cannot choose from), sorts slices along the
+series (a mixture is refused with its series listed, unless a series UID
+picks one), takes blank SOP Instance/Class UIDs from the file meta (where a
+PACS indexes them), sorts slices along the
 slice normal, checks that they are evenly spaced (a missing slice would
 silently stretch the anatomy), and reads pixels with SimpleITK/GDCM, which
 applies each slice's rescale slope and intercept and decodes compressed
@@ -123,10 +125,11 @@ def _normal(ds: pydicom.Dataset) -> np.ndarray:
 
 
 def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
-                max_voxels: int | None = None) -> DicomSeries:
+                max_voxels: int | None = None, series_uid: str | None = None) -> DicomSeries:
     """Read the CT series in a folder or zip; raises InputImageError naming any problem.
 
-    `max_voxels` is checked from the headers, before any pixel data is decoded."""
+    `series_uid` picks one of several CT series. `max_voxels` is checked from the headers, before any
+    pixel data is decoded."""
     path = Path(path)
     workdir = None
     if path.is_file():
@@ -151,16 +154,23 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
             others.add(str(getattr(ds, "Modality", "?")))
     if not by_series:
         raise InputImageError(f"no CT series found (modalities present: {', '.join(sorted(others)) or 'none'})")
-    if len(by_series) > 1:
-        listing = "; ".join(f"{uid} ({len(v)} slices)" for uid, v in by_series.items())
-        raise InputImageError(f"{len(by_series)} CT series found, give one: {listing}")
-    (series_uid, slices), = by_series.items()
+    listing = "; ".join(f"{uid} ({len(v)} slices)" for uid, v in by_series.items())
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise InputImageError(f"CT series {series_uid} is not in the input; CT series found: {listing}")
+        slices = by_series[series_uid]
+    elif len(by_series) > 1:
+        raise InputImageError(f"{len(by_series)} CT series found, choose one with --series UID "
+                              f"(API: series_uid): {listing}")
+    else:
+        (slices,) = by_series.values()
     warnings = []
     if others:
         warnings.append(f"ignored non-CT files ({', '.join(sorted(others))})")
     if skipped:
         warnings.append(f"ignored {skipped} non-DICOM file(s)")
 
+    _uids_from_file_meta(slices, warnings)
     first = slices[0][1]
     if not str(getattr(first, "SOPClassUID", "")):
         for _, ds in slices:  # anonymisers sometimes blank it; outputs must reference a class
@@ -208,6 +218,21 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
     if not np.allclose(image.GetOrigin(), expected_origin, atol=1e-3) or abs(image.GetSpacing()[2] - median) > 1e-3:
         raise InputImageError("the series' geometry is inconsistent (origin or slice spacing)")
     return DicomSeries(image, [ds for _, ds in slices], [Path(f) for f in files], warnings, workdir)
+
+
+def _uids_from_file_meta(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:
+    """Blank SOP Class/Instance UIDs in the datasets, taken from the file meta where it has them: those are
+    the UIDs the PACS indexes, so the outputs reference the PACS copy."""
+    taken = set()
+    for _, ds in slices:
+        meta = getattr(ds, "file_meta", pydicom.Dataset())
+        for keyword, meta_keyword in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+                                      ("SOPClassUID", "MediaStorageSOPClassUID")):
+            if not str(getattr(ds, keyword, "")) and str(getattr(meta, meta_keyword, "")):
+                setattr(ds, keyword, getattr(meta, meta_keyword))
+                taken.add(keyword)
+    if taken:
+        warnings.append(f"the slices' {' and '.join(sorted(taken))} are empty; those of their file meta are used")
 
 
 def _ensure_uids(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:

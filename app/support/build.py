@@ -94,7 +94,7 @@ def read_case_ct(path: Path) -> sitk.Image:
 def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None) -> tuple[sitk.Image, str | None]:
     """The case's mask image on the CT's grid, and the RTSTRUCT ROI it came from (None for NIfTI)."""
     if is_rtstruct(mask_path):
-        from app.dicom.contours import rtstruct_mask
+        from app.dicom.roi import rtstruct_mask
 
         if not rois:
             raise SupportSetError(f"{Path(mask_path).name} is an RTSTRUCT: name the ROI with --roi NAME")

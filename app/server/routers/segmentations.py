@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -75,10 +75,10 @@ def _owned(request: Request, job_id: str, owner: str | None) -> Job:
     return job
 
 
-def _validate_upload(path, settings) -> None:
+def _validate_upload(path, settings, series_uid: str | None) -> None:
     """The pipeline's own reading and checks, run before the job is accepted: AUTOCONTOUR_MAX_VOXELS is
     checked from the NIfTI or DICOM headers, before anything is inflated or decoded."""
-    read_input(path, settings)
+    read_input(path, settings, series_uid)
 
 
 def _input_name(head: bytes) -> str:
@@ -103,13 +103,16 @@ async def submit(
     file: Annotated[UploadFile | None, File(description="CT volume (.nii or .nii.gz, in Hounsfield units) or a "
                                                         "zip of one DICOM CT series")] = None,
     study_uid: Annotated[str | None, Form(description="instead of a file: a study in the configured PACS")] = None,
-    series_uid: Annotated[str | None, Form(description="the CT series of that study, if it has several")] = None,
+    series_uid: Annotated[str | None, Form(description="the CT series to segment when the study (or the DICOM "
+                                                       "zip) has several")] = None,
     push_to_pacs: Annotated[bool, Form(description="store the RTSTRUCT and SEG back into the PACS")] = False,
     structures: Annotated[str, Form(description="comma-separated structures")] = "bladder,anorectum,ctvn",
     support_size: Annotated[int | None, Form(ge=1, le=256, description="support slices per member")] = None,
     ensemble: Annotated[int | None, Form(ge=1, le=16, description="support subsets averaged")] = None,
     threshold: Annotated[float | None, Form(gt=0, lt=1)] = None,
     probabilities: Annotated[bool, Form(description="include probability maps in the result")] = False,
+    roi_names: Annotated[Literal["display", "tg263"], Form(
+        description="ROI names in the RTSTRUCT: display names, or TG-263 names where a structure has one")] = "display",
     wait: Annotated[bool, Query(description="wait for the result and return the zip")] = False,
     owner: str | None = require("segment"),
 ):
@@ -118,7 +121,7 @@ async def submit(
     names = state.segmenter.catalogue.parse(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
-               "probabilities": probabilities}
+               "probabilities": probabilities, "roi_names": roi_names}
     job_id = uuid.uuid4().hex
     if file is None and study_uid is None:
         raise Problem(422, "missing-field", "Missing field", "missing field 'file' (or 'study_uid' with a PACS)")
@@ -130,6 +133,7 @@ async def submit(
         options["pacs"] = {"study_uid": study_uid, "series_uid": series_uid, "push": push_to_pacs}
         input_name = "series"
     else:
+        options["series_uid"] = series_uid
         input_name = _input_name(await file.read(4))
         await file.seek(0)
         path = state.results.upload_path(job_id, input_name)
@@ -140,7 +144,7 @@ async def submit(
                     out.write(chunk)
             if path.stat().st_size == 0:
                 raise InputImageError("the uploaded file is empty (0 bytes)")
-            await run_in_threadpool(_validate_upload, path, state.settings)
+            await run_in_threadpool(_validate_upload, path, state.settings, series_uid)
         except BaseException:  # refused, or anything unexpected: no upload left behind
             state.results.delete_upload(job_id)
             raise
