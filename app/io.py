@@ -44,12 +44,16 @@ class NiftiInfo:
     compressed: bool
 
 
-def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> NiftiInfo:
+def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_bytes: int | None = None,
+                  max_ratio: float | None = None) -> NiftiInfo:
     """Check that `path` is a complete NIfTI file of a sane size; read only what that needs.
 
     Raises InputImageError naming the problem: empty file, not NIfTI,
-    truncated or corrupt gzip, too many voxels (checked from the header,
-    before inflating: a small .nii.gz can claim gigabytes).
+    truncated or corrupt gzip, geometry the readers would repair, and what
+    the file would cost: too many voxels, more than `max_decoded_bytes` once
+    decoded (`decoded_bytes`), or a gzip that inflates more than `max_ratio`
+    times its size. All three are checked from the header, before inflating:
+    a 1 MB .nii.gz can claim gigabytes.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,7 +71,7 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> NiftiInfo
                 raise InputImageError("not a NIfTI file: too short for a header")
             header_class = _header_class(head)
             f.seek(0)
-            header = header_class.from_fileobj(f)
+            header = header_class.from_fileobj(f, check=False)  # as stored: nibabel would repair pixdim
     except (OSError, EOFError, zlib.error) as exc:
         raise InputImageError(f"not a readable NIfTI file: {_gzip_reason(exc)}") from exc
     except InputImageError:
@@ -75,15 +79,27 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> NiftiInfo
     except Exception as exc:  # nibabel's HeaderDataError and friends
         raise InputImageError(f"corrupt NIfTI header: {exc}") from exc
 
-    shape = tuple(int(d) for d in header.get_data_shape())
+    try:  # read unchecked, so a nonsensical dim, datatype or offset is found here
+        shape = tuple(int(d) for d in header.get_data_shape())
+        dtype, data_offset = header.get_data_dtype(), int(header.get_data_offset())
+    except Exception as exc:
+        raise InputImageError(f"corrupt NIfTI header: {exc}") from exc
     if any(d <= 0 for d in shape) or not shape:
         raise InputImageError(f"the image has a zero-size dimension: {shape}")
     n_voxels = int(np.prod(shape, dtype=np.int64))
     if n_voxels > max_voxels:
         raise InputImageError(f"the image has {n_voxels:,} voxels, more than the limit of {max_voxels:,}")
-    dtype = header.get_data_dtype()
-    info = NiftiInfo(shape, dtype, n_voxels * dtype.itemsize, int(header.get_data_offset()), compressed)
+    check_header_geometry(header, len(shape))
+    info = NiftiInfo(shape, dtype, n_voxels * dtype.itemsize, data_offset, compressed)
+    if max_decoded_bytes is not None and decoded_bytes(n_voxels, dtype.itemsize) > max_decoded_bytes:
+        raise InputImageError(
+            f"the image would take {decoded_bytes(n_voxels, dtype.itemsize):,} bytes of memory once decoded "
+            f"({n_voxels:,} voxels of {dtype.itemsize} bytes, plus a float32 copy), more than the limit of "
+            f"{max_decoded_bytes:,}")
     needed = info.data_offset + info.data_bytes
+    if compressed and max_ratio is not None and needed > max_ratio * size:
+        raise InputImageError(f"the file would inflate {needed / size:,.0f} times its size ({size:,} to {needed:,} "
+                              f"bytes), more than the limit of {max_ratio:g} times")
     if not compressed and size < needed:
         raise InputImageError(f"the file is truncated: it holds {size:,} of the {needed:,} bytes its header promises")
     read, finite = _scan_data(path, info, limit=needed + (1 << 20))
@@ -92,6 +108,40 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> NiftiInfo
     if not finite:
         raise InputImageError("the image contains NaN or infinite values")
     return info
+
+
+def decoded_bytes(voxels: int, stored_bytes_per_voxel: int) -> int:
+    """Memory one CT takes once read: the decoded voxels as stored plus the float32 copy the pipeline works on."""
+    return voxels * (stored_bytes_per_voxel + 4)
+
+
+def check_header_geometry(header, ndim: int) -> None:
+    """Refuse geometry the readers would silently repair, naming the header field.
+
+    SimpleITK and nibabel turn a zero or NaN pixdim into 1 mm and make up an
+    orientation when neither qform nor sform is set: the volume is then wrong
+    (a bladder of 203 instead of 505 mL) with no warning. So the header is
+    checked as stored, before any reader sees it.
+    """
+    pixdim = np.asarray(header["pixdim"], dtype=np.float64)
+    for axis in range(1, min(ndim, 3) + 1):
+        if not (np.isfinite(pixdim[axis]) and pixdim[axis] > 0):
+            raise InputImageError(f"the header's voxel spacing pixdim[{axis}] is {pixdim[axis]:g}; "
+                                  "it must be a positive, finite number of mm")
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if qform_code <= 0 and sform_code <= 0:
+        raise InputImageError("the header has neither a qform nor an sform (qform_code = sform_code = 0): "
+                              "the scan's orientation and position are unknown")
+    if qform_code > 0:
+        quaternion = np.array([header[k] for k in ("quatern_b", "quatern_c", "quatern_d")], dtype=np.float64)
+        offset = np.array([header[k] for k in ("qoffset_x", "qoffset_y", "qoffset_z")], dtype=np.float64)
+        if not (np.isfinite(quaternion).all() and np.isfinite(offset).all()) or quaternion @ quaternion > 1 + 1e-6:
+            raise InputImageError("the header's qform is degenerate (quatern_b/c/d or qoffset_x/y/z not finite, "
+                                  "or not a rotation)")
+    if sform_code > 0:
+        rows = np.array([header[k] for k in ("srow_x", "srow_y", "srow_z")], dtype=np.float64)
+        if not np.isfinite(rows).all() or abs(np.linalg.det(rows[:, :3])) < 1e-9:
+            raise InputImageError("the header's sform is degenerate (srow_x/y/z not finite, or a singular matrix)")
 
 
 def _scan_data(path: Path, info: NiftiInfo, limit: int) -> tuple[int, bool]:
@@ -134,12 +184,13 @@ def _gzip_reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
-    """Read a NIfTI image after `inspect_nifti` has vouched for it."""
+def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_bytes: int | None = None,
+               max_ratio: float | None = None) -> sitk.Image:
+    """Read a NIfTI image after `inspect_nifti` has vouched for it (with these limits)."""
     path = Path(path)
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputImageError(f"expected a .nii or .nii.gz file, got {path.suffix or 'no extension'!r}")
-    info = inspect_nifti(path, max_voxels)
+    info = inspect_nifti(path, max_voxels, max_decoded_bytes, max_ratio)
     if len(info.shape) == 2:
         raise InputImageError(f"the image is 2D {info.shape}; a CT volume is 3D")
     if len(info.shape) > 3 and any(d > 1 for d in info.shape[3:]):
@@ -155,9 +206,10 @@ def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
     return image
 
 
-def read_ct(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
+def read_ct(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_bytes: int | None = None,
+            max_ratio: float | None = None) -> sitk.Image:
     """Read and validate a CT volume in Hounsfield units; returns float32."""
-    return validate_ct(read_image(path, max_voxels))
+    return validate_ct(read_image(path, max_voxels, max_decoded_bytes, max_ratio))
 
 
 def validate_ct(image: sitk.Image) -> sitk.Image:

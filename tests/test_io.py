@@ -8,9 +8,11 @@ import SimpleITK as sitk
 from badinputs import bad_inputs
 from conftest import EXAMPLE_CT
 
+from app.config import Settings
 from app.errors import InputImageError
 from app.io import CanonicalCT, check_looks_like_ct, read_ct
 from app.phantom import make_phantom
+from app.pipeline import read_input
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def corpus(tmp_path_factory):
 def test_every_bad_input_is_named(corpus):
     for name, (path, words) in corpus.items():
         with pytest.raises(InputImageError) as err:
-            read_ct(path, max_voxels=50_000_000)
+            read_input(path, Settings(max_voxels=50_000_000))
         assert words.lower() in str(err.value).lower(), f"{name}: {err.value}"
         assert "\n" not in str(err.value)
 

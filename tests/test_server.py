@@ -411,7 +411,8 @@ def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, mo
         together.wait()
 
     monkeypatch.setattr(segmentations, "_validate_upload", validate_then_wait)
-    with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9) as (client, server_app):
+    with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9, max_concurrent_decodes=uploads) as (
+            client, server_app):
         with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
             responses = list(pool.map(lambda _: client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)},
                                                             data={"structures": "bladder"}), range(uploads)))

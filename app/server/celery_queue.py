@@ -36,6 +36,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from app.export import SUMMARY
+from app.server import scratch
 from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
 from app.server.metrics import Metrics
 from app.server.settings import ServerSettings
@@ -183,7 +184,9 @@ class _TaskReporter:
 def worker_app(settings: ServerSettings, segmenter) -> Celery:
     """The worker side: a Celery app whose one task runs jobs with this process's model."""
     app = make_celery(settings)
-    results = ResultStore(settings.data_dir)
+    scratch.sweep(settings.data_dir)  # patient data of processes that were killed
+    settings.scratch_dir = scratch.Scratch(settings.data_dir).path  # this worker's, for its lifetime
+    results = ResultStore(settings.data_dir, settings.scratch_dir)
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
 
     @app.task(name=TASK, bind=True)

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,11 +83,14 @@ class Job:
 class ResultStore:
     """Where a job's files live: one folder each, on local or shared storage.
 
-    Kept to a few methods so that an object store can stand in later.
+    Kept to a few methods so that an object store can stand in later. Results are staged in
+    `scratch` (this process's scratch folder, `app.server.scratch`; on the same filesystem, so that
+    publishing is a rename), where a job interrupted by a crash leaves nothing that is not swept.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, scratch: Path | None = None):
         self.root = Path(root)
+        self.scratch = Path(scratch) if scratch else self.root / "tmp"
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         (self.root / "results").mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +115,7 @@ class ResultStore:
         staging.rename(target)
 
     def staging_dir(self, job_id: str) -> Path:
-        path = self.root / "results" / f".{job_id}.{uuid.uuid4().hex[:8]}"
+        path = self.scratch / f"staging-{job_id}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
 
@@ -121,6 +125,15 @@ class ResultStore:
     def delete(self, job_id: str) -> None:
         self.delete_upload(job_id)
         shutil.rmtree(self.result_dir(job_id), ignore_errors=True)
+
+    def sweep_uploads(self, keep: Callable[[str], bool]) -> int:
+        """Remove the uploads of jobs that `keep` says are gone or finished (left by a crash)."""
+        removed = 0
+        for folder in (self.root / "uploads").iterdir():
+            if not keep(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     def writable(self) -> bool:
         probe = self.root / f".probe-{uuid.uuid4().hex}"

@@ -58,7 +58,7 @@ DESCRIPTIONS = {
     413: "the request body is larger than AUTOCONTOUR_MAX_UPLOAD_BYTES",
     422: "an invalid input, option or field; `detail` names it (`errors` lists invalid fields)",
     500: "an unexpected server error; the server log (by request id) has details",
-    503: "the queue is full or its broker unreachable; retry after Retry-After seconds",
+    503: "the queue is full, its broker unreachable, or every decode slot busy; retry after Retry-After seconds",
 }
 HEADERS = {
     401: {"WWW-Authenticate": {"description": 'Bearer realm="autocontour"', "schema": {"type": "string"}}},

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.errors import AutocontourError
 from app.server.context import request_id
@@ -35,6 +36,23 @@ def queue_full(max_queue: int, retry_after_s: int) -> Problem:
     """503 + Retry-After: the queue holds `max_queue` waiting jobs."""
     return Problem(503, "queue-full", "Queue full", f"{max_queue} jobs are waiting; retry after {retry_after_s} s",
                    headers={"Retry-After": str(retry_after_s)})
+
+
+class BodyTooLarge(Exception):
+    """A request body grew past AUTOCONTOUR_MAX_UPLOAD_BYTES while it streamed in (declared or chunked)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body exceeds {limit:,} bytes")
+        self.limit = limit
+
+    def problem(self) -> Problem:
+        return Problem(413, "too-large", "Upload too large", str(self))
+
+
+def internal_error_response() -> JSONResponse:
+    """The answer to an unhandled error: a problem document with the request id; the log has the details."""
+    return problem_response(500, "internal-error", "Internal error",
+                            "an unexpected error; the server log has details under this request id")
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra) -> dict:
@@ -77,7 +95,22 @@ def install(app: FastAPI) -> None:
                                         for e in errors])
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI reports a body that failed to stream in as a 400
+            return exc.__cause__.problem().response()
         code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first route of the path; the path has them all
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), str(exc.detail),
-                                getattr(exc, "headers", None))
+                                headers or None)
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method the routes of this path answer, for the `Allow` header of a 405."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"}) if hasattr(route, "methods") else (Match.NONE, None)
+        if match != Match.NONE and route.methods:
+            methods |= set(route.methods)
+    return sorted(methods)

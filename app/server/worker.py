@@ -115,19 +115,17 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
             summary["pushed_to_pacs"] = sorted(summary["files"].values())
         slices = sum(s["slices_computed"] for s in result.summary["structures"].values())
         outcome = Outcome("done", result=summary, slices=slices)
-        results.delete_upload(job_id)
     except CancelledError:
         outcome = Outcome("cancelled")
-        results.delete_upload(job_id)
     except AutocontourError as exc:
         outcome = Outcome("failed", error=from_error(exc))
-        results.delete_upload(job_id)
     except Exception:  # a bug: keep the worker alive, record it, keep the details in the log
         log.exception("job %s failed", job_id)
         outcome = Outcome("failed",
                           error=internal_error("segmentation failed unexpectedly; the server log has details"))
-    finally:
+    finally:  # the job has ended, however it ended: no patient data stays behind
         shutil.rmtree(staging, ignore_errors=True)  # already gone when published
+        results.delete_upload(job_id)
     outcome.seconds = round(time.perf_counter() - started, 3)
     log.info("job %s %s in %.1f s", job_id, outcome.status, outcome.seconds)
     request_id.reset(token)

@@ -18,6 +18,7 @@ from app.export import PREVIEW, SUMMARY, mask_file
 from app.pipeline import DRAFT_DISCLAIMER, read_input
 from app.server.auth import require
 from app.server.context import request_id
+from app.server.decoding import decode_limited
 from app.server.jobs import FINAL, Job, QueueFull, QueueUnavailable
 from app.server.openapi import AUTH, problem_responses
 from app.server.problems import Problem, queue_full
@@ -116,6 +117,9 @@ async def submit(
 ):
     """Queue a CT (upload, DICOM zip, or PACS study) for segmentation. Answers 202 with the job and its Location."""
     state = request.app.state
+    if not structures.strip():
+        raise Problem(422, "invalid-option", "Invalid option", "structures: give at least one structure name",
+                      errors=[{"field": "body.structures", "message": "empty"}])
     names = parse_structures(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
@@ -141,7 +145,7 @@ async def submit(
                     out.write(chunk)
             if path.stat().st_size == 0:
                 raise InputImageError("the uploaded file is empty (0 bytes)")
-            await run_in_threadpool(_validate_upload, path, state.settings)
+            await run_in_threadpool(decode_limited, state, _validate_upload, path, state.settings)
         except BaseException:  # refused, or anything unexpected: no upload left behind
             state.results.delete_upload(job_id)
             raise
