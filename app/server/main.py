@@ -118,7 +118,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         lifespan=lifespan,
     )
     problems.install(app)
-    openapi.install(app)
+    openapi.install(app, pacs=bool(settings.pacs_url))
     for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=review.STATIC), name="static")

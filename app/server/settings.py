@@ -43,6 +43,8 @@ class ServerSettings(Settings):
     visibility_timeout_s: int = Field(7200, ge=10, description="a task unacknowledged this long is redelivered: "
                                                                "keep it above the longest job")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it fails (workers that died)")
+    worker_timeout_s: int = Field(10, ge=3, description="a worker whose heartbeat (every 2 s) is older than this is "
+                                                        "dead: its job goes back to the queue")
     pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
     pacs_username: str | None = None
     pacs_password: str | None = None
