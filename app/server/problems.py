@@ -6,16 +6,18 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from app.errors import AutocontourError
 from app.server.context import request_id
 
 MEDIA_TYPE = "application/problem+json"
+HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
 TYPE_PREFIX = "urn:autocontour:problem:"
 
 
@@ -36,17 +38,6 @@ def queue_full(max_queue: int, retry_after_s: int) -> Problem:
     """503 + Retry-After: the queue holds `max_queue` waiting jobs."""
     return Problem(503, "queue-full", "Queue full", f"{max_queue} jobs are waiting; retry after {retry_after_s} s",
                    headers={"Retry-After": str(retry_after_s)})
-
-
-class BodyTooLarge(Exception):
-    """A request body grew past AUTOCONTOUR_MAX_UPLOAD_BYTES while it streamed in (declared or chunked)."""
-
-    def __init__(self, limit: int):
-        super().__init__(f"the request body exceeds {limit:,} bytes")
-        self.limit = limit
-
-    def problem(self) -> Problem:
-        return Problem(413, "too-large", "Upload too large", str(self))
 
 
 def internal_error_response() -> JSONResponse:
@@ -96,21 +87,20 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI reports a body that failed to stream in as a 400
-            return exc.__cause__.problem().response()
-        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        code = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status_code, "http-error")
+        detail = str(exc.detail)
+        if exc.status_code == 413:  # FastAPI's max_body_size, reached while the body streamed in
+            detail = f"the request body exceeds {request.app.state.settings.max_upload_bytes:,} bytes"
         headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405:  # Starlette names only the first route of the path; the path has them all
-            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
-        return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), str(exc.detail),
-                                headers or None)
+        documented = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
+        if documented:  # Starlette names the methods of the first route of the path only
+            headers["Allow"] = ", ".join(documented)
+        return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), detail, headers or None)
 
 
-def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
-    """Every method the routes of this path answer, for the `Allow` header of a 405."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches({**scope, "method": "GET"}) if hasattr(route, "methods") else (Match.NONE, None)
-        if match != Match.NONE and route.methods:
-            methods |= set(route.methods)
-    return sorted(methods)
+def allowed_methods(app: FastAPI, path: str) -> list[str] | None:
+    """The methods the schema documents for this path (None for a path outside it), for a 405's `Allow`."""
+    for template, item in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return sorted(method.upper() for method in item if method.upper() in HTTP_METHODS)
+    return None

@@ -118,7 +118,8 @@ async def submit(
 ):
     """Queue a CT (upload, DICOM zip, or PACS study) for segmentation. Answers 202 with the job and its Location."""
     state = request.app.state
-    if not structures.strip():
+    sent = (await request.form()).get("structures", structures)  # FastAPI turns an empty field into the default
+    if not str(sent).replace(",", " ").strip():
         raise Problem(422, "invalid-option", "Invalid option", "structures: give at least one structure name",
                       errors=[{"field": "body.structures", "message": "empty"}])
     names = parse_structures(structures)
