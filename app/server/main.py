@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.pipeline import DRAFT_DISCLAIMER, Segmenter
@@ -35,6 +36,46 @@ from app.server.worker import Janitor
 
 log = logging.getLogger("app.server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class BodySizeLimit:
+    """Refuse request bodies above the limit while they stream in (413), before they fill a disk."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise problems.BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except problems.BodyTooLarge:  # raised where nothing turned it into a response (not a form route)
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = problems.BodyTooLarge(self.limit).problem().response()
+        await response({"type": "http"}, None, send)  # type: ignore[arg-type]
 
 
 def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
@@ -75,7 +116,6 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         description="Few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT. "
                     f"{DRAFT_DISCLAIMER} Errors are RFC 9457 problem documents (application/problem+json).",
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes,  # 413 while a body streams in, declared or chunked
     )
     problems.install(app)
     openapi.install(app, pacs=bool(settings.pacs_url))
@@ -107,6 +147,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         finally:
             request_id.reset(token)
 
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     return app
 
 

@@ -40,6 +40,17 @@ def queue_full(max_queue: int, retry_after_s: int) -> Problem:
                    headers={"Retry-After": str(retry_after_s)})
 
 
+class BodyTooLarge(Exception):
+    """A request body grew past AUTOCONTOUR_MAX_UPLOAD_BYTES while it streamed in (declared or chunked)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body exceeds {limit:,} bytes")
+        self.limit = limit
+
+    def problem(self) -> Problem:
+        return Problem(413, "too-large", "Upload too large", str(self))
+
+
 def internal_error_response() -> JSONResponse:
     """The answer to an unhandled error: a problem document with the request id; the log has the details."""
     return problem_response(500, "internal-error", "Internal error",
@@ -87,15 +98,26 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status_code, "http-error")
+        too_large = _body_too_large(exc.__cause__)
+        if too_large is not None:  # FastAPI reports a body that failed to stream in as a 400
+            return too_large.problem().response()
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         detail = str(exc.detail)
-        if exc.status_code == 413:  # FastAPI's max_body_size, reached while the body streamed in
-            detail = f"the request body exceeds {request.app.state.settings.max_upload_bytes:,} bytes"
         headers = dict(getattr(exc, "headers", None) or {})
         documented = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
         if documented:  # Starlette names the methods of the first route of the path only
             headers["Allow"] = ", ".join(documented)
         return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), detail, headers or None)
+
+
+def _body_too_large(cause: BaseException | None) -> BodyTooLarge | None:
+    """The BodyTooLarge behind an error, also inside the exception group of a middleware's task group."""
+    if isinstance(cause, BaseExceptionGroup):
+        found = cause.subgroup(BodyTooLarge)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        return found
+    return cause if isinstance(cause, BodyTooLarge) else None
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str] | None:
