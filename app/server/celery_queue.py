@@ -353,15 +353,19 @@ def worker_app(settings: ServerSettings, segmenter) -> Celery:
     """The worker side: a Celery app whose one task runs jobs with this process's model."""
     app = make_celery(settings)
     scratch.sweep(settings.data_dir)  # patient data of processes that were killed
-    settings.scratch_dir = scratch.Scratch(settings.data_dir).path  # this worker's, for its lifetime
+    own_scratch = scratch.Scratch(settings.data_dir)
+    settings.scratch_dir = own_scratch.path  # this worker's, for its lifetime
     results = ResultStore(settings.data_dir, settings.scratch_dir)
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
     heartbeat = Heartbeat(client, settings.worker_timeout_s)
     # dispatch_uid: one connection however many apps a process builds (tests build several)
     signals.worker_ready.connect(lambda sender, **_: heartbeat.start(sender.hostname), weak=False,
                                  dispatch_uid="autocontour-heartbeat-start")
-    signals.worker_shutdown.connect(lambda sender, **_: heartbeat.stop(), weak=False,
-                                    dispatch_uid="autocontour-heartbeat-stop")
+    def shut_down(**_) -> None:
+        heartbeat.stop()
+        own_scratch.close()
+
+    signals.worker_shutdown.connect(shut_down, weak=False, dispatch_uid="autocontour-worker-shutdown")
 
     @app.task(name=TASK, bind=True)
     def segment(self, job_id: str, options: dict, input_name: str) -> dict:
