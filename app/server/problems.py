@@ -102,12 +102,12 @@ def install(app: FastAPI) -> None:
         if too_large is not None:  # FastAPI reports a body that failed to stream in as a 400
             return too_large.problem().response()
         code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        detail = str(exc.detail)
         headers = dict(getattr(exc, "headers", None) or {})
         documented = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
         if documented:  # Starlette names the methods of the first route of the path only
             headers["Allow"] = ", ".join(documented)
-        return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), detail, headers or None)
+        return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), str(exc.detail),
+                                headers or None)
 
 
 def _body_too_large(cause: BaseException | None) -> BodyTooLarge | None:
