@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     max_voxels: int = Field(1 << 30, gt=0)
     max_dicom_files: int = Field(5000, ge=1, description="most files in a DICOM zip or folder")
     max_dicom_bytes: int = Field(4 << 30, ge=1, description="most bytes a DICOM zip may inflate to")
+    max_decoded_bytes: int = Field(1 << 30, ge=1, description="most memory decoding one CT may take: voxels x "
+                                                              "(stored bytes per voxel + the larger of that and 4), "
+                                                              "checked from the headers before decoding")
+    max_compression_ratio: float = Field(100.0, ge=1, description="most a CT's .nii.gz or DICOM zip may inflate "
+                                                                  "per compressed byte (CTs: 2-10)")
+    scratch_dir: Path | None = Field(None, description="where temporary copies of patient data go (an extracted "
+                                                        "DICOM zip); default: the system's temporary folder. The "
+                                                        "server and its workers use a folder of their own under "
+                                                        "AUTOCONTOUR_DATA_DIR/tmp instead")
     weights_cache: Path = Field(default_factory=default_cache_dir)
 
     @property

@@ -66,11 +66,13 @@ def read_input(path: Path, settings: Settings, series_uid: str | None = None) ->
     """A CT from a NIfTI file or a DICOM series (folder or zip; `series_uid` picks one of several), with every
     check and limit of the settings: the one reader of the CLI, the Python API, the server's upload check and
     its workers."""
+    limits = {"max_voxels": settings.max_voxels, "max_decoded_bytes": settings.max_decoded_bytes,
+              "max_ratio": settings.max_compression_ratio}
     if is_dicom_input(path):
-        series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, settings.max_voxels,
-                             series_uid)
+        series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, **limits,
+                             scratch=settings.scratch_dir, series_uid=series_uid)
         return validate_ct(series.image), series
-    return read_ct(path, settings.max_voxels), None
+    return read_ct(path, **limits), None
 
 
 class Segmenter:

@@ -75,6 +75,37 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     text.write_text("hello")
     cases["wrong extension"] = (text, ".nii")
 
+    def edited(name: str, **fields) -> Path:
+        """The good CT with header fields overwritten as stored (offsets of the NIfTI-1 header)."""
+        offsets = {"pixdim": (76, "<f4"), "qform_code": (252, "<i2"), "sform_code": (254, "<i2"),
+                   "srow_x": (280, "<f4")}
+        header = bytearray(raw[:352])
+        for field_name, value in fields.items():
+            offset, dtype = offsets[field_name]
+            encoded = np.asarray(value, dtype=dtype).tobytes()
+            header[offset:offset + len(encoded)] = encoded
+        path = folder / name
+        path.write_bytes(gzip.compress(bytes(header) + raw[352:]))
+        return path
+
+    pixdim = np.frombuffer(raw[76:108], dtype="<f4").copy()
+    no_spacing = pixdim.copy()
+    no_spacing[1:4] = 0
+    cases["zero pixdim, no qform or sform"] = (edited("pixdim0.nii.gz", pixdim=no_spacing, qform_code=0,
+                                                      sform_code=0), "pixdim[1]")
+    nan_spacing = pixdim.copy()
+    nan_spacing[3] = np.nan
+    cases["NaN pixdim"] = (edited("pixdim_nan.nii.gz", pixdim=nan_spacing), "pixdim[3]")
+    negative_spacing = pixdim.copy()
+    negative_spacing[2] = -8
+    cases["negative pixdim"] = (edited("pixdim_negative.nii.gz", pixdim=negative_spacing), "pixdim[2]")
+    cases["no qform or sform"] = (edited("no_xform.nii.gz", qform_code=0, sform_code=0), "neither a qform nor")
+    cases["singular sform"] = (edited("sform0.nii.gz", sform_code=1, srow_x=[0, 0, 0, 0]), "sform")
+
+    not_zip = folder / "fake.zip"
+    not_zip.write_bytes(b"PK\x03\x04" + b"not really a zip " * 40)
+    cases["zip magic, not a zip"] = (not_zip, "not a readable zip")
+
     huge_header = bytearray(raw[:352])
     dims = np.frombuffer(bytes(huge_header[40:56]), dtype="<i2").copy()
     dims[1:4] = [30000, 30000, 3000]

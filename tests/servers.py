@@ -54,10 +54,12 @@ def service_env(data_dir: Path, weights: Path, support_dirs: list[Path] | None =
 
 
 def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None = None, timeout: float = 120,
-                 ready_path: str = "/readyz", **settings) -> Server:
-    """`autocontour serve` in a child process; waits until `ready_path` answers 200."""
+                 ready_path: str = "/readyz", environment: dict | None = None, **settings) -> Server:
+    """`autocontour serve` in a child process; waits until `ready_path` answers 200.
+
+    `environment`: other variables for the process (TMPDIR, say)."""
     port = free_port()
-    env = service_env(data_dir, weights, support_dirs, **settings)
+    env = service_env(data_dir, weights, support_dirs, **settings) | (environment or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import time
+from datetime import datetime
 
 import httpx
 import pytest
+import redis as redis_client
 from conftest import EXAMPLE_CT
 from redis_server import start_redis
 from servers import service_env, start_server, start_worker
 from test_server import read_zip, upload
 
 VISIBILITY_S = 30
+WORKER_TIMEOUT_S = 6  # AUTOCONTOUR_WORKER_TIMEOUT_S: a worker silent this long is dead
+HEARTBEAT_S = 2
 
 
 @pytest.fixture()
@@ -21,12 +26,14 @@ def cluster(tmp_path, small_weights):
     """Redis + API (queue=celery) + two workers sharing one data folder."""
     redis = start_redis(tmp_path / "redis")
     data = tmp_path / "shared"
-    settings = dict(queue="celery", broker_url=redis.url, visibility_timeout_s=VISIBILITY_S, threads=1, max_queue=64)
+    settings = dict(queue="celery", broker_url=redis.url, visibility_timeout_s=VISIBILITY_S, threads=1, max_queue=64,
+                    worker_timeout_s=WORKER_TIMEOUT_S)
     env = service_env(data, small_weights, **settings)
     data.mkdir(parents=True)
     workers = [start_worker(env, f"w{i}@test", data) for i in (1, 2)]
     api = start_server(data, small_weights, **settings)
-    state = {"redis": redis, "api": api, "workers": workers, "env": env, "data": data}
+    state = {"redis": redis, "api": api, "workers": workers, "env": env, "data": data, "settings": settings,
+             "weights": small_weights}
     yield state
     api.stop()
     for w in state["workers"]:
@@ -68,11 +75,41 @@ def test_twenty_uploads_spread_over_two_workers(cluster):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda _: upload(url, EXAMPLE_CT, {"structures": "bladder"}), range(20)))
     assert [r.status_code for r in responses] == [202] * 20
+    probes = readiness_while_both_workers_busy(url)
+    assert all(code == 200 for code, _ in probes), probes  # busy workers are alive workers
+    seconds = sorted(s for _, s in probes)
+    print(f"/readyz while both workers were busy: {len(probes)} polls, "
+          f"median {seconds[len(seconds) // 2] * 1000:.1f} ms, slowest {seconds[-1] * 1000:.1f} ms")
     jobs = wait_listed(url, [r.json()["id"] for r in responses])  # the list follows the workers by itself
     assert all(j["status"] == "done" for j in jobs.values())
     assert {j["result"]["worker"] for j in jobs.values()} == {"w1@test", "w2@test"}
     masks = {read_zip(httpx.get(f"{url}/v1/segmentations/{i}/result").content)["bladder.nii.gz"] for i in jobs}
     assert len(masks) == 1  # every job gave the same, correct mask
+    figures = httpx.get(f"{url}/metrics").text
+    assert 'autocontour_worker_up{worker="w1@test"} 1.0' in figures and "autocontour_workers_alive 2.0" in figures
+    done = sum(float(line.rsplit(" ", 1)[1]) for line in figures.splitlines()
+               if line.startswith('autocontour_worker_jobs_total{') and 'status="done"' in line)
+    assert done == 20
+
+
+def readiness_while_both_workers_busy(url: str, polls: int = 20) -> list[tuple[int, float]]:
+    """/readyz answers (status, seconds) polled while /metrics says both workers run a job."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        busy = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith("autocontour_worker_busy{") and line.endswith(" 1.0")]
+        if len(busy) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the two workers were never busy together")
+    probes = []
+    for _ in range(polls):
+        started = time.perf_counter()
+        code = httpx.get(f"{url}/readyz", timeout=10).status_code
+        probes.append((code, time.perf_counter() - started))
+        time.sleep(0.1)
+    return probes
 
 
 def test_a_worker_killed_mid_job_loses_nothing(cluster):
@@ -90,19 +127,52 @@ def test_a_worker_killed_mid_job_loses_nothing(cluster):
         time.sleep(0.1)
     assert killed_job, "the victim never ran a job"
     victim.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    # within the documented time (the worker timeout, plus a heartbeat round each side), the job record says so
+    while True:
+        job = httpx.get(f"{url}/v1/segmentations/{killed_job}").json()
+        if job["progress"].get("worker") != victim.name and any(victim.name in n for n in job["notes"]):
+            break
+        assert time.monotonic() - killed_at < WORKER_TIMEOUT_S + 3 * HEARTBEAT_S, job
+        time.sleep(0.2)
+    handed_back_s = time.monotonic() - killed_at
+    assert job["status"] in ("queued", "running") and "stopped during attempt 1" in " ".join(job["notes"])
     jobs = wait_all(url, ids, timeout=600)
     assert all(j["status"] == "done" for j in jobs.values()), {k: j["status"] for k, j in jobs.items()}
     assert jobs[killed_job]["result"]["worker"] == "w2@test"  # finished by the survivor
+    assert jobs[killed_job]["result"]["attempt"] == 2 and jobs[killed_job]["progress"]["attempt"] == 2
+    print(f"after kill -9: handed back in {handed_back_s:.1f} s, done {time.monotonic() - killed_at:.1f} s after")
+    assert "autocontour_jobs_requeued_total 1.0" in httpx.get(f"{url}/metrics").text
 
 
 def test_redis_restart_loses_no_accepted_job(cluster):
     url = cluster["api"].url
     for w in cluster["workers"]:
         w.kill(signal.SIGTERM)  # nobody consumes: the jobs wait in Redis
-    ids = [upload(url, EXAMPLE_CT, {"structures": "bladder"}).json()["id"] for _ in range(4)]
-    assert httpx.get(f"{url}/metrics").text.count("autocontour_queue_depth 4.0") == 1
+    accepted = [upload(url, EXAMPLE_CT, {"structures": "bladder"}) for _ in range(4)]
+    assert [r.status_code for r in accepted] == [202] * 4  # accepted, and told that no worker is alive
+    assert all("no worker was alive" in " ".join(r.json()["notes"]) for r in accepted)
+    ids = [r.json()["id"] for r in accepted]
+    figures = httpx.get(f"{url}/metrics").text
+    assert figures.count("autocontour_queue_depth 4.0") == 1
+    assert "autocontour_uploads_without_worker_total 4.0" in figures
+    assert "autocontour_workers_alive 0.0" in figures
+    not_ready = httpx.get(f"{url}/readyz")
+    assert not_ready.status_code == 503 and not_ready.json()["checks"]["worker_running"] is False
     cluster["redis"].stop()
     cluster["redis"].start()  # same port and folder: the append-only file brings the tasks back
+    cluster["api"].stop()  # the jobs run while the API is down
     cluster["workers"] = [start_worker(cluster["env"], "w3@test", cluster["data"])]
-    jobs = wait_all(url, ids)
+    broker = redis_client.Redis.from_url(cluster["redis"].url)
+    deadline = time.monotonic() + 600
+    while not all(json.loads(broker.get(f"celery-task-meta-{i}") or "{}").get("status") == "SUCCESS" for i in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    time.sleep(1.5)  # the API comes back clearly later than the last job finished
+    restarted = datetime.now().astimezone()
+    cluster["api"] = start_server(cluster["data"], cluster["weights"], **cluster["settings"])
+    jobs = wait_all(cluster["api"].url, ids)
     assert all(j["status"] == "done" for j in jobs.values())
+    for job in jobs.values():  # when the jobs ran, not when the API learnt of it
+        started, finished = datetime.fromisoformat(job["started"]), datetime.fromisoformat(job["finished"])
+        assert started <= finished < restarted, job

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from badinputs import bad_inputs
-from conftest import EXAMPLE_CT
+from conftest import DATA, EXAMPLE_CT
 
+from app.config import Settings
 from app.errors import InputImageError
-from app.io import CanonicalCT, check_looks_like_ct, read_ct
+from app.io import CanonicalCT, check_looks_like_ct, read_ct, read_image
 from app.phantom import make_phantom
+from app.pipeline import read_input
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def corpus(tmp_path_factory):
 def test_every_bad_input_is_named(corpus):
     for name, (path, words) in corpus.items():
         with pytest.raises(InputImageError) as err:
-            read_ct(path, max_voxels=50_000_000)
+            read_input(path, Settings(max_voxels=50_000_000))
         assert words.lower() in str(err.value).lower(), f"{name}: {err.value}"
         assert "\n" not in str(err.value)
 
@@ -77,3 +80,32 @@ def test_hu_check_accepts_real_ct_and_refuses_mri_like_values():
     check_looks_like_ct(sitk.GetArrayFromImage(ct))
     with pytest.raises(InputImageError):
         check_looks_like_ct(np.random.default_rng(0).uniform(0, 800, (10, 10, 10)))
+
+
+def test_voxels_are_decoded_as_the_smallest_type_with_simpleitk_geometry_and_values(tmp_path):
+    """Our decoder (streamed, smallest type) reads every file exactly as SimpleITK does, values and grid."""
+    phantom = make_phantom(3, size=(40, 32, 12), spacing=(8, 8, 8)).ct
+    scaled = tmp_path / "scaled.nii.gz"  # int16 with scl_inter -1024, the way scanners store CTs
+    values = sitk.GetArrayFromImage(phantom).astype(np.int16) + 1024
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(values.transpose(2, 1, 0)), np.diag([-8.0, -8.0, 8.0, 1.0]),
+                             dtype=np.int16), str(scaled))
+    header_fixed = nib.load(str(scaled))
+    header_fixed.header.set_slope_inter(1.0, -1024.0)
+    nib.save(header_fixed, str(scaled))
+    float64 = tmp_path / "float64.nii"  # the phantom's values are fractional: float32 holds them
+    sitk.WriteImage(sitk.Cast(phantom, sitk.sitkFloat64), str(float64))
+    whole64 = tmp_path / "whole64.nii.gz"
+    sitk.WriteImage(sitk.Round(sitk.Cast(phantom, sitk.sitkFloat64)), str(whole64))
+    files = [EXAMPLE_CT, scaled, float64, whole64, *sorted((DATA / "metrics").glob("*/*.nii.gz"))[:4]]
+    for path in files:
+        ours, theirs = read_image(path), sitk.ReadImage(str(path))
+        if theirs.GetDimension() == 4:
+            theirs = theirs[:, :, :, 0]
+        assert ours.GetSize() == theirs.GetSize() and ours.GetOrigin() == theirs.GetOrigin(), path
+        assert ours.GetSpacing() == theirs.GetSpacing() and ours.GetDirection() == theirs.GetDirection(), path
+        assert np.array_equal(sitk.GetArrayViewFromImage(ours).astype(np.float64),
+                              sitk.GetArrayViewFromImage(theirs).astype(np.float64)), path
+    assert read_image(EXAMPLE_CT).GetPixelID() == sitk.sitkInt16  # stored as int32, holds HU
+    assert read_image(float64).GetPixelID() == sitk.sitkFloat32
+    assert read_image(whole64).GetPixelID() == sitk.sitkInt16  # whole numbers stored as float64
+    assert read_image(scaled).GetPixelID() == sitk.sitkInt16

@@ -378,8 +378,8 @@ def test_the_configured_voxel_limit_refuses_an_upload_before_inflating_it(tmp_pa
             archive.write(path, path.name)
     dicom_zip = dicom_zip.getvalue()
     scanned = []
-    scan = app.io._scan_data
-    monkeypatch.setattr(app.io, "_scan_data", lambda *a, **k: scanned.append(1) or scan(*a, **k))
+    stream = app.io._stream_data
+    monkeypatch.setattr(app.io, "_stream_data", lambda *a, **k: scanned.append(1) or stream(*a, **k))
     with in_process(tmp_path, small_weights, max_voxels=30_000) as (client, server_app):
         refused = client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)}, data={"structures": "bladder"})
         assert refused.status_code == 422 and refused.headers["content-type"] == PROBLEM
@@ -411,7 +411,8 @@ def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, mo
         together.wait()
 
     monkeypatch.setattr(segmentations, "_validate_upload", validate_then_wait)
-    with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9) as (client, server_app):
+    with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9, max_concurrent_decodes=uploads) as (
+            client, server_app):
         with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
             responses = list(pool.map(lambda _: client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)},
                                                             data={"structures": "bladder"}), range(uploads)))

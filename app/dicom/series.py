@@ -37,6 +37,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from app.errors import InputImageError
+from app.io import decoded_bytes
 
 MAX_FILES = 5000
 MAX_BYTES = 4 << 30
@@ -69,11 +70,14 @@ class DicomSeries:
 
 def is_dicom_input(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path) and path.suffix.lower() == ".zip")
+    """A folder, or a file named .zip (whether it truly is a zip is `safe_extract`'s to say)."""
+    return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 
-def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> int:
-    """Extract a zip after checking its member names, count and size; returns the number of files."""
+def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
+                 max_ratio: float | None = None) -> int:
+    """Extract a zip after checking its member names, count, size and (with `max_ratio`) how many times
+    its own size it inflates to; returns the number of files."""
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
@@ -85,6 +89,10 @@ def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_by
         declared = sum(m.file_size for m in members)
         if declared > max_bytes:
             raise InputImageError(f"the zip inflates to {declared:,} bytes, more than the limit of {max_bytes:,}")
+        max_bytes = min(max_bytes, int(max_ratio * archive.stat().st_size)) if max_ratio else max_bytes
+        if declared > max_bytes:
+            raise InputImageError(f"the zip would inflate {declared / archive.stat().st_size:,.0f} times its size, "
+                                  f"more than the limit of {max_ratio:g} times")
         for m in members:
             name = PurePosixPath(m.filename.replace("\\", "/"))
             mode = m.external_attr >> 16
@@ -125,16 +133,19 @@ def _normal(ds: pydicom.Dataset) -> np.ndarray:
 
 
 def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
-                max_voxels: int | None = None, series_uid: str | None = None) -> DicomSeries:
+                max_voxels: int | None = None, max_decoded_bytes: int | None = None, max_ratio: float | None = None,
+                scratch: Path | None = None, series_uid: str | None = None) -> DicomSeries:
     """Read the CT series in a folder or zip; raises InputImageError naming any problem.
 
-    `series_uid` picks one of several CT series. `max_voxels` is checked from the headers, before any
-    pixel data is decoded."""
+    `series_uid` picks one of several CT series. `max_voxels` and `max_decoded_bytes` are checked from the
+    headers, before any pixel data is decoded; `max_ratio` bounds how much a zip inflates. A zip is extracted
+    into `scratch` (default: the system's temporary folder), where the server keeps patient data under its
+    data folder."""
     path = Path(path)
     workdir = None
     if path.is_file():
-        workdir = tempfile.TemporaryDirectory(prefix="autocontour-dicom-")
-        safe_extract(path, Path(workdir.name), max_files, max_bytes)
+        workdir = tempfile.TemporaryDirectory(prefix="autocontour-dicom-", dir=scratch)
+        safe_extract(path, Path(workdir.name), max_files, max_bytes, max_ratio)
         folder = Path(workdir.name)
     elif path.is_dir():
         folder = path
@@ -205,6 +216,10 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
     voxels = int(first.Rows) * int(first.Columns) * len(slices)
     if max_voxels is not None and voxels > max_voxels:
         raise InputImageError(f"the image has {voxels:,} voxels, more than the limit of {max_voxels:,}")
+    decoded = decoded_bytes(voxels, int(getattr(first, "BitsAllocated", 16)) // 8)
+    if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+        raise InputImageError(f"the series would take {decoded:,} bytes of memory once decoded, more than the "
+                              f"limit of {max_decoded_bytes:,}")
 
     _ensure_uids(slices, warnings)
     files = [str(f) for f, _ in slices]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,8 @@ def parse_tolerances(text: str | None) -> tuple[float, ...]:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError as exc:
         raise OptionError(f"--tolerance-mm takes numbers like 1,2,3: {text!r}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise OptionError(f"tolerances must be positive millimetres: {text!r}")
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise OptionError(f"tolerances must be positive, finite millimetres: {text!r}")
     return values
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,11 +83,14 @@ class Job:
 class ResultStore:
     """Where a job's files live: one folder each, on local or shared storage.
 
-    Kept to a few methods so that an object store can stand in later.
+    Kept to a few methods so that an object store can stand in later. Results are staged in
+    `scratch` (this process's scratch folder, `app.server.scratch`; on the same filesystem, so that
+    publishing is a rename), where a job interrupted by a crash leaves nothing that is not swept.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, scratch: Path | None = None):
         self.root = Path(root)
+        self.scratch = Path(scratch) if scratch else self.root / "tmp"
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         (self.root / "results").mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +115,7 @@ class ResultStore:
         staging.rename(target)
 
     def staging_dir(self, job_id: str) -> Path:
-        path = self.root / "results" / f".{job_id}.{uuid.uuid4().hex[:8]}"
+        path = self.scratch / f"staging-{job_id}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
 
@@ -121,6 +125,15 @@ class ResultStore:
     def delete(self, job_id: str) -> None:
         self.delete_upload(job_id)
         shutil.rmtree(self.result_dir(job_id), ignore_errors=True)
+
+    def sweep_uploads(self, keep: Callable[[str], bool]) -> int:
+        """Remove the uploads of jobs that `keep` says are gone or finished (left by a crash)."""
+        removed = 0
+        for folder in (self.root / "uploads").iterdir():
+            if not keep(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     def writable(self) -> bool:
         probe = self.root / f".probe-{uuid.uuid4().hex}"
@@ -212,15 +225,22 @@ class JobStore:
     def set_progress(self, job_id: str, progress: dict) -> None:
         self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
 
-    def finish(self, job_id: str, result: dict) -> bool:
-        """Returns whether this call finished the job (False: it was final already)."""
-        return bool(self._exec("UPDATE jobs SET status = 'done', finished = ?, result = ?, "
-                               "started = COALESCE(started, ?) WHERE id = ? AND status IN ('queued', 'running')",
-                               (time.time(), json.dumps(result), time.time(), job_id)))
+    def finish(self, job_id: str, result: dict, started: float | None = None, finished: float | None = None) -> bool:
+        """Returns whether this call finished the job (False: it was final already).
 
-    def fail(self, job_id: str, error: dict) -> bool:
-        return bool(self._exec("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE id = ? AND status IN "
-                               "('queued', 'running')", (time.time(), json.dumps(error), job_id)))
+        `started` and `finished` are when the job ran (a worker's clock), for a job recorded later than it
+        ran (the API was down); without them: as recorded, else now."""
+        return self._final(job_id, "done", "result", result, started, finished, unknown_start=time.time())
+
+    def fail(self, job_id: str, error: dict, started: float | None = None, finished: float | None = None) -> bool:
+        return self._final(job_id, "failed", "error", error, started, finished)
+
+    def _final(self, job_id: str, status: str, column: str, value: dict | None, started: float | None,
+               finished: float | None, unknown_start: float | None = None) -> bool:
+        """The start is the worker's (`started`), else as recorded, else `unknown_start`."""
+        return bool(self._exec(f"UPDATE jobs SET status = ?, finished = ?, {column} = ?, "  # noqa: S608 - fixed names
+                               "started = COALESCE(?, started, ?) WHERE id = ? AND status IN ('queued', 'running')",
+                               (status, finished or time.time(), json.dumps(value), started, unknown_start, job_id)))
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once, ask a running one to stop; returns the status after."""
@@ -231,10 +251,18 @@ class JobStore:
             row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row["status"] if row else None
 
-    def mark_cancelled(self, job_id: str) -> bool:
-        return bool(self._exec("UPDATE jobs SET status = 'cancelled', finished = ? "
+    def mark_cancelled(self, job_id: str, started: float | None = None, finished: float | None = None) -> bool:
+        return bool(self._exec("UPDATE jobs SET status = 'cancelled', finished = ?, started = COALESCE(?, started) "
                                "WHERE id = ? AND status IN ('queued', 'running')",
-                               (time.time(), job_id)))
+                               (finished or time.time(), started, job_id)))
+
+    def requeue(self, job_id: str, progress: dict, note: str) -> bool:
+        """A running job whose worker died goes back to waiting (Celery: redelivered to another worker)."""
+        changed = bool(self._exec("UPDATE jobs SET status = 'queued', progress = ? WHERE id = ? AND status = 'running'",
+                                  (json.dumps(progress), job_id)))
+        if changed:
+            self.add_note(job_id, note)
+        return changed
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,9 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.pipeline import DRAFT_DISCLAIMER, Segmenter
-from app.server import openapi, problems
+from app.server import openapi, problems, scratch
 from app.server.context import configure_logging, request_id
-from app.server.jobs import JobStore, ResultStore
+from app.server.jobs import FINAL, JobStore, ResultStore
 from app.server.metrics import Metrics
 from app.server.queue import make_queue
 from app.server.review import ReviewCache
@@ -35,7 +36,6 @@ from app.server.worker import Janitor
 
 log = logging.getLogger("app.server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-UPLOAD_ROUTES = ("/v1/segmentations", "/v1/evaluations")
 
 
 class BodySizeLimit:
@@ -59,7 +59,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge()
+                    raise problems.BodyTooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -69,18 +69,13 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except problems.BodyTooLarge:  # raised where nothing turned it into a response (not a form route)
             if not started:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        response = problems.problem_response(413, "too-large", "Upload too large",
-                                             f"the request body exceeds {self.limit:,} bytes")
+        response = problems.BodyTooLarge(self.limit).problem().response()
         await response({"type": "http"}, None, send)  # type: ignore[arg-type]
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
@@ -91,8 +86,13 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         configure_logging()
         state = app.state
         state.settings = settings
+        scratch.sweep(settings.data_dir)  # patient data of processes that were killed
+        state.scratch = scratch.Scratch(settings.data_dir)
+        settings.scratch_dir = state.scratch.path  # where this process extracts uploads (read_input)
         state.jobs = JobStore(settings.data_dir / "jobs.sqlite3")
-        state.results = ResultStore(settings.data_dir)
+        state.results = ResultStore(settings.data_dir, state.scratch.path)
+        state.results.sweep_uploads(keep=lambda job_id: _unfinished(state.jobs, job_id))
+        state.decodes = threading.BoundedSemaphore(settings.max_concurrent_decodes)
         state.metrics = Metrics(lambda: state.queue.depth(), _gpu_memory_probe())
         state.review = ReviewCache()
         state.queue = make_queue(settings, state.jobs, state.results, state.metrics)
@@ -108,6 +108,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         janitor.stop()
         state.queue.stop()
         state.jobs.close()
+        state.scratch.close()
 
     app = FastAPI(
         title="autocontour",
@@ -117,7 +118,7 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         lifespan=lifespan,
     )
     problems.install(app)
-    openapi.install(app)
+    openapi.install(app, pacs=bool(settings.pacs_url))
     for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
@@ -128,14 +129,13 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         token = request_id.set(incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex)
         started = time.perf_counter()
         try:
-            if request.method == "POST" and request.url.path == "/v1/segmentations":
-                full = _queue_full(request)
-                if full is not None:
-                    response = full
-                else:
-                    response = await call_next(request)
-            else:
-                response = await call_next(request)
+            try:
+                upload = request.method == "POST" and request.url.path == "/v1/segmentations"
+                full = _queue_full(request) if upload else None
+                response = full or await call_next(request)
+            except Exception:  # a bug: answered as a problem document, counted, and logged with the request id
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = problems.internal_error_response()
             route = request.scope.get("route")
             template = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
@@ -157,6 +157,11 @@ def _queue_full(request: Request):
     if state.queue.depth() >= state.settings.max_queue:
         return problems.queue_full(state.settings.max_queue, state.settings.retry_after_s).response()
     return None
+
+
+def _unfinished(jobs: JobStore, job_id: str) -> bool:
+    job = jobs.get(job_id)
+    return job is not None and job.status not in FINAL
 
 
 def _gpu_memory_probe():

@@ -58,7 +58,7 @@ DESCRIPTIONS = {
     413: "the request body is larger than AUTOCONTOUR_MAX_UPLOAD_BYTES",
     422: "an invalid input, option or field; `detail` names it (`errors` lists invalid fields)",
     500: "an unexpected server error; the server log (by request id) has details",
-    503: "the queue is full or its broker unreachable; retry after Retry-After seconds",
+    503: "the queue is full, its broker unreachable, or every decode slot busy; retry after Retry-After seconds",
 }
 HEADERS = {
     401: {"WWW-Authenticate": {"description": 'Bearer realm="autocontour"', "schema": {"type": "string"}}},
@@ -83,16 +83,32 @@ def problem_responses(*codes: int, described: dict[int, str] | None = None) -> d
     return {code: problem_response(code, described.get(code)) for code in codes}
 
 
-def install(app: FastAPI) -> None:
-    """Make `app.openapi()` describe errors as they are sent (see the module docstring)."""
+def install(app: FastAPI, pacs: bool) -> None:
+    """Make `app.openapi()` describe errors as they are sent (see the module docstring), and the upload
+    form as this server takes it (`pacs`: whether a PACS is configured)."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            _use_problems(generate())
+            schema = generate()
+            _use_problems(schema)
+            _upload_form(schema, pacs)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _upload_form(schema: dict, pacs: bool) -> None:
+    """FastAPI marks `file` optional because a PACS study may stand in for it; without a PACS it is required,
+    and the PACS fields are not taken at all."""
+    body = schema["paths"]["/v1/segmentations"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    form["properties"]["file"].pop("anyOf")
+    form["properties"]["file"] |= {"type": "string", "contentMediaType": "application/octet-stream"}
+    if not pacs:
+        for name in ("study_uid", "series_uid", "push_to_pacs"):
+            form["properties"].pop(name)
+        form["required"] = sorted({*form.get("required", []), "file"})
 
 
 def _use_problems(schema: dict) -> None:

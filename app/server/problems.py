@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,6 +17,7 @@ from app.errors import AutocontourError
 from app.server.context import request_id
 
 MEDIA_TYPE = "application/problem+json"
+HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
 TYPE_PREFIX = "urn:autocontour:problem:"
 
 
@@ -35,6 +38,23 @@ def queue_full(max_queue: int, retry_after_s: int) -> Problem:
     """503 + Retry-After: the queue holds `max_queue` waiting jobs."""
     return Problem(503, "queue-full", "Queue full", f"{max_queue} jobs are waiting; retry after {retry_after_s} s",
                    headers={"Retry-After": str(retry_after_s)})
+
+
+class BodyTooLarge(Exception):
+    """A request body grew past AUTOCONTOUR_MAX_UPLOAD_BYTES while it streamed in (declared or chunked)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body exceeds {limit:,} bytes")
+        self.limit = limit
+
+    def problem(self) -> Problem:
+        return Problem(413, "too-large", "Upload too large", str(self))
+
+
+def internal_error_response() -> JSONResponse:
+    """The answer to an unhandled error: a problem document with the request id; the log has the details."""
+    return problem_response(500, "internal-error", "Internal error",
+                            "an unexpected error; the server log has details under this request id")
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra) -> dict:
@@ -77,7 +97,32 @@ def install(app: FastAPI) -> None:
                                         for e in errors])
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
+        too_large = _body_too_large(exc.__cause__)
+        if too_large is not None:  # FastAPI reports a body that failed to stream in as a 400
+            return too_large.problem().response()
         code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        documented = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
+        if documented:  # Starlette names the methods of the first route of the path only
+            headers["Allow"] = ", ".join(documented)
         return problem_response(exc.status_code, code, code.replace("-", " ").capitalize(), str(exc.detail),
-                                getattr(exc, "headers", None))
+                                headers or None)
+
+
+def _body_too_large(cause: BaseException | None) -> BodyTooLarge | None:
+    """The BodyTooLarge behind an error, also inside the exception group of a middleware's task group."""
+    if isinstance(cause, BaseExceptionGroup):
+        found = cause.subgroup(BodyTooLarge)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        return found
+    return cause if isinstance(cause, BodyTooLarge) else None
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str] | None:
+    """The methods the schema documents for this path (None for a path outside it), for a 405's `Allow`."""
+    for template, item in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return sorted(method.upper() for method in item if method.upper() in HTTP_METHODS)
+    return None

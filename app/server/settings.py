@@ -31,6 +31,8 @@ class ServerSettings(Settings):
     data_dir: Path = Field(Path("autocontour-data"), description="jobs database, uploads and results")
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest accepted upload (bytes)")
     max_queue: int = Field(16, ge=1, description="queued jobs before new uploads get 503 + Retry-After")
+    max_concurrent_decodes: int = Field(2, ge=1, description="uploads checked (decoded) at once by the API; "
+                                                             "more wait, up to Retry-After seconds, then get 503")
     retry_after_s: int = Field(30, ge=1)
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="finished jobs and results are deleted after this")
     wait_timeout_s: float = Field(600.0, gt=0, description="longest ?wait=true before answering 202")
@@ -41,6 +43,8 @@ class ServerSettings(Settings):
     visibility_timeout_s: int = Field(7200, ge=10, description="a task unacknowledged this long is redelivered: "
                                                                "keep it above the longest job")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it fails (workers that died)")
+    worker_timeout_s: int = Field(10, ge=3, description="a worker whose heartbeat (every 2 s) is older than this is "
+                                                        "dead: its job goes back to the queue")
     pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
     pacs_username: str | None = None
     pacs_password: str | None = None

@@ -43,10 +43,12 @@ class Outcome:
     error: dict | None = None
     seconds: float = 0.0
     slices: int = 0
+    started_at: float | None = None  # wall-clock times where the job ran, so a record written later is true
+    finished_at: float | None = None
 
     def to_dict(self) -> dict:
         return {"status": self.status, "result": self.result, "error": self.error, "seconds": self.seconds,
-                "slices": self.slices}
+                "slices": self.slices, "started_at": self.started_at, "finished_at": self.finished_at}
 
 
 def brief(summary: dict) -> dict:
@@ -87,7 +89,7 @@ def push_to_pacs(settings, result_dir: Path, files: dict) -> None:
 def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: dict, input_name: str,
             reporter: Reporter, settings=None) -> Outcome:
     """Execute one job to its final status."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     last_update = [0.0]
 
     def progress(phase: str, done: dict[str, int], total: dict[str, int]) -> None:
@@ -115,20 +117,19 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
             summary["pushed_to_pacs"] = sorted(summary["files"].values())
         slices = sum(s["slices_computed"] for s in result.summary["structures"].values())
         outcome = Outcome("done", result=summary, slices=slices)
-        results.delete_upload(job_id)
     except CancelledError:
         outcome = Outcome("cancelled")
-        results.delete_upload(job_id)
     except AutocontourError as exc:
         outcome = Outcome("failed", error=from_error(exc))
-        results.delete_upload(job_id)
     except Exception:  # a bug: keep the worker alive, record it, keep the details in the log
         log.exception("job %s failed", job_id)
         outcome = Outcome("failed",
                           error=internal_error("segmentation failed unexpectedly; the server log has details"))
-    finally:
+    finally:  # the job has ended, however it ended: no patient data stays behind
         shutil.rmtree(staging, ignore_errors=True)  # already gone when published
+        results.delete_upload(job_id)
     outcome.seconds = round(time.perf_counter() - started, 3)
+    outcome.started_at, outcome.finished_at = started_at, time.time()
     log.info("job %s %s in %.1f s", job_id, outcome.status, outcome.seconds)
     request_id.reset(token)
     return outcome
@@ -136,12 +137,13 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
 
 def record(store: JobStore, job_id: str, outcome: Outcome, metrics: Metrics | None) -> None:
     """Write an outcome into the job store (and, the first time only, into the metrics)."""
+    times = {"started": outcome.started_at, "finished": outcome.finished_at}
     if outcome.status == "done":
-        changed = store.finish(job_id, outcome.result)
+        changed = store.finish(job_id, outcome.result, **times)
     elif outcome.status == "cancelled":
-        changed = store.mark_cancelled(job_id)
+        changed = store.mark_cancelled(job_id, **times)
     else:
-        changed = store.fail(job_id, outcome.error)
+        changed = store.fail(job_id, outcome.error, **times)
     if metrics and changed:  # a job seen finished by two refreshes at once counts once
         metrics.jobs.labels(outcome.status).inc()
         metrics.job_seconds.observe(outcome.seconds)

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from app.catalogue import StructureDefinition, default_definition
 from app.errors import InputImageError, SupportSetError
-from app.io import CanonicalCT, fingerprint, read_ct, read_image, validate_ct
+from app.io import CanonicalCT, fingerprint, read_image
 from app.preprocess import PreprocessSpec, mask_to_grid, prepare
 from app.support.localize import bone_profile
 from app.support.recipes import Recipe
@@ -85,10 +85,11 @@ def is_rtstruct(path: Path) -> bool:
 
 
 def read_case_ct(path: Path) -> sitk.Image:
-    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks as segmentation."""
-    from app.dicom.series import is_dicom_input, read_series
+    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks and limits as segmentation."""
+    from app.config import Settings
+    from app.pipeline import read_input
 
-    return validate_ct(read_series(path).image) if is_dicom_input(path) else read_ct(path)
+    return read_input(Path(path), Settings())[0]
 
 
 def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None) -> tuple[sitk.Image, str | None]:

@@ -17,6 +17,7 @@ from app.export import PREVIEW, SUMMARY, mask_file
 from app.pipeline import DRAFT_DISCLAIMER, read_input
 from app.server.auth import require
 from app.server.context import request_id
+from app.server.decoding import decode_limited
 from app.server.jobs import FINAL, Job, QueueFull, QueueUnavailable
 from app.server.openapi import AUTH, problem_responses
 from app.server.problems import Problem, queue_full
@@ -106,7 +107,8 @@ async def submit(
     series_uid: Annotated[str | None, Form(description="the CT series to segment when the study (or the DICOM "
                                                        "zip) has several")] = None,
     push_to_pacs: Annotated[bool, Form(description="store the RTSTRUCT and SEG back into the PACS")] = False,
-    structures: Annotated[str, Form(description="comma-separated structures")] = "bladder,anorectum,ctvn",
+    structures: Annotated[str, Form(description="comma-separated structures",
+                                    json_schema_extra={"pattern": r"\S"})] = "bladder,anorectum,ctvn",
     support_size: Annotated[int | None, Form(ge=1, le=256, description="support slices per member")] = None,
     ensemble: Annotated[int | None, Form(ge=1, le=16, description="support subsets averaged")] = None,
     threshold: Annotated[float | None, Form(gt=0, lt=1)] = None,
@@ -118,6 +120,10 @@ async def submit(
 ):
     """Queue a CT (upload, DICOM zip, or PACS study) for segmentation. Answers 202 with the job and its Location."""
     state = request.app.state
+    sent = (await request.form()).get("structures", structures)  # FastAPI turns an empty field into the default
+    if not str(sent).replace(",", " ").strip():
+        raise Problem(422, "invalid-option", "Invalid option", "structures: give at least one structure name",
+                      errors=[{"field": "body.structures", "message": "empty"}])
     names = state.segmenter.catalogue.parse(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
@@ -144,7 +150,7 @@ async def submit(
                     out.write(chunk)
             if path.stat().st_size == 0:
                 raise InputImageError("the uploaded file is empty (0 bytes)")
-            await run_in_threadpool(_validate_upload, path, state.settings, series_uid)
+            await run_in_threadpool(decode_limited, state, _validate_upload, path, state.settings, series_uid)
         except BaseException:  # refused, or anything unexpected: no upload left behind
             state.results.delete_upload(job_id)
             raise
