@@ -28,9 +28,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _structures_help() -> str:
-    from app.catalogue import DEFAULT_STRUCTURES, STRUCTURES
+    from app.catalogue import DEFAULT_STRUCTURES
 
-    return f"comma-separated, from {', '.join(STRUCTURES)} (default: {','.join(DEFAULT_STRUCTURES)})"
+    return (f"comma-separated names of structures the loaded support sets provide (`autocontour structures`; "
+            f"default: {','.join(DEFAULT_STRUCTURES)} where loaded, else every loaded set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
                           "repeatable")
     seg.add_argument("--no-shipped-support", action="store_true", help="use only the --support-dir sets")
+    seg.add_argument("--rules", type=Path, default=None,
+                     help="overlap-rules JSON (default: $AUTOCONTOUR_RULES, else the shipped cervix rules)")
     seg.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
                      help="coarse: find each structure's extent first (default); all: segment every body slice")
     seg.add_argument("--support-selection", choices=["level", "spread"], default="level",
@@ -75,14 +78,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     support = commands.add_parser("support", help="build and list support sets").add_subparsers(
         dest="support_command", required=True, parser_class=OneLineParser)
-    build = support.add_parser("build", help="build a support set from labelled CT volumes",
-                               description="Pick informative slices of one structure from labelled CTs, spread "
+    build = support.add_parser("build", help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)",
+                               description="Pick informative slices of one structure from contoured CTs, spread "
                                            "over its axial extent, and save them as a hash-addressed support set "
-                                           "with a manifest and preview.png.")
-    build.add_argument("name", help="support-set name (also the default structure)")
-    build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", required=True,
-                       help="a CT and its mask on the same grid; repeat for more cases")
-    build.add_argument("--structure", default=None, help="catalogue structure it segments (default: NAME)")
+                                           "with a manifest (declaring the structure) and preview.png. Cases come "
+                                           "from files (--case), a PACS (--pacs-url/--study) or a reviewed, "
+                                           "corrected result (--from-result/--mask).")
+    build.add_argument("name", help="support-set name (also the structure it segments, unless --structure)")
+    build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", default=[],
+                       help="a CT (.nii.gz, or a DICOM series folder or zip) and its mask: a NIfTI mask or label map "
+                            "on the same grid, or an RTSTRUCT .dcm (with --roi); repeat for more cases")
+    build.add_argument("--roi", action="append", default=[],
+                       help="RTSTRUCT ROI name, matched case-insensitively; repeat for a clinic's synonyms "
+                            "(the first that a case has is used)")
+    build.add_argument("--pacs-url", default=None, help="DICOMweb root: take the case from a study in the PACS")
+    build.add_argument("--study", action="append", default=[],
+                       help="Study Instance UID in --pacs-url (its CT series and RTSTRUCT); repeatable")
+    build.add_argument("--username", default=None, help="PACS user")
+    build.add_argument("--password", default=None, help="PACS password (default: $AUTOCONTOUR_PACS_PASSWORD)")
+    build.add_argument("--from-result", type=Path, default=None,
+                       help="an `autocontour segment` output folder whose draft was reviewed and corrected")
+    build.add_argument("--mask", type=Path, default=None,
+                       help="with --from-result: the corrected mask (NIfTI) or a corrected RTSTRUCT (with --roi)")
+    build.add_argument("--ct", type=Path, default=None,
+                       help="with --from-result: the CT it segmented (default: the result's review/ct.nii.gz); "
+                            "checked against the result's fingerprint")
+    build.add_argument("--structure", default=None, help="structure it segments (default: NAME)")
+    build.add_argument("--display-name", default=None, help="name shown in previews, RTSTRUCT and DICOM-SEG")
+    build.add_argument("--colour", default=None, metavar="R,G,B", help="display colour, 0-255 each")
+    build.add_argument("--interpreted-type", default=None,
+                       help="DICOM RT ROI Interpreted Type: ORGAN (default), CTV, GTV, PTV, AVOIDANCE, ...")
+    build.add_argument("--tg263", default=None, help="AAPM TG-263 standard name, e.g. Kidney_L")
+    build.add_argument("--laterality", default=None, choices=["left", "right", "midline", "bilateral"],
+                       help="default: left/right for names ending _left/_right, else midline")
+    build.add_argument("--components", type=int, default=None, help="connected pieces to keep (default 1)")
+    build.add_argument("--tolerance-mm", type=float, default=None, help="surface-Dice tolerance (default 2)")
+    build.add_argument("--symmetric", action="store_true",
+                       help="allow left-right mirrored copies to fill a short set (never for left/right structures)")
     how = build.add_mutually_exclusive_group()
     how.add_argument("--label", type=int, default=None, help="label value, when MASK is a label map")
     how.add_argument("--recipe", default=None,
@@ -92,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--size", type=int, default=64, help="slices in the set (default 64)")
     build.add_argument("--negative-fraction", type=float, default=0.125,
                        help="share of empty slices from just beyond the structure's ends (default 0.125)")
-    build.add_argument("--no-mirror", action="store_true", help="do not fill the set with left-right mirrored slices")
     build.add_argument("--description", default="", help="free text stored in the manifest")
     build.add_argument("--source", default="", help="where the cases come from and their licence")
     build.add_argument("--out", type=Path, required=True, help="output folder of the support set")
@@ -257,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--worker", action="store_true", help="check the broker (default: when PID 1 is a worker)")
     health.set_defaults(handler=cmd_health)
 
-    structures = commands.add_parser("structures", help="list the structure catalogue and overlap rules")
+    structures = commands.add_parser("structures", help="list the structures the support sets provide, and the "
+                                                        "overlap rules",
+                                     description="The structures the loaded support sets declare (and the built-in "
+                                                 "cervix ones without a set), with how to add one.")
+    structures.add_argument("--support-dir", type=Path, action="append", default=[])
+    structures.add_argument("--no-shipped-support", action="store_true")
+    structures.add_argument("--rules", type=Path, default=None, help="overlap-rules JSON (default: shipped)")
     structures.set_defaults(handler=cmd_structures)
     return parser
 
@@ -398,12 +435,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from app.errors import InputImageError
     from app.pipeline import Segmenter
 
-    if args.structures is not None:  # cheap checks before the model loads
+    if args.structures is not None:  # cheap checks before the model loads (the loaded sets decide the rest)
         parse_structures(args.structures)
     if not args.ct.exists():
         raise InputImageError(f"file not found: {args.ct}")
     segmenter = Segmenter(weights=args.weights, device=args.device, precision=args.precision,
-                          support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None)
+                          support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None,
+                          rules=args.rules)
     update, close = _progress_bar(args.quiet)
     try:
         result = segmenter.segment(
@@ -418,18 +456,48 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"DRAFT contours for clinical review, written to {args.out}")
     for _name, s in summary["structures"].items():
         conf = "n/a" if s["confidence"] is None else f"{s['confidence']:.2f}"
-        print(f"  {s['display_name']:<12} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
-              f"{len(s['flagged_slices'])} flagged slice(s)")
+        reason = f"  ({s['status_reason']})" if s["status_reason"] else ""
+        print(f"  {s['display_name']:<16} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
+              f"{len(s['flagged_slices'])} flagged slice(s){reason}")
     print(f"  total {summary['timings_s']['total']:.1f} s on {summary['model']['device']}")
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
+def _definition_from_args(args: argparse.Namespace, structure: str, base=None):
+    """The structure definition the user declared: flags over the base (a result's, a built-in, or a plain organ)."""
+    from pydantic import ValidationError
+
+    from app.catalogue import default_definition
+    from app.errors import OptionError
+
+    colour = None
+    if args.colour:
+        try:
+            colour = tuple(int(v) for v in args.colour.split(","))
+        except ValueError as exc:
+            raise OptionError(f"--colour takes R,G,B integers, got {args.colour!r}") from exc
+    fields = {"display_name": args.display_name, "colour": colour, "interpreted_type": args.interpreted_type,
+              "tg263_name": args.tg263, "laterality": args.laterality, "max_components": args.components,
+              "nsd_tolerance_mm": args.tolerance_mm}
+    try:
+        if base is not None:
+            return base.model_validate(base.model_dump() | {k: v for k, v in fields.items() if v is not None})
+        return default_definition(structure, **fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise OptionError(f"invalid structure definition: {'.'.join(str(p) for p in first['loc'])}: "
+                          f"{first['msg']}") from exc
+
+
 def cmd_support_build(args: argparse.Namespace) -> int:
+    import tempfile
+
     from app.catalogue import parse_structures
     from app.config import Settings
-    from app.support.build import build_support_set
+    from app.errors import OptionError
+    from app.support.build import build_support_set, result_case
     from app.support.recipes import Recipe
 
     structure = parse_structures(args.structure or args.name)[0]
@@ -439,11 +507,31 @@ def cmd_support_build(args: argparse.Namespace) -> int:
         if not path.is_file():
             path = Settings().shipped_support_dir / "recipes" / f"{args.recipe}.json"
         recipe = Recipe.from_file(path)
-    support = build_support_set(
-        args.name, structure, [tuple(c) for c in args.case], args.out, size=args.size, label=args.label,
-        recipe=recipe, label_names=args.label_names, negative_fraction=args.negative_fraction,
-        mirror=not args.no_mirror, description=args.description, source=args.source)
-    print(f"support set {support.id}: {len(support)} slices of {structure} -> {args.out}")
+    if bool(args.study) != bool(args.pacs_url):
+        raise OptionError("--pacs-url and --study go together")
+    if bool(args.from_result) != bool(args.mask):
+        raise OptionError("--from-result and --mask go together")
+    cases = [tuple(c) for c in args.case]
+    base = None
+    with tempfile.TemporaryDirectory(prefix="autocontour-build-") as tmp:
+        if args.pacs_url:
+            from app.dicom import pacs
+
+            client = pacs.connect(args.pacs_url, args.username, _pacs_password(args))
+            cases += [pacs.fetch_contoured_case(client, study, Path(tmp) / f"study{i}")
+                      for i, study in enumerate(args.study)]
+        if args.from_result:
+            ct, base = result_case(args.from_result, structure, args.ct)
+            cases.append((ct, args.mask))
+        if not cases:
+            raise OptionError("give at least one --case CT MASK, --pacs-url URL --study UID, or --from-result DIR "
+                              "--mask MASK")
+        support = build_support_set(
+            args.name, structure, cases, args.out, size=args.size, label=args.label,
+            recipe=recipe, label_names=args.label_names, negative_fraction=args.negative_fraction,
+            symmetric=args.symmetric, description=args.description, source=args.source,
+            definition=_definition_from_args(args, structure, base), rois=args.roi or None)
+    print(f"support set {support.id}: {len(support)} slices of {structure} from {len(cases)} case(s) -> {args.out}")
     for warning in support.manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -456,7 +544,8 @@ def cmd_support_list(args: argparse.Namespace) -> int:
     settings = Settings()
     found = discover(settings.support_folders(args.support_dir, False if args.no_shipped_support else None))
     for structure, support in found.items():
-        print(f"{structure:<12} {support.id}  {len(support):>3} slices  {support.path}")
+        print(f"{structure:<16} {support.id}  {len(support):>3} slices  {len(support.manifest.source_cases)} case(s)  "
+              f"{support.path}")
     return 0
 
 
@@ -634,13 +723,23 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_structures(args: argparse.Namespace) -> int:
-    from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES
+    from app.catalogue import Catalogue
+    from app.config import Settings
+    from app.rules import load_rules
+    from app.support.store import discover
 
-    for s in STRUCTURES.values():
-        print(f"{s.name:<12} {s.display_name:<12} {s.kind:<6} surface-Dice tolerance {s.nsd_tolerance_mm:g} mm  "
-              f"{s.description}")
-    pairs = sorted(ALLOWED_OVERLAPS, key=sorted)
-    print("overlaps allowed only between: " + "; ".join(" & ".join(sorted(p)) for p in pairs))
+    settings = Settings()
+    supports = discover(settings.support_folders(args.support_dir, False if args.no_shipped_support else None))
+    catalogue = Catalogue.from_definitions({n: s.definition for n, s in supports.items()})
+    for s in catalogue:
+        support = supports.get(s.name)
+        where = support.id if support else f"no set: autocontour support build {s.name} --case CT MASK --out DIR"
+        print(f"{s.name:<16} {s.display_name:<16} {s.interpreted_type:<6} {s.laterality:<9} "
+              f"TG-263 {s.tg263_name or '-':<10} tolerance {s.nsd_tolerance_mm:g} mm  {where}")
+    rules = load_rules(args.rules or settings.rules)
+    print(f"overlap rules {rules.name!r}: " + "; ".join(
+        "exclusive: " + ", ".join(g) for g in rules.exclusive_groups) + "; allowed: " + ", ".join(
+        " & ".join(p) for p in rules.allowed_pairs))
     return 0
 
 

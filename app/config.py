@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for the network (default: all cores)")
     compile: bool = Field(False, description="torch.compile the network (paid once at start-up by warm-up)")
     threshold: float = Field(0.5, gt=0, lt=1)
+    rules: Path | None = Field(None, description="overlap-rules JSON file (default: the shipped cervix rules)")
     max_voxels: int = Field(1 << 30, gt=0)
     max_dicom_files: int = Field(5000, ge=1, description="most files in a DICOM zip or folder")
     max_dicom_bytes: int = Field(4 << 30, ge=1, description="most bytes a DICOM zip may inflate to")

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import __version__
-from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES, parse_structures
+from app.catalogue import DEFAULT_STRUCTURES, Catalogue
 from app.config import Settings
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
@@ -32,8 +32,9 @@ from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_result
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
-from app.postprocess import confidence, postprocess
+from app.postprocess import confidence, laterality_warning, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
+from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
 from app.support.store import MANIFEST, SupportSet, discover
 
@@ -74,7 +75,8 @@ class Segmenter:
 
     def __init__(self, settings: Settings | None = None, weights: Path | None = None, device: str | None = None,
                  support_dirs: list[Path] | None = None, shipped_support: bool | None = None,
-                 precision: str | None = None, engine_options: dict | None = None, load_engine: bool = True):
+                 precision: str | None = None, engine_options: dict | None = None, load_engine: bool = True,
+                 rules: Path | str | None = None):
         """`load_engine=False` keeps only the model card and support sets: for API processes
         that validate and report while separate workers run the network."""
         self.settings = settings or Settings()
@@ -86,6 +88,8 @@ class Segmenter:
         device_type = resolve_device(engine_device).type if load_engine else "cpu"
         self.default_support_size, self.default_ensemble, default_precision = self.settings.device_defaults(device_type)
         self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
+        self.catalogue = Catalogue.from_definitions({n: s.definition for n, s in self.supports.items()})
+        self.rules: OverlapRules = load_rules(rules or self.settings.rules)
         self.precision_note = ""
         if load_engine:
             model, self.card = load_model(path)
@@ -142,17 +146,23 @@ class Segmenter:
         for size in sorted({min(coarse, self.default_support_size), self.default_support_size}):
             self.engine.warm_up(size)
 
+    @property
+    def default_structures(self) -> list[str]:
+        """The cervix defaults that have a set loaded; else every loaded set."""
+        return [n for n in DEFAULT_STRUCTURES if n in self.supports] or list(self.supports)
+
     def support_for(self, structures: list[str]) -> dict[str, SupportSet]:
         missing = [s for s in structures if s not in self.supports]
         if missing:
             name = missing[0]
             shipped = (self.settings.shipped_support_dir / name / MANIFEST).is_file()
             why = ("the shipped one is switched off (--no-shipped-support)" if shipped else
-                   "none ships with autocontour because no public data set has it")
+                   "no loaded support-set folder provides one")
+            loaded = ", ".join(self.supports) or "none"
             raise NoSupportSetError(
-                f"no support set for {name!r} ({STRUCTURES[name].display_name}): {why}. Build one from your own "
-                f"contoured cases with `autocontour support build {name} --case CT.nii.gz MASK.nii.gz [--case ...] "
-                f"--out DIR` and pass --support-dir DIR")
+                f"no support set for {name!r}: {why} (loaded: {loaded}). Build one from your own contoured cases "
+                f"with `autocontour support build {name} --case CT MASK_OR_RTSTRUCT [--roi NAME] [--case ...] "
+                f"--out DIR` and pass --support-dir DIR (server: AUTOCONTOUR_SUPPORT_DIRS)")
         return {s: self.supports[s] for s in structures}
 
     def segment(self, ct: Path | str | sitk.Image, out_dir: Path | None = None,
@@ -171,7 +181,7 @@ class Segmenter:
             timings[stage] = round(now - clock, 3)
             clock = now
 
-        names = parse_structures(structures or "bladder,anorectum,ctvn")
+        names = self.catalogue.parse(structures) if structures else self.default_structures
         supports = self.support_for(names)
         threshold = self.settings.threshold if threshold is None else threshold
         if not 0 < threshold < 1:
@@ -206,18 +216,31 @@ class Segmenter:
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
-        masks, rule_changes = postprocess(probabilities, threshold)
+        definitions = {n: supports[n].definition for n in names}
+        masks, rule_changes = postprocess(probabilities, threshold, self.rules,
+                                          {n: d.max_components for n, d in definitions.items()})
         spacing = canonical.image.GetSpacing()
+        lateral = [n for n in names if definitions[n].lateral and masks[n].mask.any()]
+        body = body_mask(canonical, PreprocessSpec().body_threshold_hu) if lateral else None
         structures_summary = {}
         for name in names:
             m, prediction, support = masks[name], predictions[name], supports[name]
             # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
             conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
+            if name in lateral:
+                crossing = laterality_warning(m.mask, body, definitions[name].laterality)
+                if crossing:
+                    prediction.warnings.append(crossing["warning"])
+                    conf.flagged = sorted(conf.flagged + [{"slice": z, "reason": "crosses the body midline"}
+                                                         for z in crossing["slices"]], key=lambda f: f["slice"])
             voxels = int(m.mask.sum())
             zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
+            status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
             structures_summary[name] = {
-                "display_name": STRUCTURES[name].display_name,
-                "status": "found" if voxels else "empty",
+                "display_name": definitions[name].display_name,
+                "definition": definitions[name].model_dump(mode="json"),
+                "status": status,
+                "status_reason": reason,
                 "mask_file": mask_file(name),
                 "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
                 "voxels": voxels,
@@ -231,7 +254,9 @@ class Segmenter:
                 "support_size": prediction.support_size,
                 "ensemble": prediction.ensemble,
                 "slices_computed": prediction.queries,
-                "searched_z_mm": list(prediction.window_mm) if prediction.window_mm else None,
+                "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
+                "localisation": _localisation_summary(prediction, options.axial_search),
+                "source_cases_used": prediction.cases_used,
                 "query_support_pairs": prediction.pairs,
                 "warnings": prediction.warnings,
             }
@@ -256,7 +281,7 @@ class Segmenter:
                 flagged = {n: [f["slice"] for f in structures_summary[n]["flagged_slices"]] for n in names}
                 result.files["preview"] = volume_preview(
                     canonical.array, canonical.spacing_zyx, {n: masks[n].mask for n in names},
-                    Path(out_dir) / PREVIEW, z_mm=z_mm, flagged=flagged, title="autocontour")
+                    Path(out_dir) / PREVIEW, z_mm=z_mm, flagged=flagged, title="autocontour", definitions=definitions)
                 summary["files"]["preview"] = PREVIEW
             if series is not None:
                 result.files |= self._write_dicom(series, masks_on_input, summary, Path(out_dir))
@@ -280,8 +305,9 @@ class Segmenter:
         structures = summary["structures"]
         descriptions = {n: f"draft, confidence {s['confidence']}" for n, s in structures.items()}
         support_sets = {n: s["support_set"] for n, s in structures.items()}
-        files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions),
-                 "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_sets)}
+        definitions = {n: self.supports[n].definition for n in arrays}
+        files = {"rtstruct": write_rtstruct(series, arrays, out_dir / RTSTRUCT_FILE, descriptions, definitions),
+                 "seg": write_seg(series, arrays, out_dir / SEG_FILE, summary["model"], support_sets, definitions)}
         summary["files"] |= {"rtstruct": RTSTRUCT_FILE, "seg": SEG_FILE}
         return files
 
@@ -321,16 +347,37 @@ class Segmenter:
             },
             "model": self.describe_model(),
             "options": {**options.model_dump(), "threshold": threshold},
-            "overlap_rules": {
-                "exclusive_groups": "CTVn, CTVp and anorectum never overlap; bladder may overlap CTVn only; "
-                                    "parametrium may overlap anything",
-                "allowed_pairs": sorted(sorted(p) for p in ALLOWED_OVERLAPS),
-            },
+            "overlap_rules": self.rules.describe(list(structures)),
             "rule_changes": rule_changes,
             "structures": structures,
             "timings_s": timings,
             "warnings": warnings,
         }
+
+
+def _status(voxels: int, prediction, max_probability: float, threshold: float) -> tuple[str, str | None]:
+    """found, or why a structure is empty: not_in_scan, not_found_in_searched_range, below_threshold."""
+    if voxels:
+        return "found", None
+    if prediction.not_in_scan:
+        return "not_in_scan", prediction.localisation.reason
+    searched = (f"z {prediction.searched_mm[0]:g} to {prediction.searched_mm[1]:g} mm" if prediction.searched_mm
+                else "no body slice")
+    if not prediction.computed.any():
+        return "not_found_in_searched_range", f"the coarse search of {searched} found no slice showing it"
+    return "below_threshold", (f"{int(prediction.computed.sum())} slices of {searched} segmented; the highest "
+                               f"probability {max_probability:.2f} stays below the threshold {threshold:g} "
+                               "(or the clean-up removed what was above it)")
+
+
+def _localisation_summary(prediction, axial_search: str) -> dict | None:
+    located = prediction.localisation
+    if located is None:
+        return None
+    return {"verdict": located.verdict, "reason": located.reason, "applied": axial_search != "all",
+            "match_score": None if located.score is None else round(located.score, 3),
+            "expected_z_mm": [round(v, 1) for v in located.expected_mm] if located.expected_mm else None,
+            "window_z_mm": list(prediction.window_mm) if prediction.window_mm else None}
 
 
 def _compact(image: sitk.Image) -> sitk.Image:

@@ -4,9 +4,9 @@ Steps, in order, each reported with the voxels it changed:
 
 1. threshold the ensemble-mean probability;
 2. fill holes slice by slice (a contour drawn on a slice has no holes);
-3. apply the clinical overlap rules of `app.catalogue`: a voxel claimed by
-   two structures that may not overlap goes to the one with the higher
-   probability;
+3. apply the overlap rules (`app.rules`, data a clinic can change): a voxel
+   claimed by two structures that may not overlap goes to the one with the
+   higher probability;
 4. keep the largest connected components (as many as the structure can have
    pieces, each at least a tenth of the largest), dropping stray islands.
 
@@ -25,6 +25,9 @@ Slices are flagged for review when their confidence is below
 `LOW_CONFIDENCE`, when the contoured area jumps by more than a factor of
 `AREA_JUMP` between neighbours, when a slice inside the structure is empty,
 and when the structure reaches the edge of the scan or of the searched range.
+A one-sided structure (a left kidney) that reaches across the body's
+midline gets a warning and its crossing slices flagged.
+
 These are pointers for the reviewer, not guarantees: a confident contour can
 still be wrong.
 """
@@ -36,12 +39,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from app.catalogue import STRUCTURES, conflicts
+from app.rules import OverlapRules
 
 LOW_CONFIDENCE = 0.6
 AREA_JUMP = 2.0
 MIN_AREA_FOR_JUMP_MM2 = 100.0
 MIN_COMPONENT_FRACTION = 0.1
+MAX_WRONG_SIDE_FRACTION = 0.1  # of a lateral structure's voxels beyond the midline
 
 
 @dataclass
@@ -71,7 +75,7 @@ def keep_components(mask: np.ndarray, max_components: int) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def resolve_overlaps(masks: dict[str, StructureMask]) -> list[dict]:
+def resolve_overlaps(masks: dict[str, StructureMask], rules: OverlapRules) -> list[dict]:
     """Give each contested voxel to the structure with the higher probability (greedy, per voxel)."""
     if len(masks) < 2:
         return []
@@ -79,7 +83,7 @@ def resolve_overlaps(masks: dict[str, StructureMask]) -> list[dict]:
     contested = np.nonzero(sum(m.mask.astype(np.int8) for m in masks.values()) > 1)
     if contested[0].size == 0:
         return []
-    conflict = np.array([[conflicts(a, b) for b in names] for a in names])
+    conflict = np.array([[rules.conflicts(a, b) for b in names] for a in names])
     probs = np.stack([masks[n].probability[contested] for n in names])  # (N, V)
     claims = np.stack([masks[n].mask[contested] for n in names])
     accepted = np.zeros_like(claims)
@@ -99,7 +103,8 @@ def resolve_overlaps(masks: dict[str, StructureMask]) -> list[dict]:
     return changes
 
 
-def postprocess(probabilities: dict[str, np.ndarray], threshold: float) -> tuple[dict[str, StructureMask], list[dict]]:
+def postprocess(probabilities: dict[str, np.ndarray], threshold: float, rules: OverlapRules,
+                max_components: dict[str, int]) -> tuple[dict[str, StructureMask], list[dict]]:
     """Threshold, fill holes, apply overlap rules, clean components (see the module docstring)."""
     masks: dict[str, StructureMask] = {}
     for name, p in probabilities.items():
@@ -107,15 +112,39 @@ def postprocess(probabilities: dict[str, np.ndarray], threshold: float) -> tuple
         filled = fill_holes_per_slice(mask)
         masks[name] = StructureMask(name, filled, p, {"threshold": int(mask.sum()),
                                                       "holes_filled": int(filled.sum() - mask.sum())})
-    rule_changes = resolve_overlaps(masks)
+    rule_changes = resolve_overlaps(masks, rules)
     for change in rule_changes:
         masks[change["structure"]].changes["overlap_rules"] = -change["voxels_removed"]
     for name, m in masks.items():
-        kept = keep_components(m.mask, STRUCTURES[name].max_components if name in STRUCTURES else 1)
+        kept = keep_components(m.mask, max_components.get(name, 1))
         m.changes["components_removed"] = -int(m.mask.sum() - kept.sum())
         m.changes.setdefault("overlap_rules", 0)
         m.mask = kept
     return masks, rule_changes
+
+
+def laterality_warning(mask: np.ndarray, body: np.ndarray, side: str) -> dict | None:
+    """A warning when a left or right structure lies across the body midline, with the slices where it does.
+
+    Arrays are canonical LPS (z, y, x): x grows towards the patient's left. The midline of a slice
+    is the centre of the body's left-right extent there.
+    """
+    wrong = np.zeros_like(mask)
+    for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        xs = np.nonzero(body[z].any(axis=0))[0]
+        if xs.size == 0:
+            continue
+        midline = (xs.min() + xs.max()) / 2
+        columns = np.arange(mask.shape[2])
+        beyond = columns < midline if side == "left" else columns > midline
+        wrong[z] = mask[z] & beyond[None, :]
+    fraction = float(wrong.sum() / max(mask.sum(), 1))
+    if fraction <= MAX_WRONG_SIDE_FRACTION:
+        return None
+    slices = [int(z) for z in np.nonzero(wrong.any(axis=(1, 2)))[0]
+              if wrong[z].sum() > MAX_WRONG_SIDE_FRACTION * mask[z].sum()]
+    return {"warning": f"a {side}-sided structure with {100 * fraction:.0f}% of its voxels on the patient's "
+                       f"{'right' if side == 'left' else 'left'}: check the side", "slices": slices}
 
 
 @dataclass

@@ -21,16 +21,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from app.catalogue import STRUCTURES  # noqa: E402
+from app.catalogue import StructureDefinition, default_definition  # noqa: E402
 
 DRAFT_NOTICE = "DRAFT - automatic contours for clinical review, not for treatment without approval"
 SOFT_TISSUE = (40.0, 400.0)  # level, width in HU
 FLAG_COLOUR = "#ff3030"
 
 
-def colour_of(name: str) -> tuple[float, float, float]:
-    if name in STRUCTURES:
-        return tuple(c / 255 for c in STRUCTURES[name].colour)
+def _definition(name: str, definitions: Mapping[str, StructureDefinition] | None) -> StructureDefinition | None:
+    if definitions and name in definitions:
+        return definitions[name]
+    try:
+        return default_definition(name)
+    except ValueError:  # not a structure name (an evaluation label such as "label 3")
+        return None
+
+
+def colour_of(name: str, definitions: Mapping[str, StructureDefinition] | None = None) -> tuple[float, float, float]:
+    """The structure's declared colour (built-in, or a stable palette colour for other names)."""
+    definition = _definition(name, definitions)
+    if definition is not None:
+        return tuple(c / 255 for c in definition.colour)
     palette = plt.get_cmap("tab10")
     return palette(zlib.crc32(name.encode()) % 10)[:3]  # the same colour in every run (hash() is salted)
 
@@ -57,23 +68,30 @@ def representative_slices(masks: Mapping[str, np.ndarray], num_slices: int, coun
     return sorted(picked)
 
 
-def _draw_contours(ax, masks: Mapping[str, np.ndarray], take, dashed: bool = False) -> None:
+def _draw_contours(ax, masks: Mapping[str, np.ndarray], take, dashed: bool = False,
+                   definitions: Mapping[str, StructureDefinition] | None = None) -> None:
     for name, mask in masks.items():
         plane = take(mask)
         if plane.any():
-            ax.contour(plane.astype(float), levels=[0.5], colors=[colour_of(name)], linewidths=1.0 if dashed else 1.2,
-                       linestyles="dashed" if dashed else "solid")
+            ax.contour(plane.astype(float), levels=[0.5], colors=[colour_of(name, definitions)],
+                       linewidths=1.0 if dashed else 1.2, linestyles="dashed" if dashed else "solid")
 
 
-def _legend(fig, names: Sequence[str], extra: Sequence[Patch] = ()) -> None:
-    handles = [Patch(facecolor=colour_of(n), label=STRUCTURES[n].display_name if n in STRUCTURES else n) for n in names]
+def _legend(fig, names: Sequence[str], extra: Sequence[Patch] = (),
+            definitions: Mapping[str, StructureDefinition] | None = None) -> None:
+    def label(name: str) -> str:
+        definition = _definition(name, definitions)
+        return definition.display_name if definition else name
+
+    handles = [Patch(facecolor=colour_of(n, definitions), label=label(n)) for n in names]
     fig.legend(handles=handles + list(extra), loc="lower center", ncol=min(6, len(handles) + len(extra)),
                frameon=False, fontsize=9, labelcolor="white")
 
 
 def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mapping[str, np.ndarray], path: Path,
                    z_mm: Sequence[float] | None = None, flagged: Mapping[str, Sequence[int]] | None = None,
-                   title: str = "", count: int = 8, reference: Mapping[str, np.ndarray] | None = None) -> Path:
+                   title: str = "", count: int = 8, reference: Mapping[str, np.ndarray] | None = None,
+                   definitions: Mapping[str, StructureDefinition] | None = None) -> Path:
     """A PNG with `count` axial slices plus one coronal and one sagittal view.
 
     Arrays are canonical (z, y, x): z inferior -> superior, y anterior -> posterior,
@@ -92,8 +110,8 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
     for k, z in enumerate(slices):
         ax = fig.add_subplot(rows, columns, k + 1)
         ax.imshow(shown[z], cmap="gray", vmin=0, vmax=1, aspect=dy / dx, interpolation="bilinear")
-        _draw_contours(ax, masks, lambda m, z=z: m[z])
-        _draw_contours(ax, reference or {}, lambda m, z=z: m[z], dashed=True)
+        _draw_contours(ax, masks, lambda m, z=z: m[z], definitions=definitions)
+        _draw_contours(ax, reference or {}, lambda m, z=z: m[z], dashed=True, definitions=definitions)
         label = f"z = {z_mm[z]:.1f} mm" if z_mm is not None else f"slice {z}"
         is_flagged = z in flagged_any
         ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white",
@@ -115,8 +133,8 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
         ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
         plane = take(shown)
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
-        _draw_contours(ax, masks, take)
-        _draw_contours(ax, reference or {}, take, dashed=True)
+        _draw_contours(ax, masks, take, definitions=definitions)
+        _draw_contours(ax, reference or {}, take, dashed=True, definitions=definitions)
         ax.set_title(name, color="white", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -126,7 +144,7 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
             ax.text(x, y, letter, color="white", fontsize=8)
     flag_patch = ([Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")]
                   if flagged_any else [])
-    _legend(fig, list(masks), flag_patch)
+    _legend(fig, list(masks), flag_patch, definitions)
     fig.suptitle((title + "\n" if title else "") + DRAFT_NOTICE, color="white", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     path = Path(path)
@@ -142,7 +160,7 @@ def support_set_preview(support, path: Path, columns: int = 8) -> Path:
     rows = int(np.ceil(n / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows + 0.5), facecolor="black",
                              squeeze=False)
-    colour = colour_of(support.structure)
+    colour = colour_of(support.structure, {support.structure: support.definition})
     for ax, k in zip(axes.flat, range(rows * columns), strict=True):
         ax.axis("off")
         if k >= n:

@@ -48,5 +48,6 @@ def phantom_support_dir(tmp_path_factory, phantom_cases) -> Path:
     root = tmp_path_factory.mktemp("support")
     recipes = load_recipes(RECIPES)
     for name in ("bladder", "anorectum", "ctvn"):
-        build_support_set(name, name, phantom_cases, root / name, size=16, recipe=recipes[name], preview=False)
+        build_support_set(name, name, phantom_cases, root / name, size=16, recipe=recipes[name], preview=False,
+                          symmetric=True)
     return root

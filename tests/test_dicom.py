@@ -22,6 +22,7 @@ from pydicom.valuerep import validate_value
 from servers import start_server
 
 from app.cli import main
+from app.catalogue import BUILTIN
 from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
 from app.dicom.series import read_series, safe_extract
 from app.errors import InputImageError
@@ -150,7 +151,7 @@ def bad_dicom_inputs(folder: Path, rtstruct: Path) -> dict[str, tuple[Path, str]
 @pytest.fixture(scope="module")
 def bad_dicom(tmp_path_factory, series, known_masks):
     folder = tmp_path_factory.mktemp("bad_dicom")
-    rtstruct = write_rtstruct(series, {"bladder": known_masks["bladder"]}, folder / "rtstruct.dcm", {})
+    rtstruct = write_rtstruct(series, {"bladder": known_masks["bladder"]}, folder / "rtstruct.dcm", {}, BUILTIN)
     return bad_dicom_inputs(folder / "cases", rtstruct)
 
 
@@ -240,7 +241,8 @@ def test_zip_input_and_unsafe_zips(tmp_path, capsys, small_weights):
 
 
 def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp_path):
-    path = write_rtstruct(series, known_masks, tmp_path / "rtstruct.dcm", {"bladder": "draft, confidence 0.9"})
+    path = write_rtstruct(series, known_masks, tmp_path / "rtstruct.dcm", {"bladder": "draft, confidence 0.9"},
+                          BUILTIN)
     ds = pydicom.dcmread(path)
     validate_dataset(ds)
     assert ds.Modality == "RTSTRUCT" and ds.StudyInstanceUID == series.study_uid
@@ -267,7 +269,7 @@ def test_rtstruct_round_trip_and_planning_system_values(series, known_masks, tmp
 def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     path = write_seg(series, known_masks, tmp_path / "seg.dcm", {"name": "m", "sha256": "ab" * 32},
                      {"bladder": {"id": "bladder-123", "content_hash": "12" * 32},
-                      "ctvn": {"id": "ctvn-456", "content_hash": "45" * 32}})
+                      "ctvn": {"id": "ctvn-456", "content_hash": "45" * 32}}, BUILTIN)
     seg = hd.seg.segread(str(path))  # highdicom's reader accepts it
     validate_dataset(pydicom.dcmread(path))
     assert seg.StudyInstanceUID == series.study_uid and "autocontour draft" in seg.SeriesDescription

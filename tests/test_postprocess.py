@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.catalogue import EXCLUSIVE_PAIRS, conflicts
-from app.postprocess import confidence, fill_holes_per_slice, keep_components, postprocess
+from app.catalogue import BUILTIN
+from app.postprocess import confidence, fill_holes_per_slice, keep_components
+from app.postprocess import postprocess as run_postprocess
+from app.rules import load_rules
+
+RULES = load_rules()
+conflicts = RULES.conflicts
+
+
+def postprocess(probabilities, threshold):
+    """The pipeline's stage with the shipped rules and the built-in component counts."""
+    return run_postprocess(probabilities, threshold, RULES, {n: d.max_components for n, d in BUILTIN.items()})
 
 
 def test_rule_table_matches_the_source_document():
@@ -13,7 +23,7 @@ def test_rule_table_matches_the_source_document():
     assert not conflicts("bladder", "ctvn")
     assert all(not conflicts("parametrium", s) for s in ("bladder", "anorectum", "ctvn", "ctvp"))
     assert conflicts("bladder", "anorectum") and conflicts("bladder", "ctvp")
-    assert len(EXCLUSIVE_PAIRS) == 5
+    assert len(RULES.exclusive_pairs(list(BUILTIN))) == 5
 
 
 def test_contested_voxels_go_to_the_more_probable_structure():

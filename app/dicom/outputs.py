@@ -25,7 +25,6 @@ from rt_utils import ds_helper
 from rt_utils.rtstruct import RTStruct
 
 from app import __version__
-from app.catalogue import STRUCTURES
 from app.dicom.series import DicomSeries
 
 DRAFT_DESCRIPTION = "autocontour draft - not approved"
@@ -43,6 +42,13 @@ PROPERTY_CODES = {
 }
 
 
+def _generic_codes(definition) -> tuple:
+    """Segmented property codes for a structure the SNOMED table does not name: by its RT ROI type."""
+    if definition.interpreted_type in ("CTV", "PTV", "GTV"):
+        return _CTV
+    return codes.SCT.Organ, hd.sr.CodedConcept("91723000", "SCT", "Anatomical structure")
+
+
 def _rt_utils_mask(mask_zyx: np.ndarray) -> np.ndarray:
     """Our (slice, row, column) arrays -> rt-utils' (row, column, slice)."""
     return np.transpose(mask_zyx.astype(bool), (1, 2, 0))
@@ -52,17 +58,19 @@ def _ds16(value: float) -> str:
     return format_number_as_ds(float(value))  # the shortest exact-enough form, at most 16 characters
 
 
-def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, descriptions: dict[str, str]) -> Path:
-    """masks: structure -> (slice, row, column) array on the series' grid."""
+def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, descriptions: dict[str, str],
+                   definitions: dict) -> Path:
+    """masks: structure -> (slice, row, column) array on the series' grid; definitions: structure ->
+    app.catalogue.StructureDefinition (name, colour, RT ROI Interpreted Type)."""
     ds = ds_helper.create_rtstruct_dataset(series.datasets)
     rtstruct = RTStruct(series.datasets, ds)
     for name, mask in masks.items():
         if not mask.any():
             continue  # an empty ROI with no contours is rejected by several planning systems
-        structure = STRUCTURES[name]
+        structure = definitions[name]
         rtstruct.add_roi(_rt_utils_mask(mask), color=list(structure.colour), name=structure.display_name,
                          description=descriptions.get(name, "")[:64], roi_generation_algorithm="AUTOMATIC")
-    kinds = {STRUCTURES[n].display_name: STRUCTURES[n].kind for n in masks}
+    kinds = {definitions[n].display_name: definitions[n].interpreted_type for n in masks}
     names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
     for observation in ds.RTROIObservationsSequence:
         observation.RTROIInterpretedType = kinds[names[observation.ReferencedROINumber]]
@@ -97,14 +105,14 @@ def read_rtstruct(series: DicomSeries, path: Path) -> dict[str, np.ndarray]:
 
 
 def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, model: dict,
-              support_sets: dict[str, dict]) -> Path:
+              support_sets: dict[str, dict], definitions: dict) -> Path:
     """A binary DICOM-SEG with one segment per non-empty structure.
 
     Each segment names the exact inputs that drew it: model and support set, by full SHA-256."""
     names = [n for n, m in masks.items() if m.any()]
     descriptions = []
     for number, name in enumerate(names, start=1):
-        category, kind = PROPERTY_CODES[name]
+        category, kind = PROPERTY_CODES.get(name) or _generic_codes(definitions[name])
         algorithm = hd.AlgorithmIdentificationSequence(
             name="autocontour", version=__version__, family=codes.cid7162.ArtificialIntelligence,
             source=model.get("name", ""),
@@ -112,7 +120,7 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
                         "support_set": support_sets.get(name, {}).get("id", "")[:64],
                         "support_set_sha256": support_sets.get(name, {}).get("content_hash", "")[:64]})
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=STRUCTURES[name].display_name, segmented_property_category=category,
+            segment_number=number, segment_label=definitions[name].display_name, segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
     if not names:

@@ -81,3 +81,31 @@ def store(client: DICOMwebClient, files: list[Path]) -> None:
         client.store_instances([pydicom.dcmread(str(f)) for f in files])
     except requests.RequestException as exc:
         raise PacsError(f"the PACS refused to store the results: {exc}") from exc
+
+
+def fetch_contoured_case(client: DICOMwebClient, study_uid: str, folder: Path) -> tuple[Path, Path]:
+    """A contoured planning CT from the PACS, for a support set: (CT series folder, RTSTRUCT file).
+
+    The RTSTRUCT must reference the CT series' frame of reference; when the study holds several
+    structure sets, the newest is taken (clinics re-export after review).
+    """
+    series_uid = find_ct_series(client, study_uid)
+    ct_folder = folder / "ct"
+    fetch_series(client, study_uid, series_uid, ct_folder)
+    frame = str(pydicom.dcmread(str(next(ct_folder.iterdir())), stop_before_pixels=True).FrameOfReferenceUID)
+    try:
+        found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "RTSTRUCT"})
+    except requests.RequestException as exc:
+        raise PacsError(f"cannot search the PACS for structure sets: {exc}") from exc
+    candidates = []
+    for item in found:
+        rt_folder = folder / f"rtstruct-{len(candidates)}"
+        for path in fetch_series(client, study_uid, _value(item, "0020000E"), rt_folder):
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            frames = {str(f.FrameOfReferenceUID) for f in getattr(ds, "ReferencedFrameOfReferenceSequence", [])}
+            if frame in frames:
+                candidates.append((str(getattr(ds, "StructureSetDate", "")) + str(getattr(ds, "StructureSetTime", "")),
+                                   path))
+    if not candidates:
+        raise InputImageError(f"study {study_uid} has no RTSTRUCT on its CT series' frame of reference")
+    return ct_folder, max(candidates)[1]

@@ -3,7 +3,9 @@
 For every requested structure:
 
 0. Localisation. The support set's bone profiles are matched to the scan's
-   (app.support.localize) to bound where along z the structure can be.
+   (app.support.localize): a window along z to search, the verdict that the
+   structure lies outside the scan (nothing is searched or drawn), or the
+   whole body when no match can be trusted. `axial_search="all"` ignores it.
 1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
    segment the slice with a support set spread over the structure's whole
    extent. The longest run of slices where the structure shows (by area)
@@ -14,6 +16,10 @@ For every requested structure:
    own relative level in the structure (the top of the bladder is segmented
    from examples of bladder tops); the K members draw different subsets of
    the nearest examples, and their disagreement feeds the confidence.
+   When the set has several source cases, the examples come from the cases
+   whose slices at that level look most like the query slice (normalised
+   cross-correlation of the 32x32 model images): anatomy that matches, not
+   only the same relative level.
 
 Requests of all structures go to the runner together, so batches stay full.
 If the CT is itself one of a support set's source cases, the query's own
@@ -33,7 +39,7 @@ from pydantic import BaseModel, Field
 from app.engine.runner import Engine
 from app.errors import OptionError
 from app.preprocess import ModelInput
-from app.support.localize import Profile, expected_range
+from app.support.localize import Localisation, Profile, locate
 from app.support.store import SupportSet
 
 MIN_FOREGROUND_PIXELS = 4
@@ -72,7 +78,14 @@ class StructurePrediction:
     queries: int = 0
     pairs: int = 0
     window_mm: tuple[float, float] | None = None  # the z range searched, from the bone profiles
+    localisation: Localisation | None = None
+    searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
+    cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def not_in_scan(self) -> bool:
+        return self.localisation is not None and self.localisation.verdict == "not_in_scan"
 
 
 @dataclass
@@ -109,11 +122,34 @@ def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
     return members
 
 
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, 32*32) zero-mean, unit-norm thumbnails of model images, for normalised cross-correlation."""
+    n, h, w = images.shape
+    small = images.reshape(n, 32, h // 32, 32, w // 32).mean(axis=(2, 4)).reshape(n, -1)
+    small = small - small.mean(axis=1, keepdims=True)
+    return small / (np.linalg.norm(small, axis=1, keepdims=True) + 1e-6)
+
+
+def _by_matching_case(nearest: np.ndarray, cases: np.ndarray, similarity: np.ndarray, s: int) -> np.ndarray:
+    """The nearest-level candidates reordered so the source cases most like the query come first.
+
+    A case's score is the mean similarity of its candidates among the 3S nearest; within a case
+    the order by level is kept.
+    """
+    pool = nearest[: 3 * s]
+    scores = {c: similarity[pool[cases[pool] == c]].mean() for c in np.unique(cases[pool])}
+    rank = np.array([-scores[c] for c in cases[pool]])
+    return np.concatenate([pool[np.argsort(rank, kind="stable")], nearest[3 * s:]])
+
+
 def _level_members(levels: np.ndarray, allowed: np.ndarray, level: float, s: int, k: int,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """K support subsets from the examples nearest the query's level."""
+                   rng: np.random.Generator, cases: np.ndarray | None = None,
+                   similarity: np.ndarray | None = None) -> list[np.ndarray]:
+    """K support subsets from the examples nearest the query's level (from the best-matching cases)."""
     candidates = np.nonzero(allowed)[0]
     nearest = candidates[np.argsort(np.abs(levels[candidates] - level), kind="stable")]
+    if cases is not None and similarity is not None:
+        nearest = _by_matching_case(nearest, cases, similarity, s)
     pool = nearest[: min(nearest.size, 2 * s)]
     members = [nearest[:s]]
     for _ in range(1, k):
@@ -135,17 +171,13 @@ def _step_slices(model_input: ModelInput, step_mm: float) -> int:
     return max(1, int(round(step_mm / model_input.grid.GetSpacing()[2])))
 
 
-def axial_window(support: SupportSet, query: Profile | None) -> tuple[tuple[float, float] | None, str | None]:
-    """The z range (mm) where the structure can be in the query scan, from the bone profiles; or why not."""
+def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, float]) -> Localisation:
+    """Where along z to search the scan for the set's structure (app.support.localize.locate)."""
     cases = [(Profile.from_dict(c.bone_profile), tuple(c.extent_mm)) for c in support.manifest.source_cases
              if c.bone_profile and c.extent_mm]
-    if query is None or not cases:
-        return None, "the support set has no bone profiles: the whole scan was searched"
-    window, score = expected_range(cases, query)
-    if window is None:
-        return None, (f"the scan's skeleton did not match the support set's source cases (best r = {score:.2f}): "
-                      "the whole scan was searched")
-    return window, None
+    if query is None:
+        return Localisation("whole_body", "no bone profile of the scan: the whole body was searched")
+    return locate(cases, query, scan_mm)
 
 
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
@@ -180,20 +212,33 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
 
     searched: dict[str, np.ndarray] = {}
     for name, support in supports.items():
-        window, why_not = axial_window(support, profile)
+        prediction = results[name]
         z_mm = inputs[name].grid.GetOrigin()[2] + inputs[name].grid.GetSpacing()[2] * np.arange(inputs[name].num_slices)
         inside = inputs[name].body_slices.copy()
-        if window is not None:
-            inside &= (z_mm >= window[0]) & (z_mm <= window[1])
-            results[name].window_mm = (round(window[0], 1), round(window[1], 1))
+        located = localise(support, profile, (float(z_mm[0]), float(z_mm[-1])))
+        prediction.localisation = located
+        if options.axial_search == "all":
+            if located.verdict != "whole_body":
+                prediction.warnings.append("--axial-search all: every body slice was searched, whatever the skeleton "
+                                           "match said" + (f" ({located.reason})" if located.reason else ""))
+        elif located.verdict == "window":
+            inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
+            prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
+        elif located.verdict == "not_in_scan":
+            inside[:] = False
         else:
-            results[name].warnings.append(why_not)
+            prediction.warnings.append(located.reason)
         searched[name] = np.nonzero(inside)[0]
+        if searched[name].size:
+            prediction.searched_mm = (round(float(z_mm[searched[name][0]]), 1),
+                                      round(float(z_mm[searched[name][-1]]), 1))
 
     coarse_requests: list[_Request] = []
     for name, support in supports.items():
         body = searched[name]
         size = min(options.coarse_support_size, results[name].support_size)
+        if body.size == 0:
+            continue
         for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
             member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
             coarse_requests.append(_Request(name, int(z), 0, member + pools.offset[name]))
@@ -215,17 +260,24 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
             queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
         else:
             queries = body[:0]
-            prediction.warnings.append("not found by the coarse search: no slice showed the structure")
         lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
-        for z in queries:
+        case_of = np.array([m.case for m in support.manifest.slices])
+        several_cases = len(set(case_of)) > 1
+        thumbnails = _thumbnails(support.images) if several_cases and queries.size else None
+        query_thumbnails = _thumbnails(inputs[name].images[queries]) if thumbnails is not None else None
+        used: Counter[str] = Counter()
+        for i, z in enumerate(queries):
             allowed = _allowed(support, int(z), own[name])
             if options.support_selection == "level":
+                similarity = thumbnails @ query_thumbnails[i] if thumbnails is not None else None
                 members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
-                                         prediction.support_size, options.ensemble, rng)
+                                         prediction.support_size, options.ensemble, rng, case_of, similarity)
             else:
                 members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
+            used.update(case_of[np.concatenate(members)].tolist())
             fine_requests += [_Request(name, int(z), k, m + pools.offset[name]) for k, m in enumerate(members)]
         prediction.computed[queries] = True
+        prediction.cases_used = dict(sorted(used.items()))
 
     fine = _run(engine, inputs, pools, fine_requests, "fine", progress)
     by_slice: dict[tuple[str, int], list[np.ndarray]] = {}

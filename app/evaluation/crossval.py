@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from app.catalogue import default_definition
 from app.config import Settings
 from app.evaluation.evaluate import evaluate_pairs, pair_inputs, write_report
 from app.phantom import save_phantom
@@ -39,6 +40,7 @@ def cross_validate(cases: list[tuple[Path, Path]], structures: list[str], out: P
         for structure in structures:
             build_support_set(structure, structure, others, fold / "support" / structure, size=support_set_size,
                               recipe=recipes.get(structure), preview=False,
+                              symmetric=not default_definition(structure).lateral,
                               description=f"cross-validation fold without {name}")
         segmenter = Segmenter(weights=weights, device=device, support_dirs=[fold / "support"], shipped_support=False)
         segmenter.segment(held_ct, fold / "prediction", structures, support_size=support_size, preview=False)

@@ -168,9 +168,9 @@ def parse_structure_tolerances(items: list[str] | None) -> dict[str, tuple[float
     result: dict[str, tuple[float, ...]] = {}
     for item in items or []:
         if item.strip().lower() == "catalogue":
-            from app.catalogue import STRUCTURES
+            from app.catalogue import BUILTIN
 
-            for name, structure in STRUCTURES.items():
+            for name, structure in BUILTIN.items():
                 result[name] = tuple(sorted({*result.get(name, ()), structure.nsd_tolerance_mm}))
             continue
         name, sep, values = item.partition("=")

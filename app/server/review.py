@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from app.catalogue import STRUCTURES
+from app.catalogue import default_definition
 from app.export import SUMMARY
 from app.io import CanonicalCT
 from app.preview import window
@@ -56,9 +56,9 @@ class ReviewVolume:
     def info(self) -> dict:
         structures = {}
         for name, s in self.summary["structures"].items():
-            meta = STRUCTURES.get(name)
+            colour = s.get("definition", {}).get("colour") or default_definition(name).colour
             structures[name] = {
-                "display_name": s["display_name"], "colour": list(meta.colour) if meta else [255, 255, 255],
+                "display_name": s["display_name"], "colour": list(colour),
                 "confidence": s["confidence"], "volume_ml": s["volume_ml"], "status": s["status"],
                 "flagged_slices": s["flagged_slices"], "slice_range": s["slice_range"],
             }

@@ -5,9 +5,14 @@ spread evenly over each case's axial extent of the structure (its ends look
 nothing like its middle), records each slice's relative level so the engine
 can pair a query with examples from the same level, and adds a few empty
 slices just beyond both ends, so the network also learns from the examples
-where the structure stops. When a case has fewer slices than asked for,
-left-right mirrored copies fill the set (pelvic anatomy is close to
-symmetric) and the manifest says so.
+where the structure stops. When a case has fewer slices than asked for and
+the set declares itself symmetric (a bladder, a midline target), left-right
+mirrored copies fill it and the manifest says so; a one-sided structure is
+never mirrored (a mirrored left kidney is a right kidney).
+
+A case is a CT (NIfTI, or a DICOM series as a folder or zip) and its mask:
+a binary NIfTI mask, a label map (with a label value or a recipe), or an
+RTSTRUCT with the ROI named by one of the clinic's names for it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from app.catalogue import StructureDefinition, default_definition
 from app.errors import InputImageError, SupportSetError
-from app.io import CanonicalCT, fingerprint, read_ct, read_image
+from app.io import CanonicalCT, fingerprint, read_ct, read_image, validate_ct
 from app.preprocess import PreprocessSpec, mask_to_grid, prepare
 from app.support.localize import bone_profile
 from app.support.recipes import Recipe
@@ -68,16 +74,66 @@ def structure_mask(mask_image: sitk.Image, ct: CanonicalCT, label: int | None, r
     return label_map == 1, "binary mask"
 
 
+def is_rtstruct(path: Path) -> bool:
+    """A DICOM file (by its preamble) rather than a NIfTI mask."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def read_case_ct(path: Path) -> sitk.Image:
+    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks as segmentation."""
+    from app.dicom.series import is_dicom_input, read_series
+
+    return validate_ct(read_series(path).image) if is_dicom_input(path) else read_ct(path)
+
+
+def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None) -> tuple[sitk.Image, str | None]:
+    """The case's mask image on the CT's grid, and the RTSTRUCT ROI it came from (None for NIfTI)."""
+    if is_rtstruct(mask_path):
+        from app.dicom.contours import rtstruct_mask
+
+        if not rois:
+            raise SupportSetError(f"{Path(mask_path).name} is an RTSTRUCT: name the ROI with --roi NAME")
+        return rtstruct_mask(mask_path, ct_image, rois)
+    return read_image(mask_path), None
+
+
+def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
+                ) -> tuple[Path, StructureDefinition | None]:
+    """The CT of an `autocontour segment` result (checked by fingerprint) and the structure's definition there.
+
+    A reviewed and corrected draft then becomes a support case: a clinic's set grows with every patient.
+    """
+    summary_path = Path(result_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise SupportSetError(f"{result_dir} is not an autocontour result: no summary.json")
+    summary = json.loads(summary_path.read_text())
+    ct_path = Path(ct_path) if ct_path else Path(result_dir) / "review" / "ct.nii.gz"
+    if not ct_path.exists():
+        raise SupportSetError(f"{result_dir} keeps no copy of its CT: give the CT it segmented with --ct")
+    if fingerprint(CanonicalCT(read_case_ct(ct_path)).image) != summary["input"]["fingerprint"]:
+        raise SupportSetError(f"{ct_path.name} is not the CT that {result_dir} segmented (fingerprints differ)")
+    declared = summary.get("structures", {}).get(structure, {}).get("definition")
+    return ct_path, StructureDefinition.model_validate(declared) if declared else None
+
+
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
-              recipe: Recipe | None = None, names: dict[str, int] | None = None) -> LabelledCase:
-    ct = CanonicalCT(read_ct(ct_path))
-    mask_image = read_image(mask_path)
+              recipe: Recipe | None = None, names: dict[str, int] | None = None,
+              rois: list[str] | None = None) -> LabelledCase:
+    ct = CanonicalCT(read_case_ct(ct_path))
+    mask_image, roi = read_case_mask(mask_path, ct.input, rois)
     if mask_image.GetSize() != ct.input.GetSize() or not np.allclose(
             mask_image.GetOrigin(), ct.input.GetOrigin(), atol=1e-3) or not np.allclose(
             mask_image.GetSpacing(), ct.input.GetSpacing(), atol=1e-4):
         raise InputImageError(f"case {case_id}: the mask's grid differs from the CT's (size, spacing or origin)")
     mask_image.CopyInformation(ct.input)
     mask, how = structure_mask(sitk.Cast(mask_image, sitk.sitkInt32), ct, label, recipe, names or {})
+    if roi is not None:
+        how = f"RTSTRUCT ROI {roi!r}"
     if not mask.any():
         raise SupportSetError(f"case {case_id}: the structure is empty ({how})")
     model_input = prepare(ct, spec)
@@ -131,19 +187,30 @@ def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float
 
 def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]], out: Path, size: int = 64,
                       label: int | None = None, recipe: Recipe | None = None, label_names: Path | None = None,
-                      spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, mirror: bool = True,
-                      description: str = "", source: str = "", preview: bool = True) -> SupportSet:
-    """Build, save and return a support set (see the module docstring for the choices)."""
+                      spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, symmetric: bool = False,
+                      description: str = "", source: str = "", preview: bool = True,
+                      definition: StructureDefinition | None = None, rois: list[str] | None = None) -> SupportSet:
+    """Build, save and return a support set (see the module docstring for the choices).
+
+    `definition` declares the structure (default: the built-in one of that name, or a plain organ);
+    `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks.
+    """
     if not cases:
         raise SupportSetError("give at least one --case CT MASK")
     if size < 2:
         raise SupportSetError(f"support size must be at least 2, got {size}")
     if not 0 <= negative_fraction < 1:
         raise SupportSetError(f"negative fraction must be in [0, 1), got {negative_fraction}")
+    definition = definition or default_definition(structure)
+    if definition.name != structure:
+        raise SupportSetError(f"the definition is of {definition.name!r}, the set segments {structure!r}")
+    if symmetric and definition.lateral:
+        raise SupportSetError(f"{structure!r} is {definition.laterality}-sided: a mirrored copy would show the other "
+                              "side, so a lateral structure cannot be declared symmetric")
     spec = spec or PreprocessSpec()
-    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names))
+    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois)
               for i, (ct, mask) in enumerate(cases)]
-    picks = select_slices(loaded, size, negative_fraction, mirror)
+    picks = select_slices(loaded, size, negative_fraction, symmetric)
 
     images, labels, slices, warnings = [], [], [], []
     for i, z, flipped in picks:
@@ -163,7 +230,7 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
         warnings.append(f"{sum(s.flipped for s in slices)} slices are left-right mirrored copies")
 
     manifest = SupportManifest(
-        name=name, structure=structure, description=description,
+        name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
         created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
         preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
         source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)

@@ -3,7 +3,9 @@
 A support set is what gives autocontour a clinic's contouring style, so it
 must be as traceable as the weights: each one is a folder
 
-    manifest.json       structure, source cases, slices and their axial
+    manifest.json       the structure it segments (its definition: name,
+                        display name, colour, RT ROI type, TG-263 name,
+                        laterality, ...), source cases, slices and their axial
                         levels, preprocessing recipe, creation date, hash
     slices.safetensors  images (N, H, W) float16 in [0, 1], labels (N, H, W) uint8
     preview.png         the picked slices with their contours
@@ -25,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from app.catalogue import StructureDefinition, default_definition
 from app.errors import SupportSetError
 from app.preprocess import PreprocessSpec
 
@@ -59,7 +62,9 @@ class SourceCase(BaseModel):
 class SupportManifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str
-    structure: str
+    structure: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    definition: StructureDefinition | None = None  # None in sets built before the open catalogue: built-in
+    symmetric: bool = False  # the builder may fill the set with left-right mirrored copies
     version: str = "1"
     description: str = ""
     created: str
@@ -93,6 +98,11 @@ class SupportSet:
         return self.manifest.structure
 
     @property
+    def definition(self) -> StructureDefinition:
+        """The structure as this set declares it (or the built-in definition of its name)."""
+        return self.manifest.definition or default_definition(self.structure)
+
+    @property
     def content_hash(self) -> str:
         return self.manifest.content_hash
 
@@ -119,6 +129,7 @@ class SupportSet:
             "size": len(self),
             "positive_slices": int(sum(s.foreground_pixels > 0 for s in m.slices)),
             "source_cases": len(m.source_cases),
+            "symmetric": m.symmetric,
             "source": m.source,
             "created": m.created,
             "recipe": m.recipe,
@@ -133,6 +144,8 @@ def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarr
         "slices": [s.model_dump() for s in manifest.slices],
         "localisation": [[c.extent_mm, c.bone_profile] for c in manifest.source_cases],
     }
+    if manifest.definition is not None:  # sets without one keep the hash they were built with
+        identity["definition"] = manifest.definition.model_dump(mode="json")
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.catalogue import ALLOWED_OVERLAPS, STRUCTURES
 from app.server.auth import require
 from app.server.openapi import AUTH, problem_responses
 
@@ -13,24 +12,21 @@ router = APIRouter(prefix="/v1", tags=["catalogue"], responses=problem_responses
 
 @router.get("/structures")
 def structures(request: Request, _: str | None = require("read")):
-    """The structure catalogue, each with its support set or the fact that none is configured."""
-    supports = request.app.state.segmenter.supports
+    """The structures the loaded support sets provide (and the built-in cervix ones that have none),
+    each with its definition and support set, and the overlap rules in force."""
+    segmenter = request.app.state.segmenter
     items = []
-    for s in STRUCTURES.values():
-        support = supports.get(s.name)
+    for s in segmenter.catalogue:
+        support = segmenter.supports.get(s.name)
         items.append({
-            "name": s.name, "display_name": s.display_name, "colour": list(s.colour), "kind": s.kind,
-            "description": s.description,
+            **s.model_dump(mode="json"),
             "support_set": support.describe() if support else None,
             "available": support is not None,
             "how_to_add": None if support else
-            f"autocontour support build {s.name} --case CT MASK [--case ...] --out DIR, then configure the folder "
-            "in AUTOCONTOUR_SUPPORT_DIRS",
+            f"autocontour support build {s.name} --case CT MASK_OR_RTSTRUCT [--roi NAME] [--case ...] --out DIR, "
+            "then add the folder to AUTOCONTOUR_SUPPORT_DIRS",
         })
-    return {"structures": items,
-            "overlaps_allowed": sorted(sorted(p) for p in ALLOWED_OVERLAPS),
-            "rule": "CTVn, CTVp and anorectum never overlap; bladder may overlap CTVn; "
-                    "parametrium may overlap anything"}
+    return {"structures": items, "overlap_rules": segmenter.rules.describe(segmenter.catalogue.available)}
 
 
 @router.get("/model")

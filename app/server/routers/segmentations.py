@@ -12,7 +12,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from app.catalogue import parse_structures
 from app.errors import InputImageError
 from app.export import PREVIEW, SUMMARY, mask_file
 from app.pipeline import DRAFT_DISCLAIMER, read_input
@@ -116,7 +115,7 @@ async def submit(
 ):
     """Queue a CT (upload, DICOM zip, or PACS study) for segmentation. Answers 202 with the job and its Location."""
     state = request.app.state
-    names = parse_structures(structures)
+    names = state.segmenter.catalogue.parse(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
                "probabilities": probabilities}
