@@ -121,3 +121,11 @@ def test_virtual_patient_is_reproducible_and_its_labels_follow_the_anatomy(phant
     assert iliac.any() and "iliac_artery_left" in first.parameters["enhancement_hu"]
     bone = labels == phantom.names["hip_left"]
     assert np.median(hu[bone]) > 250  # bone labels still sit on bone after the deformation
+
+
+def test_a_query_too_short_to_place_is_not_reliable(phantom):
+    """Ten 4 mm slices (40 mm) resemble many levels of a longer scan: the prior must not be trusted."""
+    short = phantom.ct[:, :, 15:25]
+    registration = register(make_atlas_ct(phantom.ct), make_atlas_ct(short))
+    assert not registration.reliable and registration.diagnostics["reliable"] is False
+    assert register(make_atlas_ct(phantom.ct), make_atlas_ct(phantom.ct[:, :, 5:])).reliable

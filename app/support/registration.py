@@ -47,7 +47,7 @@ METRIC_HU_RANGE = (-1000.0, 1500.0)  # contrast boli up to 1300+ HU and metal wo
 MASK_SCALE = 255  # uint8 occupancy: 255 = the voxel lies wholly inside the structure
 SEARCH_SHRINK = 2  # the axial search runs at twice the atlas spacing
 SEARCH_COARSE_STEP_MM, SEARCH_FINE_STEP_MM = 8.0, 2.0
-MIN_OVERLAP_MM = 60.0  # shifts leaving less common length are not tried (unless a scan is shorter)
+MIN_OVERLAP_MM = 60.0  # shifts leaving less common length are not tried; a shorter scan is not `reliable`
 OVERLAP_MARGIN_MM = 12.0  # the fixed mask stops this far inside the slab the source covers
 BSPLINE_CONTROL_SPACING_MM = 64.0  # coarse: neighbouring patients differ smoothly; finer grids overfit the bowel
 BSPLINE_MAX_DISPLACEMENT_MM = 15.0  # bound on each control point: the affine did the large motion
@@ -170,6 +170,16 @@ class Registration:
     transform: sitk.Transform  # maps query (fixed) points to source (moving) points
     query_grid: sitk.Image  # the query's atlas-resolution image: the default grid of the prior
     diagnostics: dict = field(default_factory=dict)
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the scans shared enough length to trust the result (MIN_OVERLAP_MM).
+
+        A 20-slice upper-abdomen series (40 mm) matches some level of any longer scan equally well by
+        mutual information, so its registration says nothing about which structures are in view; the
+        caller should not draw from an unreliable prior.
+        """
+        return self.diagnostics.get("overlap_mm", 0.0) >= MIN_OVERLAP_MM
 
     def warp(self, mask: sitk.Image, reference: sitk.Image | None = None) -> sitk.Image:
         """A source occupancy mask (uint8, AtlasCase.mask) as a float32 probability on `reference`'s grid.
@@ -316,7 +326,7 @@ def register(source: sitk.Image, query: sitk.Image, deformable: bool = True,
     Affine (mutual information, 2 resolution levels) from the bone-profile start, then a B-spline on a
     BSPLINE_CONTROL_SPACING_MM control grid (LBFGS-B) unless `deformable` is False.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     fixed, moving = _metric_image(query), _metric_image(source)
     start, z_range, diagnostics = initial_transform(source, query)
     fixed_mask = _fixed_mask(query, z_range)
@@ -352,7 +362,10 @@ def register(source: sitk.Image, query: sitk.Image, deformable: bool = True,
         transform = composite
     diagnostics["metric"] = diagnostics.get("bspline_metric", diagnostics["affine_metric"])
     diagnostics["seconds"] = round(time.perf_counter() - started, 2)
-    return Registration(transform, query, diagnostics)
+    diagnostics["cpu_seconds"] = round(time.process_time() - cpu_started, 2)  # all threads: = wall on an idle core
+    registration = Registration(transform, query, diagnostics)
+    diagnostics["reliable"] = registration.reliable
+    return registration
 
 
 def registration_prior(source: AtlasCase, query_ct: sitk.Image, reference: sitk.Image | None = None,
