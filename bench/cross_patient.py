@@ -72,6 +72,7 @@ PHANTOM = {n: (n,) for n in ("urinary_bladder", "colon", "sacrum", "hip_left", "
 QUICK = ("colon", "iliopsoas_left", "vertebrae_l1")
 VIRTUAL_SEEDS = {"full": 9101, "pelvis": 9102, "abdomen": 9103}  # held out: training draws seeds < 9000
 COLUMNS = ("network", "registration", "hybrid")
+STRUCTURES_PER_CALL = 4  # segment() keeps every structure's full-grid probability: bound the memory
 
 
 def group_of(structure: str) -> str:
@@ -211,8 +212,9 @@ def registration_column(case: Case) -> None:
     case.notes.append("registration: " + json.dumps(registration.diagnostics))
 
 
-def network_column(case: Case, segmenter_for, support_size: int, work: Path) -> None:
-    """The product path: support sets built from the source patient, `Segmenter.segment` on the query."""
+def network_column(case: Case, segmenter_for, support_size: int, work: Path, only: list[str] | None) -> None:
+    """The product path: support sets built from the source patient, `Segmenter.segment` on the query
+    (for the structures in `only`, when given)."""
     from app.support.build import build_support_set
 
     source_mask_dir = work / "masks"
@@ -222,7 +224,7 @@ def network_column(case: Case, segmenter_for, support_size: int, work: Path) -> 
     built = []
     for structure, parts in case.structures.items():
         mask = case.source.mask(structure, parts)
-        if not mask.any():
+        if not mask.any() or (only is not None and structure not in only):
             continue
         mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
         mask_image.CopyInformation(case.source.ct)
@@ -233,14 +235,18 @@ def network_column(case: Case, segmenter_for, support_size: int, work: Path) -> 
         built.append(structure)
     started = time.perf_counter()
     segmenter = segmenter_for(work / "sets")
-    result = segmenter.segment(case.query.path, None, structures=built, support_size=support_size,
-                               axial_search=case.axial_search, preview=False)
+    masks, statuses = {}, {}
+    for first in range(0, len(built), STRUCTURES_PER_CALL):
+        result = segmenter.segment(case.query.path, None, structures=built[first:first + STRUCTURES_PER_CALL],
+                                   support_size=support_size, axial_search=case.axial_search, preview=False)
+        masks |= result.masks
+        statuses |= {n: s["status"] for n, s in result.summary["structures"].items()}
     case.seconds["network"] = round(time.perf_counter() - started, 1)
     spacing = case.query.ct.GetSpacing()[::-1]
     out = {}
     for structure in built:
-        drawn = sitk.GetArrayFromImage(sitk.DICOMOrient(result.masks[structure], "LPS")) > 0
-        status = result.summary["structures"][structure]["status"]
+        drawn = sitk.GetArrayFromImage(sitk.DICOMOrient(masks[structure], "LPS")) > 0
+        status = statuses[structure]
         if case.query.labels is None:
             out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False, "status": status}
         else:
@@ -334,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default="real,virtual,phantom,dicom")
     parser.add_argument("--structures", default=None, help="comma-separated benchmark structures (default: all)")
     parser.add_argument("--columns", default="network,registration")
+    parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
+                        help="case kinds the network column runs on (it costs minutes per structure on a CPU)")
+    parser.add_argument("--network-structures", default=None, help="limit the network column to these structures")
     parser.add_argument("--support-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
@@ -370,8 +379,9 @@ def main(argv: list[str] | None = None) -> None:
             if "registration" in columns:
                 registration_column(case)
                 print(f"   registration {case.seconds['registration']} s", flush=True)
-            if "network" in columns:
-                network_column(case, segmenter_for, args.support_size, work / f"case{number}")
+            if "network" in columns and case.name.split(":")[0] in args.network_cases.split(","):
+                network_column(case, segmenter_for, args.support_size, work / f"case{number}",
+                               args.network_structures.split(",") if args.network_structures else None)
                 print(f"   network {case.seconds['network']} s", flush=True)
             hybrid_column(case)
     text = report(cases, args)
