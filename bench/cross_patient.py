@@ -1,0 +1,394 @@
+"""Cross-patient benchmark: support from one patient, query another (issue 13, item 4).
+
+Every later change to the engine is judged on this. For each case a source
+patient supplies the examples and a different query patient is segmented:
+
+- real: the two real labelled scans (`pelvis_ct_example`, pelvis and abdomen,
+  3 mm, no contrast; `chest_abdomen_ct_example`, neck to L3, 0.7 x 0.7 x 2.5 mm,
+  arterial phase), both directions, on the structures both label;
+- virtual: the example CT against virtual patients made from it
+  (`app.support.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
+  abdomen-only fields of view);
+- phantom: one phantom (`app.phantom`) as source, another as query;
+- dicom: the 20-slice upper-abdomen DICOM example, for pelvic structures that
+  are not in the scan and must not be drawn.
+
+Columns: "network" is the product path (`build_support_set` from the source
+patient, then `Segmenter.segment(..., axial_search="all")`; the DICOM case
+uses the product's default localisation, since what it must show is
+`not_in_scan`); "registration" is the atlas prior alone
+(`app.support.registration`, thresholded at 0.5 on the query's grid);
+"hybrid" is the engine's fusion of the two, filled in by `hybrid_masks` once
+the engine provides it (n/a until then). Metrics per structure: Dice, surface
+Dice at the structure's tolerance and HD95 (`app.evaluation.metrics`);
+structures absent from a query are not averaged but counted as drawn or not.
+
+    python bench/cross_patient.py [--cases real,virtual,phantom,dicom] [--structures a,b] [--support-size 16]
+                                  [--columns network,registration] [--quick] [--threads 1] [--write-results]
+
+The chest-abdomen scan's liver, spleen, kidneys, aorta and stomach are held
+back for independent evaluation: this script never reads them (HELD_BACK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.catalogue import default_definition  # noqa: E402
+from app.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
+from app.phantom import make_phantom  # noqa: E402
+from app.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
+from app.support.virtual import virtual_patient  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+EXAMPLE = ROOT / "examples" / "pelvis_ct"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SECTION = "## Cross-patient benchmark"
+HELD_BACK = frozenset({"liver", "spleen", "kidney_left", "kidney_right", "aorta", "stomach"})
+
+# benchmark structure -> the label names that make it (a union), as both real scans spell them
+MAIN = {n: (n,) for n in ("colon", "duodenum", "inferior_vena_cava", "portal_vein_and_splenic_vein",
+                          "iliopsoas_left", "iliopsoas_right", "autochthon_left", "autochthon_right")}
+SMALL = {n: (n,) for n in ("small_bowel", "pancreas", "adrenal_gland_left", "adrenal_gland_right")}
+BONES = {f"vertebrae_{v.lower()}": (f"vertebrae_{v}",) for v in ("T12", "L1", "L2", "L3")}
+BONES["ribs"] = tuple(f"rib_{side}_{i}" for side in ("left", "right") for i in range(7, 13))
+GROUPS = {"main": MAIN, "small organs": SMALL, "bones": BONES}
+PELVIC = {n: (n,) for n in ("urinary_bladder", "sacrum", "hip_left", "hip_right", "iliac_artery_left")}
+PHANTOM = {n: (n,) for n in ("urinary_bladder", "colon", "sacrum", "hip_left", "hip_right", "iliopsoas_left",
+                             "iliopsoas_right")}
+QUICK = ("colon", "iliopsoas_left", "vertebrae_l1")
+VIRTUAL_SEEDS = {"full": 9101, "pelvis": 9102, "abdomen": 9103}  # held out: training draws seeds < 9000
+COLUMNS = ("network", "registration", "hybrid")
+STRUCTURES_PER_CALL = 4  # segment() keeps every structure's full-grid probability: bound the memory
+
+
+def group_of(structure: str) -> str:
+    for group, members in GROUPS.items():
+        if structure in members:
+            return group
+    return "pelvic" if structure in PELVIC else "phantom"
+
+
+@dataclass
+class Scan:
+    """A CT and its label map (both LPS), with label name -> value; written to disk for the product path."""
+
+    name: str
+    ct: sitk.Image
+    labels: sitk.Image | None
+    names: dict[str, int]
+    path: Path | None = None  # CT file or DICOM folder the product reads
+
+    def mask(self, structure: str, parts: tuple[str, ...]) -> np.ndarray:
+        """The structure as a canonical (z, y, x) bool array: the union of its labels present here."""
+        if HELD_BACK & set(parts):
+            raise ValueError(f"{structure} uses held-back labels {sorted(HELD_BACK & set(parts))}")
+        values = [self.names[p] for p in parts if p in self.names]
+        return np.isin(sitk.GetArrayViewFromImage(self.labels), values)
+
+
+@dataclass
+class Case:
+    name: str
+    source: Scan
+    query: Scan
+    structures: dict[str, tuple[str, ...]]
+    axial_search: str = "all"
+    results: dict = field(default_factory=dict)  # column -> structure -> metrics
+    seconds: dict = field(default_factory=dict)  # column -> wall seconds
+    notes: list[str] = field(default_factory=list)
+
+
+def read_scan(name: str, folder: Path) -> Scan:
+    ct = sitk.DICOMOrient(sitk.ReadImage(str(folder / "ct.nii.gz")), "LPS")
+    labels = sitk.DICOMOrient(sitk.ReadImage(str(folder / "labels.nii.gz")), "LPS")
+    names = {str(v): int(k) for k, v in json.loads((folder / "labels.json").read_text()).items()}
+    names = {n: v for n, v in names.items() if n not in HELD_BACK}
+    return Scan(name, ct, labels, names, folder / "ct.nii.gz")
+
+
+def in_both(structures: dict, a: Scan, b: Scan) -> dict:
+    return {s: parts for s, parts in structures.items()
+            if any(p in a.names for p in parts) and any(p in b.names for p in parts)}
+
+
+def build_cases(kinds: list[str], structures: dict, work: Path, quick: bool) -> list[Case]:
+    cases: list[Case] = []
+    example = read_scan("example CT", EXAMPLE)
+    if "real" in kinds:
+        pelvis = read_scan("pelvis", DATA / "pelvis_ct_example")
+        chest = read_scan("chest-abdomen", DATA / "chest_abdomen_ct_example")
+        shared = in_both(structures, pelvis, chest)
+        cases += [Case("real: pelvis -> chest-abdomen", pelvis, chest, shared),
+                  Case("real: chest-abdomen -> pelvis", chest, pelvis, shared)]
+    if "virtual" in kinds:
+        for fov, seed in VIRTUAL_SEEDS.items():
+            patient = virtual_patient(example.ct, example.labels, example.names, seed, fov=fov)
+            path = work / f"virtual_{seed}" / "ct.nii.gz"
+            path.parent.mkdir(parents=True)
+            sitk.WriteImage(patient.ct, str(path), useCompression=True)
+            query = Scan(f"virtual {seed} ({fov})", patient.ct, patient.labels, example.names, path)
+            present = {s: p for s, p in structures.items() if any(x in example.names for x in p)}
+            case = Case(f"virtual: example -> {fov} (seed {seed})", example, query, present)
+            case.notes.append(json.dumps(patient.parameters))
+            cases.append(case)
+    if "phantom" in kinds:
+        scans = []
+        for seed in (21, 22):
+            p = make_phantom(seed)
+            path = work / f"phantom_{seed}" / "ct.nii.gz"
+            path.parent.mkdir(parents=True)
+            sitk.WriteImage(p.ct, str(path), useCompression=True)
+            scans.append(Scan(f"phantom {seed}", p.ct, p.labels, p.names, path))
+        wanted = dict(list(PHANTOM.items())[:3]) if quick else PHANTOM
+        cases.append(Case("phantom: 21 -> 22", scans[0], scans[1], in_both(wanted, *scans)))
+    if "dicom" in kinds:
+        folder = DATA / "abdomen_ct_dicom_example"
+        ct = sitk.DICOMOrient(_read_dicom(folder), "LPS")
+        query = Scan("abdomen DICOM (20 slices)", ct, None, {}, folder)
+        case = Case("dicom: example -> 20-slice upper abdomen", example, query, PELVIC, axial_search="coarse")
+        cases.append(case)
+    return cases
+
+
+def _read_dicom(folder: Path) -> sitk.Image:
+    from app.config import Settings
+    from app.pipeline import read_input
+
+    return read_input(folder, Settings())[0]
+
+
+def evaluate(pred: np.ndarray, ref: np.ndarray, spacing_zyx, tolerance_mm: float) -> dict:
+    """Dice, NSD at the tolerance and HD95, on the bounding box of both masks (same values, far cheaper)."""
+    both = pred | ref
+    if both.any():
+        lo = np.maximum(np.argwhere(both).min(axis=0) - 2, 0)
+        hi = np.argwhere(both).max(axis=0) + 3
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        pred, ref = pred[box], ref[box]
+    metrics, _ = compute_metrics(pred, ref, spacing_zyx, (tolerance_mm,))
+    return {"dice": metrics["dice"], "nsd": metrics[nsd_key(tolerance_mm)], "hd95": metrics["hd95_mm"],
+            "present": bool(ref.any()), "drawn_voxels": int(pred.sum())}
+
+
+def tolerance(structure: str) -> float:
+    return default_definition(structure).nsd_tolerance_mm
+
+
+def registration_column(case: Case) -> None:
+    """The atlas prior alone: one registration per case, each structure's occupancy warped and thresholded;
+    nothing drawn where the registration is not `reliable` (too little common length)."""
+    started = time.perf_counter()
+    cpu = time.process_time()
+    source_atlas = make_atlas_ct(case.source.ct)
+    query_atlas = make_atlas_ct(case.query.ct)
+    registration = register(source_atlas, query_atlas)
+    spacing = case.query.ct.GetSpacing()[::-1]
+    out = {}
+    for structure, parts in case.structures.items():
+        occupancy = make_atlas_mask(case.source.mask(structure, parts), case.source.ct, source_atlas)
+        prior = sitk.GetArrayFromImage(to_grid(registration.warp(occupancy), case.query.ct)) >= 0.5
+        prior &= registration.reliable  # an unreliable registration draws nothing
+        out[structure] = (evaluate(prior, case.query.mask(structure, parts), spacing, tolerance(structure))
+                          if case.query.labels is not None else {"drawn_voxels": int(prior.sum()), "present": False})
+    case.results["registration"] = out
+    case.seconds["registration"] = round(time.perf_counter() - started, 1)
+    case.seconds["of which registering"] = registration.diagnostics["seconds"]
+    case.seconds["registering, CPU"] = registration.diagnostics["cpu_seconds"]
+    case.seconds["registration column, CPU"] = round(time.process_time() - cpu, 1)
+    case.notes.append("registration: " + json.dumps(registration.diagnostics))
+
+
+def network_column(case: Case, segmenter_for, support_size: int, work: Path, only: list[str] | None) -> None:
+    """The product path: support sets built from the source patient, `Segmenter.segment` on the query
+    (for the structures in `only`, when given)."""
+    from app.support.build import build_support_set
+
+    source_mask_dir = work / "masks"
+    source_mask_dir.mkdir(parents=True)
+    source_ct = source_mask_dir / "ct.nii.gz"
+    sitk.WriteImage(case.source.ct, str(source_ct), useCompression=True)
+    built = []
+    for structure, parts in case.structures.items():
+        mask = case.source.mask(structure, parts)
+        if not mask.any() or (only is not None and structure not in only):
+            continue
+        mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
+        mask_image.CopyInformation(case.source.ct)
+        mask_path = source_mask_dir / f"{structure}.nii.gz"
+        sitk.WriteImage(mask_image, str(mask_path), useCompression=True)
+        build_support_set(structure, structure, [(source_ct, mask_path)], work / "sets" / structure,
+                          size=support_size, label=1, preview=False, source=case.source.name)
+        built.append(structure)
+    started = time.perf_counter()
+    segmenter = segmenter_for(work / "sets")
+    masks, statuses = {}, {}
+    for first in range(0, len(built), STRUCTURES_PER_CALL):
+        result = segmenter.segment(case.query.path, None, structures=built[first:first + STRUCTURES_PER_CALL],
+                                   support_size=support_size, axial_search=case.axial_search, preview=False)
+        masks |= result.masks
+        statuses |= {n: s["status"] for n, s in result.summary["structures"].items()}
+    case.seconds["network"] = round(time.perf_counter() - started, 1)
+    spacing = case.query.ct.GetSpacing()[::-1]
+    out = {}
+    for structure in built:
+        drawn = sitk.GetArrayFromImage(sitk.DICOMOrient(masks[structure], "LPS")) > 0
+        status = statuses[structure]
+        if case.query.labels is None:
+            out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False, "status": status}
+        else:
+            metrics = evaluate(drawn, case.query.mask(structure, case.structures[structure]), spacing,
+                               tolerance(structure))
+            out[structure] = metrics | {"status": status}
+    case.results["network"] = out
+
+
+def hybrid_masks(case: Case) -> dict[str, np.ndarray] | None:
+    """The hook for the engine's hybrid (network probabilities fused with the registration prior, issue 13
+    item 2): return the fused masks per structure on the query's canonical grid. The engine does not
+    fuse yet, so there is no hybrid to measure and the column prints n/a."""
+    return None
+
+
+def hybrid_column(case: Case) -> None:
+    masks = hybrid_masks(case)
+    if masks is None:
+        return
+    spacing = case.query.ct.GetSpacing()[::-1]
+    case.results["hybrid"] = {s: evaluate(m, case.query.mask(s, case.structures[s]), spacing, tolerance(s))
+                              for s, m in masks.items()}
+
+
+def _fmt(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def cell(metrics: dict | None) -> str:
+    if metrics is None:
+        return "n/a"
+    if not metrics["present"]:
+        status = f", {metrics['status']}" if "status" in metrics else ""
+        drawn = f"DRAWN {metrics['drawn_voxels']} vx" if metrics["drawn_voxels"] else "not drawn"
+        return f"absent: {drawn}{status}"
+    return f"{_fmt(metrics['dice'])} / {_fmt(metrics['nsd'])} / {_fmt(metrics['hd95'], 1)}"
+
+
+def means(results: dict, structures: list[str]) -> dict | None:
+    rows = [results[s] for s in structures if s in results and results[s]["present"]]
+    if not rows:
+        return None
+    hd = [r["hd95"] for r in rows if r["hd95"] is not None]
+    return {"dice": float(np.mean([r["dice"] for r in rows])), "nsd": float(np.mean([r["nsd"] for r in rows])),
+            "hd95": float(np.mean(hd)) if hd else None, "n": len(rows), "missed_hd": len(rows) - len(hd)}
+
+
+def report(cases: list[Case], args) -> str:
+    lines = [f"Cells: Dice / surface Dice at the structure's tolerance (2 mm) / HD95 (mm). support size "
+             f"{args.support_size}, threads {args.threads}. Absent = not in the query scan: must not be drawn.", ""]
+    for case in cases:
+        lines += [f"### {case.name}", "",
+                  "| structure | group | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+        for structure in case.structures:
+            cells = [cell(case.results.get(c, {}).get(structure)) for c in COLUMNS]
+            lines.append(f"| {structure} | {group_of(structure)} | " + " | ".join(cells) + " |")
+        groups = {}
+        for structure in case.structures:
+            groups.setdefault(group_of(structure), []).append(structure)
+        for group, members in groups.items():
+            cells = []
+            for c in COLUMNS:
+                m = means(case.results.get(c, {}), members)
+                cells.append("n/a" if m is None else
+                             f"**{_fmt(m['dice'])}** / {_fmt(m['nsd'])} / {_fmt(m['hd95'], 1)} (n={m['n']})")
+            lines.append(f"| **mean, {group}** | | " + " | ".join(cells) + " |")
+        drawn_absent = {c: sum(1 for r in case.results.get(c, {}).values() if not r["present"] and r["drawn_voxels"])
+                        for c in COLUMNS if c in case.results}
+        timing = ", ".join(f"{k} {v} s" for k, v in case.seconds.items())
+        lines += ["", f"Wall time: {timing}. Absent structures drawn: "
+                  + (", ".join(f"{c} {n}" for c, n in drawn_absent.items()) or "n/a") + ".", ""]
+        lines += [f"<sub>{note}</sub>" for note in case.notes] + [""]
+    return "\n".join(lines)
+
+
+def write_results(text: str, command: str) -> None:
+    """Replace (or append) the benchmark's section of bench/RESULTS.md."""
+    body = RESULTS.read_text()
+    section = f"{SECTION} (`bench/cross_patient.py`)\n\n```\n$ {command}\n```\n\n{text}\n"
+    start = body.find(SECTION)
+    if start < 0:
+        RESULTS.write_text(body.rstrip() + "\n\n" + section)
+        return
+    end = body.find("\n## ", start + len(SECTION))
+    RESULTS.write_text(body[:start] + section + (body[end + 1:] if end >= 0 else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="real,virtual,phantom,dicom")
+    parser.add_argument("--structures", default=None, help="comma-separated benchmark structures (default: all)")
+    parser.add_argument("--columns", default="network,registration")
+    parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
+                        help="case kinds the network column runs on (it costs minutes per structure on a CPU)")
+    parser.add_argument("--network-structures", default=None, help="limit the network column to these structures")
+    parser.add_argument("--support-size", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}: a smoke run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.environ["AUTOCONTOUR_THREADS"] = str(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    every = {**MAIN, **SMALL, **BONES}
+    if args.structures:
+        wanted = [s.strip() for s in args.structures.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in every]
+        if unknown:
+            parser.error(f"unknown structures {unknown}; choose from {', '.join(every)}")
+        structures = {s: every[s] for s in wanted}
+    else:
+        structures = {s: every[s] for s in QUICK} if args.quick else every
+    columns = [c.strip() for c in args.columns.split(",")]
+
+    from app.config import Settings
+    from app.pipeline import Segmenter
+
+    def segmenter_for(support_dir: Path) -> Segmenter:
+        return Segmenter(settings=Settings(threads=args.threads), support_dirs=[support_dir], shipped_support=False)
+
+    with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:
+        work = Path(tmp)
+        cases = build_cases([k.strip() for k in args.cases.split(",")], structures, work, args.quick)
+        for number, case in enumerate(cases):
+            print(f"== {case.name}: {len(case.structures)} structures", flush=True)
+            if "registration" in columns:
+                registration_column(case)
+                print(f"   registration {case.seconds['registration']} s", flush=True)
+            if "network" in columns and case.name.split(":")[0] in args.network_cases.split(","):
+                network_column(case, segmenter_for, args.support_size, work / f"case{number}",
+                               args.network_structures.split(",") if args.network_structures else None)
+                print(f"   network {case.seconds['network']} s", flush=True)
+            hybrid_column(case)
+    text = report(cases, args)
+    print(text)
+    if args.write_results:
+        write_results(text, "python bench/cross_patient.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
