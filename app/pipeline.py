@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from pydantic import ValidationError
 
 from app import __version__
 from app.catalogue import DEFAULT_STRUCTURES, Catalogue
@@ -66,7 +68,7 @@ def read_input(path: Path, settings: Settings, series_uid: str | None = None) ->
     """A CT from a NIfTI file or a DICOM series (folder or zip; `series_uid` picks one of several), with every
     check and limit of the settings: the one reader of the CLI, the Python API, the server's upload check and
     its workers."""
-    limits = {"max_voxels": settings.max_voxels, "max_decoded_bytes": settings.max_decoded_bytes,
+    limits: dict[str, Any] = {"max_voxels": settings.max_voxels, "max_decoded_bytes": settings.max_decoded_bytes,
               "max_ratio": settings.max_compression_ratio}
     if is_dicom_input(path):
         series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, **limits,
@@ -121,12 +123,21 @@ class Segmenter:
         if not self.supports:
             self.precision_note = "float32: no support set to check bfloat16 against"
             return
-        agreement = self.engine.agreement("bfloat16", SupportPool(self.supports).array)
+        engine = self._require_engine()
+        agreement = engine.agreement("bfloat16", SupportPool(self.supports).array)
         if agreement >= MIN_BF16_AGREEMENT:
-            self.engine.precision = "bfloat16"
+            engine.precision = "bfloat16"
             self.precision_note = f"bfloat16: masks agree with float32 (Dice {agreement:.4f}) at start-up"
         else:
             self.precision_note = f"float32: bfloat16 changed the masks (Dice {agreement:.4f}) at start-up"
+
+    def _require_engine(self) -> Engine:
+        """The network, or a clear error on a Segmenter built with load_engine=False (the API process of
+        distributed mode, which describes the model and support sets while workers run the network)."""
+        if self.engine is None:
+            raise RuntimeError("this Segmenter was built with load_engine=False: it describes the model and "
+                               "support sets but runs no network; segment in a worker")
+        return self.engine
 
     def describe_model(self) -> dict:
         precision = self.engine.precision if self.engine else "set by each worker"
@@ -149,7 +160,7 @@ class Segmenter:
         when enabled) before the first request."""
         coarse = InferenceOptions.model_fields["coarse_support_size"].default
         for size in sorted({min(coarse, self.default_support_size), self.default_support_size}):
-            self.engine.warm_up(size)
+            self._require_engine().warm_up(size)
 
     @property
     def default_structures(self) -> list[str]:
@@ -179,6 +190,7 @@ class Segmenter:
                 ) -> SegmentationResult:
         """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
         CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs."""
+        engine = self._require_engine()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -199,7 +211,7 @@ class Segmenter:
             options = InferenceOptions(
                 support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
                 axial_search=axial_search, support_selection=support_selection)
-        except ValueError as exc:
+        except ValidationError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
         if isinstance(ct, sitk.Image):
@@ -221,7 +233,7 @@ class Segmenter:
 
         z_mm = canonical.slice_positions_mm()
         profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
-        predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report, profile)
+        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile)
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
@@ -236,7 +248,7 @@ class Segmenter:
             m, prediction, support = masks[name], predictions[name], supports[name]
             # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
             conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
-            if name in lateral:
+            if name in lateral and body is not None:
                 crossing = laterality_warning(m.mask, body, definitions[name].laterality)
                 if crossing:
                     prediction.warnings.append(crossing["warning"])

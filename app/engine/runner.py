@@ -79,7 +79,8 @@ class Engine:
         else:
             torch.backends.cudnn.benchmark = True  # pick the fastest kernels for our fixed shapes
         # channels-last suits both cuDNN and oneDNN convolutions (bench/RESULTS.md)
-        self.net = SplitUniverSeg(model).to(self.device).eval().to(memory_format=torch.channels_last)
+        self.net = SplitUniverSeg(model).to(self.device).eval().to(
+            memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; the stubs omit it
         self.forward = torch.compile(self.net.forward_pairs, dynamic=False) if compile else self.net.forward_pairs
         self.compiled = compile
         self.max_pairs_per_batch = max_pairs_per_batch

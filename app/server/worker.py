@@ -139,10 +139,12 @@ def record(store: JobStore, job_id: str, outcome: Outcome, metrics: Metrics | No
     """Write an outcome into the job store (and, the first time only, into the metrics)."""
     times = {"started": outcome.started_at, "finished": outcome.finished_at}
     if outcome.status == "done":
+        assert outcome.result is not None  # a done outcome carries its result
         changed = store.finish(job_id, outcome.result, **times)
     elif outcome.status == "cancelled":
         changed = store.mark_cancelled(job_id, **times)
     else:
+        assert outcome.error is not None  # a failed outcome carries its problem document
         changed = store.fail(job_id, outcome.error, **times)
     if metrics and changed:  # a job seen finished by two refreshes at once counts once
         metrics.jobs.labels(outcome.status).inc()
