@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from app.engine.runner import Engine
 from app.errors import OptionError
+from app.evaluation.metrics import dice
 from app.preprocess import ModelInput
 from app.support.localize import Localisation, Profile, locate
 from app.support.store import SupportSet
@@ -319,8 +320,7 @@ def _agreement(masks: list[np.ndarray]) -> float:
     scores = []
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
-            total = masks[i].sum() + masks[j].sum()
-            scores.append(1.0 if total == 0 else 2 * (masks[i] & masks[j]).sum() / total)
+            scores.append(dice(masks[i], masks[j]))
     return float(np.mean(scores))
 
 

@@ -66,6 +66,16 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[fl
     return ref_to_pred, pred_to_ref
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks (nonzero = inside); two empty masks agree perfectly (1.0).
+
+    The one Dice of the project: metrics, engine agreement, precision checks and training validation.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
+
+
 def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float],
                     tolerances_mm: Sequence[float] = DEFAULT_TOLERANCES_MM) -> tuple[dict, list[str]]:
     """All metrics for one structure; masks and spacing in the same axis order (e.g. (z, y, x)).
@@ -80,7 +90,7 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[floa
     i = int((ref & pred).sum())
     u = g + p - i
     m: dict[str, float | None] = {
-        "dice": 1.0 if g + p == 0 else 2 * i / (g + p),
+        "dice": dice(pred, ref),
         "jaccard": 1.0 if u == 0 else i / u,
         "precision": _ratio(i, p),
         "recall": _ratio(i, g),

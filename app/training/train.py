@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from app.engine.network import SplitUniverSeg
 from app.engine.runner import resolve_device
+from app.evaluation.metrics import dice
 from app.model import UniverSeg
 from app.model.weights import ModelCard, load_model, save_checkpoint
 from app.training.dataset import TrainingData, load_training_data
@@ -159,9 +160,7 @@ class Trainer:
                 with self._autocast():
                     pred = self.net(q, si, sl).float() > 0
                 target = torch.from_numpy(np.stack([e[1] for e in chunk])).to(self.device) > 0.5
-                inter = (pred[:, 0] & target).flatten(1).sum(1).float()
-                total = (pred[:, 0].flatten(1).sum(1) + target.flatten(1).sum(1)).float()
-                dices += torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).tolist()
+                dices += [dice(p, t) for p, t in zip(pred[:, 0].cpu().numpy(), target.cpu().numpy(), strict=True)]
             scores[f"val_dice_{name}"] = float(np.mean(dices))
         self.model.train()
         return scores
