@@ -50,8 +50,9 @@ from app.export import SUMMARY
 from app.server import scratch
 from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
 from app.server.metrics import Metrics
+from app.server.problems import problem_body
 from app.server.settings import ServerSettings
-from app.server.worker import Outcome, brief, internal_error, record, run_job
+from app.server.worker import Outcome, brief, internal_error, job_request_id, record, run_job
 
 log = logging.getLogger(__name__)
 # What an unreachable broker raises: kombu and redis-py errors while publishing, and the RuntimeError
@@ -244,7 +245,8 @@ class CeleryQueue:
             record(self.jobs, job.id, Outcome(**info), self.metrics)
         elif state == "FAILURE":
             record(self.jobs, job.id, Outcome("failed", error=internal_error(
-                "the worker failed unexpectedly; its log has details")), self.metrics)
+                "the worker failed unexpectedly; its log has details", job_request_id(job.id, job.options))),
+                self.metrics)
         else:  # PENDING (waiting in the broker) or unknown: nothing new
             return job
         return self.jobs.get(job.id) or job
@@ -383,9 +385,10 @@ def worker_app(settings: ServerSettings, segmenter) -> Celery:
             summary = json.loads((results.result_dir(job_id) / SUMMARY).read_text())
             return Outcome("done", result=brief(summary)).to_dict()
         if attempts > settings.max_attempts:
-            return Outcome("failed", error={
-                "type": "urn:autocontour:problem:interrupted", "title": "Interrupted too often", "status": 500,
-                "detail": f"the workers running this job stopped {attempts - 1} times"}).to_dict()
+            return Outcome("failed", error=problem_body(
+                500, "interrupted", "Interrupted too often",
+                f"the workers running this job stopped {attempts - 1} times",
+                request_id=job_request_id(job_id, options))).to_dict()
         self.update_state(state="STARTED", meta={"progress": {"worker": self.request.hostname, "attempt": attempts}})
         heartbeat.running(job_id, attempts)
         outcome = run_job(segmenter, results, job_id, options, input_name,
