@@ -32,7 +32,7 @@ from app.engine import Engine, InferenceOptions, predict_structures, resolve_dev
 from app.engine.plan import ProgressCallback, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
-from app.export import PREVIEW, mask_file, probability_file, write_result
+from app.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import confidence, laterality_warning, postprocess
@@ -295,7 +295,7 @@ class Segmenter:
                             "probabilities": {n: probability_file(n) for n in probability_images}}
         result = SegmentationResult(masks_on_input, probability_images, summary)
         if out_dir is not None:
-            result.files = write_result(Path(out_dir), masks_on_input, summary, probability_images)
+            result.files = write_masks(Path(out_dir), masks_on_input, probability_images)
             if preview:
                 from app.preview import volume_preview
 
@@ -312,7 +312,7 @@ class Segmenter:
         lap("export")
         timings["total"] = round(sum(timings.values()), 3)
         if out_dir is not None:
-            write_result(Path(out_dir), {}, summary)  # rewrite with the final timings
+            result.files["summary"] = write_summary(Path(out_dir), summary)  # once, with the final timings
         return result
 
     def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path,
