@@ -29,13 +29,13 @@ from app.config import Settings
 from app.dicom import ROI_NAME_STYLES
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.plan import ProgressCallback, SupportPool
+from app.engine.plan import ProgressCallback, StructurePrediction, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
-from app.postprocess import confidence, laterality_warning, postprocess
+from app.postprocess import StructureMask, confidence, laterality_warning, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
@@ -243,44 +243,8 @@ class Segmenter:
         spacing = canonical.image.GetSpacing()
         lateral = [n for n in names if definitions[n].lateral and masks[n].mask.any()]
         body = body_mask(canonical, PreprocessSpec().body_threshold_hu) if lateral else None
-        structures_summary = {}
-        for name in names:
-            m, prediction, support = masks[name], predictions[name], supports[name]
-            # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
-            conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
-            if name in lateral and body is not None:
-                crossing = laterality_warning(m.mask, body, definitions[name].laterality)
-                if crossing:
-                    prediction.warnings.append(crossing["warning"])
-                    conf.flagged = sorted(conf.flagged + [{"slice": z, "reason": "crosses the body midline"}
-                                                         for z in crossing["slices"]], key=lambda f: f["slice"])
-            voxels = int(m.mask.sum())
-            zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
-            status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
-            structures_summary[name] = {
-                "display_name": definitions[name].display_name,
-                "definition": definitions[name].model_dump(mode="json"),
-                "status": status,
-                "status_reason": reason,
-                "mask_file": mask_file(name),
-                "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
-                "voxels": voxels,
-                "slice_range": [int(zs.min()), int(zs.max())] if voxels else None,
-                "z_range_mm": [round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
-                "confidence": conf.structure,
-                "slice_confidence": {str(z): c for z, c in conf.per_slice.items()},
-                "flagged_slices": [{**f, "z_mm": round(float(z_mm[f["slice"]]), 2)} for f in conf.flagged],
-                "postprocessing": m.changes,
-                "support_set": support.describe(),
-                "support_size": prediction.support_size,
-                "ensemble": prediction.ensemble,
-                "slices_computed": prediction.queries,
-                "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
-                "localisation": _localisation_summary(prediction, options.axial_search),
-                "source_cases_used": prediction.cases_used,
-                "query_support_pairs": prediction.pairs,
-                "warnings": prediction.warnings,
-            }
+        structures_summary = {n: _structure_summary(n, masks[n], predictions[n], supports[n], body, spacing, z_mm,
+                                                    threshold, options.axial_search) for n in names}
         lap("postprocess")
 
         masks_on_input = {n: canonical.to_input_grid(masks[n].mask.astype(np.uint8)) for n in names}
@@ -377,6 +341,49 @@ class Segmenter:
             "timings_s": timings,
             "warnings": warnings,
         }
+
+
+def _structure_summary(name: str, m: StructureMask, prediction: StructurePrediction, support: SupportSet,
+                       body: np.ndarray | None, spacing: tuple[float, ...], z_mm: np.ndarray, threshold: float,
+                       axial_search: str) -> dict:
+    """One structure's entry in summary.json: status, volume, extent, confidence and flagged slices (with the
+    midline check for a lateral structure where `body` is given), and how it was predicted."""
+    definition = support.definition
+    # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
+    conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
+    if body is not None and definition.lateral and m.mask.any():
+        crossing = laterality_warning(m.mask, body, definition.laterality)
+        if crossing:
+            prediction.warnings.append(crossing["warning"])
+            conf.flagged = sorted(conf.flagged + [{"slice": z, "reason": "crosses the body midline"}
+                                                 for z in crossing["slices"]], key=lambda f: f["slice"])
+    voxels = int(m.mask.sum())
+    zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
+    status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
+    return {
+        "display_name": definition.display_name,
+        "definition": definition.model_dump(mode="json"),
+        "status": status,
+        "status_reason": reason,
+        "mask_file": mask_file(name),
+        "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
+        "voxels": voxels,
+        "slice_range": [int(zs.min()), int(zs.max())] if voxels else None,
+        "z_range_mm": [round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
+        "confidence": conf.structure,
+        "slice_confidence": {str(z): c for z, c in conf.per_slice.items()},
+        "flagged_slices": [{**f, "z_mm": round(float(z_mm[f["slice"]]), 2)} for f in conf.flagged],
+        "postprocessing": m.changes,
+        "support_set": support.describe(),
+        "support_size": prediction.support_size,
+        "ensemble": prediction.ensemble,
+        "slices_computed": prediction.queries,
+        "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
+        "localisation": _localisation_summary(prediction, axial_search),
+        "source_cases_used": prediction.cases_used,
+        "query_support_pairs": prediction.pairs,
+        "warnings": prediction.warnings,
+    }
 
 
 def _status(voxels: int, prediction, max_probability: float, threshold: float) -> tuple[str, str | None]:
