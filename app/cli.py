@@ -83,23 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autocontour {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
-                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
-                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
-                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
-                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
-    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
-                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
-    seg.add_argument("--out", type=Path, required=True, help="output folder")
-    seg.add_argument("--structures", default=None, help=_structures_help())
-    _inference_options(seg)
-    seg.add_argument("--series", default=None, metavar="UID",
-                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
-    _roi_names_option(seg)
-    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
-    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
-    seg.add_argument("--quiet", action="store_true", help="no progress bar")
-    seg.set_defaults(handler=cmd_segment)
+    add_segment_command(commands)
 
     support = commands.add_parser("support", help="build and list support sets").add_subparsers(
         dest="support_command", required=True, parser_class=OneLineParser)
@@ -272,29 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true")
     submit.set_defaults(handler=cmd_submit)
 
-    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
-        dest="pacs_command", required=True, parser_class=OneLineParser)
-    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
-                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
-                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
-                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
-    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
-    pull.add_argument("--study", required=True, help="Study Instance UID")
-    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
-    pull.add_argument("--out", type=Path, required=True)
-    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
-    pull.add_argument("--structures", default=None, help=_structures_help())
-    _inference_options(pull)
-    _roi_names_option(pull)
-    pull.add_argument("--username", default=None)
-    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
-    pull.set_defaults(handler=cmd_pacs_pull)
-    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
-    push.add_argument("--url", required=True)
-    push.add_argument("files", type=Path, nargs="+")
-    push.add_argument("--username", default=None)
-    push.add_argument("--password", default=None)
-    push.set_defaults(handler=cmd_pacs_push)
+    add_pacs_commands(commands)
 
     keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
                                                                              parser_class=OneLineParser)
@@ -459,6 +421,27 @@ def _progress_bar(quiet: bool):
             bar.close()
 
     return update, close
+
+
+def add_segment_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour segment`: its arguments, beside its handler."""
+    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
+                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
+                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
+                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
+                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
+    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
+                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
+    seg.add_argument("--out", type=Path, required=True, help="output folder")
+    seg.add_argument("--structures", default=None, help=_structures_help())
+    _inference_options(seg)
+    seg.add_argument("--series", default=None, metavar="UID",
+                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
+    _roi_names_option(seg)
+    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
+    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(handler=cmd_segment)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -667,6 +650,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise OptionError(f"cannot reach {args.server}: {exc}") from exc
     print(f"DRAFT contours for clinical review: {len(files)} files in {args.out} (job {job['id']})")
     return 0
+
+
+def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour pacs pull` and `pacs push`: their arguments, beside their handlers."""
+    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
+        dest="pacs_command", required=True, parser_class=OneLineParser)
+    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
+                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
+                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
+                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
+    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    pull.add_argument("--study", required=True, help="Study Instance UID")
+    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
+    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
+    pull.add_argument("--structures", default=None, help=_structures_help())
+    _inference_options(pull)
+    _roi_names_option(pull)
+    pull.add_argument("--username", default=None)
+    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    pull.set_defaults(handler=cmd_pacs_pull)
+    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
+    push.add_argument("--url", required=True)
+    push.add_argument("files", type=Path, nargs="+")
+    push.add_argument("--username", default=None)
+    push.add_argument("--password", default=None)
+    push.set_defaults(handler=cmd_pacs_push)
 
 
 def _pacs_password(args: argparse.Namespace) -> str | None:
