@@ -15,7 +15,7 @@ The overlap rules between structures live in `app.rules`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -86,7 +86,7 @@ def default_definition(name: str, **fields) -> StructureDefinition:
         return BUILTIN[name].model_copy(update={k: v for k, v in fields.items() if v is not None})
     laterality = fields.get("laterality") or ("left" if name.endswith("_left") else
                                               "right" if name.endswith("_right") else "midline")
-    base = {"name": name, "display_name": name.replace("_", " ").capitalize(),
+    base: dict[str, Any] = {"name": name, "display_name": name.replace("_", " ").capitalize(),
             "colour": _PALETTE[sum(name.encode()) % len(_PALETTE)], "laterality": laterality}
     return StructureDefinition(**(base | {k: v for k, v in fields.items() if v is not None}))
 

@@ -34,6 +34,47 @@ def _structures_help() -> str:
             f"default: {','.join(DEFAULT_STRUCTURES)} where loaded, else every loaded set)")
 
 
+def _inference_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that runs the network (segment, pacs pull): one set, so they cannot drift."""
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="checkpoint (.safetensors or .pt); default: shipped")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="default: auto (GPU if present)")
+    parser.add_argument("--precision", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16 and a "
+                             "start-up check finds the masks unchanged, else float32")
+    parser.add_argument("--support-size", type=int, default=None,
+                        help="support slices per ensemble member (default: 16 on CPU, 64 on GPU)")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
+    parser.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
+    parser.add_argument("--support-dir", type=Path, action="append", default=[],
+                        help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
+                             "repeatable")
+    parser.add_argument("--no-shipped-support", action="store_true", help="use only the --support-dir sets")
+    parser.add_argument("--rules", type=Path, default=None,
+                        help="overlap-rules JSON (default: $AUTOCONTOUR_RULES, else the shipped cervix rules)")
+    parser.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
+                        help="coarse: find each structure's extent first (default); all: segment every body slice")
+    parser.add_argument("--support-selection", choices=["level", "spread"], default="level",
+                        help="level: examples from the query's relative axial level (default); spread: whole extent")
+
+
+def _segmenter(args: argparse.Namespace):
+    """The Segmenter the inference options ask for."""
+    from app.pipeline import Segmenter
+
+    return Segmenter(weights=args.weights, device=args.device, precision=args.precision,
+                     support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None,
+                     rules=args.rules)
+
+
+def _segment_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of Segmenter.segment that the inference options set."""
+    return {"support_size": args.support_size, "ensemble": args.ensemble, "threshold": args.threshold,
+            "axial_search": args.axial_search, "support_selection": args.support_selection}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="autocontour",
@@ -42,42 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autocontour {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
-                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
-                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
-                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
-                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
-    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
-                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
-    seg.add_argument("--out", type=Path, required=True, help="output folder")
-    seg.add_argument("--structures", default=None, help=_structures_help())
-    seg.add_argument("--weights", type=Path, default=None, help="checkpoint (.safetensors or .pt); default: shipped")
-    seg.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
-    seg.add_argument("--precision", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="default: bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16 and a "
-                          "start-up check finds the masks unchanged, else float32")
-    seg.add_argument("--support-size", type=int, default=None,
-                     help="support slices per ensemble member (default: 16 on CPU, 64 on GPU)")
-    seg.add_argument("--ensemble", type=int, default=None,
-                     help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
-    seg.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
-    seg.add_argument("--support-dir", type=Path, action="append", default=[],
-                     help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
-                          "repeatable")
-    seg.add_argument("--no-shipped-support", action="store_true", help="use only the --support-dir sets")
-    seg.add_argument("--rules", type=Path, default=None,
-                     help="overlap-rules JSON (default: $AUTOCONTOUR_RULES, else the shipped cervix rules)")
-    seg.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
-                     help="coarse: find each structure's extent first (default); all: segment every body slice")
-    seg.add_argument("--support-selection", choices=["level", "spread"], default="level",
-                     help="level: examples from the query's relative axial level (default); spread: whole extent")
-    seg.add_argument("--series", default=None, metavar="UID",
-                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
-    _roi_names_option(seg)
-    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
-    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
-    seg.add_argument("--quiet", action="store_true", help="no progress bar")
-    seg.set_defaults(handler=cmd_segment)
+    add_segment_command(commands)
 
     support = commands.add_parser("support", help="build and list support sets").add_subparsers(
         dest="support_command", required=True, parser_class=OneLineParser)
@@ -250,32 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true")
     submit.set_defaults(handler=cmd_submit)
 
-    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
-        dest="pacs_command", required=True, parser_class=OneLineParser)
-    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
-                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
-                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
-                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
-    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
-    pull.add_argument("--study", required=True, help="Study Instance UID")
-    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
-    pull.add_argument("--out", type=Path, required=True)
-    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
-    pull.add_argument("--structures", default=None, help=_structures_help())
-    pull.add_argument("--weights", type=Path, default=None)
-    pull.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    pull.add_argument("--support-size", type=int, default=None)
-    pull.add_argument("--ensemble", type=int, default=None)
-    _roi_names_option(pull)
-    pull.add_argument("--username", default=None)
-    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
-    pull.set_defaults(handler=cmd_pacs_pull)
-    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
-    push.add_argument("--url", required=True)
-    push.add_argument("files", type=Path, nargs="+")
-    push.add_argument("--username", default=None)
-    push.add_argument("--password", default=None)
-    push.set_defaults(handler=cmd_pacs_push)
+    add_pacs_commands(commands)
 
     keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
                                                                              parser_class=OneLineParser)
@@ -442,23 +423,40 @@ def _progress_bar(quiet: bool):
     return update, close
 
 
+def add_segment_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour segment`: its arguments, beside its handler."""
+    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
+                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
+                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
+                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
+                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
+    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
+                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
+    seg.add_argument("--out", type=Path, required=True, help="output folder")
+    seg.add_argument("--structures", default=None, help=_structures_help())
+    _inference_options(seg)
+    seg.add_argument("--series", default=None, metavar="UID",
+                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
+    _roi_names_option(seg)
+    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
+    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(handler=cmd_segment)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from app.catalogue import parse_structures
     from app.errors import InputImageError
-    from app.pipeline import Segmenter
 
     if args.structures is not None:  # cheap checks before the model loads (the loaded sets decide the rest)
         parse_structures(args.structures)
     if not args.ct.exists():
         raise InputImageError(f"file not found: {args.ct}")
-    segmenter = Segmenter(weights=args.weights, device=args.device, precision=args.precision,
-                          support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None,
-                          rules=args.rules)
+    segmenter = _segmenter(args)
     update, close = _progress_bar(args.quiet)
     try:
         result = segmenter.segment(
-            args.ct, args.out, args.structures, support_size=args.support_size, ensemble=args.ensemble,
-            threshold=args.threshold, axial_search=args.axial_search, support_selection=args.support_selection,
+            args.ct, args.out, args.structures, **_segment_options(args),
             save_probabilities=args.probabilities, preview=not args.no_preview, progress=update,
             roi_names=args.roi_names, series_uid=args.series)
     finally:
@@ -654,6 +652,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour pacs pull` and `pacs push`: their arguments, beside their handlers."""
+    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
+        dest="pacs_command", required=True, parser_class=OneLineParser)
+    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
+                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
+                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
+                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
+    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    pull.add_argument("--study", required=True, help="Study Instance UID")
+    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
+    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
+    pull.add_argument("--structures", default=None, help=_structures_help())
+    _inference_options(pull)
+    _roi_names_option(pull)
+    pull.add_argument("--username", default=None)
+    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    pull.set_defaults(handler=cmd_pacs_pull)
+    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
+    push.add_argument("--url", required=True)
+    push.add_argument("files", type=Path, nargs="+")
+    push.add_argument("--username", default=None)
+    push.add_argument("--password", default=None)
+    push.set_defaults(handler=cmd_pacs_push)
+
+
 def _pacs_password(args: argparse.Namespace) -> str | None:
     """--password, else AUTOCONTOUR_PACS_PASSWORD (keeps it out of shell history and process lists)."""
     import os
@@ -665,16 +690,15 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
     import tempfile
 
     from app.dicom import pacs
-    from app.pipeline import Segmenter
 
     client = pacs.connect(args.url, args.username, _pacs_password(args))
     series_uid = pacs.find_ct_series(client, args.study, args.series)
-    segmenter = Segmenter(weights=args.weights, device=args.device)
+    segmenter = _segmenter(args)
     with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
         files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
         print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
-        result = segmenter.segment(Path(tmp), args.out, args.structures, support_size=args.support_size,
-                                   ensemble=args.ensemble, roi_names=args.roi_names)
+        result = segmenter.segment(Path(tmp), args.out, args.structures, **_segment_options(args),
+                                   roi_names=args.roi_names)
     outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
     if args.push and outputs:
         pacs.store(client, outputs)

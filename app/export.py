@@ -31,9 +31,9 @@ def probability_file(structure: str) -> str:
     return f"{structure}_prob.nii.gz"
 
 
-def write_result(out_dir: Path, masks: dict[str, sitk.Image], summary: dict,
-                 probabilities: dict[str, sitk.Image] | None = None) -> dict[str, Path]:
-    """Write masks, optional probability maps and the summary; returns the paths by name."""
+def write_masks(out_dir: Path, masks: dict[str, sitk.Image],
+                probabilities: dict[str, sitk.Image] | None = None) -> dict[str, Path]:
+    """Write masks and optional probability maps; returns the paths by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -43,9 +43,14 @@ def write_result(out_dir: Path, masks: dict[str, sitk.Image], summary: dict,
     for name, probability in (probabilities or {}).items():
         written[f"{name}_prob"] = out_dir / probability_file(name)
         write_image(probability, written[f"{name}_prob"])
-    written["summary"] = out_dir / SUMMARY
-    written["summary"].write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
     return written
+
+
+def write_summary(out_dir: Path, summary: dict) -> Path:
+    """Write summary.json (once, when every other output and timing is in it)."""
+    path = Path(out_dir) / SUMMARY
+    path.write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    return path
 
 
 def _json_default(value):

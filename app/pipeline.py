@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from pydantic import ValidationError
 
 from app import __version__
 from app.catalogue import DEFAULT_STRUCTURES, Catalogue
@@ -27,13 +29,13 @@ from app.config import Settings
 from app.dicom import ROI_NAME_STYLES
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.plan import ProgressCallback, SupportPool
+from app.engine.plan import ProgressCallback, StructurePrediction, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
-from app.export import PREVIEW, mask_file, probability_file, write_result
+from app.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
-from app.postprocess import confidence, laterality_warning, postprocess
+from app.postprocess import StructureMask, confidence, laterality_warning, postprocess
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
@@ -66,7 +68,7 @@ def read_input(path: Path, settings: Settings, series_uid: str | None = None) ->
     """A CT from a NIfTI file or a DICOM series (folder or zip; `series_uid` picks one of several), with every
     check and limit of the settings: the one reader of the CLI, the Python API, the server's upload check and
     its workers."""
-    limits = {"max_voxels": settings.max_voxels, "max_decoded_bytes": settings.max_decoded_bytes,
+    limits: dict[str, Any] = {"max_voxels": settings.max_voxels, "max_decoded_bytes": settings.max_decoded_bytes,
               "max_ratio": settings.max_compression_ratio}
     if is_dicom_input(path):
         series = read_series(path, settings.max_dicom_files, settings.max_dicom_bytes, **limits,
@@ -121,12 +123,21 @@ class Segmenter:
         if not self.supports:
             self.precision_note = "float32: no support set to check bfloat16 against"
             return
-        agreement = self.engine.agreement("bfloat16", SupportPool(self.supports).array)
+        engine = self._require_engine()
+        agreement = engine.agreement("bfloat16", SupportPool(self.supports).array)
         if agreement >= MIN_BF16_AGREEMENT:
-            self.engine.precision = "bfloat16"
+            engine.precision = "bfloat16"
             self.precision_note = f"bfloat16: masks agree with float32 (Dice {agreement:.4f}) at start-up"
         else:
             self.precision_note = f"float32: bfloat16 changed the masks (Dice {agreement:.4f}) at start-up"
+
+    def _require_engine(self) -> Engine:
+        """The network, or a clear error on a Segmenter built with load_engine=False (the API process of
+        distributed mode, which describes the model and support sets while workers run the network)."""
+        if self.engine is None:
+            raise RuntimeError("this Segmenter was built with load_engine=False: it describes the model and "
+                               "support sets but runs no network; segment in a worker")
+        return self.engine
 
     def describe_model(self) -> dict:
         precision = self.engine.precision if self.engine else "set by each worker"
@@ -149,7 +160,7 @@ class Segmenter:
         when enabled) before the first request."""
         coarse = InferenceOptions.model_fields["coarse_support_size"].default
         for size in sorted({min(coarse, self.default_support_size), self.default_support_size}):
-            self.engine.warm_up(size)
+            self._require_engine().warm_up(size)
 
     @property
     def default_structures(self) -> list[str]:
@@ -179,6 +190,7 @@ class Segmenter:
                 ) -> SegmentationResult:
         """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
         CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs."""
+        engine = self._require_engine()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -199,7 +211,7 @@ class Segmenter:
             options = InferenceOptions(
                 support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
                 axial_search=axial_search, support_selection=support_selection)
-        except ValueError as exc:
+        except ValidationError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
         if isinstance(ct, sitk.Image):
@@ -221,7 +233,7 @@ class Segmenter:
 
         z_mm = canonical.slice_positions_mm()
         profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
-        predictions = predict_structures(self.engine, inputs, supports, options, scan_id, report, profile)
+        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile)
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
@@ -231,44 +243,8 @@ class Segmenter:
         spacing = canonical.image.GetSpacing()
         lateral = [n for n in names if definitions[n].lateral and masks[n].mask.any()]
         body = body_mask(canonical, PreprocessSpec().body_threshold_hu) if lateral else None
-        structures_summary = {}
-        for name in names:
-            m, prediction, support = masks[name], predictions[name], supports[name]
-            # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
-            conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
-            if name in lateral:
-                crossing = laterality_warning(m.mask, body, definitions[name].laterality)
-                if crossing:
-                    prediction.warnings.append(crossing["warning"])
-                    conf.flagged = sorted(conf.flagged + [{"slice": z, "reason": "crosses the body midline"}
-                                                         for z in crossing["slices"]], key=lambda f: f["slice"])
-            voxels = int(m.mask.sum())
-            zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
-            status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
-            structures_summary[name] = {
-                "display_name": definitions[name].display_name,
-                "definition": definitions[name].model_dump(mode="json"),
-                "status": status,
-                "status_reason": reason,
-                "mask_file": mask_file(name),
-                "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
-                "voxels": voxels,
-                "slice_range": [int(zs.min()), int(zs.max())] if voxels else None,
-                "z_range_mm": [round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
-                "confidence": conf.structure,
-                "slice_confidence": {str(z): c for z, c in conf.per_slice.items()},
-                "flagged_slices": [{**f, "z_mm": round(float(z_mm[f["slice"]]), 2)} for f in conf.flagged],
-                "postprocessing": m.changes,
-                "support_set": support.describe(),
-                "support_size": prediction.support_size,
-                "ensemble": prediction.ensemble,
-                "slices_computed": prediction.queries,
-                "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
-                "localisation": _localisation_summary(prediction, options.axial_search),
-                "source_cases_used": prediction.cases_used,
-                "query_support_pairs": prediction.pairs,
-                "warnings": prediction.warnings,
-            }
+        structures_summary = {n: _structure_summary(n, masks[n], predictions[n], supports[n], body, spacing, z_mm,
+                                                    threshold, options.axial_search) for n in names}
         lap("postprocess")
 
         masks_on_input = {n: canonical.to_input_grid(masks[n].mask.astype(np.uint8)) for n in names}
@@ -283,7 +259,7 @@ class Segmenter:
                             "probabilities": {n: probability_file(n) for n in probability_images}}
         result = SegmentationResult(masks_on_input, probability_images, summary)
         if out_dir is not None:
-            result.files = write_result(Path(out_dir), masks_on_input, summary, probability_images)
+            result.files = write_masks(Path(out_dir), masks_on_input, probability_images)
             if preview:
                 from app.preview import volume_preview
 
@@ -300,7 +276,7 @@ class Segmenter:
         lap("export")
         timings["total"] = round(sum(timings.values()), 3)
         if out_dir is not None:
-            write_result(Path(out_dir), {}, summary)  # rewrite with the final timings
+            result.files["summary"] = write_summary(Path(out_dir), summary)  # once, with the final timings
         return result
 
     def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path,
@@ -365,6 +341,49 @@ class Segmenter:
             "timings_s": timings,
             "warnings": warnings,
         }
+
+
+def _structure_summary(name: str, m: StructureMask, prediction: StructurePrediction, support: SupportSet,
+                       body: np.ndarray | None, spacing: tuple[float, ...], z_mm: np.ndarray, threshold: float,
+                       axial_search: str) -> dict:
+    """One structure's entry in summary.json: status, volume, extent, confidence and flagged slices (with the
+    midline check for a lateral structure where `body` is given), and how it was predicted."""
+    definition = support.definition
+    # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
+    conf = confidence(m.mask, m.probability, prediction.agreement, prediction.computed, spacing[0] * spacing[1])
+    if body is not None and definition.lateral and m.mask.any():
+        crossing = laterality_warning(m.mask, body, definition.laterality)
+        if crossing:
+            prediction.warnings.append(crossing["warning"])
+            conf.flagged = sorted(conf.flagged + [{"slice": z, "reason": "crosses the body midline"}
+                                                 for z in crossing["slices"]], key=lambda f: f["slice"])
+    voxels = int(m.mask.sum())
+    zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
+    status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
+    return {
+        "display_name": definition.display_name,
+        "definition": definition.model_dump(mode="json"),
+        "status": status,
+        "status_reason": reason,
+        "mask_file": mask_file(name),
+        "volume_ml": round(voxels * float(np.prod(spacing)) / 1000, 3),
+        "voxels": voxels,
+        "slice_range": [int(zs.min()), int(zs.max())] if voxels else None,
+        "z_range_mm": [round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
+        "confidence": conf.structure,
+        "slice_confidence": {str(z): c for z, c in conf.per_slice.items()},
+        "flagged_slices": [{**f, "z_mm": round(float(z_mm[f["slice"]]), 2)} for f in conf.flagged],
+        "postprocessing": m.changes,
+        "support_set": support.describe(),
+        "support_size": prediction.support_size,
+        "ensemble": prediction.ensemble,
+        "slices_computed": prediction.queries,
+        "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
+        "localisation": _localisation_summary(prediction, axial_search),
+        "source_cases_used": prediction.cases_used,
+        "query_support_pairs": prediction.pairs,
+        "warnings": prediction.warnings,
+    }
 
 
 def _status(voxels: int, prediction, max_probability: float, threshold: float) -> tuple[str, str | None]:

@@ -80,7 +80,7 @@ def resolve_overlaps(masks: dict[str, StructureMask], rules: OverlapRules) -> li
     if len(masks) < 2:
         return []
     names = list(masks)
-    contested = np.nonzero(sum(m.mask.astype(np.int8) for m in masks.values()) > 1)
+    contested = np.nonzero(np.asarray(sum(m.mask.astype(np.int8) for m in masks.values())) > 1)
     if contested[0].size == 0:
         return []
     conflict = np.array([[rules.conflicts(a, b) for b in names] for a in names])
@@ -164,18 +164,19 @@ def confidence(mask: np.ndarray, probability: np.ndarray, agreement: np.ndarray,
     zs = np.nonzero(areas)[0]
     if zs.size == 0:
         return Confidence(None, {}, [])
-    per_slice, flagged = {}, []
-    for z in zs:
+    per_slice: dict[int, float] = {}
+    flagged: list[dict] = []
+    for z in zs.tolist():
         p, m = probability[z], mask[z]
         certainty = 2 * float((p * m).sum()) / max(float(p.sum() + m.sum()), 1e-6)
         per_slice[int(z)] = round(min(1.0, certainty) * float(agreement[z]), 4)
     weights = areas[zs].astype(float)
     structure_confidence = float(np.average([per_slice[int(z)] for z in zs], weights=weights))
 
-    def flag(z: int, reason: str) -> None:
+    def flag(z: int | np.integer, reason: str) -> None:
         flagged.append({"slice": int(z), "reason": reason})
 
-    for z in zs:
+    for z in zs.tolist():
         if per_slice[int(z)] < LOW_CONFIDENCE:
             flag(z, f"low confidence {per_slice[int(z)]:.2f}")
     for z in range(int(zs.min()), int(zs.max())):

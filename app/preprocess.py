@@ -115,7 +115,7 @@ def prepare(ct: CanonicalCT, spec: PreprocessSpec, body: np.ndarray | None = Non
     body = body_mask(ct, spec.body_threshold_hu) if body is None else body
     grid = model_grid(ct, body, spec)
     hu = _resample_to_grid(ct.image, grid, AIR_HU, spec.antialias)
-    return ModelInput(spec.window(hu), grid, body.any(axis=(1, 2)), spec)
+    return ModelInput(spec.window(hu), grid, np.asarray(body.any(axis=(1, 2))), spec)
 
 
 def mask_to_grid(mask: np.ndarray, ct: CanonicalCT, grid: sitk.Image) -> np.ndarray:

@@ -41,7 +41,8 @@ def colour_of(name: str, definitions: Mapping[str, StructureDefinition] | None =
     """The structure's declared colour (built-in, or a stable palette colour for other names)."""
     definition = _definition(name, definitions)
     if definition is not None:
-        return tuple(c / 255 for c in definition.colour)
+        r, g, b = definition.colour
+        return r / 255, g / 255, b / 255
     palette = plt.get_cmap("tab10")
     return palette(zlib.crc32(name.encode()) % 10)[:3]  # the same colour in every run (hash() is salted)
 
@@ -89,7 +90,7 @@ def _legend(fig, names: Sequence[str], extra: Sequence[Patch] = (),
 
 
 def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mapping[str, np.ndarray], path: Path,
-                   z_mm: Sequence[float] | None = None, flagged: Mapping[str, Sequence[int]] | None = None,
+                   z_mm: Sequence[float] | np.ndarray | None = None, flagged: Mapping[str, Sequence[int]] | None = None,
                    title: str = "", count: int = 8, reference: Mapping[str, np.ndarray] | None = None,
                    definitions: Mapping[str, StructureDefinition] | None = None) -> Path:
     """A PNG with `count` axial slices plus one coronal and one sagittal view.

@@ -122,3 +122,11 @@ def test_celery_refresh_updates_jobs_nobody_polled_and_the_janitor_expires_them(
     time.sleep(0.01)
     assert janitor.sweep() == 2 and store.get(done.id) is None and store.get(broken.id) is None
     queue.stop()
+
+
+def test_job_problem_documents_keep_the_request_id():
+    from app.server.worker import internal_error, job_request_id
+
+    error = internal_error("boom", job_request_id("job-1", {"request_id": "req-9"}))
+    assert error["request_id"] == "req-9" and error["type"].endswith("internal-error") and error["status"] == 500
+    assert job_request_id("job-2", {}) == "job-2"

@@ -78,6 +78,14 @@ def test_missing_weights_are_explained(tmp_path):
         Segmenter(settings=Settings(home=tmp_path))
 
 
+def test_a_segmenter_without_its_engine_says_why_it_cannot_segment(small_weights, phantom_support_dir):
+    describer = Segmenter(weights=small_weights, device="cpu", support_dirs=[phantom_support_dir],
+                          shipped_support=False, load_engine=False)
+    assert describer.describe_model()["precision"] == "set by each worker" and describer.supports
+    with pytest.raises(RuntimeError, match="load_engine=False"):
+        describer.segment(EXAMPLE_CT)
+
+
 def test_structures_without_support_explain_how_to_add_one(phantom_segmenter):
     with pytest.raises(NoSupportSetError, match="autocontour support build ctvp"):
         phantom_segmenter.segment(EXAMPLE_CT, structures="bladder,ctvp")

@@ -46,7 +46,8 @@ def _loops(piece: np.ndarray) -> list[list[tuple[int, int]]]:
     while outgoing:
         # a loop's top-left vertex is never where two pieces touch, so it is a safe start
         first = min(outgoing, key=lambda v: (v[1], v[0]))
-        loop, vertex, heading = [], first, None
+        loop: list[tuple[int, int]] = []
+        vertex, heading = first, (0, 0)
         while True:
             loop.append(vertex)
             ends = outgoing[vertex]
@@ -84,10 +85,13 @@ def _bridge(polygon: list[tuple[int, int]], hole: list[tuple[int, int]]) -> list
     """Join a hole to the polygon around it by a vertical cut up from the hole's top-left vertex."""
     top = min(range(len(hole)), key=lambda i: (hole[i][1], hole[i][0]))
     hx, hy = hole[top]
-    best, hit_y = None, None
+    best: int | None = None
+    hit_y: int | None = None
     for i, ((x0, y0), (x1, y1)) in enumerate(zip(polygon, polygon[1:] + polygon[:1], strict=True)):
         if y0 == y1 and y0 < hy and min(x0, x1) <= hx <= max(x0, x1) and (hit_y is None or y0 > hit_y):
             best, hit_y = i, y0
+    if best is None or hit_y is None:
+        raise ValueError("a hole must lie inside its polygon")
     hit = (hx, hit_y)
     rotated = hole[top:] + hole[:top]
     cut = [hit, *rotated, rotated[0], hit]

@@ -122,7 +122,7 @@ def _image_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _contours(series: DicomSeries, mask: np.ndarray) -> list[pydicom.Dataset]:
-    contours = []
+    contours: list[pydicom.Dataset] = []
     for index in np.nonzero(mask.any(axis=(1, 2)))[0]:
         image = series.datasets[index]
         origin, column_step, row_step = _slice_axes(image)

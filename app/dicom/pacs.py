@@ -97,7 +97,7 @@ def fetch_contoured_case(client: DICOMwebClient, study_uid: str, folder: Path) -
         found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "RTSTRUCT"})
     except requests.RequestException as exc:
         raise PacsError(f"cannot search the PACS for structure sets: {exc}") from exc
-    candidates = []
+    candidates: list = []
     for item in found:
         rt_folder = folder / f"rtstruct-{len(candidates)}"
         for path in fetch_series(client, study_uid, _value(item, "0020000E"), rt_folder):

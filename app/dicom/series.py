@@ -118,7 +118,8 @@ def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_by
 
 
 def _headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], int]:
-    found, skipped = [], 0
+    found: list[tuple[Path, pydicom.Dataset]] = []
+    skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             found.append((path, pydicom.dcmread(path, stop_before_pixels=True)))

@@ -18,11 +18,18 @@ GFLOP. `tests/test_engine.py` checks equality with `UniverSeg.forward`.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.model.universeg import LEAKY_SLOPE, CrossBlock, UniverSeg, check_input_shapes
+
+
+def _conv(stream: nn.Module) -> nn.Conv2d:
+    """The 2D conv of a `Vmap(ConvOp)` stream (nn.Module attributes are untyped)."""
+    return cast(nn.Conv2d, cast(nn.Module, stream.vmapped).conv)
 
 
 class SplitBlock(nn.Module):
@@ -37,7 +44,7 @@ class SplitBlock(nn.Module):
         self.block = block
         self.query_channels = query_channels
 
-    def _halves(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _halves(self) -> tuple[Tensor, Tensor, Tensor | None]:
         conv = self.block.cross.cross_conv
         return conv.weight[:, : self.query_channels], conv.weight[:, self.query_channels:], conv.bias
 
@@ -48,13 +55,13 @@ class SplitBlock(nn.Module):
         zs = F.conv2d(support, w_support, padding=1)
         new_query = zq + support_mean(zs, s)
         pairs = (zq.unsqueeze(1) + zs.unflatten(0, (-1, s))).flatten(0, 1)
-        return _act(self.block.target.vmapped.conv(new_query)), _act(self.block.support.vmapped.conv(pairs))
+        return _act(_conv(self.block.target)(new_query)), _act(_conv(self.block.support)(pairs))
 
     def forward_mean_only(self, query: Tensor, support_mean: Tensor) -> Tensor:
         """The query output alone, from the mean of the support inputs (identity 3)."""
         w_query, w_support, bias = self._halves()
         z = F.conv2d(query, w_query, bias, padding=1) + F.conv2d(support_mean, w_support, padding=1)
-        return _act(self.block.target.vmapped.conv(z))
+        return _act(_conv(self.block.target)(z))
 
 
 class SplitUniverSeg(nn.Module):
@@ -65,12 +72,12 @@ class SplitUniverSeg(nn.Module):
         self.enc = nn.ModuleList()
         query_ch = 1
         for width, block in zip(model.encoder_blocks, model.enc_blocks, strict=True):
-            self.enc.append(SplitBlock(block, query_ch))
+            self.enc.append(SplitBlock(cast(CrossBlock, block), query_ch))
             query_ch = width
         self.dec = nn.ModuleList()
         skip_widths = model.encoder_blocks[-2::-1]
         for skip_width, width, block in zip(skip_widths, model.decoder_blocks, model.dec_blocks, strict=True):
-            self.dec.append(SplitBlock(block, query_ch + skip_width))
+            self.dec.append(SplitBlock(cast(CrossBlock, block), query_ch + skip_width))
             query_ch = width
         self.out_conv = model.out_conv.conv
         self.factor = model.downsampling_factor
@@ -101,7 +108,7 @@ class SplitUniverSeg(nn.Module):
                 query, support = block(query, support, s)
             else:  # identities 2 and 3: only the mean of the support stream matters
                 mean = torch.cat([_up(support_mean(support, s)), support_skip], dim=1)
-                query = block.forward_mean_only(query, mean)
+                query = cast(SplitBlock, block).forward_mean_only(query, mean)
         return self.out_conv(query)
 
 

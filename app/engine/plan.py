@@ -32,12 +32,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from app.engine.runner import Engine
 from app.errors import OptionError
+from app.evaluation.metrics import dice
 from app.preprocess import ModelInput
 from app.support.localize import Localisation, Profile, locate
 from app.support.store import SupportSet
@@ -173,8 +175,8 @@ def _step_slices(model_input: ModelInput, step_mm: float) -> int:
 
 def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, float]) -> Localisation:
     """Where along z to search the scan for the set's structure (app.support.localize.locate)."""
-    cases = [(Profile.from_dict(c.bone_profile), tuple(c.extent_mm)) for c in support.manifest.source_cases
-             if c.bone_profile and c.extent_mm]
+    cases = [(Profile.from_dict(c.bone_profile), cast(tuple[float, float], tuple(c.extent_mm)))
+             for c in support.manifest.source_cases if c.bone_profile and c.extent_mm]
     if query is None:
         return Localisation("whole_body", "no bone profile of the scan: the whole body was searched")
     return locate(cases, query, scan_mm)
@@ -222,11 +224,12 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
                 prediction.warnings.append("--axial-search all: every body slice was searched, whatever the skeleton "
                                            "match said" + (f" ({located.reason})" if located.reason else ""))
         elif located.verdict == "window":
+            assert located.window_mm is not None  # the "window" verdict always carries its window
             inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
             prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
         elif located.verdict == "not_in_scan":
             inside[:] = False
-        else:
+        elif located.reason is not None:
             prediction.warnings.append(located.reason)
         searched[name] = np.nonzero(inside)[0]
         if searched[name].size:
@@ -269,7 +272,8 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         for i, z in enumerate(queries):
             allowed = _allowed(support, int(z), own[name])
             if options.support_selection == "level":
-                similarity = thumbnails @ query_thumbnails[i] if thumbnails is not None else None
+                similarity = (thumbnails @ query_thumbnails[i]
+                                  if thumbnails is not None and query_thumbnails is not None else None)
                 members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
                                          prediction.support_size, options.ensemble, rng, case_of, similarity)
             else:
@@ -316,8 +320,7 @@ def _agreement(masks: list[np.ndarray]) -> float:
     scores = []
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
-            total = masks[i].sum() + masks[j].sum()
-            scores.append(1.0 if total == 0 else 2 * (masks[i] & masks[j]).sum() / total)
+            scores.append(dice(masks[i], masks[j]))
     return float(np.mean(scores))
 
 

@@ -18,6 +18,7 @@ import torch
 
 from app.engine.network import SplitUniverSeg
 from app.errors import OptionError
+from app.evaluation.metrics import dice
 from app.model.universeg import UniverSeg
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Engine:
         else:
             torch.backends.cudnn.benchmark = True  # pick the fastest kernels for our fixed shapes
         # channels-last suits both cuDNN and oneDNN convolutions (bench/RESULTS.md)
-        self.net = SplitUniverSeg(model).to(self.device).eval().to(memory_format=torch.channels_last)
+        self.net = SplitUniverSeg(model).to(self.device).eval().to(
+            memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; the stubs omit it
         self.forward = torch.compile(self.net.forward_pairs, dynamic=False) if compile else self.net.forward_pairs
         self.compiled = compile
         self.max_pairs_per_batch = max_pairs_per_batch
@@ -151,8 +153,7 @@ class Engine:
             reduced = self.predict(pool[picks, 0], pool, index) > 0.5
         finally:
             self.precision = current
-        total = reference.sum() + reduced.sum()
-        return 1.0 if total == 0 else float(2 * (reference & reduced).sum() / total)
+        return dice(reference, reduced)
 
     def warm_up(self, support_size: int, size: int = 128) -> None:
         """Run the network once at the production shape so the first job does not pay for set-up."""

@@ -114,9 +114,10 @@ def pair_inputs(pred: Path, ref: Path, structures: list[str] | None = None, ref_
     pred_values = set(np.unique(sitk.GetArrayViewFromImage(pred_image)).tolist()) - {0}
     ref_values = set(np.unique(sitk.GetArrayViewFromImage(ref_image)).tolist()) - {0}
     if len(pred_values | ref_values) > 1:  # label maps: pair by value
-        names = {v: n for n, v in _label_names(ref, ref_labels).items()}
+        label_of = {v: n for n, v in _label_names(ref, ref_labels).items()}
         values = sorted(pred_values | ref_values)
-        return [Pair(names.get(v, f"label_{v}"), _binary(pred_image, v), _binary(ref_image, v), case) for v in values]
+        return [Pair(label_of.get(v, f"label_{v}"), _binary(pred_image, v), _binary(ref_image, v), case)
+                for v in values]
     name = structures[0] if structures else _structure_name(pred)
     return [Pair(name, _binary(pred_image), _binary(ref_image), case)]
 

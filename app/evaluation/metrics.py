@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,12 +55,25 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[fl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about its own deprecated argument
-        (edges_pred, edges_ref), (d_pred, d_ref), (a_pred, a_ref) = get_edge_surface_distance(
+        # with symmetric=True and use_subvoxels=True MONAI returns (edges, distances, areas) as pairs,
+        # which its declared return type (a union over its options) does not say
+        found: Any = get_edge_surface_distance(
             torch.from_numpy(np.ascontiguousarray(pred)), torch.from_numpy(np.ascontiguousarray(ref)),
             spacing=[float(s) for s in spacing_mm], use_subvoxels=True, symmetric=True)
+        (edges_pred, edges_ref), (d_pred, d_ref), (a_pred, a_ref) = found
     ref_to_pred = (d_ref.double().numpy(), a_ref[edges_ref].double().numpy())
     pred_to_ref = (d_pred.double().numpy(), a_pred[edges_pred].double().numpy())
     return ref_to_pred, pred_to_ref
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks (nonzero = inside); two empty masks agree perfectly (1.0).
+
+    The one Dice of the project: metrics, engine agreement, precision checks and training validation.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
 
 
 def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float],
@@ -76,7 +90,7 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[floa
     i = int((ref & pred).sum())
     u = g + p - i
     m: dict[str, float | None] = {
-        "dice": 1.0 if g + p == 0 else 2 * i / (g + p),
+        "dice": dice(pred, ref),
         "jaccard": 1.0 if u == 0 else i / u,
         "precision": _ratio(i, p),
         "recall": _ratio(i, g),
@@ -100,7 +114,7 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[floa
         m[nsd_key(t)] = float((a_r[d_rp <= t].sum() + a_p[d_pr <= t].sum()) / total)
     m["hd100_mm"] = float(max(d_rp.max(), d_pr.max()))
     m["hd95_mm"] = max(_area_percentile(d_rp, a_r, 95), _area_percentile(d_pr, a_p, 95))
-    m["asd_ref_to_pred_mm"] = float((d_rp * a_r).sum() / a_r.sum())
-    m["asd_pred_to_ref_mm"] = float((d_pr * a_p).sum() / a_p.sum())
-    m["assd_mm"] = (m["asd_ref_to_pred_mm"] + m["asd_pred_to_ref_mm"]) / 2
+    asd_rp = m["asd_ref_to_pred_mm"] = float((d_rp * a_r).sum() / a_r.sum())
+    asd_pr = m["asd_pred_to_ref_mm"] = float((d_pr * a_p).sum() / a_p.sum())
+    m["assd_mm"] = (asd_rp + asd_pr) / 2
     return {k: m[k] for k in metric_keys(tolerances_mm)}, flags

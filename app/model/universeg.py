@@ -150,7 +150,8 @@ class UniverSeg(nn.Module):
                 nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="leaky_relu", a=0.0)
             else:
                 continue
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     @property
     def downsampling_factor(self) -> int:

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any, cast
 
 import redis
 from celery import Celery, signals
@@ -49,8 +50,9 @@ from app.export import SUMMARY
 from app.server import scratch
 from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
 from app.server.metrics import Metrics
+from app.server.problems import problem_body
 from app.server.settings import ServerSettings
-from app.server.worker import Outcome, brief, internal_error, record, run_job
+from app.server.worker import Outcome, brief, internal_error, job_request_id, record, run_job
 
 log = logging.getLogger(__name__)
 # What an unreachable broker raises: kombu and redis-py errors while publishing, and the RuntimeError
@@ -71,7 +73,7 @@ def make_celery(settings: ServerSettings, api: bool = False) -> Celery:
     """`api=True`: the API process gives up on an unreachable broker within seconds (the caller gets 503
     and retries); workers keep Celery's patient reconnects, so a Redis restart costs them no result."""
     app = Celery("autocontour", broker=settings.broker_url, backend=settings.broker_url)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     backend_transport = dict(transport)
     # kombu's own sweep for messages past the visibility timeout, every 10 s rather than every 100 s
     transport |= {"unacked_restore_interval": 10, "unacked_restore_throttle": 1}
@@ -160,7 +162,8 @@ class CeleryQueue:
 
     def workers(self) -> dict[str, dict | None]:
         """Each known worker's last heartbeat (its figures), None for one whose heartbeat expired."""
-        names = sorted(n.decode() for n in self.probe.smembers(WORKERS))
+        members = cast(set[bytes], self.probe.smembers(WORKERS))  # a client without decode_responses: bytes
+        names = sorted(n.decode() for n in members)
         beats = self.probe.mget([_key("worker", n) for n in names]) if names else []
         return {n: json.loads(b) if b else None for n, b in zip(names, beats, strict=True)}
 
@@ -242,7 +245,8 @@ class CeleryQueue:
             record(self.jobs, job.id, Outcome(**info), self.metrics)
         elif state == "FAILURE":
             record(self.jobs, job.id, Outcome("failed", error=internal_error(
-                "the worker failed unexpectedly; its log has details")), self.metrics)
+                "the worker failed unexpectedly; its log has details", job_request_id(job.id, job.options))),
+                self.metrics)
         else:  # PENDING (waiting in the broker) or unknown: nothing new
             return job
         return self.jobs.get(job.id) or job
@@ -298,6 +302,10 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autocontour-heartbeat", daemon=True)
 
+    def _own(self, kind: str) -> str:
+        """This worker's key of a kind (named at start(); Celery runs no task before its worker is ready)."""
+        return _key(kind, self.name or "unnamed")
+
     def start(self, name: str) -> None:
         self.name = name
         self.client.sadd(WORKERS, name)
@@ -313,21 +321,21 @@ class Heartbeat:
 
     def running(self, job_id: str, attempt: int) -> None:
         self.job, self.attempt, self._since = job_id, attempt, time.monotonic()
-        self.client.set(_key("running", self.name), json.dumps({"job": job_id, "attempt": attempt}))
+        self.client.set(self._own("running"), json.dumps({"job": job_id, "attempt": attempt}))
         self.beat()
 
     def finished(self, status: str) -> None:
         self.jobs[status] = self.jobs.get(status, 0) + 1
         self.busy_s += time.monotonic() - self._since
         self.job = self.attempt = None
-        self.client.delete(_key("running", self.name))
+        self.client.delete(self._own("running"))
         self.beat()
 
     def beat(self) -> None:
         figures = {"pid": os.getpid(), "job": self.job, "attempt": self.attempt, "jobs": dict(self.jobs),
                    "busy_s": round(self.busy_s + (time.monotonic() - self._since if self.job else 0), 3),
                    "beat": time.time()}
-        self.client.set(_key("worker", self.name), json.dumps(figures), ex=self.timeout_s)
+        self.client.set(self._own("worker"), json.dumps(figures), ex=self.timeout_s)
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -377,9 +385,10 @@ def worker_app(settings: ServerSettings, segmenter) -> Celery:
             summary = json.loads((results.result_dir(job_id) / SUMMARY).read_text())
             return Outcome("done", result=brief(summary)).to_dict()
         if attempts > settings.max_attempts:
-            return Outcome("failed", error={
-                "type": "urn:autocontour:problem:interrupted", "title": "Interrupted too often", "status": 500,
-                "detail": f"the workers running this job stopped {attempts - 1} times"}).to_dict()
+            return Outcome("failed", error=problem_body(
+                500, "interrupted", "Interrupted too often",
+                f"the workers running this job stopped {attempts - 1} times",
+                request_id=job_request_id(job_id, options))).to_dict()
         self.update_state(state="STARTED", meta={"progress": {"worker": self.request.hostname, "attempt": attempts}})
         heartbeat.running(job_id, attempts)
         outcome = run_job(segmenter, results, job_id, options, input_name,

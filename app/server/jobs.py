@@ -10,6 +10,7 @@ running ones go back to the queue with a note (or fail, with the reason, after
 
 from __future__ import annotations
 
+import builtins
 import json
 import shutil
 import sqlite3
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 
 SCHEMA = """
@@ -194,18 +194,23 @@ class JobStore:
                                         (owner, limit)).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def unfinished(self) -> list[Job]:
+    def unfinished(self) -> builtins.list[Job]:
         """Jobs not yet done, failed or cancelled, oldest first."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created"
                                     ).fetchall()
         return [Job.from_row(r) for r in rows]
 
+    def _count(self, sql: str, args: tuple = ()) -> int:
+        row = self._one(sql, args)
+        assert row is not None  # COUNT(*) always returns one row
+        return int(row[0])
+
     def queue_depth(self) -> int:
-        return self._one("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")[0]
+        return self._count("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
 
     def count(self, status: str) -> int:
-        return self._one("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))[0]
+        return self._count("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))
 
     def claim_next(self) -> Job | None:
         """Atomically move the oldest queued job to running."""
@@ -276,7 +281,7 @@ class JobStore:
         if job:
             self._exec("UPDATE jobs SET notes = ? WHERE id = ?", (json.dumps(job.notes + [note]), job_id))
 
-    def recover(self, max_attempts: int) -> list[str]:
+    def recover(self, max_attempts: int) -> builtins.list[str]:
         """After a restart: requeue jobs that were running, or fail them after `max_attempts` starts."""
         with self._lock:
             rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
@@ -291,7 +296,7 @@ class JobStore:
             recovered.append(row["id"])
         return recovered
 
-    def expired(self, ttl_s: float) -> list[str]:
+    def expired(self, ttl_s: float) -> builtins.list[str]:
         with self._lock:
             rows = self._db.execute("SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
                                     "AND finished < ?", (time.time() - ttl_s,)).fetchall()

@@ -93,7 +93,7 @@ def install(app: FastAPI, pacs: bool) -> None:
             schema = generate()
             _use_problems(schema)
             _upload_form(schema, pacs)
-        return app.openapi_schema
+        return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]
 

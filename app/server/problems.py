@@ -113,10 +113,10 @@ def install(app: FastAPI) -> None:
 def _body_too_large(cause: BaseException | None) -> BodyTooLarge | None:
     """The BodyTooLarge behind an error, also inside the exception group of a middleware's task group."""
     if isinstance(cause, BaseExceptionGroup):
-        found = cause.subgroup(BodyTooLarge)
+        found: BaseException | None = cause.subgroup(BodyTooLarge)
         while isinstance(found, BaseExceptionGroup):
             found = found.exceptions[0]
-        return found
+        return found if isinstance(found, BodyTooLarge) else None
     return cause if isinstance(cause, BodyTooLarge) else None
 
 

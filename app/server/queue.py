@@ -51,6 +51,8 @@ class LocalQueue:
             self.worker.stop()
 
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
+        if self.worker is None:
+            raise RuntimeError("the local queue takes jobs only after start()")
         job = self.jobs.create(options, owner, input_name, job_id, max_queued=self.settings.max_queue)
         self.worker.notify()
         return job

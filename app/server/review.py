@@ -14,6 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import cast
 
 import contourpy
 import numpy as np
@@ -75,13 +76,14 @@ class ReviewVolume:
         return buffer.getvalue()
 
     def contours(self, plane: str, index: int) -> dict[str, list[list[list[float]]]]:
-        result = {}
+        result: dict[str, list] = {}
         for name, mask in self.masks.items():
             cut = self._cut(mask, plane, index)
             if not cut.any():
                 continue
             padded = np.pad(cut.astype(np.float32), 1)  # closes contours that touch the border
-            lines = contourpy.contour_generator(z=padded).lines(0.5)
+            # the default line type: a list of (n, 2) arrays
+            lines = cast(list[np.ndarray], contourpy.contour_generator(z=padded).lines(0.5))
             result[name] = [np.round(line - 1, 2).tolist() for line in lines if len(line) > 2]
         return result
 

@@ -25,7 +25,7 @@ from app.pipeline import CancelledError, Segmenter
 from app.server.context import request_id
 from app.server.jobs import Job, JobStore, ResultStore
 from app.server.metrics import Metrics
-from app.server.problems import from_error
+from app.server.problems import from_error, problem_body
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
@@ -64,10 +64,16 @@ def brief(summary: dict) -> dict:
     }
 
 
-def internal_error(detail: str) -> dict:
-    """A job's error when the code failed, not the input: the details stay in the log."""
-    return {"type": "urn:autocontour:problem:internal-error", "title": "Internal error", "status": 500,
-            "detail": detail}
+def job_request_id(job_id: str, options: dict) -> str:
+    """The id of the request that created a job (its own id for jobs stored without one)."""
+    return options.get("request_id", job_id)
+
+
+def internal_error(detail: str, request: str | None = None) -> dict:
+    """A job's error when the code failed, not the input: the details stay in the log. `request`: the
+    job's request id where the current context is not the job's (the default is the context's)."""
+    extra = {} if request is None else {"request_id": request}
+    return problem_body(500, "internal-error", "Internal error", detail, **extra)
 
 
 def fetch_from_pacs(settings, spec: dict, target: Path) -> None:
@@ -102,7 +108,8 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
 
     options = dict(options)
     pacs_job = options.pop("pacs", None)
-    token = request_id.set(options.pop("request_id", job_id))
+    token = request_id.set(job_request_id(job_id, options))
+    options.pop("request_id", None)
     staging = results.staging_dir(job_id)
     try:
         if pacs_job:
@@ -139,10 +146,12 @@ def record(store: JobStore, job_id: str, outcome: Outcome, metrics: Metrics | No
     """Write an outcome into the job store (and, the first time only, into the metrics)."""
     times = {"started": outcome.started_at, "finished": outcome.finished_at}
     if outcome.status == "done":
+        assert outcome.result is not None  # a done outcome carries its result
         changed = store.finish(job_id, outcome.result, **times)
     elif outcome.status == "cancelled":
         changed = store.mark_cancelled(job_id, **times)
     else:
+        assert outcome.error is not None  # a failed outcome carries its problem document
         changed = store.fail(job_id, outcome.error, **times)
     if metrics and changed:  # a job seen finished by two refreshes at once counts once
         metrics.jobs.labels(outcome.status).inc()

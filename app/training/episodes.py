@@ -192,7 +192,7 @@ class TaskSampler:
 
 
 def augment(query: torch.Tensor, query_label: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-            generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Task-level flip and intensity curve, per-slice affine + elastic warp and noise.
 
     Shapes: query (B, 1, H, W), images (B, S, 1, H, W), labels alike.
@@ -222,7 +222,7 @@ def augment(query: torch.Tensor, query_label: torch.Tensor, images: torch.Tensor
     theta[:, 1, 1] = torch.cos(angle) / scale
     theta[:, :, 2] = shift
     h, w = x.shape[-2:]
-    grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     coarse = (rand(n, 2, 5, 5) - 0.5) * 0.06  # elastic: smooth random displacement
     grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     x = F.grid_sample(x.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from app.engine.network import SplitUniverSeg
 from app.engine.runner import resolve_device
+from app.evaluation.metrics import dice
 from app.model import UniverSeg
 from app.model.weights import ModelCard, load_model, save_checkpoint
 from app.training.dataset import TrainingData, load_training_data
@@ -70,7 +71,8 @@ def soft_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def _batch(sampler: TaskSampler, batch_size: int, support_size: int):
+def _batch(sampler: TaskSampler, batch_size: int,
+           support_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     episodes = [sampler.episode(support_size) for _ in range(batch_size)]
     q = torch.from_numpy(np.stack([e[0] for e in episodes]))[:, None]
     ql = torch.from_numpy(np.stack([e[1] for e in episodes]))[:, None]
@@ -103,6 +105,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
+        self.init_card: ModelCard | None
         if init is not None:
             self.model, self.init_card = load_model(init)
         else:
@@ -157,9 +160,7 @@ class Trainer:
                 with self._autocast():
                     pred = self.net(q, si, sl).float() > 0
                 target = torch.from_numpy(np.stack([e[1] for e in chunk])).to(self.device) > 0.5
-                inter = (pred[:, 0] & target).flatten(1).sum(1).float()
-                total = (pred[:, 0].flatten(1).sum(1) + target.flatten(1).sum(1)).float()
-                dices += torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).tolist()
+                dices += [dice(p, t) for p, t in zip(pred[:, 0].cpu().numpy(), target.cpu().numpy(), strict=True)]
             scores[f"val_dice_{name}"] = float(np.mean(dices))
         self.model.train()
         return scores
@@ -248,10 +249,11 @@ class Trainer:
 
     def export(self, path: Path, scores: dict[str, float]) -> str:
         """The weights as a project checkpoint with its model card."""
-        research_only = bool(self.init_card and self.init_card.research_only)
+        init_card = self.init_card if self.init_card and self.init_card.research_only else None
+        research_only = init_card is not None
         licence = self.card_extra.get("licence", "not stated: weights follow the licences of their training data")
-        if research_only:  # derived from research-only weights: that restriction is inherited
-            licence = f"{self.init_card.licence} (derived from {self.init_card.name}; research use only)"
+        if init_card is not None:  # derived from research-only weights: that restriction is inherited
+            licence = f"{init_card.licence} (derived from {init_card.name}; research use only)"
         card = ModelCard(
             name=self.card_extra.get("name", f"autocontour-{self.out.resolve().name}"),
             version=self.card_extra.get("version", f"step {self.step}"),
@@ -259,7 +261,7 @@ class Trainer:
             source=self.card_extra.get("source", "autocontour train"),
             encoder_blocks=self.model.encoder_blocks,
             research_only=research_only,
-            notice=self.init_card.notice if research_only else None,
+            notice=init_card.notice if init_card is not None else None,
             description=json.dumps({"step": self.step, "validation": scores, **self.card_extra.get("details", {})}),
         )
         return save_checkpoint(self.model, path, card)

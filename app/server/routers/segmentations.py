@@ -64,7 +64,7 @@ def job_resource(job: Job) -> SegmentationJob:
         links |= {"result": f"{base}/result", "preview": f"{base}/preview",
                   "masks": {s: f"{base}/masks/{s}" for s in job.options["structures"]}}
         links |= {k: f"{base}/dicom/{k}" for k in ("rtstruct", "seg") if k in (job.result or {}).get("files", {})}
-    return SegmentationJob(id=job.id, status=job.status, created=_iso(job.created), started=_iso(job.started),
+    return SegmentationJob(id=job.id, status=job.status, created=_iso(job.created) or "", started=_iso(job.started),
                            finished=_iso(job.finished), options=options, progress=Progress(**job.progress),
                            result=job.result, error=job.error, notes=job.notes, links=links)
 
@@ -139,6 +139,7 @@ async def submit(
         options["pacs"] = {"study_uid": study_uid, "series_uid": series_uid, "push": push_to_pacs}
         input_name = "series"
     else:
+        assert file is not None  # checked above: a file or a study, not both
         options["series_uid"] = series_uid
         input_name = _input_name(await file.read(4))
         await file.seek(0)
