@@ -98,8 +98,10 @@ def fov_range(labels: np.ndarray, names: dict[str, int], z_mm: np.ndarray, fov: 
     """
     def top_of(*label_names: str) -> float | None:
         values = [names[n] for n in label_names if n in names]
-        rows = np.nonzero(np.isin(labels, values).any(axis=(1, 2)))[0] if values else []
-        return float(z_mm[rows.max()]) if len(rows) else None
+        if not values:
+            return None
+        rows = np.nonzero(np.isin(labels, values).any(axis=(1, 2)))[0]
+        return float(z_mm[rows.max()]) if rows.size else None
 
     lo, hi = float(z_mm.min()), float(z_mm.max())
     if fov == "pelvis":
