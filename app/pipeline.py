@@ -5,9 +5,10 @@
     result.summary["structures"]["bladder"]["confidence"]
 
 The stages are visible, one module each: io (read, canonical orientation) ->
-preprocess (crop, resample, window) -> support (the examples) -> engine (the
-network, coarse and fine passes) -> postprocess (masks, rules, confidence) ->
-export (NIfTI, summary, preview). A `Segmenter` holds what is expensive to
+preprocess (crop, resample, window) -> support (the examples, and the
+registration prior from their source cases) -> engine (the network, coarse
+and fine passes, fused with the prior) -> postprocess (masks, rules,
+confidence) -> export (NIfTI, summary, preview). A `Segmenter` holds what is expensive to
 load (network, support sets) so a server loads it once.
 """
 
@@ -29,7 +30,7 @@ from app.config import Settings
 from app.dicom import ROI_NAME_STYLES
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.plan import ProgressCallback, StructurePrediction, SupportPool
+from app.engine.plan import PRIOR_GATE_MM, PRIOR_WEIGHT, ProgressCallback, StructurePrediction, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
@@ -39,6 +40,7 @@ from app.postprocess import StructureMask, confidence, laterality_warning, postp
 from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
+from app.support.prior import registration_priors
 from app.support.store import MANIFEST, SupportSet, discover
 
 MIN_BF16_AGREEMENT = 0.99
@@ -184,12 +186,15 @@ class Segmenter:
     def segment(self, ct: Path | str | sitk.Image, out_dir: Path | None = None,
                 structures: str | list[str] | None = None, support_size: int | None = None,
                 ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
-                support_selection: str = "level", save_probabilities: bool = False, preview: bool = True,
+                support_selection: str = "level", registration: bool = True, prior_weight: float | None = None,
+                prior_gate_mm: float | None = PRIOR_GATE_MM, save_probabilities: bool = False, preview: bool = True,
                 progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
                 keep_ct: bool = False, roi_names: str = "display", series_uid: str | None = None,
                 ) -> SegmentationResult:
         """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
-        CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs."""
+        CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs. `registration=False`
+        switches the registration prior off; `prior_weight` and `prior_gate_mm` set its fusion
+        (app.engine.plan; None for the gate: the network's answer is kept everywhere)."""
         engine = self._require_engine()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -210,7 +215,8 @@ class Segmenter:
         try:
             options = InferenceOptions(
                 support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
-                axial_search=axial_search, support_selection=support_selection)
+                axial_search=axial_search, support_selection=support_selection, registration=registration,
+                prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm)
         except ValidationError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
@@ -225,6 +231,10 @@ class Segmenter:
         inputs = self._model_inputs(canonical, supports)
         lap("preprocess")
 
+        priors, prior_notes = (registration_priors(canonical, supports, inputs, scan_id) if options.registration
+                               else ({}, []))
+        lap("registration")
+
         def report(phase: str, done: dict[str, int], total: dict[str, int]) -> None:
             if cancelled and cancelled():
                 raise CancelledError()
@@ -233,7 +243,7 @@ class Segmenter:
 
         z_mm = canonical.slice_positions_mm()
         profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
-        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile)
+        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile, priors)
         lap("inference")
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
@@ -252,6 +262,7 @@ class Segmenter:
                               if save_probabilities else {})
         summary = self._summary(image, canonical, scan_id, options, threshold, structures_summary, rule_changes,
                                 timings)
+        summary["warnings"] += prior_notes
         if series is not None:
             summary["input"]["format"] = "DICOM series"
             summary["warnings"] += series.warnings
@@ -381,6 +392,7 @@ def _structure_summary(name: str, m: StructureMask, prediction: StructurePredict
         "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
         "localisation": _localisation_summary(prediction, axial_search),
         "source_cases_used": prediction.cases_used,
+        "registration_prior": prediction.prior.describe() if prediction.prior else None,
         "query_support_pairs": prediction.pairs,
         "warnings": prediction.warnings,
     }

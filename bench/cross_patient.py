@@ -18,8 +18,11 @@ patient, then `Segmenter.segment(..., axial_search="all")`; the DICOM case
 uses the product's default localisation, since what it must show is
 `not_in_scan`); "registration" is the atlas prior alone
 (`app.support.registration`, thresholded at 0.5 on the query's grid);
-"hybrid" is the engine's fusion of the two, filled in by `hybrid_masks` once
-the engine provides it (n/a until then). Metrics per structure: Dice, surface
+"hybrid" is the product's default path: support sets with atlas copies, the
+registration prior for the window and the levels, fused with the network
+(`app.engine.plan`). `--choose-fusion` measures every fusion weight and gate
+on the main structures (network and prior each through the product path) and
+prints the table the engine's defaults were chosen from. Metrics per structure: Dice, surface
 Dice at the structure's tolerance and HD95 (`app.evaluation.metrics`);
 structures absent from a query are not averaged but counted as drawn or not.
 
@@ -110,6 +113,7 @@ class Case:
     results: dict = field(default_factory=dict)  # column -> structure -> metrics
     seconds: dict = field(default_factory=dict)  # column -> wall seconds
     notes: list[str] = field(default_factory=list)
+    built: list[str] | None = None  # structures with a support set from the source patient
 
 
 def read_scan(name: str, folder: Path) -> Scan:
@@ -212,11 +216,13 @@ def registration_column(case: Case) -> None:
     case.notes.append("registration: " + json.dumps(registration.diagnostics))
 
 
-def network_column(case: Case, segmenter_for, support_size: int, work: Path, only: list[str] | None) -> None:
-    """The product path: support sets built from the source patient, `Segmenter.segment` on the query
-    (for the structures in `only`, when given)."""
+def build_sets(case: Case, support_size: int, work: Path, only: list[str] | None) -> list[str]:
+    """Support sets (format 2, with atlas copies) from the source patient, one per structure it labels
+    (those in `only`, when given), as `autocontour support build` makes them; returns their names."""
     from app.support.build import build_support_set
 
+    if case.built is not None:
+        return case.built
     source_mask_dir = work / "masks"
     source_mask_dir.mkdir(parents=True)
     source_ct = source_mask_dir / "ct.nii.gz"
@@ -233,43 +239,106 @@ def network_column(case: Case, segmenter_for, support_size: int, work: Path, onl
         build_support_set(structure, structure, [(source_ct, mask_path)], work / "sets" / structure,
                           size=support_size, label=1, preview=False, source=case.source.name)
         built.append(structure)
-    started = time.perf_counter()
-    segmenter = segmenter_for(work / "sets")
-    masks, statuses = {}, {}
-    for first in range(0, len(built), STRUCTURES_PER_CALL):
-        result = segmenter.segment(case.query.path, None, structures=built[first:first + STRUCTURES_PER_CALL],
-                                   support_size=support_size, axial_search=case.axial_search, preview=False)
-        masks |= result.masks
-        statuses |= {n: s["status"] for n, s in result.summary["structures"].items()}
-    case.seconds["network"] = round(time.perf_counter() - started, 1)
+    case.built = built
+    return built
+
+
+def run_product(case: Case, segmenter, structures: list[str], support_size: int, **options) -> tuple[dict, dict]:
+    """`Segmenter.segment` on the query, a few structures per call: masks and probabilities (canonical LPS
+    arrays, probabilities only if asked for) and each structure's summary entry."""
+    masks, summaries = {}, {}
+    for first in range(0, len(structures), STRUCTURES_PER_CALL):
+        result = segmenter.segment(case.query.path, None, structures=structures[first:first + STRUCTURES_PER_CALL],
+                                   support_size=support_size, preview=False, **options)
+        for name in result.masks:
+            image = result.probabilities.get(name, result.masks[name])
+            masks[name] = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+        summaries |= result.summary["structures"]
+    return masks, summaries
+
+
+def score_masks(case: Case, masks: dict[str, np.ndarray], summaries: dict) -> dict:
     spacing = case.query.ct.GetSpacing()[::-1]
     out = {}
-    for structure in built:
-        drawn = sitk.GetArrayFromImage(sitk.DICOMOrient(masks[structure], "LPS")) > 0
-        status = statuses[structure]
+    for structure, mask in masks.items():
+        drawn = mask > 0
+        status = summaries[structure]["status"]
         if case.query.labels is None:
             out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False, "status": status}
         else:
-            metrics = evaluate(drawn, case.query.mask(structure, case.structures[structure]), spacing,
-                               tolerance(structure))
-            out[structure] = metrics | {"status": status}
-    case.results["network"] = out
+            out[structure] = evaluate(drawn, case.query.mask(structure, case.structures[structure]), spacing,
+                                      tolerance(structure)) | {"status": status}
+    return out
 
 
-def hybrid_masks(case: Case) -> dict[str, np.ndarray] | None:
-    """The hook for the engine's hybrid (network probabilities fused with the registration prior, issue 13
-    item 2): return the fused masks per structure on the query's canonical grid. The engine does not
-    fuse yet, so there is no hybrid to measure and the column prints n/a."""
-    return None
+def network_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None) -> None:
+    """The network alone through the product path: no registration prior, every body slice searched
+    (the DICOM case keeps the default localisation: what it must show is `not_in_scan`)."""
+    built = build_sets(case, support_size, work, only)
+    started = time.perf_counter()
+    masks, summaries = run_product(case, segmenter, built, support_size, axial_search=case.axial_search,
+                                   registration=False)
+    case.seconds["network"] = round(time.perf_counter() - started, 1)
+    case.results["network"] = score_masks(case, masks, summaries)
 
 
-def hybrid_column(case: Case) -> None:
-    masks = hybrid_masks(case)
-    if masks is None:
-        return
-    spacing = case.query.ct.GetSpacing()[::-1]
-    case.results["hybrid"] = {s: evaluate(m, case.query.mask(s, case.structures[s]), spacing, tolerance(s))
-                              for s, m in masks.items()}
+def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None,
+                  fusion: dict) -> None:
+    """The product's default path: registration prior (window, levels, fusion) and the network."""
+    built = build_sets(case, support_size, work, only)
+    started = time.perf_counter()
+    masks, summaries = run_product(case, segmenter, built, support_size, **fusion)
+    case.seconds["hybrid"] = round(time.perf_counter() - started, 1)
+    case.results["hybrid"] = score_masks(case, masks, summaries)
+    priors = {n: s["registration_prior"] for n, s in summaries.items() if s["registration_prior"]}
+    if priors:
+        first = next(iter(priors.values()))["registrations"]
+        case.notes.append("hybrid prior: " + json.dumps(first))
+
+
+def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None) -> dict:
+    """What the fusion is chosen from: the network's probability on the prior's window (weight 0, no gate)
+    and the prior's (weight 1), both through the product path, with each structure's reference."""
+    built = build_sets(case, support_size, work, only)
+    network, _ = run_product(case, segmenter, built, support_size, prior_weight=0.0, prior_gate_mm=None,
+                             save_probabilities=True)
+    prior, _ = run_product(case, segmenter, built, support_size, prior_weight=1.0, save_probabilities=True)
+    return {s: (network[s], prior[s], case.query.mask(s, case.structures[s])) for s in built
+            if group_of(s) == "main" or case.name.startswith("phantom")}
+
+
+def choose_fusion(inputs: list[tuple[str, dict]], spacing_of: dict[str, tuple]) -> str:
+    """Mean Dice over every case's structures for each (weight, gate): the table the defaults come from.
+    The gate is computed on the query's grid here (the engine does it on the model grid)."""
+    from scipy import ndimage
+
+    weights = [round(w, 2) for w in np.arange(0.0, 1.01, 0.1)]
+    gates = [None, 10.0, 20.0, 40.0]
+    lines = ["| weight | " + " | ".join(f"gate {g} mm" if g else "no gate" for g in gates) + " |",
+             "|---|" + "---|" * len(gates)]
+    best = (-1.0, None, None)
+    for w in weights:
+        row = []
+        for g in gates:
+            scores = []
+            for case_name, structures in inputs:
+                for network, prior, reference in structures.values():
+                    gate = 1.0
+                    if g is not None:
+                        likely = prior >= 0.5
+                        gate = (ndimage.distance_transform_edt(~likely, sampling=spacing_of[case_name]) <= g
+                                if likely.any() else 0.0)
+                    fused = (1 - w) * network * gate + w * prior
+                    drawn = fused >= 0.5
+                    scores.append(2 * float((drawn & reference).sum()) / max(1, int(drawn.sum() + reference.sum())))
+            mean = float(np.mean(scores))
+            row.append(f"{mean:.3f}")
+            if mean > best[0]:
+                best = (mean, w, g)
+        lines.append(f"| {w} | " + " | ".join(row) + " |")
+    lines.append(f"\nBest: weight {best[1]}, gate {best[2]} mm: mean Dice {best[0]:.3f} over "
+                 f"{sum(len(s) for _, s in inputs)} case-structures (threshold 0.5, before clean-up).")
+    return "\n".join(lines)
 
 
 def _fmt(value, digits=3) -> str:
@@ -339,7 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="real,virtual,phantom,dicom")
     parser.add_argument("--structures", default=None, help="comma-separated benchmark structures (default: all)")
-    parser.add_argument("--columns", default="network,registration")
+    parser.add_argument("--columns", default="network,registration,hybrid")
+    parser.add_argument("--choose-fusion", action="store_true",
+                        help="measure every prior weight and gate on the main structures and print the table")
+    parser.add_argument("--prior-weight", type=float, default=None, help="hybrid: fusion weight (default: engine's)")
     parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
                         help="case kinds the network column runs on (it costs minutes per structure on a CPU)")
     parser.add_argument("--network-structures", default=None, help="limit the network column to these structures")
@@ -371,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     def segmenter_for(support_dir: Path) -> Segmenter:
         return Segmenter(settings=Settings(threads=args.threads), support_dirs=[support_dir], shipped_support=False)
 
+    fusion = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
+    fusion_cases: list[tuple[str, dict]] = []
+    spacing_of: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:
         work = Path(tmp)
         cases = build_cases([k.strip() for k in args.cases.split(",")], structures, work, args.quick)
@@ -379,12 +454,26 @@ def main(argv: list[str] | None = None) -> None:
             if "registration" in columns:
                 registration_column(case)
                 print(f"   registration {case.seconds['registration']} s", flush=True)
-            if "network" in columns and case.name.split(":")[0] in args.network_cases.split(","):
-                network_column(case, segmenter_for, args.support_size, work / f"case{number}",
-                               args.network_structures.split(",") if args.network_structures else None)
+            kind_runs_network = case.name.split(":")[0] in args.network_cases.split(",")
+            only = args.network_structures.split(",") if args.network_structures else None
+            case_work = work / f"case{number}"
+            if not kind_runs_network or not ({"network", "hybrid"} & set(columns) or args.choose_fusion):
+                continue
+            build_sets(case, args.support_size, case_work, only)
+            segmenter = segmenter_for(case_work / "sets")
+            if "network" in columns:
+                network_column(case, segmenter, args.support_size, case_work, only)
                 print(f"   network {case.seconds['network']} s", flush=True)
-            hybrid_column(case)
+            if "hybrid" in columns:
+                hybrid_column(case, segmenter, args.support_size, case_work, only, fusion)
+                print(f"   hybrid {case.seconds['hybrid']} s", flush=True)
+            if args.choose_fusion and case.query.labels is not None:
+                fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
+                spacing_of[case.name] = case.query.ct.GetSpacing()[::-1]
     text = report(cases, args)
+    if fusion_cases:
+        text += "\n### Choosing the fusion\n\nMean Dice of the fused probability, main structures:\n\n"
+        text += choose_fusion(fusion_cases, spacing_of) + "\n"
     print(text)
     if args.write_results:
         write_results(text, "python bench/cross_patient.py " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -21,6 +21,13 @@ For every requested structure:
    cross-correlation of the 32x32 model images): anatomy that matches, not
    only the same relative level.
 
+With a registration prior (`app.support.prior`: the set's source cases
+registered to the scan), the prior replaces steps 0 and 1: its slices (plus
+a margin) are the window, its extent sets the levels, and the fine pass's
+probability is fused with it: p = (1 - w) * p_network * gate + w * p_prior,
+where the gate keeps the network's answer only within `prior_gate_mm` of the
+prior's likely region. w and the gate were chosen on bench/cross_patient.py.
+
 Requests of all structures go to the runner together, so batches stay full.
 If the CT is itself one of a support set's source cases, the query's own
 slice and its neighbours are left out of its support (leave-slice-out), so a
@@ -36,16 +43,22 @@ from typing import cast
 
 import numpy as np
 from pydantic import BaseModel, Field
+from scipy import ndimage
 
 from app.engine.runner import Engine
 from app.errors import OptionError
 from app.evaluation.metrics import dice
 from app.preprocess import ModelInput
 from app.support.localize import Localisation, Profile, locate
+from app.support.prior import StructurePrior
 from app.support.store import SupportSet
 
 MIN_FOREGROUND_PIXELS = 4
 LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
+PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs by about a vertebra
+# chosen on bench/cross_patient.py (see bench/RESULTS.md, "Choosing the fusion")
+PRIOR_WEIGHT = 0.5
+PRIOR_GATE_MM: float | None = 20.0
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
@@ -64,6 +77,12 @@ class InferenceOptions(BaseModel):
     support_selection: str = Field("level", pattern="^(level|spread)$",
                                    description="level: examples from the query's relative level; "
                                                "spread: from the whole extent")
+    registration: bool = Field(True, description="register the support sets' source cases to the scan and "
+                                                 "use their warped masks (the registration prior)")
+    prior_weight: float = Field(PRIOR_WEIGHT, ge=0, le=1,
+                                description="weight of the registration prior in the fused probability")
+    prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
+                                        "close to the prior's likely region (None: everywhere)")
     seed: int = 0
 
 
@@ -83,6 +102,7 @@ class StructurePrediction:
     localisation: Localisation | None = None
     searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
     cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
+    prior: StructurePrior | None = None  # the registration prior, when the set's source cases gave one
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -184,13 +204,15 @@ def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, f
 
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
                        options: InferenceOptions, fingerprint: str | None = None,
-                       progress: ProgressCallback | None = None,
-                       profile: Profile | None = None) -> dict[str, StructurePrediction]:
+                       progress: ProgressCallback | None = None, profile: Profile | None = None,
+                       priors: dict[str, StructurePrior] | None = None) -> dict[str, StructurePrediction]:
     """Coarse then fine pass for every structure; see the module docstring.
 
     `profile` is the query's bone profile; with it each structure is searched only
-    where the skeleton says it can be (app.support.localize).
+    where the skeleton says it can be (app.support.localize). `priors` are the
+    registration priors on the model grids (app.support.prior).
     """
+    priors = priors or {}
     pools = SupportPool(supports)
     rng = np.random.default_rng(options.seed)
     results: dict[str, StructurePrediction] = {}
@@ -218,6 +240,9 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         z_mm = inputs[name].grid.GetOrigin()[2] + inputs[name].grid.GetSpacing()[2] * np.arange(inputs[name].num_slices)
         inside = inputs[name].body_slices.copy()
         located = localise(support, profile, (float(z_mm[0]), float(z_mm[-1])))
+        if name in priors:
+            prediction.prior = priors[name]
+            located = _prior_window(priors[name], z_mm, located)
         prediction.localisation = located
         if options.axial_search == "all":
             if located.verdict != "whole_body":
@@ -240,7 +265,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     for name, support in supports.items():
         body = searched[name]
         size = min(options.coarse_support_size, results[name].support_size)
-        if body.size == 0:
+        if body.size == 0 or results[name].prior is not None:  # the prior gives the extent
             continue
         for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
             member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
@@ -255,9 +280,12 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse, strict=True)
                  if r.structure == name}
         found = _main_run(areas, step)
-        if found:
+        if prediction.prior is not None:
+            prediction.extent = prediction.prior.extent()
+            found = list(prediction.extent) if prediction.extent else []
+        elif found:
             prediction.extent = (found[0], found[-1])
-        if options.axial_search == "all":
+        if options.axial_search == "all" or prediction.prior is not None:
             queries = body
         elif found:
             queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
@@ -283,6 +311,8 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         prediction.computed[queries] = True
         prediction.cases_used = dict(sorted(used.items()))
 
+    if options.prior_weight == 1.0:  # the prior alone: no network work
+        fine_requests = [r for r in fine_requests if results[r.structure].prior is None]
     fine = _run(engine, inputs, pools, fine_requests, "fine", progress)
     by_slice: dict[tuple[str, int], list[np.ndarray]] = {}
     for request, probability in zip(fine_requests, fine, strict=True):
@@ -291,9 +321,46 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         results[name].probability[z] = np.mean(members, axis=0)
         results[name].agreement[z] = _agreement([m > 0.5 for m in members])
     for name, prediction in results.items():
+        if prediction.prior is not None:
+            _fuse(prediction, inputs[name], options)
         prediction.queries = int(prediction.computed.sum())
         prediction.pairs = sum(r.index.size for r in coarse_requests + fine_requests if r.structure == name)
     return results
+
+
+def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) -> Localisation:
+    """The search window from the registration prior (and the slices beyond the sources' fields of view
+    where the structure runs on), checked against the bone profile's verdict."""
+    present = z_mm[prior.slices_present() | prior.uninformed()]
+    if present.size == 0:
+        registered = "the registered source case(s) place the structure beyond the scan's ends"
+        reason = f"{bones.reason}; {registered} too" if bones.verdict == "not_in_scan" else registered
+        return Localisation("not_in_scan", reason, expected_mm=bones.expected_mm, score=bones.score)
+    window = (float(present[0]) - PRIOR_MARGIN_MM, float(present[-1]) + PRIOR_MARGIN_MM)
+    reason = "registration prior"
+    if bones.verdict == "window" and bones.window_mm is not None and (
+            bones.window_mm[1] < window[0] or bones.window_mm[0] > window[1]):
+        reason += (f"; the bone profile expected z {bones.window_mm[0]:.0f} to {bones.window_mm[1]:.0f} mm, "
+                   "which does not overlap: check the result")
+    return Localisation("window", reason, window, bones.expected_mm, bones.score)
+
+
+def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
+    """p = (1 - w) * p_network * gate + w * p_prior on the searched slices (module docstring)."""
+    assert prediction.prior is not None
+    prior = prediction.prior.probability
+    network = prediction.probability
+    if options.prior_gate_mm is not None:
+        likely = prior >= 0.5
+        if likely.any():
+            spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
+            network = network * (ndimage.distance_transform_edt(~likely, sampling=spacing) <= options.prior_gate_mm)
+        else:
+            network = np.zeros_like(network)
+    fused = (1 - options.prior_weight) * network + options.prior_weight * prior
+    alone = prediction.prior.uninformed()[:, None, None]
+    fused = np.where(alone, prediction.probability, fused)  # beyond the sources' fields of view: the network
+    prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
 
 def _main_run(areas: dict[int, int], step: int) -> list[int]:

@@ -10,6 +10,11 @@ the set declares itself symmetric (a bladder, a midline target), left-right
 mirrored copies fill it and the manifest says so; a one-sided structure is
 never mirrored (a mirrored left kidney is a right kidney).
 
+Each source case also leaves a small copy of itself (CT and mask at about
+4 mm, `app.support.registration.AtlasCase`) in the set: a new patient's scan
+is registered to it, and the warped mask tells the engine where to look and
+what the structure should roughly be (the registration prior).
+
 A case is a CT (NIfTI, or a DICOM series as a folder or zip) and its mask:
 a binary NIfTI mask, a label map (with a label value or a recipe), or an
 RTSTRUCT with the ROI named by one of the clinic's names for it.
@@ -31,7 +36,15 @@ from app.io import CanonicalCT, fingerprint, read_image
 from app.preprocess import PreprocessSpec, mask_to_grid, prepare
 from app.support.localize import bone_profile
 from app.support.recipes import Recipe
-from app.support.store import SourceCase, SupportManifest, SupportSet, SupportSlice, save_support_set
+from app.support.registration import AtlasCase, make_atlas_case
+from app.support.store import (
+    SourceCase,
+    SupportManifest,
+    SupportSet,
+    SupportSlice,
+    save_atlas_copy,
+    save_support_set,
+)
 
 MIN_FOREGROUND_PIXELS = 4
 NEGATIVE_MARGIN_SLICES = 4
@@ -46,6 +59,7 @@ class LabelledCase:
     labels: np.ndarray  # (Z, H, W) uint8
     z_mm: np.ndarray  # (Z,)
     body_slices: np.ndarray  # (Z,) bool
+    atlas: AtlasCase | None = None  # the small copy for the registration prior
 
 
 def label_names_for(mask_path: Path, explicit: Path | None = None) -> dict[str, int]:
@@ -124,7 +138,7 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
 
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
               recipe: Recipe | None = None, names: dict[str, int] | None = None,
-              rois: list[str] | None = None) -> LabelledCase:
+              rois: list[str] | None = None, atlas: bool = True) -> LabelledCase:
     ct = CanonicalCT(read_case_ct(ct_path))
     mask_image, roi = read_case_mask(mask_path, ct.input, rois)
     if mask_image.GetSize() != ct.input.GetSize() or not np.allclose(
@@ -148,7 +162,8 @@ def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec
         spacing_mm=list(ct.image.GetSpacing()), extent_slices=[int(zs.min()), int(zs.max())], label=how,
         extent_mm=[round(float(z_mm[zs.min()]), 3), round(float(z_mm[zs.max()]), 3)],
         bone_profile=bone_profile(ct.array, ct.spacing_zyx, z_mm).to_dict())
-    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices)
+    small = make_atlas_case(ct.image, ct.canonical_like(mask.astype(np.uint8))) if atlas else None
+    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices, small)
 
 
 def _spread(candidates: np.ndarray, n: int) -> np.ndarray:
@@ -190,11 +205,13 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
                       label: int | None = None, recipe: Recipe | None = None, label_names: Path | None = None,
                       spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, symmetric: bool = False,
                       description: str = "", source: str = "", preview: bool = True,
-                      definition: StructureDefinition | None = None, rois: list[str] | None = None) -> SupportSet:
+                      definition: StructureDefinition | None = None, rois: list[str] | None = None,
+                      atlas: bool = True) -> SupportSet:
     """Build, save and return a support set (see the module docstring for the choices).
 
     `definition` declares the structure (default: the built-in one of that name, or a plain organ);
-    `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks.
+    `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks;
+    `atlas` keeps each case's small copy for the registration prior.
     """
     if not cases:
         raise SupportSetError("give at least one --case CT MASK")
@@ -209,8 +226,11 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
         raise SupportSetError(f"{structure!r} is {definition.laterality}-sided: a mirrored copy would show the other "
                               "side, so a lateral structure cannot be declared symmetric")
     spec = spec or PreprocessSpec()
-    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois)
+    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois, atlas)
               for i, (ct, mask) in enumerate(cases)]
+    for case in loaded:
+        if case.atlas is not None:
+            case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
     picks = select_slices(loaded, size, negative_fraction, symmetric)
 
     images, labels, slices, warnings = [], [], [], []

@@ -9,6 +9,9 @@ must be as traceable as the weights: each one is a folder
                         levels, preprocessing recipe, creation date, hash
     slices.safetensors  images (N, H, W) float16 in [0, 1], labels (N, H, W) uint8
     preview.png         the picked slices with their contours
+    atlas/<case>/       (format 2) a small copy of each source case, CT and mask
+                        at about 4 mm (app.support.registration.AtlasCase), for the
+                        registration prior; its size is in the manifest
 
 and is addressed by a content hash over the tensors and everything that
 decides how they are used (structure, preprocessing, slice levels). Results
@@ -30,8 +33,10 @@ from safetensors.numpy import load_file, save_file
 from app.catalogue import StructureDefinition, default_definition
 from app.errors import SupportSetError
 from app.preprocess import PreprocessSpec
+from app.support.registration import ATLAS_CT_FILE, ATLAS_MASK_FILE, AtlasCase
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no atlas copies; such sets run without a registration prior
 MANIFEST = "manifest.json"
 TENSORS = "slices.safetensors"
 PREVIEW = "preview.png"
@@ -48,6 +53,15 @@ class SupportSlice(BaseModel):
     flipped: bool = False  # left-right mirrored copy (augmentation)
 
 
+class AtlasCopy(BaseModel):
+    """Where a source case's small copy lies in the set's folder, its size and its hash."""
+
+    folder: str  # relative to the support set's folder
+    bytes: int
+    sha256: str  # over the CT file then the mask file
+    spacing_mm: float
+
+
 class SourceCase(BaseModel):
     case: str
     fingerprint: str  # SHA-256 of the canonical CT's voxels and geometry (app.io.fingerprint)
@@ -57,6 +71,7 @@ class SourceCase(BaseModel):
     label: str  # how the mask was made: "label 104", "binary mask", or "recipe ctvn"
     extent_mm: list[float] | None = None  # z (patient superior, mm) of the first and last slice showing it
     bone_profile: dict | None = None  # app.support.localize.Profile: where along z the skeleton is
+    atlas: AtlasCopy | None = None  # format 2: the small copy for the registration prior
 
 
 class SupportManifest(BaseModel):
@@ -92,6 +107,7 @@ class SupportSet:
         self.images = images.astype(np.float32)
         self.labels = (labels > 0).astype(np.float32)
         self.path = path
+        self._atlas: dict[str, AtlasCase] | None = None
 
     @property
     def structure(self) -> str:
@@ -109,6 +125,15 @@ class SupportSet:
     @property
     def id(self) -> str:
         return f"{self.manifest.name}-{self.content_hash[:12]}"
+
+    def atlas_cases(self) -> dict[str, AtlasCase]:
+        """Source case id -> its small CT and mask (format 2 sets); loaded once, on first use."""
+        if self._atlas is None:
+            self._atlas = {}
+            for c in self.manifest.source_cases:
+                if c.atlas is not None and self.path is not None:
+                    self._atlas[c.case] = AtlasCase.load(self.path / c.atlas.folder)
+        return self._atlas
 
     @property
     def levels(self) -> np.ndarray:
@@ -129,6 +154,8 @@ class SupportSet:
             "size": len(self),
             "positive_slices": int(sum(s.foreground_pixels > 0 for s in m.slices)),
             "source_cases": len(m.source_cases),
+            "format_version": m.format_version,
+            "atlas_bytes": sum(c.atlas.bytes for c in m.source_cases if c.atlas) or None,
             "symmetric": m.symmetric,
             "source": m.source,
             "created": m.created,
@@ -138,7 +165,7 @@ class SupportSet:
 
 def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray) -> str:
     digest = hashlib.sha256()
-    identity = {
+    identity: dict[str, object] = {
         "structure": manifest.structure,
         "preprocessing": manifest.preprocessing.model_dump(),
         "slices": [s.model_dump() for s in manifest.slices],
@@ -146,10 +173,31 @@ def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarr
     }
     if manifest.definition is not None:  # sets without one keep the hash they were built with
         identity["definition"] = manifest.definition.model_dump(mode="json")
+    if any(c.atlas for c in manifest.source_cases):  # likewise sets without atlas copies
+        identity["atlas"] = [c.atlas.sha256 if c.atlas else None for c in manifest.source_cases]
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
     return digest.hexdigest()
+
+
+def atlas_sha256(folder: Path) -> str | None:
+    """SHA-256 over an atlas copy's CT and mask files; None if either is missing."""
+    digest = hashlib.sha256()
+    for name in (ATLAS_CT_FILE, ATLAS_MASK_FILE):
+        path = Path(folder) / name
+        if not path.is_file():
+            return None
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def save_atlas_copy(atlas: AtlasCase, set_folder: Path, case: str) -> AtlasCopy:
+    """Write a source case's small copy into the set's folder (before the manifest that names it)."""
+    relative = f"atlas/{case}"
+    size = atlas.save(Path(set_folder) / relative)
+    return AtlasCopy(folder=relative, bytes=size, sha256=atlas_sha256(Path(set_folder) / relative) or "",
+                     spacing_mm=round(float(atlas.ct.GetSpacing()[0]), 3))
 
 
 def save_support_set(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, folder: Path) -> SupportSet:
@@ -173,8 +221,9 @@ def load_support_set(folder: Path) -> SupportSet:
     except ValidationError as exc:
         raise SupportSetError(f"{folder / MANIFEST} is not a valid support-set manifest: "
                               f"{exc.errors()[0]['msg']}") from exc
-    if manifest.format_version != FORMAT_VERSION:
-        raise SupportSetError(f"{folder}: format version {manifest.format_version}, expected {FORMAT_VERSION}")
+    if manifest.format_version not in READABLE_VERSIONS:
+        raise SupportSetError(f"{folder}: format version {manifest.format_version}; this version of autocontour "
+                              f"reads {', '.join(map(str, READABLE_VERSIONS))}")
     try:
         tensors = load_file(str(folder / TENSORS))
         images, labels = tensors["images"], tensors["labels"]
@@ -184,6 +233,9 @@ def load_support_set(folder: Path) -> SupportSet:
     if actual != manifest.content_hash:
         raise SupportSetError(f"{folder}: content hash mismatch (manifest {manifest.content_hash[:12]}, "
                               f"data {actual[:12]}): the set was modified after it was built")
+    for case in manifest.source_cases:
+        if case.atlas is not None and atlas_sha256(folder / case.atlas.folder) != case.atlas.sha256:
+            raise SupportSetError(f"{folder}: the atlas copy of {case.case} was modified or is missing")
     return SupportSet(manifest, images, labels, folder)
 
 

@@ -1,0 +1,110 @@
+"""Support sets of format 2 (atlas copies) and the registration prior through `Segmenter.segment`.
+
+Phantoms and the seeded small network only: the prior's geometry is what is tested here; its
+benefit on real patients is measured by bench/cross_patient.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.errors import SupportSetError
+from app.pipeline import Segmenter
+from app.support.build import build_support_set
+from app.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
+from app.support.virtual import smooth_deformation
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def bladder_set(tmp_path_factory, phantom_cases):
+    out = tmp_path_factory.mktemp("prior") / "urinary_bladder"
+    names = {v: int(k) for k, v in json.loads((phantom_cases[0][1].parent / "labels.json").read_text()).items()}
+    return build_support_set("urinary_bladder", "urinary_bladder", phantom_cases, out, size=8,
+                             label=names["urinary_bladder"], preview=False, symmetric=True), names
+
+
+@pytest.fixture(scope="module")
+def deformed_query(tmp_path_factory, phantom_cases):
+    """Phantom case 0 bent smoothly and shifted: a new 'patient' whose bladder is known."""
+    ct = sitk.ReadImage(str(phantom_cases[0][0]))
+    labels = sitk.ReadImage(str(phantom_cases[0][1]))
+    move = sitk.CompositeTransform(3)
+    move.AddTransform(sitk.TranslationTransform(3, [6.0, -4.0, 8.0]))
+    move.AddTransform(smooth_deformation(ct, 4.0, np.random.default_rng(5)))
+    folder = tmp_path_factory.mktemp("query")
+    sitk.WriteImage(sitk.Resample(ct, ct, move, sitk.sitkLinear, -1000.0, sitk.sitkInt16), str(folder / "ct.nii.gz"))
+    truth = sitk.Resample(labels, labels, move, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    return folder / "ct.nii.gz", truth
+
+
+def test_a_built_set_keeps_small_atlas_copies_and_says_how_big(bladder_set):
+    support, _ = bladder_set
+    assert support.manifest.format_version == FORMAT_VERSION == 2
+    for case in support.manifest.source_cases:
+        assert case.atlas is not None and case.atlas.spacing_mm == 4.0
+        files = list((support.path / case.atlas.folder).iterdir())
+        assert case.atlas.bytes == sum(f.stat().st_size for f in files) and 0 < case.atlas.bytes < 1_000_000
+    assert set(support.atlas_cases()) == {"case0", "case1"}
+    assert support.describe()["atlas_bytes"] == sum(c.atlas.bytes for c in support.manifest.source_cases)
+
+
+def test_a_modified_atlas_copy_is_refused(tmp_path, bladder_set):
+    support, _ = bladder_set
+    copy = tmp_path / "set"
+    shutil.copytree(support.path, copy)
+    mask = copy / support.manifest.source_cases[0].atlas.folder / "atlas_mask.nii.gz"
+    image = sitk.ReadImage(str(mask))
+    sitk.WriteImage(image * 0, str(mask), useCompression=True)
+    with pytest.raises(SupportSetError, match="atlas copy of case0"):
+        load_support_set(copy)
+
+
+def test_the_prior_segments_a_new_patient_and_never_uses_its_own_case(small_weights, bladder_set, deformed_query,
+                                                                       phantom_cases):
+    support, names = bladder_set
+    segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[support.path], shipped_support=False)
+    query, truth = deformed_query
+    # the prior alone (weight 1): what the registered source cases say the bladder is
+    result = segmenter.segment(query, None, "urinary_bladder", support_size=4, prior_weight=1.0)
+    entry = result.summary["structures"]["urinary_bladder"]
+    assert entry["registration_prior"]["source_cases"] == ["case0", "case1"]
+    assert entry["localisation"]["reason"].startswith("registration prior")
+    assert "registration" in result.summary["timings_s"]
+    drawn = sitk.GetArrayFromImage(result.masks["urinary_bladder"]) > 0
+    assert dice(drawn, sitk.GetArrayFromImage(truth) == names["urinary_bladder"]) >= 0.8
+
+    # the fused default runs the network on the prior's window only
+    fused = segmenter.segment(query, None, "urinary_bladder", support_size=4)
+    window = fused.summary["structures"]["urinary_bladder"]["searched_z_mm"]
+    off = segmenter.segment(query, None, "urinary_bladder", support_size=4, registration=False)
+    assert off.summary["structures"]["urinary_bladder"]["registration_prior"] is None
+    assert window[1] - window[0] < np.subtract(*off.summary["structures"]["urinary_bladder"]["searched_z_mm"][::-1])
+
+    # a source case of the set: its own case gives no prior (it would copy its own label)
+    own = segmenter.segment(phantom_cases[0][0], None, "urinary_bladder", support_size=4)
+    assert own.summary["structures"]["urinary_bladder"]["registration_prior"]["source_cases"] == ["case1"]
+
+
+def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, small_weights, bladder_set,
+                                                                   deformed_query):
+    support, _ = bladder_set
+    folder = tmp_path / "v1"
+    cases = [c.model_copy(update={"atlas": None}) for c in support.manifest.source_cases]
+    manifest = support.manifest.model_copy(update={"format_version": 1, "source_cases": cases})
+    save_support_set(manifest, support.images, support.labels, folder)
+    written = json.loads((folder / MANIFEST).read_text())
+    assert written["format_version"] == 1 and not (folder / "atlas").exists()
+    segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[folder], shipped_support=False)
+    result = segmenter.segment(deformed_query[0], None, "urinary_bladder", support_size=4)
+    entry = result.summary["structures"]["urinary_bladder"]
+    assert entry["registration_prior"] is None and entry["support_set"]["format_version"] == 1
+    assert entry["slices_computed"] > 0
