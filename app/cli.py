@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_group(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A command with subcommands of its own (`autocontour NAME SUBCOMMAND`); one is required."""
+    return commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True,
+                                                               parser_class=OneLineParser)
+
+
 def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     """`autocontour evaluate`: its arguments, beside its handler."""
     evaluate = commands.add_parser("evaluate", help="measure predicted masks against reference masks",
@@ -365,8 +371,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def add_support_commands(commands: argparse._SubParsersAction) -> None:
     """`autocontour support build` and `support list`: their arguments, beside their handlers."""
-    support = commands.add_parser("support", help="build and list support sets").add_subparsers(
-        dest="support_command", required=True, parser_class=OneLineParser)
+    support = _command_group(commands, "support", "build and list support sets")
     build = support.add_parser("build", help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)",
                                description="Pick informative slices of one structure from contoured CTs, spread "
                                            "over its axial extent, and save them as a hash-addressed support set "
@@ -509,8 +514,7 @@ def cmd_support_list(args: argparse.Namespace) -> int:
 
 def add_weights_commands(commands: argparse._SubParsersAction) -> None:
     """`autocontour weights download` and `weights info`: their arguments, beside their handlers."""
-    weights = commands.add_parser("weights", help="download or inspect checkpoints").add_subparsers(
-        dest="weights_command", required=True, parser_class=OneLineParser)
+    weights = _command_group(commands, "weights", "download or inspect checkpoints")
     download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
                                   description="Download a known checkpoint, verify its SHA-256 and that it loads, "
                                               "and store it in the cache folder. universeg-v1 is the official "
@@ -660,8 +664,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
     """`autocontour pacs pull` and `pacs push`: their arguments, beside their handlers."""
-    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
-        dest="pacs_command", required=True, parser_class=OneLineParser)
+    pacs = _command_group(commands, "pacs", "pull a CT from a DICOMweb PACS and push results back")
     pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
                            description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
                                        "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
@@ -729,8 +732,7 @@ def cmd_pacs_push(args: argparse.Namespace) -> int:
 
 def add_keys_commands(commands: argparse._SubParsersAction) -> None:
     """`autocontour keys hash`: its arguments, beside its handler."""
-    keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
-                                                                             parser_class=OneLineParser)
+    keys = _command_group(commands, "keys", "API-key helpers")
     key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
     key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
     key_hash.set_defaults(handler=cmd_keys_hash)
