@@ -60,6 +60,14 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
                         help="level: examples from the query's relative axial level (default); spread: whole extent")
 
 
+def _roi_names_option(parser: argparse.ArgumentParser) -> None:
+    from app.dicom import ROI_NAME_STYLES
+
+    parser.add_argument("--roi-names", choices=ROI_NAME_STYLES, default="display",
+                        help="ROI names in rtstruct.dcm: the catalogue's display names (default) or TG-263 names "
+                             "(the display name where a structure has none)")
+
+
 def _segmenter(args: argparse.Namespace):
     """The Segmenter the inference options ask for."""
     from app.pipeline import Segmenter
@@ -83,81 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autocontour {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    add_segment_command(commands)
+    # in the order `autocontour --help` lists them; each command's parser sits beside its handler
+    for add in (add_segment_command, add_support_commands, add_weights_commands, add_evaluate_command,
+                add_crossval_command, add_train_command, add_finetune_command, add_serve_command,
+                add_worker_command, add_submit_command, add_pacs_commands, add_keys_commands,
+                add_health_command, add_structures_command):
+        add(commands)
+    return parser
 
-    support = commands.add_parser("support", help="build and list support sets").add_subparsers(
-        dest="support_command", required=True, parser_class=OneLineParser)
-    build = support.add_parser("build", help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)",
-                               description="Pick informative slices of one structure from contoured CTs, spread "
-                                           "over its axial extent, and save them as a hash-addressed support set "
-                                           "with a manifest (declaring the structure) and preview.png. Cases come "
-                                           "from files (--case), a PACS (--pacs-url/--study) or a reviewed, "
-                                           "corrected result (--from-result/--mask).")
-    build.add_argument("name", help="support-set name (also the structure it segments, unless --structure)")
-    build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", default=[],
-                       help="a CT (.nii.gz, or a DICOM series folder or zip) and its mask: a NIfTI mask or label map "
-                            "on the same grid, or an RTSTRUCT .dcm (with --roi); repeat for more cases")
-    build.add_argument("--roi", action="append", default=[],
-                       help="RTSTRUCT ROI name, matched case-insensitively; repeat for a clinic's synonyms "
-                            "(the first that a case has is used)")
-    build.add_argument("--pacs-url", default=None, help="DICOMweb root: take the case from a study in the PACS")
-    build.add_argument("--study", action="append", default=[],
-                       help="Study Instance UID in --pacs-url (its CT series and RTSTRUCT); repeatable")
-    build.add_argument("--username", default=None, help="PACS user")
-    build.add_argument("--password", default=None, help="PACS password (default: $AUTOCONTOUR_PACS_PASSWORD)")
-    build.add_argument("--from-result", type=Path, default=None,
-                       help="an `autocontour segment` output folder whose draft was reviewed and corrected")
-    build.add_argument("--mask", type=Path, default=None,
-                       help="with --from-result: the corrected mask (NIfTI) or a corrected RTSTRUCT (with --roi)")
-    build.add_argument("--ct", type=Path, default=None,
-                       help="with --from-result: the CT it segmented (default: the result's review/ct.nii.gz); "
-                            "checked against the result's fingerprint")
-    build.add_argument("--structure", default=None, help="structure it segments (default: NAME)")
-    build.add_argument("--display-name", default=None, help="name shown in previews, RTSTRUCT and DICOM-SEG")
-    build.add_argument("--colour", default=None, metavar="R,G,B", help="display colour, 0-255 each")
-    build.add_argument("--interpreted-type", default=None,
-                       help="DICOM RT ROI Interpreted Type: ORGAN (default), CTV, GTV, PTV, AVOIDANCE, ...")
-    build.add_argument("--tg263", default=None, help="AAPM TG-263 standard name, e.g. Kidney_L")
-    build.add_argument("--laterality", default=None, choices=["left", "right", "midline", "bilateral"],
-                       help="default: left/right for names ending _left/_right, else midline")
-    build.add_argument("--components", type=int, default=None, help="connected pieces to keep (default 1)")
-    build.add_argument("--tolerance-mm", type=float, default=None, help="surface-Dice tolerance (default 2)")
-    build.add_argument("--symmetric", action="store_true",
-                       help="allow left-right mirrored copies to fill a short set (never for left/right structures)")
-    how = build.add_mutually_exclusive_group()
-    how.add_argument("--label", type=int, default=None, help="label value, when MASK is a label map")
-    how.add_argument("--recipe", default=None,
-                     help="recipe JSON file, or the name of a shipped recipe (support_sets/recipes/NAME.json)")
-    build.add_argument("--label-names", type=Path, default=None,
-                       help="JSON {value: name} for recipes (default: labels.json beside the mask)")
-    build.add_argument("--size", type=int, default=64, help="slices in the set (default 64)")
-    build.add_argument("--negative-fraction", type=float, default=0.125,
-                       help="share of empty slices from just beyond the structure's ends (default 0.125)")
-    build.add_argument("--description", default="", help="free text stored in the manifest")
-    build.add_argument("--source", default="", help="where the cases come from and their licence")
-    build.add_argument("--out", type=Path, required=True, help="output folder of the support set")
-    build.set_defaults(handler=cmd_support_build)
-    listing = support.add_parser("list", help="list the support sets that segment would use")
-    listing.add_argument("--support-dir", type=Path, action="append", default=[])
-    listing.add_argument("--no-shipped-support", action="store_true")
-    listing.set_defaults(handler=cmd_support_list)
 
-    weights = commands.add_parser("weights", help="download or inspect checkpoints").add_subparsers(
-        dest="weights_command", required=True, parser_class=OneLineParser)
-    download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
-                                  description="Download a known checkpoint, verify its SHA-256 and that it loads, "
-                                              "and store it in the cache folder. universeg-v1 is the official "
-                                              "UniverSeg checkpoint: research use only (OpenRAIL++-M).")
-    download.add_argument("name", choices=["universeg-v1"])
-    download.add_argument("--sha256", default=None, help="expected SHA-256 (pins the download)")
-    download.add_argument("--url", default=None, help="alternative URL (a mirror)")
-    download.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/autocontour/weights")
-    download.add_argument("--quiet", action="store_true")
-    download.set_defaults(handler=cmd_weights_download)
-    info = weights.add_parser("info", help="show a checkpoint's model card")
-    info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
-    info.set_defaults(handler=cmd_weights_info)
+def _command_group(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A command with subcommands of its own (`autocontour NAME SUBCOMMAND`); one is required."""
+    return commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True,
+                                                               parser_class=OneLineParser)
 
+
+def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour evaluate`: its arguments, beside its handler."""
     evaluate = commands.add_parser("evaluate", help="measure predicted masks against reference masks",
                                    description="Dice, Jaccard, precision, recall, RVD, volumes, HD, HD95, ASD and "
                                                "surface Dice (DeepMind definitions, true spacing). Pairs by structure "
@@ -176,120 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ct", type=Path, default=None, help="the CT, for comparison pictures (preview.png)")
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.set_defaults(handler=cmd_evaluate)
-
-    crossval = commands.add_parser("crossval", help="leave-one-case-out cross-validation of support sets",
-                                   description="For each labelled case, build support sets from the others with the "
-                                               "shipped recipes, segment it, and measure. --phantoms adds synthetic "
-                                               "cases (useful with a single real case).")
-    crossval.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[])
-    crossval.add_argument("--phantoms", type=int, default=0)
-    crossval.add_argument("--structures", default="bladder,anorectum,ctvn")
-    crossval.add_argument("--support-set-size", type=int, default=32)
-    crossval.add_argument("--support-size", type=int, default=None)
-    crossval.add_argument("--weights", type=Path, default=None)
-    crossval.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    crossval.add_argument("--tolerance-mm", default=None)
-    crossval.add_argument("--out", type=Path, required=True)
-    crossval.set_defaults(handler=cmd_crossval)
-
-    train = commands.add_parser("train", help="train the in-context network (episodic)",
-                                description="Episodic in-context training on every label of the given labelled CTs "
-                                            "plus synthetic phantoms (see app/training). "
-                                            "Resumes from OUT/checkpoint.pt.")
-    train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
-                       help="a CT and its label map (labels.json beside it names the values); repeatable")
-    train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
-    train.add_argument("--data", type=Path, default=None, help="a prepared data file instead of --case/--phantoms")
-    train.add_argument("--save-data", type=Path, default=None, help="write the prepared data file here")
-    train.add_argument("--prepare-only", action="store_true", help="only prepare --save-data, do not train")
-    train.add_argument("--from", dest="init", type=Path, default=None, help="start from this checkpoint")
-    train.add_argument("--name", default=None, help="model name in the weights' card (default: autocontour-<OUT>)")
-    train.add_argument("--licence", default=None,
-                       help="licence of the weights, which follows the training data's (default: says so); "
-                            "weights from research-only --from weights stay research-only whatever this says")
-    _training_options(train, steps=6000)
-    train.set_defaults(handler=cmd_train)
-
-    finetune = commands.add_parser("finetune", help="adapt a checkpoint to a clinic's labelled cases",
-                                   description="Transfer learning: start from a compatible checkpoint (the project's, "
-                                               "the official one or your own) and fine-tune on your cases' "
-                                               "structures, with early stopping on a held-out case.")
-    finetune.add_argument("--from", dest="init", type=Path, required=True, help="starting checkpoint")
-    finetune.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", required=True,
-                          help="a CT and its label map or mask; at least two cases")
-    finetune.add_argument("--structures", required=True,
-                          help="structures to learn, each made by its shipped recipe (or --label for one structure)")
-    finetune.add_argument("--label", type=int, default=None, help="label value of the single structure in the masks")
-    finetune.add_argument("--holdout-case", type=int, default=-1, help="index of the case kept for early stopping "
-                                                                         "(default: the last)")
-    _training_options(finetune, steps=1000, patience=5)
-    finetune.set_defaults(handler=cmd_finetune)
-
-    serve = commands.add_parser("serve", help="run the HTTP service",
-                                description="Start the FastAPI server (uvicorn). Settings: AUTOCONTOUR_* variables "
-                                            "and the TOML file named by AUTOCONTOUR_CONFIG (see README).")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.set_defaults(handler=cmd_serve)
-
-    worker = commands.add_parser("worker", help="run a Celery worker that owns one model (AUTOCONTOUR_QUEUE=celery)",
-                                 description="Load the model once and run segmentation tasks from the Redis broker "
-                                             "(AUTOCONTOUR_BROKER_URL). Start one per GPU; the API runs with "
-                                             "AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared).")
-    worker.add_argument("--name", default=None, help="worker node name (default: autocontour-PID@HOST)")
-    worker.set_defaults(handler=cmd_worker)
-
-    submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
-                                 description="Upload a CT to an autocontour server, follow its progress, and unpack "
-                                             "the result (masks, summary.json, preview.png) into --out. Retries on "
-                                             "connection errors and a full queue.")
-    submit.add_argument("ct", type=Path)
-    submit.add_argument("--server", required=True, help="base URL, e.g. http://autocontour:8000")
-    submit.add_argument("--out", type=Path, required=True)
-    submit.add_argument("--structures", default=None)
-    submit.add_argument("--support-size", type=int, default=None)
-    submit.add_argument("--ensemble", type=int, default=None)
-    submit.add_argument("--threshold", type=float, default=None)
-    submit.add_argument("--probabilities", action="store_true")
-    submit.add_argument("--api-key", default=None, help="default: $AUTOCONTOUR_API_KEY")
-    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result")
-    submit.add_argument("--quiet", action="store_true")
-    submit.set_defaults(handler=cmd_submit)
-
-    add_pacs_commands(commands)
-
-    keys = commands.add_parser("keys", help="API-key helpers").add_subparsers(dest="keys_command", required=True,
-                                                                             parser_class=OneLineParser)
-    key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
-    key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
-    key_hash.set_defaults(handler=cmd_keys_hash)
-
-    health = commands.add_parser("health", help="container health check: the API answers, or a worker reaches "
-                                                "its broker",
-                                 description="Exit 0 when healthy, 1 with one line otherwise. A worker container "
-                                             "(PID 1 runs `autocontour worker`, or --worker) is healthy when it "
-                                             "reaches its Redis broker; otherwise the API must answer --url.")
-    health.add_argument("--url", default="http://127.0.0.1:8000/healthz")
-    health.add_argument("--worker", action="store_true", help="check the broker (default: when PID 1 is a worker)")
-    health.set_defaults(handler=cmd_health)
-
-    structures = commands.add_parser("structures", help="list the structures the support sets provide, and the "
-                                                        "overlap rules",
-                                     description="The structures the loaded support sets declare (and the built-in "
-                                                 "cervix ones without a set), with how to add one.")
-    structures.add_argument("--support-dir", type=Path, action="append", default=[])
-    structures.add_argument("--no-shipped-support", action="store_true")
-    structures.add_argument("--rules", type=Path, default=None, help="overlap-rules JSON (default: shipped)")
-    structures.set_defaults(handler=cmd_structures)
-    return parser
-
-
-def _roi_names_option(parser: argparse.ArgumentParser) -> None:
-    from app.dicom import ROI_NAME_STYLES
-
-    parser.add_argument("--roi-names", choices=ROI_NAME_STYLES, default="display",
-                        help="ROI names in rtstruct.dcm: the catalogue's display names (default) or TG-263 names "
-                             "(the display name where a structure has none)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -315,6 +151,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(written["markdown"].read_text())
     print(f"written to {args.out}")
     return 0
+
+
+def add_crossval_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour crossval`: its arguments, beside its handler."""
+    crossval = commands.add_parser("crossval", help="leave-one-case-out cross-validation of support sets",
+                                   description="For each labelled case, build support sets from the others with the "
+                                               "shipped recipes, segment it, and measure. --phantoms adds synthetic "
+                                               "cases (useful with a single real case).")
+    crossval.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[])
+    crossval.add_argument("--phantoms", type=int, default=0)
+    crossval.add_argument("--structures", default="bladder,anorectum,ctvn")
+    crossval.add_argument("--support-set-size", type=int, default=32)
+    crossval.add_argument("--support-size", type=int, default=None)
+    crossval.add_argument("--weights", type=Path, default=None)
+    crossval.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    crossval.add_argument("--tolerance-mm", default=None)
+    crossval.add_argument("--out", type=Path, required=True)
+    crossval.set_defaults(handler=cmd_crossval)
 
 
 def cmd_crossval(args: argparse.Namespace) -> int:
@@ -360,6 +214,27 @@ def _train_config(args: argparse.Namespace):
                        patience=args.patience, max_seconds=args.max_seconds, seed=args.seed, device=args.device)
 
 
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour train`: its arguments, beside its handler."""
+    train = commands.add_parser("train", help="train the in-context network (episodic)",
+                                description="Episodic in-context training on every label of the given labelled CTs "
+                                            "plus synthetic phantoms (see app/training). "
+                                            "Resumes from OUT/checkpoint.pt.")
+    train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
+                       help="a CT and its label map (labels.json beside it names the values); repeatable")
+    train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
+    train.add_argument("--data", type=Path, default=None, help="a prepared data file instead of --case/--phantoms")
+    train.add_argument("--save-data", type=Path, default=None, help="write the prepared data file here")
+    train.add_argument("--prepare-only", action="store_true", help="only prepare --save-data, do not train")
+    train.add_argument("--from", dest="init", type=Path, default=None, help="start from this checkpoint")
+    train.add_argument("--name", default=None, help="model name in the weights' card (default: autocontour-<OUT>)")
+    train.add_argument("--licence", default=None,
+                       help="licence of the weights, which follows the training data's (default: says so); "
+                            "weights from research-only --from weights stay research-only whatever this says")
+    _training_options(train, steps=6000)
+    train.set_defaults(handler=cmd_train)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from app.errors import OptionError
     from app.training.train import train
@@ -383,6 +258,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps(scores, indent=1))
     print(f"weights: {args.out / 'final.safetensors'} (best validation: {args.out / 'best.safetensors'})")
     return 0
+
+
+def add_finetune_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour finetune`: its arguments, beside its handler."""
+    finetune = commands.add_parser("finetune", help="adapt a checkpoint to a clinic's labelled cases",
+                                   description="Transfer learning: start from a compatible checkpoint (the project's, "
+                                               "the official one or your own) and fine-tune on your cases' "
+                                               "structures, with early stopping on a held-out case.")
+    finetune.add_argument("--from", dest="init", type=Path, required=True, help="starting checkpoint")
+    finetune.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", required=True,
+                          help="a CT and its label map or mask; at least two cases")
+    finetune.add_argument("--structures", required=True,
+                          help="structures to learn, each made by its shipped recipe (or --label for one structure)")
+    finetune.add_argument("--label", type=int, default=None, help="label value of the single structure in the masks")
+    finetune.add_argument("--holdout-case", type=int, default=-1, help="index of the case kept for early stopping "
+                                                                         "(default: the last)")
+    _training_options(finetune, steps=1000, patience=5)
+    finetune.set_defaults(handler=cmd_finetune)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -476,6 +369,65 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_support_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour support build` and `support list`: their arguments, beside their handlers."""
+    support = _command_group(commands, "support", "build and list support sets")
+    build = support.add_parser("build", help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)",
+                               description="Pick informative slices of one structure from contoured CTs, spread "
+                                           "over its axial extent, and save them as a hash-addressed support set "
+                                           "with a manifest (declaring the structure) and preview.png. Cases come "
+                                           "from files (--case), a PACS (--pacs-url/--study) or a reviewed, "
+                                           "corrected result (--from-result/--mask).")
+    build.add_argument("name", help="support-set name (also the structure it segments, unless --structure)")
+    build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", default=[],
+                       help="a CT (.nii.gz, or a DICOM series folder or zip) and its mask: a NIfTI mask or label map "
+                            "on the same grid, or an RTSTRUCT .dcm (with --roi); repeat for more cases")
+    build.add_argument("--roi", action="append", default=[],
+                       help="RTSTRUCT ROI name, matched case-insensitively; repeat for a clinic's synonyms "
+                            "(the first that a case has is used)")
+    build.add_argument("--pacs-url", default=None, help="DICOMweb root: take the case from a study in the PACS")
+    build.add_argument("--study", action="append", default=[],
+                       help="Study Instance UID in --pacs-url (its CT series and RTSTRUCT); repeatable")
+    build.add_argument("--username", default=None, help="PACS user")
+    build.add_argument("--password", default=None, help="PACS password (default: $AUTOCONTOUR_PACS_PASSWORD)")
+    build.add_argument("--from-result", type=Path, default=None,
+                       help="an `autocontour segment` output folder whose draft was reviewed and corrected")
+    build.add_argument("--mask", type=Path, default=None,
+                       help="with --from-result: the corrected mask (NIfTI) or a corrected RTSTRUCT (with --roi)")
+    build.add_argument("--ct", type=Path, default=None,
+                       help="with --from-result: the CT it segmented (default: the result's review/ct.nii.gz); "
+                            "checked against the result's fingerprint")
+    build.add_argument("--structure", default=None, help="structure it segments (default: NAME)")
+    build.add_argument("--display-name", default=None, help="name shown in previews, RTSTRUCT and DICOM-SEG")
+    build.add_argument("--colour", default=None, metavar="R,G,B", help="display colour, 0-255 each")
+    build.add_argument("--interpreted-type", default=None,
+                       help="DICOM RT ROI Interpreted Type: ORGAN (default), CTV, GTV, PTV, AVOIDANCE, ...")
+    build.add_argument("--tg263", default=None, help="AAPM TG-263 standard name, e.g. Kidney_L")
+    build.add_argument("--laterality", default=None, choices=["left", "right", "midline", "bilateral"],
+                       help="default: left/right for names ending _left/_right, else midline")
+    build.add_argument("--components", type=int, default=None, help="connected pieces to keep (default 1)")
+    build.add_argument("--tolerance-mm", type=float, default=None, help="surface-Dice tolerance (default 2)")
+    build.add_argument("--symmetric", action="store_true",
+                       help="allow left-right mirrored copies to fill a short set (never for left/right structures)")
+    how = build.add_mutually_exclusive_group()
+    how.add_argument("--label", type=int, default=None, help="label value, when MASK is a label map")
+    how.add_argument("--recipe", default=None,
+                     help="recipe JSON file, or the name of a shipped recipe (support_sets/recipes/NAME.json)")
+    build.add_argument("--label-names", type=Path, default=None,
+                       help="JSON {value: name} for recipes (default: labels.json beside the mask)")
+    build.add_argument("--size", type=int, default=64, help="slices in the set (default 64)")
+    build.add_argument("--negative-fraction", type=float, default=0.125,
+                       help="share of empty slices from just beyond the structure's ends (default 0.125)")
+    build.add_argument("--description", default="", help="free text stored in the manifest")
+    build.add_argument("--source", default="", help="where the cases come from and their licence")
+    build.add_argument("--out", type=Path, required=True, help="output folder of the support set")
+    build.set_defaults(handler=cmd_support_build)
+    listing = support.add_parser("list", help="list the support sets that segment would use")
+    listing.add_argument("--support-dir", type=Path, action="append", default=[])
+    listing.add_argument("--no-shipped-support", action="store_true")
+    listing.set_defaults(handler=cmd_support_list)
+
+
 def _definition_from_args(args: argparse.Namespace, structure: str, base=None):
     """The structure definition the user declared: flags over the base (a result's, a built-in, or a plain organ)."""
     from pydantic import ValidationError
@@ -560,6 +512,24 @@ def cmd_support_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_weights_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour weights download` and `weights info`: their arguments, beside their handlers."""
+    weights = _command_group(commands, "weights", "download or inspect checkpoints")
+    download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
+                                  description="Download a known checkpoint, verify its SHA-256 and that it loads, "
+                                              "and store it in the cache folder. universeg-v1 is the official "
+                                              "UniverSeg checkpoint: research use only (OpenRAIL++-M).")
+    download.add_argument("name", choices=["universeg-v1"])
+    download.add_argument("--sha256", default=None, help="expected SHA-256 (pins the download)")
+    download.add_argument("--url", default=None, help="alternative URL (a mirror)")
+    download.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/autocontour/weights")
+    download.add_argument("--quiet", action="store_true")
+    download.set_defaults(handler=cmd_weights_download)
+    info = weights.add_parser("info", help="show a checkpoint's model card")
+    info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
+    info.set_defaults(handler=cmd_weights_info)
+
+
 def cmd_weights_download(args: argparse.Namespace) -> int:
     from app.config import Settings
     from app.model.weights import KNOWN_WEIGHTS, RESEARCH_ONLY_NOTICE, download
@@ -584,6 +554,16 @@ def cmd_weights_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour serve`: its arguments, beside its handler."""
+    serve = commands.add_parser("serve", help="run the HTTP service",
+                                description="Start the FastAPI server (uvicorn). Settings: AUTOCONTOUR_* variables "
+                                            "and the TOML file named by AUTOCONTOUR_CONFIG (see README).")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -591,6 +571,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False, log_config=None)
     return 0
+
+
+def add_worker_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour worker`: its arguments, beside its handler."""
+    worker = commands.add_parser("worker", help="run a Celery worker that owns one model (AUTOCONTOUR_QUEUE=celery)",
+                                 description="Load the model once and run segmentation tasks from the Redis broker "
+                                             "(AUTOCONTOUR_BROKER_URL). Start one per GPU; the API runs with "
+                                             "AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared).")
+    worker.add_argument("--name", default=None, help="worker node name (default: autocontour-PID@HOST)")
+    worker.set_defaults(handler=cmd_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -612,6 +602,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", f"--hostname={name}",
                      "--without-gossip", "--without-mingle"])
     return 0
+
+
+def add_submit_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour submit`: its arguments, beside its handler."""
+    submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
+                                 description="Upload a CT to an autocontour server, follow its progress, and unpack "
+                                             "the result (masks, summary.json, preview.png) into --out. Retries on "
+                                             "connection errors and a full queue.")
+    submit.add_argument("ct", type=Path)
+    submit.add_argument("--server", required=True, help="base URL, e.g. http://autocontour:8000")
+    submit.add_argument("--out", type=Path, required=True)
+    submit.add_argument("--structures", default=None)
+    submit.add_argument("--support-size", type=int, default=None)
+    submit.add_argument("--ensemble", type=int, default=None)
+    submit.add_argument("--threshold", type=float, default=None)
+    submit.add_argument("--probabilities", action="store_true")
+    submit.add_argument("--api-key", default=None, help="default: $AUTOCONTOUR_API_KEY")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result")
+    submit.add_argument("--quiet", action="store_true")
+    submit.set_defaults(handler=cmd_submit)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -654,8 +664,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
     """`autocontour pacs pull` and `pacs push`: their arguments, beside their handlers."""
-    pacs = commands.add_parser("pacs", help="pull a CT from a DICOMweb PACS and push results back").add_subparsers(
-        dest="pacs_command", required=True, parser_class=OneLineParser)
+    pacs = _command_group(commands, "pacs", "pull a CT from a DICOMweb PACS and push results back")
     pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
                            description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
                                        "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
@@ -721,6 +730,14 @@ def cmd_pacs_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_keys_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour keys hash`: its arguments, beside its handler."""
+    keys = _command_group(commands, "keys", "API-key helpers")
+    key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
+    key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
+    key_hash.set_defaults(handler=cmd_keys_hash)
+
+
 def cmd_keys_hash(args: argparse.Namespace) -> int:
     from app.server.auth import hash_key
 
@@ -735,6 +752,18 @@ def _pid1_is_worker() -> bool:
     except OSError:
         return False
     return any(a.endswith(b"autocontour") for a in argv) and b"worker" in argv
+
+
+def add_health_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour health`: its arguments, beside its handler."""
+    health = commands.add_parser("health", help="container health check: the API answers, or a worker reaches "
+                                                "its broker",
+                                 description="Exit 0 when healthy, 1 with one line otherwise. A worker container "
+                                             "(PID 1 runs `autocontour worker`, or --worker) is healthy when it "
+                                             "reaches its Redis broker; otherwise the API must answer --url.")
+    health.add_argument("--url", default="http://127.0.0.1:8000/healthz")
+    health.add_argument("--worker", action="store_true", help="check the broker (default: when PID 1 is a worker)")
+    health.set_defaults(handler=cmd_health)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -757,6 +786,18 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"autocontour: unhealthy: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr)
         return 1
+
+
+def add_structures_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour structures`: its arguments, beside its handler."""
+    structures = commands.add_parser("structures", help="list the structures the support sets provide, and the "
+                                                        "overlap rules",
+                                     description="The structures the loaded support sets declare (and the built-in "
+                                                 "cervix ones without a set), with how to add one.")
+    structures.add_argument("--support-dir", type=Path, action="append", default=[])
+    structures.add_argument("--no-shipped-support", action="store_true")
+    structures.add_argument("--rules", type=Path, default=None, help="overlap-rules JSON (default: shipped)")
+    structures.set_defaults(handler=cmd_structures)
 
 
 def cmd_structures(args: argparse.Namespace) -> int:

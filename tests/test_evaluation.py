@@ -128,3 +128,20 @@ def test_evaluate_a_segment_output_against_the_example_labels(tmp_path, small_we
     assert 200 < bladder["metrics"]["volume_ref_ml"] < 800  # the recipe found the reference bladder
     for name in ("metrics.csv", "metrics.md", "preview.png", "plots/dice.png", "plots/nsd_2mm.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 100, name
+
+
+def test_atlas_engine_copies_the_label_of_the_most_similar_support():
+    from app.evaluation.baseline import AtlasEngine
+    from app.evaluation.metrics import dice
+
+    yy, xx = np.mgrid[:64, :64]
+    disk = ((yy - 30) ** 2 + (xx - 34) ** 2 < 12 ** 2).astype(np.float32)
+    image = 0.2 + 0.6 * disk + 0.05 * np.sin(xx / 5.0)
+    other = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    pool = np.stack([np.stack([other, np.zeros_like(disk)]), np.stack([image, disk]),
+                     np.stack([image, np.zeros_like(disk)])]).astype(np.float32)
+    done = []
+    out = AtlasEngine().predict(np.stack([image, image]), pool, np.array([[0, 1], [0, 2]]), done.append)
+    assert out.shape == (2, 64, 64) and out.dtype == np.float32 and sum(done) == 2
+    assert dice(out[0] >= 0.5, disk > 0) > 0.95  # the matching support's label, registered
+    assert not out[1].any()  # the best match has an empty label: nothing is drawn

@@ -130,3 +130,15 @@ def test_job_problem_documents_keep_the_request_id():
     error = internal_error("boom", job_request_id("job-1", {"request_id": "req-9"}))
     assert error["request_id"] == "req-9" and error["type"].endswith("internal-error") and error["status"] == 500
     assert job_request_id("job-2", {}) == "job-2"
+
+
+def test_recovery_failure_is_a_problem_document_with_the_jobs_request_id(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    kept = store.create({"request_id": "req-7"}, None, "ct.nii.gz")
+    for _ in range(MAX_ATTEMPTS):
+        store.claim_next()
+        store.recover(MAX_ATTEMPTS)
+    error = store.get(kept.id).error
+    assert store.get(kept.id).status == "failed"
+    assert error["type"].endswith(":interrupted") and error["status"] == 500 and error["request_id"] == "req-7"
+    assert "stopped during this job 3 times" in error["detail"]

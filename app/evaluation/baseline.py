@@ -5,14 +5,20 @@ slice with the highest normalised cross-correlation is registered to it with
 SimpleITK (2D affine, Mattes mutual information, multi-resolution) and its
 label is warped across. A learned in-context model should beat it; the model
 card reports both on the same slices.
+
+`AtlasEngine` answers the network runner's `predict` with it, so the baseline
+runs through `Segmenter.segment` like the network (bench/model_card.py): the same
+search, the same supports per query (leave-slice-out included), the same
+threshold and postprocessing; only the per-slice predictor differs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import SimpleITK as sitk
-
-from app.support.store import SupportSet
+import torch
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,12 +51,21 @@ def register_label(fixed: np.ndarray, moving: np.ndarray, moving_label: np.ndarr
     return sitk.GetArrayFromImage(warped)
 
 
-def atlas_predict(queries: np.ndarray, support: SupportSet, allowed: list[np.ndarray]) -> np.ndarray:
-    """(Z, H, W) label fractions for the queries; `allowed[i]` masks the supports query i may use."""
-    out = np.zeros(queries.shape, dtype=np.float32)
-    for i, query in enumerate(queries):
-        candidates = np.nonzero(allowed[i])[0]
-        best = max(candidates, key=lambda j: _ncc(query, support.images[j]))
-        if support.labels[best].any():
-            out[i] = register_label(query, support.images[best], support.labels[best])
-    return out
+class AtlasEngine:
+    """Stands in for `app.engine.Engine` in a `Segmenter`: registration instead of the network."""
+
+    device = torch.device("cpu")
+    precision = "n/a (registration, no network)"
+
+    def predict(self, queries: np.ndarray, pool: np.ndarray, index: np.ndarray,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """(B, H, W) label fractions: query b copies the best match among its supports `pool[index[b]]`
+        ((N, 2, H, W) [image, label] pairs), as `Engine.predict` is called."""
+        out = np.zeros(queries.shape, dtype=np.float32)
+        for b, query in enumerate(queries):
+            best = max(index[b], key=lambda j: _ncc(query, pool[j, 0]))
+            if pool[best, 1].any():
+                out[b] = register_label(query, pool[best, 0], pool[best, 1])
+            if progress:
+                progress(1)
+        return out

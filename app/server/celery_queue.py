@@ -48,11 +48,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from app.export import SUMMARY
 from app.server import scratch
-from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore
+from app.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore, job_request_id
 from app.server.metrics import Metrics
 from app.server.problems import problem_body
 from app.server.settings import ServerSettings
-from app.server.worker import Outcome, brief, internal_error, job_request_id, record, run_job
+from app.server.worker import Outcome, brief, internal_error, record, run_job
 
 log = logging.getLogger(__name__)
 # What an unreachable broker raises: kombu and redis-py errors while publishing, and the RuntimeError

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.server.problems import problem_body
+
 FINAL = ("done", "failed", "cancelled")
 
 SCHEMA = """
@@ -43,6 +45,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 """
+
+
+def job_request_id(job_id: str, options: dict) -> str:
+    """The id of the request that created a job (its own id for jobs stored without one)."""
+    return options.get("request_id", job_id)
 
 
 class QueueFull(Exception):
@@ -284,12 +291,14 @@ class JobStore:
     def recover(self, max_attempts: int) -> builtins.list[str]:
         """After a restart: requeue jobs that were running, or fail them after `max_attempts` starts."""
         with self._lock:
-            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
+            rows = self._db.execute("SELECT id, attempts, options FROM jobs WHERE status = 'running'").fetchall()
         recovered = []
         for row in rows:
             if row["attempts"] >= max_attempts:
-                self.fail(row["id"], {"type": "interrupted", "title": "Interrupted too often",
-                                      "detail": f"the server stopped during this job {row['attempts']} times"})
+                self.fail(row["id"], problem_body(
+                    500, "interrupted", "Interrupted too often",
+                    f"the server stopped during this job {row['attempts']} times",
+                    request_id=job_request_id(row["id"], json.loads(row["options"]))))
             else:
                 self._exec("UPDATE jobs SET status = 'queued', progress = '{}' WHERE id = ?", (row["id"],))
                 self.add_note(row["id"], "requeued: the server restarted while this job was running")

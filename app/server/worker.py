@@ -23,7 +23,7 @@ from typing import Protocol
 from app.errors import AutocontourError
 from app.pipeline import CancelledError, Segmenter
 from app.server.context import request_id
-from app.server.jobs import Job, JobStore, ResultStore
+from app.server.jobs import Job, JobStore, ResultStore, job_request_id
 from app.server.metrics import Metrics
 from app.server.problems import from_error, problem_body
 
@@ -62,11 +62,6 @@ def brief(summary: dict) -> dict:
         "rule_changes": summary["rule_changes"],
         "files": {k: v for k, v in summary["files"].items() if k in ("rtstruct", "seg")},
     }
-
-
-def job_request_id(job_id: str, options: dict) -> str:
-    """The id of the request that created a job (its own id for jobs stored without one)."""
-    return options.get("request_id", job_id)
 
 
 def internal_error(detail: str, request: str | None = None) -> dict:
