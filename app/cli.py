@@ -58,6 +58,12 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
                         help="coarse: find each structure's extent first (default); all: segment every body slice")
     parser.add_argument("--support-selection", choices=["level", "spread"], default="level",
                         help="level: examples from the query's relative axial level (default); spread: whole extent")
+    parser.add_argument("--no-registration", action="store_true",
+                        help="do not register the support sets' source cases to the scan (no registration prior: "
+                             "the bone profile and a coarse search find each structure)")
+    parser.add_argument("--prior-weight", type=float, default=None,
+                        help="weight of the registration prior fused with the network, 0-1 (default: the engine's, "
+                             "chosen on bench/cross_patient.py)")
 
 
 def _roi_names_option(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +86,8 @@ def _segmenter(args: argparse.Namespace):
 def _segment_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of Segmenter.segment that the inference options set."""
     return {"support_size": args.support_size, "ensemble": args.ensemble, "threshold": args.threshold,
-            "axial_search": args.axial_search, "support_selection": args.support_selection}
+            "axial_search": args.axial_search, "support_selection": args.support_selection,
+            "registration": not args.no_registration, "prior_weight": args.prior_weight}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,6 +414,8 @@ def add_support_commands(commands: argparse._SubParsersAction) -> None:
                        help="default: left/right for names ending _left/_right, else midline")
     build.add_argument("--components", type=int, default=None, help="connected pieces to keep (default 1)")
     build.add_argument("--tolerance-mm", type=float, default=None, help="surface-Dice tolerance (default 2)")
+    build.add_argument("--no-atlas", action="store_true",
+                       help="keep no small copy of each case (about 0.5 MB each): no registration prior for new scans")
     build.add_argument("--symmetric", action="store_true",
                        help="allow left-right mirrored copies to fill a short set (never for left/right structures)")
     how = build.add_mutually_exclusive_group()
@@ -492,7 +501,7 @@ def cmd_support_build(args: argparse.Namespace) -> int:
         support = build_support_set(
             args.name, structure, cases, args.out, size=args.size, label=args.label,
             recipe=recipe, label_names=args.label_names, negative_fraction=args.negative_fraction,
-            symmetric=args.symmetric, description=args.description, source=args.source,
+            symmetric=args.symmetric, description=args.description, source=args.source, atlas=not args.no_atlas,
             definition=_definition_from_args(args, structure, base), rois=args.roi or None)
     print(f"support set {support.id}: {len(support)} slices of {structure} from {len(cases)} case(s) -> {args.out}")
     for warning in support.manifest.warnings:
