@@ -61,6 +61,9 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-registration", action="store_true",
                         help="do not register the support sets' source cases to the scan (no registration prior: "
                              "the bone profile and a coarse search find each structure)")
+    parser.add_argument("--crops", action="store_true",
+                        help="fine pass on the support sets' structure-centred crops (off by default: the shipped "
+                             "checkpoint, trained on whole-body views, segments worse on them)")
     parser.add_argument("--prior-weight", type=float, default=None,
                         help="weight of the registration prior fused with the network, 0-1 (default: the engine's, "
                              "chosen on bench/cross_patient.py)")
@@ -87,7 +90,7 @@ def _segment_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of Segmenter.segment that the inference options set."""
     return {"support_size": args.support_size, "ensemble": args.ensemble, "threshold": args.threshold,
             "axial_search": args.axial_search, "support_selection": args.support_selection,
-            "registration": not args.no_registration, "prior_weight": args.prior_weight}
+            "registration": not args.no_registration, "prior_weight": args.prior_weight, "crops": args.crops}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,15 @@ from app.export import PREVIEW, mask_file, probability_file, write_masks, write_
 from app.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
 from app.model.weights import load_model, read_card, sha256_of
 from app.postprocess import StructureMask, confidence, laterality_warning, postprocess
-from app.preprocess import ModelInput, PreprocessSpec, body_mask, grid_to_canonical, prepare
+from app.preprocess import (
+    ModelInput,
+    PreprocessSpec,
+    body_mask,
+    crop_grid,
+    grid_to_canonical,
+    prepare,
+    prepare_on,
+)
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
 from app.support.prior import registration_priors
@@ -187,14 +195,16 @@ class Segmenter:
                 structures: str | list[str] | None = None, support_size: int | None = None,
                 ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
                 support_selection: str = "level", registration: bool = True, prior_weight: float | None = None,
-                prior_gate_mm: float | None = PRIOR_GATE_MM, save_probabilities: bool = False, preview: bool = True,
+                prior_gate_mm: float | None = PRIOR_GATE_MM, crops: bool = False,
+                save_probabilities: bool = False, preview: bool = True,
                 progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
                 keep_ct: bool = False, roi_names: str = "display", series_uid: str | None = None,
                 ) -> SegmentationResult:
         """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
         CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs. `registration=False`
         switches the registration prior off; `prior_weight` and `prior_gate_mm` set its fusion
-        (app.engine.plan; None for the gate: the network's answer is kept everywhere)."""
+        (app.engine.plan; None for the gate: the network's answer is kept everywhere); `crops` runs the
+        fine pass on the sets' structure-centred crops."""
         engine = self._require_engine()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -216,7 +226,8 @@ class Segmenter:
             options = InferenceOptions(
                 support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
                 axial_search=axial_search, support_selection=support_selection, registration=registration,
-                prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm)
+                prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm,
+                crops=crops)
         except ValidationError as exc:
             raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
@@ -243,10 +254,17 @@ class Segmenter:
 
         z_mm = canonical.slice_positions_mm()
         profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
-        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile, priors)
+        def crop_view(name: str, centre_mm: tuple[float, float], side_mm: float) -> ModelInput:
+            spec = supports[name].manifest.preprocessing
+            grid = crop_grid(canonical, centre_mm, side_mm, spec.size)
+            return prepare_on(canonical, spec, grid, inputs[name].body_slices)
+
+        predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile, priors,
+                                         crop_view)
         lap("inference")
 
-        probabilities = {n: grid_to_canonical(predictions[n].probability, inputs[n], canonical) for n in names}
+        probabilities = {n: grid_to_canonical(predictions[n].probability, predictions[n].view or inputs[n], canonical)
+                         for n in names}
         definitions = {n: supports[n].definition for n in names}
         masks, rule_changes = postprocess(probabilities, threshold, self.rules,
                                           {n: d.max_components for n, d in definitions.items()})
@@ -393,6 +411,7 @@ def _structure_summary(name: str, m: StructureMask, prediction: StructurePredict
         "localisation": _localisation_summary(prediction, axial_search),
         "source_cases_used": prediction.cases_used,
         "registration_prior": prediction.prior.describe() if prediction.prior else None,
+        "crop": prediction.crop,
         "query_support_pairs": prediction.pairs,
         "warnings": prediction.warnings,
     }

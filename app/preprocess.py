@@ -12,6 +12,12 @@ physical geometry, so probabilities map back to the CT by resampling and
 nothing is lost in index bookkeeping. The recipe (`PreprocessSpec`) is stored
 with every support set, and queries are prepared with the support set's own
 recipe, so support and query always match.
+
+The fine pass can look closer (`crop_grid`): a square of fixed physical side
+centred on the structure, the side stored with the support set so that its
+examples and the query show the structure at the same scale, at several
+times the whole-body view's resolution. A crop that reaches past the scan's
+edge is padded with air, never shifted, so its centre stays on the structure.
 """
 
 from __future__ import annotations
@@ -96,6 +102,30 @@ def model_grid(ct: CanonicalCT, body: np.ndarray, spec: PreprocessSpec) -> sitk.
     grid.SetSpacing((pixel, pixel, sz))
     grid.SetOrigin((cx - side / 2 + pixel / 2, cy - side / 2 + pixel / 2, ct.image.GetOrigin()[2]))
     return grid
+
+
+def crop_grid(ct: CanonicalCT, centre_xy_mm: tuple[float, float], side_mm: float, size: int) -> sitk.Image:
+    """A square grid of `size` pixels over `side_mm`, centred on the physical (x, y), on every slice."""
+    pixel = side_mm / size
+    grid = sitk.Image([size, size, ct.image.GetSize()[2]], sitk.sitkUInt8)
+    grid.SetSpacing((pixel, pixel, ct.image.GetSpacing()[2]))
+    grid.SetOrigin((centre_xy_mm[0] - side_mm / 2 + pixel / 2, centre_xy_mm[1] - side_mm / 2 + pixel / 2,
+                    ct.image.GetOrigin()[2]))
+    return grid
+
+
+def prepare_on(ct: CanonicalCT, spec: PreprocessSpec, grid: sitk.Image, body_slices: np.ndarray) -> ModelInput:
+    """Filter, resample and window the CT onto a given grid (a crop); beyond the scan it is air."""
+    hu = _resample_to_grid(ct.image, grid, AIR_HU, spec.antialias)
+    return ModelInput(spec.window(hu), grid, body_slices, spec)
+
+
+def mask_centre_mm(mask: np.ndarray, grid: sitk.Image) -> tuple[float, float]:
+    """Physical (x, y) centre of a (z, y, x) mask's in-plane bounding box on `grid`."""
+    _, ys, xs = np.nonzero(mask)
+    index = ((float(xs.min()) + float(xs.max())) / 2, (float(ys.min()) + float(ys.max())) / 2, 0.0)
+    x, y, _ = grid.TransformContinuousIndexToPhysicalPoint(index)
+    return float(x), float(y)
 
 
 def _resample_to_grid(image: sitk.Image, grid: sitk.Image, default: float, antialias: bool) -> np.ndarray:

@@ -307,37 +307,50 @@ def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: li
             if group_of(s) == "main" or case.name.startswith("phantom")}
 
 
+def _box(*masks: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of the masks' union, grown by `margin` voxels (the fusion's gates stay inside it)."""
+    points = np.argwhere(np.logical_or.reduce(masks))
+    if points.size == 0:
+        return tuple(slice(0, 0) for _ in masks[0].shape)
+    return tuple(slice(max(0, lo - margin), hi + margin + 1) for lo, hi in zip(points.min(0), points.max(0),
+                                                                                strict=True))
+
+
 def choose_fusion(inputs: list[tuple[str, dict]], spacing_of: dict[str, tuple]) -> str:
-    """Mean Dice over every case's structures for each (weight, gate): the table the defaults come from.
-    The gate is computed on the query's grid here (the engine does it on the model grid)."""
-    from scipy import ndimage
+    """Mean Dice over every case's main structures for each (weight, gate) of the engine's `fuse`: the table the
+    defaults come from, and each structure at the best pair. Computed on the query's grid (the engine gates on
+    the model grid), inside a box around everything drawn or true, and without the engine's rule of the network
+    alone beyond a source scan's end (the prior's run has no network there)."""
+    from app.engine.plan import fuse
 
     weights = [round(w, 2) for w in np.arange(0.0, 1.01, 0.1)]
     gates = [None, 10.0, 20.0, 40.0]
-    lines = ["| weight | " + " | ".join(f"gate {g} mm" if g else "no gate" for g in gates) + " |",
+    scores: dict[tuple, list[float]] = {}
+    per_structure: dict[tuple, dict[str, float]] = {}
+    for case_name, structures in inputs:
+        spacing = spacing_of[case_name]
+        for structure, (network, prior, reference) in structures.items():
+            margin = int(np.ceil(max(g or 0 for g in gates) / min(spacing))) + 1
+            box = _box(network >= 0.05, prior >= 0.05, reference, margin=margin)
+            n, p, r = network[box], prior[box], reference[box]
+            for w in weights:
+                for g in gates:
+                    drawn = fuse(n, p, w, g, spacing) >= 0.5
+                    score = 2 * float((drawn & r).sum()) / max(1, int(drawn.sum() + r.sum()))
+                    scores.setdefault((w, g), []).append(score)
+                    per_structure.setdefault((w, g), {})[f"{case_name}: {structure}"] = score
+    lines = ["| weight | " + " | ".join(f"gate {g:g} mm" if g else "no gate" for g in gates) + " |",
              "|---|" + "---|" * len(gates)]
-    best = (-1.0, None, None)
     for w in weights:
-        row = []
-        for g in gates:
-            scores = []
-            for case_name, structures in inputs:
-                for network, prior, reference in structures.values():
-                    gate = 1.0
-                    if g is not None:
-                        likely = prior >= 0.5
-                        gate = (ndimage.distance_transform_edt(~likely, sampling=spacing_of[case_name]) <= g
-                                if likely.any() else 0.0)
-                    fused = (1 - w) * network * gate + w * prior
-                    drawn = fused >= 0.5
-                    scores.append(2 * float((drawn & reference).sum()) / max(1, int(drawn.sum() + reference.sum())))
-            mean = float(np.mean(scores))
-            row.append(f"{mean:.3f}")
-            if mean > best[0]:
-                best = (mean, w, g)
-        lines.append(f"| {w} | " + " | ".join(row) + " |")
-    lines.append(f"\nBest: weight {best[1]}, gate {best[2]} mm: mean Dice {best[0]:.3f} over "
-                 f"{sum(len(s) for _, s in inputs)} case-structures (threshold 0.5, before clean-up).")
+        lines.append(f"| {w} | " + " | ".join(f"{np.mean(scores[(w, g)]):.3f}" for g in gates) + " |")
+    best = max(scores, key=lambda k: np.mean(scores[k]))
+    lines += ["", f"Best: weight {best[0]}, gate {best[1]} mm: mean Dice {np.mean(scores[best]):.3f} over "
+              f"{len(scores[best])} case-structures (threshold 0.5, before clean-up). At the best pair, against the "
+              "network alone on the prior's window (weight 0, no gate) and the prior alone (weight 1):", "",
+              "| case: structure | network (window) | prior | fused |", "|---|---|---|---|"]
+    for key, fused in per_structure[best].items():
+        lines.append(f"| {key} | {per_structure[(0.0, None)][key]:.3f} | {per_structure[(1.0, None)][key]:.3f} "
+                     f"| {fused:.3f} |")
     return "\n".join(lines)
 
 
@@ -412,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose-fusion", action="store_true",
                         help="measure every prior weight and gate on the main structures and print the table")
     parser.add_argument("--prior-weight", type=float, default=None, help="hybrid: fusion weight (default: engine's)")
+    parser.add_argument("--crops", action="store_true", help="hybrid: fine pass on structure-centred crops")
     parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
                         help="case kinds the network column runs on (it costs minutes per structure on a CPU)")
     parser.add_argument("--network-structures", default=None, help="limit the network column to these structures")
@@ -443,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     def segmenter_for(support_dir: Path) -> Segmenter:
         return Segmenter(settings=Settings(threads=args.threads), support_dirs=[support_dir], shipped_support=False)
 
-    fusion = {} if args.prior_weight is None else {"prior_weight": args.prior_weight}
+    fusion = ({} if args.prior_weight is None else {"prior_weight": args.prior_weight}) | {"crops": args.crops}
     fusion_cases: list[tuple[str, dict]] = []
     spacing_of: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:

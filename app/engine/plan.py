@@ -28,6 +28,12 @@ probability is fused with it: p = (1 - w) * p_network * gate + w * p_prior,
 where the gate keeps the network's answer only within `prior_gate_mm` of the
 prior's likely region. w and the gate were chosen on bench/cross_patient.py.
 
+With `crops` and a support set of format 2 that stores them, the fine pass
+looks closer: each slice is a square of the set's side (mm) centred on the
+structure, found by the prior (or, without one, by the coarse pass), at the
+scale the set's examples show it; the result maps back onto the CT's grid
+through the crop's geometry. Without a centre it falls back to the whole view.
+
 Requests of all structures go to the runner together, so batches stay full.
 If the CT is itself one of a support set's source cases, the query's own
 slice and its neighbours are left out of its support (leave-slice-out), so a
@@ -48,9 +54,9 @@ from scipy import ndimage
 from app.engine.runner import Engine
 from app.errors import OptionError
 from app.evaluation.metrics import dice
-from app.preprocess import ModelInput
+from app.preprocess import ModelInput, mask_centre_mm
 from app.support.localize import Localisation, Profile, locate
-from app.support.prior import StructurePrior
+from app.support.prior import PRESENT, StructurePrior
 from app.support.store import SupportSet
 
 MIN_FOREGROUND_PIXELS = 4
@@ -62,6 +68,8 @@ PRIOR_GATE_MM: float | None = 20.0
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
+# crop_view(structure, centre (x, y) mm, side mm): the scan prepared on a structure-centred crop
+CropView = Callable[[str, tuple[float, float], float], ModelInput]
 
 
 class InferenceOptions(BaseModel):
@@ -83,6 +91,9 @@ class InferenceOptions(BaseModel):
                                 description="weight of the registration prior in the fused probability")
     prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
                                         "close to the prior's likely region (None: everywhere)")
+    crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
+                                           "default: the shipped checkpoint segments worse on them "
+                                           "(bench/RESULTS.md)")
     seed: int = 0
 
 
@@ -103,6 +114,8 @@ class StructurePrediction:
     searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
     cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
     prior: StructurePrior | None = None  # the registration prior, when the set's source cases gave one
+    view: ModelInput | None = None  # the grid `probability` lies on: the crop, or None for the whole-body view
+    crop: dict | None = None  # the crop's side and centre and what placed it (for the summary)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -116,6 +129,7 @@ class _Request:
     z: int
     member: int
     index: np.ndarray  # (S,) indices into the joint pool
+    crop: bool = False  # query and supports from the structure-centred crops
 
 
 class SupportPool:
@@ -123,12 +137,16 @@ class SupportPool:
 
     def __init__(self, supports: dict[str, SupportSet]):
         self.offset: dict[str, int] = {}
-        arrays, total = [], 0
+        arrays, crops, total = [], [], 0
         for name, support in supports.items():
             self.offset[name] = total
             arrays.append(np.stack([support.images, support.labels], axis=1))
+            crop_images, crop_labels = support.crop_images, support.crop_labels
+            crops.append(arrays[-1] if crop_images is None or crop_labels is None else
+                         np.stack([crop_images, crop_labels], axis=1))
             total += len(support)
         self.array = np.concatenate(arrays).astype(np.float32)
+        self.crop_array = np.concatenate(crops).astype(np.float32)  # same offsets; whole view where no crops
 
 
 def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
@@ -205,12 +223,14 @@ def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, f
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
                        options: InferenceOptions, fingerprint: str | None = None,
                        progress: ProgressCallback | None = None, profile: Profile | None = None,
-                       priors: dict[str, StructurePrior] | None = None) -> dict[str, StructurePrediction]:
+                       priors: dict[str, StructurePrior] | None = None,
+                       crop_view: CropView | None = None) -> dict[str, StructurePrediction]:
     """Coarse then fine pass for every structure; see the module docstring.
 
     `profile` is the query's bone profile; with it each structure is searched only
     where the skeleton says it can be (app.support.localize). `priors` are the
-    registration priors on the model grids (app.support.prior).
+    registration priors on the model grids (app.support.prior); `crop_view`
+    prepares the structure-centred crops of sets that store them.
     """
     priors = priors or {}
     pools = SupportPool(supports)
@@ -292,10 +312,14 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         else:
             queries = body[:0]
         lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
+        crop = options.crops and _place_crop(prediction, support, model_input, coarse_requests, coarse, found,
+                                             crop_view, name)
+        view = prediction.view or model_input
         case_of = np.array([m.case for m in support.manifest.slices])
         several_cases = len(set(case_of)) > 1
-        thumbnails = _thumbnails(support.images) if several_cases and queries.size else None
-        query_thumbnails = _thumbnails(inputs[name].images[queries]) if thumbnails is not None else None
+        examples = support.crop_images if crop and support.crop_images is not None else support.images
+        thumbnails = _thumbnails(examples) if several_cases and queries.size else None
+        query_thumbnails = _thumbnails(view.images[queries]) if thumbnails is not None else None
         used: Counter[str] = Counter()
         for i, z in enumerate(queries):
             allowed = _allowed(support, int(z), own[name])
@@ -307,13 +331,14 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
             else:
                 members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
             used.update(case_of[np.concatenate(members)].tolist())
-            fine_requests += [_Request(name, int(z), k, m + pools.offset[name]) for k, m in enumerate(members)]
+            fine_requests += [_Request(name, int(z), k, m + pools.offset[name], crop) for k, m in enumerate(members)]
         prediction.computed[queries] = True
         prediction.cases_used = dict(sorted(used.items()))
 
     if options.prior_weight == 1.0:  # the prior alone: no network work
         fine_requests = [r for r in fine_requests if results[r.structure].prior is None]
-    fine = _run(engine, inputs, pools, fine_requests, "fine", progress)
+    views = {name: prediction.view or inputs[name] for name, prediction in results.items()}
+    fine = _run(engine, views, pools, fine_requests, "fine", progress)
     by_slice: dict[tuple[str, int], list[np.ndarray]] = {}
     for request, probability in zip(fine_requests, fine, strict=True):
         by_slice.setdefault((request.structure, request.z), []).append(probability)
@@ -322,10 +347,39 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
         results[name].agreement[z] = _agreement([m > 0.5 for m in members])
     for name, prediction in results.items():
         if prediction.prior is not None:
-            _fuse(prediction, inputs[name], options)
+            _fuse(prediction, views[name], options)
         prediction.queries = int(prediction.computed.sum())
         prediction.pairs = sum(r.index.size for r in coarse_requests + fine_requests if r.structure == name)
     return results
+
+
+def _place_crop(prediction: StructurePrediction, support: SupportSet, model_input: ModelInput,
+                coarse_requests: list[_Request], coarse: list[np.ndarray], found: list[int],
+                crop_view: CropView | None, name: str) -> bool:
+    """Centre the set's crop on the structure (the prior's likely region, else the coarse pass's detections
+    in the structure's run) and prepare the scan on it; the prior follows onto the crop. False: no crop."""
+    if support.manifest.crop is None or crop_view is None:
+        return False
+    if prediction.prior is not None:
+        probability = prediction.prior.probability
+        region = probability >= 0.5 if (probability >= 0.5).any() else probability >= PRESENT
+        placed_by = "registration prior"
+    else:
+        region = np.zeros(model_input.images.shape, dtype=bool)
+        for request, p in zip(coarse_requests, coarse, strict=True):
+            if request.structure == name and found and found[0] <= request.z <= found[-1]:
+                region[request.z] |= p > 0.5
+        placed_by = "coarse pass"
+    if not region.any():
+        prediction.warnings.append("no centre for the structure-centred crop: the fine pass used the whole view")
+        return False
+    centre = mask_centre_mm(region, model_input.grid)
+    side = support.manifest.crop.side_mm
+    prediction.view = crop_view(name, centre, side)
+    if prediction.prior is not None:
+        prediction.prior = prediction.prior.on_grid(model_input.grid, prediction.view.grid)
+    prediction.crop = {"side_mm": side, "centre_xy_mm": [round(c, 1) for c in centre], "placed_by": placed_by}
+    return True
 
 
 def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) -> Localisation:
@@ -345,21 +399,25 @@ def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) 
     return Localisation("window", reason, window, bones.expected_mm, bones.score)
 
 
-def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
-    """p = (1 - w) * p_network * gate + w * p_prior on the searched slices (module docstring)."""
-    assert prediction.prior is not None
-    prior = prediction.prior.probability
-    network = prediction.probability
-    if options.prior_gate_mm is not None:
+def fuse(network: np.ndarray, prior: np.ndarray, weight: float, gate_mm: float | None,
+         spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(1 - weight) * network * gate + weight * prior; the gate is 1 within `gate_mm` of where the prior
+    reaches 0.5 (everywhere when `gate_mm` is None, nowhere when the prior never reaches 0.5)."""
+    if gate_mm is not None:
         likely = prior >= 0.5
-        if likely.any():
-            spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
-            network = network * (ndimage.distance_transform_edt(~likely, sampling=spacing) <= options.prior_gate_mm)
-        else:
-            network = np.zeros_like(network)
-    fused = (1 - options.prior_weight) * network + options.prior_weight * prior
-    alone = prediction.prior.uninformed()[:, None, None]
-    fused = np.where(alone, prediction.probability, fused)  # beyond the sources' fields of view: the network
+        near = (ndimage.distance_transform_edt(~likely, sampling=spacing_zyx) <= gate_mm if likely.any()
+                else np.zeros_like(likely))
+        network = network * near
+    return (1 - weight) * network + weight * prior
+
+
+def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
+    """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
+    assert prediction.prior is not None
+    spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
+    fused = fuse(prediction.probability, prediction.prior.probability, options.prior_weight, options.prior_gate_mm,
+                 spacing)
+    fused = np.where(prediction.prior.uninformed()[:, None, None], prediction.probability, fused)
     prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
 
@@ -397,10 +455,10 @@ def _run(engine: Engine, inputs: dict[str, ModelInput], pools: SupportPool, requ
     results: list[np.ndarray | None] = [None] * len(requests)
     total = Counter(r.structure for r in requests)
     done: Counter[str] = Counter({name: 0 for name in total})
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, bool], list[int]] = {}
     for i, request in enumerate(requests):
-        groups.setdefault(request.index.size, []).append(i)
-    for members in groups.values():
+        groups.setdefault((request.index.size, request.crop), []).append(i)
+    for (_, crop), members in groups.items():
         queries = np.stack([inputs[requests[i].structure].images[requests[i].z] for i in members])
         index = np.stack([requests[i].index for i in members])
         finished = 0
@@ -412,6 +470,7 @@ def _run(engine: Engine, inputs: dict[str, ModelInput], pools: SupportPool, requ
             if progress:
                 progress(phase, dict(done), dict(total))
 
-        for i, probability in zip(members, engine.predict(queries, pools.array, index, report), strict=True):
+        pool = pools.crop_array if crop else pools.array
+        for i, probability in zip(members, engine.predict(queries, pool, index, report), strict=True):
             results[i] = probability
     return results  # type: ignore[return-value]

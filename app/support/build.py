@@ -10,6 +10,11 @@ the set declares itself symmetric (a bladder, a midline target), left-right
 mirrored copies fill it and the manifest says so; a one-sided structure is
 never mirrored (a mirrored left kidney is a right kidney).
 
+The set also stores each slice as the fine pass sees it: a square crop of
+fixed physical side centred on the structure (the largest in-plane extent of
+the structure over the cases plus a margin), so a small structure fills
+many pixels and every example shows it at one scale.
+
 Each source case also leaves a small copy of itself (CT and mask at about
 4 mm, `app.support.registration.AtlasCase`) in the set: a new patient's scan
 is registered to it, and the warped mask tells the engine where to look and
@@ -33,12 +38,13 @@ import SimpleITK as sitk
 from app.catalogue import StructureDefinition, default_definition
 from app.errors import InputImageError, SupportSetError
 from app.io import CanonicalCT, fingerprint, read_image
-from app.preprocess import PreprocessSpec, mask_to_grid, prepare
+from app.preprocess import PreprocessSpec, crop_grid, mask_centre_mm, mask_to_grid, prepare, prepare_on
 from app.support.localize import bone_profile
 from app.support.recipes import Recipe
 from app.support.registration import AtlasCase, make_atlas_case
 from app.support.store import (
     SourceCase,
+    SupportCrop,
     SupportManifest,
     SupportSet,
     SupportSlice,
@@ -48,6 +54,8 @@ from app.support.store import (
 
 MIN_FOREGROUND_PIXELS = 4
 NEGATIVE_MARGIN_SLICES = 4
+CROP_MARGIN_FRACTION, CROP_MIN_MARGIN_MM = 0.25, 15.0  # context around the structure's extent, each side
+CROP_MAX_FRACTION = 0.8  # a crop nearly as wide as the whole-body view would add nothing: no crops then
 
 
 @dataclass
@@ -59,6 +67,9 @@ class LabelledCase:
     labels: np.ndarray  # (Z, H, W) uint8
     z_mm: np.ndarray  # (Z,)
     body_slices: np.ndarray  # (Z,) bool
+    ct: CanonicalCT
+    mask: np.ndarray  # (z, y, x) bool on the canonical CT
+    grid_side_mm: float  # side of the whole-body model view
     atlas: AtlasCase | None = None  # the small copy for the registration prior
 
 
@@ -163,7 +174,32 @@ def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec
         extent_mm=[round(float(z_mm[zs.min()]), 3), round(float(z_mm[zs.max()]), 3)],
         bone_profile=bone_profile(ct.array, ct.spacing_zyx, z_mm).to_dict())
     small = make_atlas_case(ct.image, ct.canonical_like(mask.astype(np.uint8))) if atlas else None
-    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices, small)
+    side = model_input.grid.GetSpacing()[0] * spec.size
+    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices, ct, mask, side, small)
+
+
+def crop_for(cases: list[LabelledCase]) -> SupportCrop | None:
+    """The crop: the structure's largest in-plane extent over the cases plus margins; None when that is
+    nearly the whole-body view (CROP_MAX_FRACTION)."""
+    extents = []
+    for case in cases:
+        _, ys, xs = np.nonzero(case.mask)
+        sx, sy = case.ct.image.GetSpacing()[:2]
+        extents.append(max((xs.max() - xs.min() + 1) * sx, (ys.max() - ys.min() + 1) * sy))
+    extent = float(max(extents))
+    margin = max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent)
+    side = extent + 2 * margin
+    if side >= CROP_MAX_FRACTION * min(c.grid_side_mm for c in cases):
+        return None
+    return SupportCrop(side_mm=round(side, 1), margin_mm=round(margin, 1))
+
+
+def case_crops(case: LabelledCase, spec: PreprocessSpec, side_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The case's every slice as the fine pass sees it (images, labels), centred on the structure."""
+    centre = mask_centre_mm(case.mask, case.ct.image)
+    case.case.crop_centre_mm = [round(centre[0], 3), round(centre[1], 3)]
+    grid = crop_grid(case.ct, centre, side_mm, spec.size)
+    return prepare_on(case.ct, spec, grid, case.body_slices).images, mask_to_grid(case.mask, case.ct, grid)
 
 
 def _spread(candidates: np.ndarray, n: int) -> np.ndarray:
@@ -206,12 +242,12 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
                       spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, symmetric: bool = False,
                       description: str = "", source: str = "", preview: bool = True,
                       definition: StructureDefinition | None = None, rois: list[str] | None = None,
-                      atlas: bool = True) -> SupportSet:
+                      atlas: bool = True, crop: bool = True) -> SupportSet:
     """Build, save and return a support set (see the module docstring for the choices).
 
     `definition` declares the structure (default: the built-in one of that name, or a plain organ);
     `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks;
-    `atlas` keeps each case's small copy for the registration prior.
+    `atlas` keeps each case's small copy for the registration prior; `crop` stores structure-centred crops.
     """
     if not cases:
         raise SupportSetError("give at least one --case CT MASK")
@@ -232,16 +268,19 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
         if case.atlas is not None:
             case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
     picks = select_slices(loaded, size, negative_fraction, symmetric)
+    crop_spec = crop_for(loaded) if crop else None
+    crops = [case_crops(case, spec, crop_spec.side_mm) for case in loaded] if crop_spec else None
 
-    images, labels, slices, warnings = [], [], [], []
+    images, labels, crop_images, crop_labels, slices, warnings = [], [], [], [], [], []
     for i, z, flipped in picks:
         case = loaded[i]
         lo, hi = case.case.extent_slices
-        image, lab = case.images[z], case.labels[z]
-        if flipped:
-            image, lab = image[:, ::-1], lab[:, ::-1]
-        images.append(image)
-        labels.append(lab)
+        flip = (slice(None), slice(None, None, -1) if flipped else slice(None))
+        images.append(case.images[z][flip])
+        labels.append(lab := case.labels[z][flip])
+        if crops:
+            crop_images.append(crops[i][0][z][flip])
+            crop_labels.append(crops[i][1][z][flip])
         slices.append(SupportSlice(
             case=case.case.case, slice_index=z, z_mm=float(case.z_mm[z]),
             level=float((z - lo) / max(hi - lo, 1)), foreground_pixels=int(lab.sum()), flipped=flipped))
@@ -254,8 +293,10 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
         name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
         created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
         preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
+        crop=crop_spec,
         source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)
-    support = save_support_set(manifest, np.stack(images), np.stack(labels), out)
+    support = save_support_set(manifest, np.stack(images), np.stack(labels), out,
+                               (np.stack(crop_images), np.stack(crop_labels)) if crops else None)
     if preview:
         from app.preview import support_set_preview
 

@@ -21,7 +21,7 @@ would copy its own label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -55,6 +55,14 @@ class StructurePrior:
         """First and last slice where the prior reaches EXTENT (the likely extent), or None."""
         zs = np.nonzero(self.probability.max(axis=(1, 2)) >= EXTENT)[0]
         return (int(zs[0]), int(zs[-1])) if zs.size else None
+
+    def on_grid(self, grid: sitk.Image, target: sitk.Image) -> StructurePrior:
+        """The same prior resampled from `grid` (where it lies) onto `target` (a crop with the same slices)."""
+        image = sitk.GetImageFromArray(self.probability)
+        image.CopyInformation(grid)
+        moved = sitk.GetArrayFromImage(sitk.Resample(image, target, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                     sitk.sitkFloat32))
+        return replace(self, probability=moved)
 
     def uninformed(self) -> np.ndarray:
         """(Z,) bool: slices beyond the sources' fields of view on a side where the structure runs on:

@@ -7,7 +7,9 @@ must be as traceable as the weights: each one is a folder
                         display name, colour, RT ROI type, TG-263 name,
                         laterality, ...), source cases, slices and their axial
                         levels, preprocessing recipe, creation date, hash
-    slices.safetensors  images (N, H, W) float16 in [0, 1], labels (N, H, W) uint8
+    slices.safetensors  images (N, H, W) float16 in [0, 1], labels (N, H, W) uint8;
+                        format 2 adds crop_images, crop_labels: the same slices in
+                        the structure-centred crop (manifest `crop`)
     preview.png         the picked slices with their contours
     atlas/<case>/       (format 2) a small copy of each source case, CT and mask
                         at about 4 mm (app.support.registration.AtlasCase), for the
@@ -62,6 +64,17 @@ class AtlasCopy(BaseModel):
     spacing_mm: float
 
 
+class SupportCrop(BaseModel):
+    """The fine pass's field of view (format 2): a square of `side_mm` centred on the structure.
+
+    The side comes from the source cases' extents of the structure plus a margin, so every example
+    and every query show the structure at one scale.
+    """
+
+    side_mm: float = Field(gt=0)
+    margin_mm: float = Field(ge=0)
+
+
 class SourceCase(BaseModel):
     case: str
     fingerprint: str  # SHA-256 of the canonical CT's voxels and geometry (app.io.fingerprint)
@@ -72,6 +85,7 @@ class SourceCase(BaseModel):
     extent_mm: list[float] | None = None  # z (patient superior, mm) of the first and last slice showing it
     bone_profile: dict | None = None  # app.support.localize.Profile: where along z the skeleton is
     atlas: AtlasCopy | None = None  # format 2: the small copy for the registration prior
+    crop_centre_mm: list[float] | None = None  # format 2: (x, y) centre of the structure, where its crops are
 
 
 class SupportManifest(BaseModel):
@@ -86,6 +100,7 @@ class SupportManifest(BaseModel):
     source: str = ""  # where the labelled cases come from, and their licence
     preprocessing: PreprocessSpec
     recipe: dict | None = None
+    crop: SupportCrop | None = None  # format 2: structure-centred crops for the fine pass
     source_cases: list[SourceCase]
     slices: list[SupportSlice]
     content_hash: str = ""
@@ -95,9 +110,13 @@ class SupportManifest(BaseModel):
 class SupportSet:
     """Loaded support set: manifest plus arrays."""
 
-    def __init__(self, manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, path: Path | None = None):
+    def __init__(self, manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, path: Path | None = None,
+                 crop_images: np.ndarray | None = None, crop_labels: np.ndarray | None = None):
         if images.shape != labels.shape or images.ndim != 3:
             raise SupportSetError(f"images {images.shape} and labels {labels.shape} must both be (N, H, W)")
+        crops = [a.shape for a in (crop_images, crop_labels) if a is not None]
+        if (manifest.crop is not None) != (len(crops) == 2) or any(shape != images.shape for shape in crops):
+            raise SupportSetError("a set with crops needs crop images and labels of its slices' shape, and only then")
         if len(manifest.slices) != images.shape[0]:
             raise SupportSetError(f"manifest lists {len(manifest.slices)} slices, tensors hold {images.shape[0]}")
         size = manifest.preprocessing.size
@@ -106,6 +125,8 @@ class SupportSet:
         self.manifest = manifest
         self.images = images.astype(np.float32)
         self.labels = (labels > 0).astype(np.float32)
+        self.crop_images = None if crop_images is None else crop_images.astype(np.float32)
+        self.crop_labels = None if crop_labels is None else (crop_labels > 0).astype(np.float32)
         self.path = path
         self._atlas: dict[str, AtlasCase] | None = None
 
@@ -163,7 +184,8 @@ class SupportSet:
         }
 
 
-def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray) -> str:
+def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray,
+                 crops: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     digest = hashlib.sha256()
     identity: dict[str, object] = {
         "structure": manifest.structure,
@@ -175,9 +197,13 @@ def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarr
         identity["definition"] = manifest.definition.model_dump(mode="json")
     if any(c.atlas for c in manifest.source_cases):  # likewise sets without atlas copies
         identity["atlas"] = [c.atlas.sha256 if c.atlas else None for c in manifest.source_cases]
+    if manifest.crop is not None:
+        identity["crop"] = [manifest.crop.model_dump(), [c.crop_centre_mm for c in manifest.source_cases]]
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    for array, dtype in zip(crops or (), (np.float16, np.uint8), strict=False):
+        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
     return digest.hexdigest()
 
 
@@ -200,16 +226,22 @@ def save_atlas_copy(atlas: AtlasCase, set_folder: Path, case: str) -> AtlasCopy:
                      spacing_mm=round(float(atlas.ct.GetSpacing()[0]), 3))
 
 
-def save_support_set(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, folder: Path) -> SupportSet:
-    """Write a support set folder; the manifest gets its content hash."""
-    images16 = np.ascontiguousarray(images, dtype=np.float16)
-    labels8 = np.ascontiguousarray(labels > 0, dtype=np.uint8)
-    manifest = manifest.model_copy(update={"content_hash": content_hash(manifest, images16, labels8)})
+def save_support_set(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray, folder: Path,
+                     crops: tuple[np.ndarray, np.ndarray] | None = None) -> SupportSet:
+    """Write a support set folder (with its crops' images and labels, if any); the manifest gets its hash."""
+    tensors: dict[str, np.ndarray] = {"images": np.ascontiguousarray(images, dtype=np.float16),
+               "labels": np.ascontiguousarray(labels > 0, dtype=np.uint8)}
+    if crops is not None:
+        tensors |= {"crop_images": np.ascontiguousarray(crops[0], dtype=np.float16),
+                    "crop_labels": np.ascontiguousarray(crops[1] > 0, dtype=np.uint8)}
+    stored_crops = (tensors["crop_images"], tensors["crop_labels"]) if crops is not None else None
+    manifest = manifest.model_copy(update={"content_hash": content_hash(manifest, tensors["images"],
+                                                                        tensors["labels"], stored_crops)})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images16, "labels": labels8}, str(folder / TENSORS))
+    save_file(tensors, str(folder / TENSORS))
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=1) + "\n")
-    return SupportSet(manifest, images16, labels8, folder)
+    return SupportSet(manifest, tensors["images"], tensors["labels"], folder, *(stored_crops or (None, None)))
 
 
 def load_support_set(folder: Path) -> SupportSet:
@@ -227,16 +259,17 @@ def load_support_set(folder: Path) -> SupportSet:
     try:
         tensors = load_file(str(folder / TENSORS))
         images, labels = tensors["images"], tensors["labels"]
+        crops = (tensors["crop_images"], tensors["crop_labels"]) if manifest.crop is not None else None
     except (FileNotFoundError, SafetensorError, KeyError, OSError) as exc:
         raise SupportSetError(f"{folder}: cannot read {TENSORS}: {exc}") from exc
-    actual = content_hash(manifest, images, labels)
+    actual = content_hash(manifest, images, labels, crops)
     if actual != manifest.content_hash:
         raise SupportSetError(f"{folder}: content hash mismatch (manifest {manifest.content_hash[:12]}, "
                               f"data {actual[:12]}): the set was modified after it was built")
     for case in manifest.source_cases:
         if case.atlas is not None and atlas_sha256(folder / case.atlas.folder) != case.atlas.sha256:
             raise SupportSetError(f"{folder}: the atlas copy of {case.case} was modified or is missing")
-    return SupportSet(manifest, images, labels, folder)
+    return SupportSet(manifest, images, labels, folder, *(crops or (None, None)))
 
 
 def discover(folders: list[Path]) -> dict[str, SupportSet]:
