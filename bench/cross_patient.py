@@ -27,7 +27,9 @@ Dice at the structure's tolerance and HD95 (`app.evaluation.metrics`);
 structures absent from a query are not averaged but counted as drawn or not.
 
     python bench/cross_patient.py [--cases real,virtual,phantom,dicom] [--structures a,b] [--support-size 16]
-                                  [--columns network,registration] [--quick] [--threads 1] [--write-results]
+                                  [--columns network,registration,hybrid] [--network-cases K] [--hybrid-cases K]
+                                  [--network-structures a,b] [--choose-fusion] [--prior-weight W] [--crops]
+                                  [--quick] [--threads 1] [--write-results]
 
 The chest-abdomen scan's liver, spleen, kidneys, aorta and stomach are held
 back for independent evaluation: this script never reads them (HELD_BACK).
@@ -428,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crops", action="store_true", help="hybrid: fine pass on structure-centred crops")
     parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
                         help="case kinds the network column runs on (it costs minutes per structure on a CPU)")
-    parser.add_argument("--network-structures", default=None, help="limit the network column to these structures")
+    parser.add_argument("--hybrid-cases", default="real,virtual,phantom,dicom",
+                        help="case kinds the hybrid column runs on (its network work is limited to the prior's window)")
+    parser.add_argument("--network-structures", default=None,
+                        help="limit the network and hybrid columns to these structures")
     parser.add_argument("--support-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
@@ -468,20 +473,23 @@ def main(argv: list[str] | None = None) -> None:
             if "registration" in columns:
                 registration_column(case)
                 print(f"   registration {case.seconds['registration']} s", flush=True)
-            kind_runs_network = case.name.split(":")[0] in args.network_cases.split(",")
+            kind = case.name.split(":")[0]
+            runs_network = kind in args.network_cases.split(",") and "network" in columns
+            runs_hybrid = kind in args.hybrid_cases.split(",") and "hybrid" in columns
+            runs_fusion = kind in args.network_cases.split(",") and args.choose_fusion
             only = args.network_structures.split(",") if args.network_structures else None
             case_work = work / f"case{number}"
-            if not kind_runs_network or not ({"network", "hybrid"} & set(columns) or args.choose_fusion):
+            if not (runs_network or runs_hybrid or runs_fusion):
                 continue
             build_sets(case, args.support_size, case_work, only)
             segmenter = segmenter_for(case_work / "sets")
-            if "network" in columns:
+            if runs_network:
                 network_column(case, segmenter, args.support_size, case_work, only)
                 print(f"   network {case.seconds['network']} s", flush=True)
-            if "hybrid" in columns:
+            if runs_hybrid:
                 hybrid_column(case, segmenter, args.support_size, case_work, only, fusion)
                 print(f"   hybrid {case.seconds['hybrid']} s", flush=True)
-            if args.choose_fusion and case.query.labels is not None:
+            if runs_fusion and case.query.labels is not None:
                 fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
                 spacing_of[case.name] = case.query.ct.GetSpacing()[::-1]
     text = report(cases, args)
