@@ -98,8 +98,8 @@ def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, smal
                                                                    deformed_query):
     support, _ = bladder_set
     folder = tmp_path / "v1"
-    cases = [c.model_copy(update={"atlas": None}) for c in support.manifest.source_cases]
-    manifest = support.manifest.model_copy(update={"format_version": 1, "source_cases": cases})
+    cases = [c.model_copy(update={"atlas": None, "crop_centre_mm": None}) for c in support.manifest.source_cases]
+    manifest = support.manifest.model_copy(update={"format_version": 1, "source_cases": cases, "crop": None})
     save_support_set(manifest, support.images, support.labels, folder)
     written = json.loads((folder / MANIFEST).read_text())
     assert written["format_version"] == 1 and not (folder / "atlas").exists()

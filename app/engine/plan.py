@@ -220,6 +220,135 @@ def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, f
     return locate(cases, query, scan_mm)
 
 
+class _StructurePlan:
+    """One structure's way through the passes: where to search, its requests, and what came back.
+
+    `predict_structures` runs the passes for all structures together (one runner call per pass, so
+    batches stay full); each plan says what it needs and takes its answers.
+    """
+
+    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: InferenceOptions,
+                 fingerprint: str | None):
+        self.name, self.support, self.input, self.options = name, support, model_input, options
+        self.own = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
+        usable = len(support) - (2 * LEAVE_OUT_RADIUS + 1 if self.own else 0)
+        if usable < 1:
+            raise OptionError(f"support set {support.id} has too few slices ({len(support)}) to segment with")
+        size = min(options.support_size, usable)
+        z_count = model_input.num_slices
+        self.prediction = StructurePrediction(
+            probability=np.zeros((z_count, *model_input.images.shape[1:]), dtype=np.float32),
+            agreement=np.ones(z_count, dtype=np.float32), computed=np.zeros(z_count, dtype=bool),
+            extent=None, support_size=size, ensemble=options.ensemble)
+        if size < options.support_size:
+            self.prediction.warnings.append(f"support size reduced to {size}: the support set has {len(support)} "
+                                            "slices")
+        if self.own:
+            self.prediction.warnings.append(
+                "this CT is a source case of the support set: each slice's own label and its neighbours' were left out")
+        self.searched = np.zeros(0, dtype=int)
+        self.coarse: dict[int, np.ndarray] = {}  # coarse slice -> probability
+        self.fine: dict[int, list[np.ndarray]] = {}  # fine slice -> one probability per ensemble member
+
+    @property
+    def view(self) -> ModelInput:
+        """The grid the fine pass runs on: the structure-centred crop, or the whole-body view."""
+        return self.prediction.view or self.input
+
+    def locate(self, profile: Profile | None, prior: StructurePrior | None) -> None:
+        """Step 0: the slices to search, from the registration prior or the bone profile."""
+        prediction, grid = self.prediction, self.input.grid
+        z_mm = grid.GetOrigin()[2] + grid.GetSpacing()[2] * np.arange(self.input.num_slices)
+        inside = self.input.body_slices.copy()
+        located = localise(self.support, profile, (float(z_mm[0]), float(z_mm[-1])))
+        if prior is not None:
+            prediction.prior = prior
+            located = _prior_window(prior, z_mm, located)
+        prediction.localisation = located
+        if self.options.axial_search == "all":
+            if located.verdict != "whole_body":
+                prediction.warnings.append("--axial-search all: every body slice was searched, whatever the skeleton "
+                                           "match said" + (f" ({located.reason})" if located.reason else ""))
+        elif located.verdict == "window":
+            assert located.window_mm is not None  # the "window" verdict always carries its window
+            inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
+            prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
+        elif located.verdict == "not_in_scan":
+            inside[:] = False
+        elif located.reason is not None:
+            prediction.warnings.append(located.reason)
+        self.searched = np.nonzero(inside)[0]
+        if self.searched.size:
+            prediction.searched_mm = (round(float(z_mm[self.searched[0]]), 1),
+                                      round(float(z_mm[self.searched[-1]]), 1))
+
+    def coarse_requests(self, rng: np.random.Generator, offset: int) -> list[_Request]:
+        """Step 1: every few millimetres through the searched slices (none where the prior gives the extent)."""
+        body = self.searched
+        if body.size == 0 or self.prediction.prior is not None:
+            return []
+        size = min(self.options.coarse_support_size, self.prediction.support_size)
+        requests = []
+        for z in np.unique(np.append(body[:: _step_slices(self.input, self.options.coarse_step_mm)], body[-1:])):
+            member = _spread_members(self.support.levels, _allowed(self.support, z, self.own), size, 1, rng)[0]
+            requests.append(_Request(self.name, int(z), 0, member + offset))
+        return requests
+
+    def fine_requests(self, rng: np.random.Generator, offset: int, crop_view: CropView | None) -> list[_Request]:
+        """Step 2: the structure's extent (from the prior or the coarse pass), each slice with its examples."""
+        options, prediction, support, body = self.options, self.prediction, self.support, self.searched
+        step = _step_slices(self.input, options.coarse_step_mm)
+        found = _main_run({z: int((p > 0.5).sum()) for z, p in self.coarse.items()}, step)
+        if prediction.prior is not None:
+            prediction.extent = prediction.prior.extent()
+            found = list(prediction.extent) if prediction.extent else []
+        elif found:
+            prediction.extent = (found[0], found[-1])
+        if options.axial_search == "all" or prediction.prior is not None:
+            queries = body
+        elif found:
+            queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
+        else:
+            queries = body[:0]
+        lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
+        crop = options.crops and _place_crop(prediction, support, self.input, self.coarse, found, crop_view,
+                                             self.name)
+        case_of = np.array([m.case for m in support.manifest.slices])
+        examples = support.crop_images if crop and support.crop_images is not None else support.images
+        thumbnails = _thumbnails(examples) if len(set(case_of)) > 1 and queries.size else None
+        query_thumbnails = _thumbnails(self.view.images[queries]) if thumbnails is not None else None
+        used: Counter[str] = Counter()
+        requests: list[_Request] = []
+        for i, z in enumerate(queries):
+            allowed = _allowed(support, int(z), self.own)
+            if options.support_selection == "level":
+                similarity = (thumbnails @ query_thumbnails[i]
+                              if thumbnails is not None and query_thumbnails is not None else None)
+                members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
+                                         prediction.support_size, options.ensemble, rng, case_of, similarity)
+            else:
+                members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
+            used.update(case_of[np.concatenate(members)].tolist())
+            requests += [_Request(self.name, int(z), k, m + offset, crop) for k, m in enumerate(members)]
+        prediction.computed[queries] = True
+        prediction.cases_used = dict(sorted(used.items()))
+        if options.prior_weight == 1.0 and prediction.prior is not None:  # the prior alone: no network work
+            return []
+        return requests
+
+    def finish(self, pairs: int) -> StructurePrediction:
+        """Members averaged per slice, their agreement, and the fusion with the prior."""
+        prediction = self.prediction
+        for z, members in self.fine.items():
+            prediction.probability[z] = np.mean(members, axis=0)
+            prediction.agreement[z] = _agreement([m > 0.5 for m in members])
+        if prediction.prior is not None:
+            _fuse(prediction, self.view, self.options)
+        prediction.queries = int(prediction.computed.sum())
+        prediction.pairs = pairs
+        return prediction
+
+
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
                        options: InferenceOptions, fingerprint: str | None = None,
                        progress: ProgressCallback | None = None, profile: Profile | None = None,
@@ -235,127 +364,31 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     priors = priors or {}
     pools = SupportPool(supports)
     rng = np.random.default_rng(options.seed)
-    results: dict[str, StructurePrediction] = {}
-    own: dict[str, set[str]] = {}
-    for name, support in supports.items():
-        own[name] = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
-        usable = len(support) - (2 * LEAVE_OUT_RADIUS + 1 if own[name] else 0)
-        if usable < 1:
-            raise OptionError(f"support set {support.id} has too few slices ({len(support)}) to segment with")
-        size = min(options.support_size, usable)
-        z_count = inputs[name].num_slices
-        results[name] = StructurePrediction(
-            probability=np.zeros((z_count, *inputs[name].images.shape[1:]), dtype=np.float32),
-            agreement=np.ones(z_count, dtype=np.float32), computed=np.zeros(z_count, dtype=bool),
-            extent=None, support_size=size, ensemble=options.ensemble)
-        if size < options.support_size:
-            results[name].warnings.append(f"support size reduced to {size}: the support set has {len(support)} slices")
-        if own[name]:
-            results[name].warnings.append(
-                "this CT is a source case of the support set: each slice's own label and its neighbours' were left out")
+    plans = {name: _StructurePlan(name, support, inputs[name], options, fingerprint)
+             for name, support in supports.items()}
+    for name, plan in plans.items():
+        plan.locate(profile, priors.get(name))
 
-    searched: dict[str, np.ndarray] = {}
-    for name, support in supports.items():
-        prediction = results[name]
-        z_mm = inputs[name].grid.GetOrigin()[2] + inputs[name].grid.GetSpacing()[2] * np.arange(inputs[name].num_slices)
-        inside = inputs[name].body_slices.copy()
-        located = localise(support, profile, (float(z_mm[0]), float(z_mm[-1])))
-        if name in priors:
-            prediction.prior = priors[name]
-            located = _prior_window(priors[name], z_mm, located)
-        prediction.localisation = located
-        if options.axial_search == "all":
-            if located.verdict != "whole_body":
-                prediction.warnings.append("--axial-search all: every body slice was searched, whatever the skeleton "
-                                           "match said" + (f" ({located.reason})" if located.reason else ""))
-        elif located.verdict == "window":
-            assert located.window_mm is not None  # the "window" verdict always carries its window
-            inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
-            prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
-        elif located.verdict == "not_in_scan":
-            inside[:] = False
-        elif located.reason is not None:
-            prediction.warnings.append(located.reason)
-        searched[name] = np.nonzero(inside)[0]
-        if searched[name].size:
-            prediction.searched_mm = (round(float(z_mm[searched[name][0]]), 1),
-                                      round(float(z_mm[searched[name][-1]]), 1))
+    coarse_requests = [r for plan in plans.values() for r in plan.coarse_requests(rng, pools.offset[plan.name])]
+    for request, probability in zip(coarse_requests, _run(engine, inputs, pools, coarse_requests, "coarse",
+                                                          progress), strict=True):
+        plans[request.structure].coarse[request.z] = probability
 
-    coarse_requests: list[_Request] = []
-    for name, support in supports.items():
-        body = searched[name]
-        size = min(options.coarse_support_size, results[name].support_size)
-        if body.size == 0 or results[name].prior is not None:  # the prior gives the extent
-            continue
-        for z in np.unique(np.append(body[:: _step_slices(inputs[name], options.coarse_step_mm)], body[-1:])):
-            member = _spread_members(support.levels, _allowed(support, z, own[name]), size, 1, rng)[0]
-            coarse_requests.append(_Request(name, int(z), 0, member + pools.offset[name]))
-    coarse = _run(engine, inputs, pools, coarse_requests, "coarse", progress)
+    fine_requests = [r for plan in plans.values()
+                     for r in plan.fine_requests(rng, pools.offset[plan.name], crop_view)]
+    views = {name: plan.view for name, plan in plans.items()}
+    for request, probability in zip(fine_requests, _run(engine, views, pools, fine_requests, "fine", progress),
+                                    strict=True):
+        plans[request.structure].fine.setdefault(request.z, []).append(probability)
 
-    fine_requests: list[_Request] = []
-    for name, support in supports.items():
-        prediction, model_input = results[name], inputs[name]
-        body = searched[name]
-        step = _step_slices(model_input, options.coarse_step_mm)
-        areas = {r.z: int((p > 0.5).sum()) for r, p in zip(coarse_requests, coarse, strict=True)
-                 if r.structure == name}
-        found = _main_run(areas, step)
-        if prediction.prior is not None:
-            prediction.extent = prediction.prior.extent()
-            found = list(prediction.extent) if prediction.extent else []
-        elif found:
-            prediction.extent = (found[0], found[-1])
-        if options.axial_search == "all" or prediction.prior is not None:
-            queries = body
-        elif found:
-            queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
-        else:
-            queries = body[:0]
-        lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
-        crop = options.crops and _place_crop(prediction, support, model_input, coarse_requests, coarse, found,
-                                             crop_view, name)
-        view = prediction.view or model_input
-        case_of = np.array([m.case for m in support.manifest.slices])
-        several_cases = len(set(case_of)) > 1
-        examples = support.crop_images if crop and support.crop_images is not None else support.images
-        thumbnails = _thumbnails(examples) if several_cases and queries.size else None
-        query_thumbnails = _thumbnails(view.images[queries]) if thumbnails is not None else None
-        used: Counter[str] = Counter()
-        for i, z in enumerate(queries):
-            allowed = _allowed(support, int(z), own[name])
-            if options.support_selection == "level":
-                similarity = (thumbnails @ query_thumbnails[i]
-                                  if thumbnails is not None and query_thumbnails is not None else None)
-                members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
-                                         prediction.support_size, options.ensemble, rng, case_of, similarity)
-            else:
-                members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
-            used.update(case_of[np.concatenate(members)].tolist())
-            fine_requests += [_Request(name, int(z), k, m + pools.offset[name], crop) for k, m in enumerate(members)]
-        prediction.computed[queries] = True
-        prediction.cases_used = dict(sorted(used.items()))
-
-    if options.prior_weight == 1.0:  # the prior alone: no network work
-        fine_requests = [r for r in fine_requests if results[r.structure].prior is None]
-    views = {name: prediction.view or inputs[name] for name, prediction in results.items()}
-    fine = _run(engine, views, pools, fine_requests, "fine", progress)
-    by_slice: dict[tuple[str, int], list[np.ndarray]] = {}
-    for request, probability in zip(fine_requests, fine, strict=True):
-        by_slice.setdefault((request.structure, request.z), []).append(probability)
-    for (name, z), members in by_slice.items():
-        results[name].probability[z] = np.mean(members, axis=0)
-        results[name].agreement[z] = _agreement([m > 0.5 for m in members])
-    for name, prediction in results.items():
-        if prediction.prior is not None:
-            _fuse(prediction, views[name], options)
-        prediction.queries = int(prediction.computed.sum())
-        prediction.pairs = sum(r.index.size for r in coarse_requests + fine_requests if r.structure == name)
-    return results
+    pairs = Counter[str]()
+    for request in coarse_requests + fine_requests:
+        pairs[request.structure] += request.index.size
+    return {name: plan.finish(pairs[name]) for name, plan in plans.items()}
 
 
 def _place_crop(prediction: StructurePrediction, support: SupportSet, model_input: ModelInput,
-                coarse_requests: list[_Request], coarse: list[np.ndarray], found: list[int],
-                crop_view: CropView | None, name: str) -> bool:
+                coarse: dict[int, np.ndarray], found: list[int], crop_view: CropView | None, name: str) -> bool:
     """Centre the set's crop on the structure (the prior's likely region, else the coarse pass's detections
     in the structure's run) and prepare the scan on it; the prior follows onto the crop. False: no crop."""
     if support.manifest.crop is None or crop_view is None:
@@ -366,9 +399,9 @@ def _place_crop(prediction: StructurePrediction, support: SupportSet, model_inpu
         placed_by = "registration prior"
     else:
         region = np.zeros(model_input.images.shape, dtype=bool)
-        for request, p in zip(coarse_requests, coarse, strict=True):
-            if request.structure == name and found and found[0] <= request.z <= found[-1]:
-                region[request.z] |= p > 0.5
+        for z, p in coarse.items():
+            if found and found[0] <= z <= found[-1]:
+                region[z] |= p > 0.5
         placed_by = "coarse pass"
     if not region.any():
         prediction.warnings.append("no centre for the structure-centred crop: the fine pass used the whole view")
