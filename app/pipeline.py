@@ -216,20 +216,13 @@ class Segmenter:
             clock = now
 
         names = self.catalogue.parse(structures) if structures else self.default_structures
-        if roi_names not in ROI_NAME_STYLES:
-            raise OptionError(f"roi_names must be one of {', '.join(ROI_NAME_STYLES)}, got {roi_names!r}")
         supports = self.support_for(names)
-        threshold = self.settings.threshold if threshold is None else threshold
-        if not 0 < threshold < 1:
-            raise OptionError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-        try:
-            options = InferenceOptions(
-                support_size=support_size or self.default_support_size, ensemble=ensemble or self.default_ensemble,
-                axial_search=axial_search, support_selection=support_selection, registration=registration,
-                prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm,
-                crops=crops)
-        except ValidationError as exc:
-            raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
+        threshold, options = self._checked_options(
+            threshold, roi_names, support_size=support_size or self.default_support_size,
+            ensemble=ensemble or self.default_ensemble, axial_search=axial_search,
+            support_selection=support_selection, registration=registration,
+            prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm,
+            crops=crops)
 
         if isinstance(ct, sitk.Image):
             image, series = validate_ct(ct), None
@@ -307,6 +300,18 @@ class Segmenter:
         if out_dir is not None:
             result.files["summary"] = write_summary(Path(out_dir), summary)  # once, with the final timings
         return result
+
+    def _checked_options(self, threshold: float | None, roi_names: str, **engine) -> tuple[float, InferenceOptions]:
+        """The threshold and the engine's options, or an OptionError that names what is wrong."""
+        if roi_names not in ROI_NAME_STYLES:
+            raise OptionError(f"roi_names must be one of {', '.join(ROI_NAME_STYLES)}, got {roi_names!r}")
+        threshold = self.settings.threshold if threshold is None else threshold
+        if not 0 < threshold < 1:
+            raise OptionError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        try:
+            return threshold, InferenceOptions(**engine)
+        except ValidationError as exc:
+            raise OptionError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
 
     def _write_dicom(self, series, masks: dict[str, sitk.Image], summary: dict, out_dir: Path,
                      roi_names: str) -> dict[str, Path]:
