@@ -62,9 +62,11 @@ from app.support.store import SupportSet
 MIN_FOREGROUND_PIXELS = 4
 LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
 PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs by about a vertebra
-# chosen on bench/cross_patient.py (see bench/RESULTS.md, "Choosing the fusion")
-PRIOR_WEIGHT = 0.5
-PRIOR_GATE_MM: float | None = 20.0
+# chosen on bench/cross_patient.py --choose-fusion (bench/RESULTS.md, "Choosing the fusion"): the best mean Dice
+# over the real pair's and the phantoms' main structures. Below 0.5 the network can still draw alone where it is
+# sure (p >= 0.5 / (1 - w)); from 0.5 up nothing is drawn without the prior, and the real pair loses 0.1
+PRIOR_WEIGHT = 0.2
+PRIOR_GATE_MM: float | None = 40.0
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
