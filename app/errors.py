@@ -19,6 +19,9 @@ class InputImageError(AutocontourError):
 
 
 class UnknownStructureError(AutocontourError):
+    """A structure name that neither the built-in catalogue nor any loaded support set defines; the
+    message lists the names that are known, so a typo is easy to see."""
+
     code = "unknown-structure"
 
 
@@ -29,12 +32,17 @@ class NoSupportSetError(AutocontourError):
 
 
 class SupportSetError(AutocontourError):
+    """A support set that cannot be trusted or built: missing files, an invalid manifest, a content hash
+    that no longer matches (modified after it was built), or cases that cannot make one."""
+
     code = "invalid-support-set"
 
 
 class WeightsError(AutocontourError):
+    """No checkpoint, or one that does not fit the network (missing, unexpected or mis-shaped keys)."""
+
     code = "invalid-weights"
 
 
 class OptionError(AutocontourError):
-    code = "invalid-option"
+    code = "invalid-option"  # an option out of range or not among its choices; the message names it
