@@ -41,10 +41,9 @@ from app.preprocess import (
     ModelInput,
     PreprocessSpec,
     body_mask,
-    crop_grid,
     grid_to_canonical,
     prepare,
-    prepare_on,
+    prepare_crop,
 )
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
@@ -248,9 +247,8 @@ class Segmenter:
         z_mm = canonical.slice_positions_mm()
         profile = bone_profile(canonical.array, canonical.spacing_zyx, z_mm)
         def crop_view(name: str, centre_mm: tuple[float, float], side_mm: float) -> ModelInput:
-            spec = supports[name].manifest.preprocessing
-            grid = crop_grid(canonical, centre_mm, side_mm, spec.size)
-            return prepare_on(canonical, spec, grid, inputs[name].body_slices)
+            return prepare_crop(canonical, supports[name].manifest.preprocessing, centre_mm, side_mm,
+                                inputs[name].body_slices)
 
         predictions = predict_structures(engine, inputs, supports, options, scan_id, report, profile, priors,
                                          crop_view)

@@ -114,8 +114,10 @@ def crop_grid(ct: CanonicalCT, centre_xy_mm: tuple[float, float], side_mm: float
     return grid
 
 
-def prepare_on(ct: CanonicalCT, spec: PreprocessSpec, grid: sitk.Image, body_slices: np.ndarray) -> ModelInput:
-    """Filter, resample and window the CT onto a given grid (a crop); beyond the scan it is air."""
+def prepare_crop(ct: CanonicalCT, spec: PreprocessSpec, centre_xy_mm: tuple[float, float], side_mm: float,
+                 body_slices: np.ndarray) -> ModelInput:
+    """Filter, resample and window the CT onto a structure-centred crop (`crop_grid`); beyond the scan, air."""
+    grid = crop_grid(ct, centre_xy_mm, side_mm, spec.size)
     hu = _resample_to_grid(ct.image, grid, AIR_HU, spec.antialias)
     return ModelInput(spec.window(hu), grid, body_slices, spec)
 

@@ -18,7 +18,7 @@ from app.preprocess import (
     grid_to_canonical,
     mask_centre_mm,
     mask_to_grid,
-    prepare_on,
+    prepare_crop,
 )
 from app.support.build import build_support_set
 
@@ -64,9 +64,9 @@ def test_a_crop_past_the_scan_edge_is_padded_not_shifted(phantom):
     ct = CanonicalCT(phantom.ct)
     corner = ct.image.GetOrigin()[:2]
     spec = PreprocessSpec()
-    grid = crop_grid(ct, corner, 80.0, spec.size)
-    assert np.allclose(grid.TransformContinuousIndexToPhysicalPoint([(spec.size - 1) / 2] * 2 + [0])[:2], corner)
-    view = prepare_on(ct, spec, grid, np.ones(ct.array.shape[0], bool))
+    view = prepare_crop(ct, spec, corner, 80.0, np.ones(ct.array.shape[0], bool))
+    assert np.allclose(view.grid.TransformContinuousIndexToPhysicalPoint([(spec.size - 1) / 2] * 2 + [0])[:2],
+                       corner)
     assert np.all(view.images[:, : spec.size // 2 - 1, :] == spec.window(np.array(AIR_HU)))  # beyond the scan: air
 
 

@@ -137,18 +137,21 @@ class _Request:
 class SupportPool:
     """All structures' support slices in one array, so one batch can mix structures."""
 
-    def __init__(self, supports: dict[str, SupportSet]):
+    def __init__(self, supports: dict[str, SupportSet], crops: bool = False):
+        """`crops`: also `crop_array`, the sets' structure-centred crops at the same offsets (the whole view
+        for sets without crops)."""
         self.offset: dict[str, int] = {}
-        arrays, crops, total = [], [], 0
+        arrays, crop_arrays, total = [], [], 0
         for name, support in supports.items():
             self.offset[name] = total
             arrays.append(np.stack([support.images, support.labels], axis=1))
             crop_images, crop_labels = support.crop_images, support.crop_labels
-            crops.append(arrays[-1] if crop_images is None or crop_labels is None else
-                         np.stack([crop_images, crop_labels], axis=1))
+            if crops:
+                crop_arrays.append(arrays[-1] if crop_images is None or crop_labels is None else
+                                   np.stack([crop_images, crop_labels], axis=1))
             total += len(support)
         self.array = np.concatenate(arrays).astype(np.float32)
-        self.crop_array = np.concatenate(crops).astype(np.float32)  # same offsets; whole view where no crops
+        self.crop_array = np.concatenate(crop_arrays).astype(np.float32) if crops else self.array
 
 
 def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
@@ -364,7 +367,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     prepares the structure-centred crops of sets that store them.
     """
     priors = priors or {}
-    pools = SupportPool(supports)
+    pools = SupportPool(supports, options.crops)
     rng = np.random.default_rng(options.seed)
     plans = {name: _StructurePlan(name, support, inputs[name], options, fingerprint)
              for name, support in supports.items()}

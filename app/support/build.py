@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from app.catalogue import StructureDefinition, default_definition
 from app.errors import InputImageError, SupportSetError
 from app.io import CanonicalCT, fingerprint, read_image
-from app.preprocess import PreprocessSpec, crop_grid, mask_centre_mm, mask_to_grid, prepare, prepare_on
+from app.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
 from app.support.localize import bone_profile
 from app.support.recipes import Recipe
 from app.support.registration import AtlasCase, make_atlas_case
@@ -198,8 +198,8 @@ def case_crops(case: LabelledCase, spec: PreprocessSpec, side_mm: float) -> tupl
     """The case's every slice as the fine pass sees it (images, labels), centred on the structure."""
     centre = mask_centre_mm(case.mask, case.ct.image)
     case.case.crop_centre_mm = [round(centre[0], 3), round(centre[1], 3)]
-    grid = crop_grid(case.ct, centre, side_mm, spec.size)
-    return prepare_on(case.ct, spec, grid, case.body_slices).images, mask_to_grid(case.mask, case.ct, grid)
+    view = prepare_crop(case.ct, spec, centre, side_mm, case.body_slices)
+    return view.images, mask_to_grid(case.mask, case.ct, view.grid)
 
 
 def _spread(candidates: np.ndarray, n: int) -> np.ndarray:

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from app.io import CanonicalCT
 from app.preprocess import ModelInput
-from app.support.registration import MASK_SCALE, Registration, make_atlas_ct, register
+from app.support.registration import MASK_SCALE, Registration, make_atlas_ct, register, to_grid
 from app.support.store import SupportSet
 
 PRESENT = 0.05  # a slice whose prior peaks below this is taken not to show the structure
@@ -60,9 +60,7 @@ class StructurePrior:
         """The same prior resampled from `grid` (where it lies) onto `target` (a crop with the same slices)."""
         image = sitk.GetImageFromArray(self.probability)
         image.CopyInformation(grid)
-        moved = sitk.GetArrayFromImage(sitk.Resample(image, target, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                     sitk.sitkFloat32))
-        return replace(self, probability=moved)
+        return replace(self, probability=sitk.GetArrayFromImage(to_grid(image, target)))
 
     def uninformed(self) -> np.ndarray:
         """(Z,) bool: slices beyond the sources' fields of view on a side where the structure runs on:
