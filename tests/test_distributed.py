@@ -35,7 +35,7 @@ def cluster(tmp_path, small_weights):
     state = {"redis": redis, "api": api, "workers": workers, "env": env, "data": data, "settings": settings,
              "weights": small_weights}
     yield state
-    api.stop()
+    state["api"].stop()  # the test may have replaced the API with a restarted one
     for w in state["workers"]:
         w.kill(signal.SIGTERM)
     state["redis"].stop()
