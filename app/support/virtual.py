@@ -32,7 +32,7 @@ FIELD_SPACING_MM = 4.0  # the dense displacement field is sampled this coarsely,
 FOV_MARGIN_MM = 20.0
 
 # contrast-phase enhancement in HU (low, high) by label-name fragment; arterial > portal-venous > organs
-ENHANCEMENT_HU = {
+ENHANCEMENT_HU: dict[str, tuple[float, float]] = {
     "aorta": (150, 300), "artery": (150, 300),
     "vena_cava": (80, 180), "iliac_vena": (80, 180), "portal_vein": (80, 180),
     "kidney": (120, 200), "spleen": (60, 100), "liver": (40, 80), "pancreas": (30, 60),
@@ -115,17 +115,24 @@ def fov_range(labels: np.ndarray, names: dict[str, int], z_mm: np.ndarray, fov: 
     raise ValueError(f"unknown field of view {fov!r}: full, pelvis or abdomen")
 
 
-def virtual_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], seed: int, fov: str = "full",
-                    spacing_mm=DIAGNOSTIC_SPACING_MM, deformation_mm: float = 6.0,
-                    habitus: tuple[float, float] = (0.9, 1.12), height: tuple[float, float] = (0.95, 1.05),
-                    contrast: bool = True, circle: bool = True) -> VirtualPatient:
-    """A virtual patient from a labelled CT (`names`: label name -> value); see the module docstring.
+@dataclass
+class Warped:
+    """A labelled CT after a habitus scaling and a smooth bend, on a new grid (float HU, labels, z in mm)."""
 
-    The transform is drawn first (habitus scaling about the body centre, in-plane `habitus`, along z
-    `height`; a smooth deformation of `deformation_mm` per control point), then the intensities
-    (enhancement per label when `contrast`, the reconstruction circle when `circle`), then the field of view.
-    """
-    rng = np.random.default_rng(seed)
+    hu: np.ndarray
+    labels: np.ndarray
+    grid: sitk.Image
+    scale: np.ndarray
+
+    @property
+    def z_mm(self) -> np.ndarray:
+        return self.grid.GetOrigin()[2] + self.grid.GetSpacing()[2] * np.arange(self.hu.shape[0])
+
+
+def warp(ct: sitk.Image, labels: sitk.Image, rng: np.random.Generator, spacing_mm, deformation_mm: float,
+         habitus: tuple[float, float], height: tuple[float, float]) -> Warped:
+    """Habitus scaling about the body centre (in-plane `habitus`, along z `height`) and a smooth deformation of
+    `deformation_mm` per control point, resampled onto `spacing_mm`; labels travel with the same transform."""
     ct = sitk.Cast(sitk.DICOMOrient(ct, CANONICAL_ORIENTATION), sitk.sitkFloat32)
     labels = sitk.DICOMOrient(labels, CANONICAL_ORIENTATION)
     centre = _body_centre(ct)
@@ -146,32 +153,65 @@ def virtual_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], s
     hu = sitk.GetArrayFromImage(sitk.Resample(ct, grid, field, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32))
     label_map = sitk.GetArrayFromImage(sitk.Resample(labels, grid, field, sitk.sitkNearestNeighbor, 0,
                                                      labels.GetPixelID()))
-    enhancement = {}
-    if contrast:
-        for name, value in sorted(names.items()):
-            ranges = [r for fragment, r in ENHANCEMENT_HU.items() if fragment in name]
-            if ranges:
-                enhancement[name] = round(float(rng.uniform(*ranges[0])), 1)
-                hu[label_map == value] += enhancement[name]
-    if circle:
-        _, ny, nx = hu.shape
-        yy, xx = np.ogrid[:ny, :nx]
-        radius = min(nx, ny) / 2
-        outside = (xx - (nx - 1) / 2) ** 2 + (yy - (ny - 1) / 2) ** 2 > radius ** 2
-        hu[:, outside] = RECONSTRUCTION_CIRCLE_HU
+    return Warped(hu, label_map, grid, scale)
 
-    z_mm = grid.GetOrigin()[2] + grid.GetSpacing()[2] * np.arange(hu.shape[0])
-    lo, hi = fov_range(label_map, names, z_mm, fov)
-    rows = np.nonzero((z_mm >= lo) & (z_mm <= hi))[0]
-    first, last = int(rows.min()), int(rows.max()) + 1
+
+def enhance(hu: np.ndarray, label_map: np.ndarray, names: dict[str, int], rng: np.random.Generator,
+            ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """Contrast enhancement per label (in place): each label whose name contains a key of `ranges` gains a
+    uniform draw from its range; returns the HU added per label."""
+    enhancement = {}
+    for name, value in sorted(names.items()):
+        matching = [r for fragment, r in (ranges or ENHANCEMENT_HU).items() if fragment in name]
+        if matching:
+            enhancement[name] = round(float(rng.uniform(*matching[0])), 1)
+            hu[label_map == value] += enhancement[name]
+    return enhancement
+
+
+def reconstruction_circle(hu: np.ndarray) -> None:
+    """Set everything outside the largest centred in-plane circle to the scanner's padding value (in place)."""
+    _, ny, nx = hu.shape
+    yy, xx = np.ogrid[:ny, :nx]
+    radius = min(nx, ny) / 2
+    outside = (xx - (nx - 1) / 2) ** 2 + (yy - (ny - 1) / 2) ** 2 > radius ** 2
+    hu[:, outside] = RECONSTRUCTION_CIRCLE_HU
+
+
+def to_images(hu: np.ndarray, label_map: np.ndarray, grid: sitk.Image, first: int,
+              last: int) -> tuple[sitk.Image, sitk.Image]:
+    """Slices first..last-1 as an int16 CT and a label map on `grid`'s geometry."""
     out_ct = sitk.GetImageFromArray(np.clip(np.round(hu[first:last]), -32768, 32767).astype(np.int16))
     out_labels = sitk.GetImageFromArray(label_map[first:last])
     for image in (out_ct, out_labels):
         image.SetSpacing(grid.GetSpacing())
         image.SetDirection(grid.GetDirection())
         image.SetOrigin(grid.TransformIndexToPhysicalPoint([0, 0, first]))
+    return out_ct, out_labels
+
+
+def virtual_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], seed: int, fov: str = "full",
+                    spacing_mm=DIAGNOSTIC_SPACING_MM, deformation_mm: float = 6.0,
+                    habitus: tuple[float, float] = (0.9, 1.12), height: tuple[float, float] = (0.95, 1.05),
+                    contrast: bool = True, circle: bool = True) -> VirtualPatient:
+    """A virtual patient from a labelled CT (`names`: label name -> value); see the module docstring.
+
+    The transform is drawn first (`warp`), then the intensities (enhancement per label when `contrast`, the
+    reconstruction circle when `circle`), then the field of view.
+    """
+    rng = np.random.default_rng(seed)
+    warped = warp(ct, labels, rng, spacing_mm, deformation_mm, habitus, height)
+    hu, label_map = warped.hu, warped.labels
+    enhancement = enhance(hu, label_map, names, rng) if contrast else {}
+    if circle:
+        reconstruction_circle(hu)
+    z_mm = warped.z_mm
+    lo, hi = fov_range(label_map, names, z_mm, fov)
+    rows = np.nonzero((z_mm >= lo) & (z_mm <= hi))[0]
+    first, last = int(rows.min()), int(rows.max()) + 1
+    out_ct, out_labels = to_images(hu, label_map, warped.grid, first, last)
     parameters = {"seed": seed, "fov": fov, "spacing_mm": list(spacing_mm),
-                  "habitus_scale": np.round(scale, 3).tolist(), "deformation_mm": deformation_mm,
+                  "habitus_scale": np.round(warped.scale, 3).tolist(), "deformation_mm": deformation_mm,
                   "enhancement_hu": enhancement, "circle": circle,
                   "z_range_mm": [round(float(z_mm[first]), 1), round(float(z_mm[last - 1]), 1)]}
     return VirtualPatient(out_ct, out_labels, parameters)
