@@ -233,6 +233,10 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
                        help="a CT and its label map (labels.json beside it names the values); repeatable")
     train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
+    train.add_argument("--recipe", type=Path, default=None,
+                       help="a training-data recipe (JSON, app/training/data.py: TrainingDataRecipe) instead of "
+                            "--case/--phantoms: real cases, their virtual patients, HU tasks, crops")
+    train.add_argument("--workers", type=int, default=1, help="processes preparing the data (default 1)")
     train.add_argument("--data", type=Path, default=None, help="a prepared data file instead of --case/--phantoms")
     train.add_argument("--save-data", type=Path, default=None, help="write the prepared data file here")
     train.add_argument("--prepare-only", action="store_true", help="only prepare --save-data, do not train")
@@ -251,13 +255,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = args.data
     if data is None:
-        from app.training.data import phantom_volumes, prepare_training_data, volume_from_files  # needs SimpleITK
+        from collections.abc import Sequence
 
-        if not args.case and not args.phantoms:
-            raise OptionError("give --case CT LABELS, --phantoms N or --data FILE")
-        volumes = [volume_from_files(ct, labels, None, f"case{i}", "user-supplied", "see the data's own licence")
-                   for i, (ct, labels) in enumerate(args.case)] + phantom_volumes(args.phantoms)
-        data = prepare_training_data(volumes, args.save_data or args.out / "training_data.safetensors")
+        from app.training.data import (  # needs SimpleITK
+            Draw,
+            Volume,
+            load_recipe,
+            phantom_volumes,
+            prepare_training_data,
+            volume_from_files,
+        )
+
+        volumes: Sequence[Volume | Draw]
+        if args.recipe is not None:
+            recipe, root = load_recipe(args.recipe)
+            missing = [str(root / c.ct) for c in recipe.cases if not (root / c.ct).exists()]
+            if missing:
+                raise OptionError(f"the recipe's CT {missing[0]} is not there")
+            volumes = recipe.items(root)
+        elif args.case or args.phantoms:
+            volumes = [volume_from_files(ct, labels, None, f"case{i}", "user-supplied", "see the data's own licence")
+                       for i, (ct, labels) in enumerate(args.case)] + phantom_volumes(args.phantoms)
+        else:
+            raise OptionError("give --recipe FILE, --case CT LABELS, --phantoms N or --data FILE")
+        data = prepare_training_data(volumes, args.save_data or args.out / "training_data.safetensors",
+                                     workers=args.workers)
         print(f"training data: {data}")
     if args.prepare_only:
         return 0

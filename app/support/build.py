@@ -178,16 +178,22 @@ def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec
     return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices, ct, mask, side, small)
 
 
+def in_plane_extent_mm(mask: np.ndarray, spacing_xy) -> float:
+    """The larger in-plane side (mm) of a (z, y, x) mask's bounding box."""
+    _, ys, xs = np.nonzero(mask)
+    return float(max((xs.max() - xs.min() + 1) * spacing_xy[0], (ys.max() - ys.min() + 1) * spacing_xy[1]))
+
+
+def crop_margin_mm(extent_mm: float) -> float:
+    """Context kept around a structure in its crop, each side."""
+    return max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent_mm)
+
+
 def crop_for(cases: list[LabelledCase]) -> SupportCrop | None:
     """The crop: the structure's largest in-plane extent over the cases plus margins; None when that is
     nearly the whole-body view (CROP_MAX_FRACTION)."""
-    extents = []
-    for case in cases:
-        _, ys, xs = np.nonzero(case.mask)
-        sx, sy = case.ct.image.GetSpacing()[:2]
-        extents.append(max((xs.max() - xs.min() + 1) * sx, (ys.max() - ys.min() + 1) * sy))
-    extent = float(max(extents))
-    margin = max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent)
+    extent = max(in_plane_extent_mm(case.mask, case.ct.image.GetSpacing()[:2]) for case in cases)
+    margin = crop_margin_mm(extent)
     side = extent + 2 * margin
     if side >= CROP_MAX_FRACTION * min(c.grid_side_mm for c in cases):
         return None

@@ -3,17 +3,24 @@
 In-context models generalise through task diversity (UniverSeg, Sec. 3.3), so
 a task here is any of:
 
-- a labelled structure (every label of every training volume);
-- a union of 2-3 labels of one volume;
+- a labelled structure (every label of every training volume), on whole-body
+  axial, coronal or sagittal slices, or on axial crops centred on it (as the
+  engine's fine pass sees it);
+- an HU task (`app.training.hu_tasks`: body, bone, lungs, gas, fat, soft
+  tissue, enhanced vessels), which every CT has, labelled or not;
+- a union of 2-3 labels;
 - a sub-region: the left or right half of a structure;
 - a synthetic task: a random smooth shape pasted onto real CT texture with
-  its own intensity offset and noise, the same rule for query and supports;
+  its own intensity offset and noise, the same rule for query and supports.
 
-on axial, coronal or sagittal slices. About one query in ten is a slice just
-outside the structure, with an empty label, so the network learns that
-"nothing here" is an answer. The query is never one of its supports.
-Augmentation: per task a flip and an intensity curve, per slice a small
-affine and elastic warp and noise.
+Cross-patient by construction: the supports of an episode all come from one
+volume and the query from another, whenever the task exists in more than one
+(a virtual patient is one volume: one draw of `app.training.randomise`). So
+the network cannot rely on the query's own patient; it has to read the rule
+from someone else's examples, as a clinic's support set is used. About one
+whole-view query in ten is a slice just outside the structure, with an empty
+label, so that "nothing here" is an answer. Augmentation: per task a flip and
+an intensity curve, per slice a small affine and elastic warp and noise.
 """
 
 from __future__ import annotations
@@ -26,8 +33,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from app.training.dataset import TrainingData
+from app.training.hu_tasks import PREFIX, TASK_BITS
 
 MIN_PIXELS = 12
+CROP_PLANE = 3
+HU_TASK_SHARE = 0.15  # of episodes: tasks every CT has
+CROP_SHARE = 0.25  # of episodes: structure-centred crops
 
 
 @dataclass
@@ -35,8 +46,9 @@ class Task:
     kind: str  # label, union, half, synthetic
     plane: int
     names: tuple[str, ...]
-    volume: int = -1  # synthetic tasks and unions live in one volume
     side: int = 0  # halves: -1 keeps the image-left part, +1 the right part
+    query_volume: int = -1
+    support_volume: int = -1
 
     @property
     def title(self) -> str:
@@ -48,12 +60,13 @@ class TaskSampler:
     """Samples episodes; the roles share the code.
 
     - training (default): structures not held out, slices not held out, all task kinds;
-      supports come from the query's volume or, when another volume has the
-      structure too, from any of them (support from other patients, as in use);
     - `query_slices="heldout"`: labelled tasks of trained structures, queries from held-out slices;
     - `heldout_structures=True`: labelled tasks of the held-out structures only (any slice);
-    - `query_volumes`: queries only from these volumes, supports only from the others
-      (fine-tuning's early stopping on a held-out case).
+    - `query_volumes`: queries only from these volumes, supports only from the others (held-out virtual
+      patients; fine-tuning's held-out case).
+
+    Validation roles (all but training) use whole-view axial slices of labelled structures, and take their
+    supports from another patient whenever one has the task (`prefer_other_patient`), as the benchmark does.
     """
 
     def __init__(self, data: TrainingData, heldout: set[str], seed: int = 0, heldout_structures: bool = False,
@@ -63,52 +76,84 @@ class TaskSampler:
         self.heldout_structures = heldout_structures
         self.query_slices = query_slices
         self.query_volumes = query_volumes
-        self.labels_only = heldout_structures or query_slices == "heldout" or query_volumes is not None
+        self.validation = heldout_structures or query_slices == "heldout" or query_volumes is not None
         self.value = [info["names"] for info in data.volumes]  # per volume: name -> label value
-        self.by_task: dict[tuple[str, int], np.ndarray] = {}  # (name, plane) -> slices showing it, all volumes
-        for v, names in enumerate(self.value):
-            for plane in range(3):
+        self.patient = [info.get("patient", info["name"]) for info in data.volumes]
+        # (task name, plane) -> volume -> the rows showing it
+        self.by_task: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+        label_counts, bit_counts = data.pixel_counts()
+        for v in np.unique(data.volume):
+            v = int(v)
+            for plane in range(CROP_PLANE + 1):
                 rows = np.nonzero((data.volume == v) & (data.plane == plane))[0]
-                for name, value in names.items():
-                    if (name in heldout) != heldout_structures or rows.size == 0:
+                if rows.size == 0:
+                    continue
+                for name, value in self.value[v].items():
+                    if (name in heldout) != heldout_structures or value > 255:
                         continue
-                    counts = (data.labels[rows] == value).reshape(len(rows), -1).sum(axis=1)
-                    usable = rows[counts >= MIN_PIXELS]
-                    if usable.size:
-                        key = (name, plane)
-                        self.by_task[key] = np.concatenate([self.by_task.get(key, usable[:0]), usable])
-        self.keys = [k for k, rows in self.by_task.items() if rows.size >= 6 and not (self.labels_only and k[1] != 0)]
-        if not self.keys:
+                    shown = rows[label_counts[rows, value] >= MIN_PIXELS]
+                    if plane == CROP_PLANE:
+                        shown = shown[data.crop_of[shown] == value]
+                    self._add((name, plane), v, shown)
+                if not self.validation and plane != CROP_PLANE:
+                    for bit, name in enumerate(TASK_BITS):
+                        self._add((PREFIX + name, plane), v, rows[bit_counts[rows, bit] >= MIN_PIXELS])
+        enough = {k for k, by_volume in self.by_task.items() if sum(r.size for r in by_volume.values()) >= 6}
+        if self.validation:
+            enough = {k for k in enough if k[1] == 0}
+        self.keys = {"label": sorted(k for k in enough if not k[0].startswith(PREFIX) and k[1] != CROP_PLANE),
+                     "hu": sorted(k for k in enough if k[0].startswith(PREFIX)),
+                     "crop": sorted(k for k in enough if k[1] == CROP_PLANE)}
+        if not self.keys["label"]:
             raise ValueError("no task has enough labelled slices")
 
-    def sample_task(self) -> Task:
+    def _add(self, key: tuple[str, int], volume: int, rows: np.ndarray) -> None:
+        if rows.size:
+            self.by_task.setdefault(key, {})[volume] = rows
+
+    def _key(self) -> tuple[str, int]:
         r = self.rng.random()
-        name, plane = self.keys[self.rng.integers(len(self.keys))]
-        if self.labels_only or r < 0.55:
+        group = ("hu" if r < HU_TASK_SHARE else "crop" if r < HU_TASK_SHARE + CROP_SHARE else "label")
+        keys = self.keys[group] or self.keys["label"]
+        return keys[self.rng.integers(len(keys))]
+
+    def sample_task(self) -> Task:
+        name, plane = self._key()
+        r = self.rng.random()
+        if self.validation or name.startswith(PREFIX) or r < 0.6:
             return Task("label", plane, (name,))
-        volume = int(self.rng.choice(np.unique(self.data.volume[self.by_task[(name, plane)]])))
-        if r < 0.7:
-            others = [k[0] for k in self.keys if k[1] == plane and k[0] != name and k[0] in self.value[volume]]
+        if r < 0.75:
+            volume = int(self.rng.choice(list(self.by_task[(name, plane)])))
+            others = [k[0] for k in self.by_task if k[1] == plane and k[0] != name and not k[0].startswith(PREFIX)
+                      and volume in self.by_task[k]]
             count = min(len(others), int(self.rng.integers(1, 3)))
             extra = [str(x) for x in self.rng.choice(others, size=count, replace=False)] if count else []
-            return Task("union", plane, (name, *extra), volume=volume)
-        if r < 0.8:
+            return Task("union", plane, (name, *extra), query_volume=volume)
+        if r < 0.85:
             return Task("half", plane, (name,), side=int(self.rng.choice([-1, 1])))
-        return Task("synthetic", plane, (), volume=volume)
+        return Task("synthetic", plane, (name,))
 
-    def task_rows(self, task: Task) -> np.ndarray:
+    def rows_in(self, task: Task, volume: int) -> np.ndarray:
+        """The task's candidate slices in one volume (empty where the volume lacks any of its names)."""
         if task.kind == "synthetic":
-            return np.nonzero((self.data.volume == task.volume) & (self.data.plane == task.plane))[0]
-        rows = np.unique(np.concatenate([self.by_task[(n, task.plane)] for n in task.names
-                                         if (n, task.plane) in self.by_task]))
-        return rows[self.data.volume[rows] == task.volume] if task.volume >= 0 else rows
+            rows = np.nonzero((self.data.volume == volume) & (self.data.plane == task.plane))[0]
+            return rows if task.plane != CROP_PLANE else rows[self.data.crop_of[rows] > 0]
+        parts = [self.by_task.get((n, task.plane), {}).get(volume) for n in task.names]
+        shown = [p for p in parts if p is not None]
+        if len(shown) < len(parts):
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate(shown))
 
     def task_label(self, task: Task, rows: np.ndarray) -> np.ndarray:
         labels = np.zeros(self.data.labels[rows].shape, dtype=np.float32)
         for i, row in enumerate(rows):
             names = self.value[self.data.volume[row]]
-            values = [names[n] for n in task.names if n in names]
-            labels[i] = np.isin(self.data.labels[row], values)
+            for n in task.names:
+                if n.startswith(PREFIX):
+                    labels[i] += (self.data.hu_bits[row] & TASK_BITS[n.removeprefix(PREFIX)]) > 0
+                elif n in names:
+                    labels[i] += self.data.labels[row] == names[n]
+        labels = np.minimum(labels, 1.0)
         if task.kind == "half":
             columns = np.arange(labels.shape[2])
             for i in range(len(rows)):
@@ -118,33 +163,55 @@ class TaskSampler:
                     labels[i] *= ((columns <= mid) if task.side < 0 else (columns > mid))[None, :]
         return labels
 
-    def _split(self, task: Task, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate query rows and support rows for a task, by role."""
+    def _query_slices(self, task: Task, volume: int) -> np.ndarray:
+        rows = self.rows_in(task, volume)
         held = self.data.heldout[rows]
-        if self.query_volumes is not None:
-            in_query = np.isin(self.data.volume[rows], list(self.query_volumes))
-            return rows[in_query], rows[~in_query]
-        if self.heldout_structures:
-            return rows, rows
         if self.query_slices == "heldout":
-            return rows[held], rows[~held]
-        return rows[~held], rows[~held]
+            return rows[held]
+        return rows if self.heldout_structures or self.query_volumes is not None else rows[~held]
+
+    def _support_volume(self, task: Task, query_volume: int, support_size: int) -> tuple[int, np.ndarray]:
+        """Another volume with enough of the task's slices (another patient first in validation); the query's own
+        only where no other volume has the task at all; none (-1) when others have it, but too few slices."""
+        candidates = [v for v in (np.unique(self.data.volume) if task.kind == "synthetic"
+                                  else {v for n in task.names[:1] for v in self.by_task[(n, task.plane)]})
+                      if int(v) != query_volume and (self.query_volumes is None or int(v) not in self.query_volumes)]
+        order = [int(v) for v in self.rng.permutation(candidates)]
+        if self.validation:
+            order.sort(key=lambda v: self.patient[v] == self.patient[query_volume])
+        for v in order:
+            rows = self._support_slices(self.rows_in(task, v))
+            if rows.size >= support_size:
+                return v, rows
+        if order or self.query_volumes is not None:
+            return -1, np.zeros(0, dtype=np.int64)
+        return query_volume, self._support_slices(self.rows_in(task, query_volume))
+
+    def _support_slices(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.heldout_structures or self.query_volumes is not None else rows[~self.data.heldout[rows]]
 
     def episode(self, support_size: int):
-        """(query image, query label, support images, support labels, task) as float32 arrays."""
+        """(query image, query label, support images, support labels, task) as float32 arrays; the task says
+        which volume the query and the supports came from."""
         for _ in range(100):
             task = self.sample_task()
-            rows = self.task_rows(task)
-            queries, supports = self._split(task, rows)
+            if task.query_volume < 0:
+                volumes = (np.unique(self.data.volume) if task.kind == "synthetic"
+                           else np.array(list(self.by_task[(task.names[0], task.plane)])))
+                if self.query_volumes is not None:
+                    volumes = volumes[np.isin(volumes, list(self.query_volumes))]
+                if volumes.size == 0:
+                    continue
+                task.query_volume = int(self.rng.choice(volumes))
+            queries = self._query_slices(task, task.query_volume)
             if queries.size == 0:
                 continue
             q = int(self.rng.choice(queries))
-            same_volume = self.data.volume[supports] == self.data.volume[q]
-            if self.query_volumes is None and self.rng.random() < 0.5 and same_volume.sum() > support_size:
-                supports = supports[same_volume]
-            if not self.labels_only and task.kind != "synthetic" and self.rng.random() < 0.1:
-                negative = self._negative_query(task, int(self.data.volume[q]))
+            if (not self.validation and task.kind != "synthetic" and task.plane != CROP_PLANE
+                    and self.rng.random() < 0.1):
+                negative = self._negative_query(task, task.query_volume)
                 q = negative if negative is not None else q
+            task.support_volume, supports = self._support_volume(task, task.query_volume, support_size)
             supports = supports[supports != q]
             if supports.size < support_size:
                 continue
@@ -162,15 +229,17 @@ class TaskSampler:
     def _negative_query(self, task: Task, volume: int) -> int | None:
         """A training slice of the volume just beyond the task's extent (its label is empty)."""
         rows = np.nonzero((self.data.volume == volume) & (self.data.plane == task.plane) & ~self.data.heldout)[0]
-        values = [self.value[volume][n] for n in task.names if n in self.value[volume]]
-        present = np.isin(self.data.labels[rows], values).reshape(len(rows), -1).any(axis=1)
+        present = np.isin(rows, self.rows_in(task, volume))
         if not present.any():
             return None
         positions = self.data.position[rows]
         lo, hi = positions[present].min(), positions[present].max()
         near = rows[~present & (((positions < lo) & (positions >= lo - 6))
                                 | ((positions > hi) & (positions <= hi + 6)))]
-        return int(self.rng.choice(near)) if near.size else None
+        if near.size == 0:
+            return None
+        candidate = int(self.rng.choice(near))
+        return candidate if not self.task_label(task, np.array([candidate])).any() else None
 
     def _synthetic(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Random smooth shapes with a task-specific intensity offset and texture on real CT slices."""

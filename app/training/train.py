@@ -21,6 +21,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,8 +116,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         heldout = set(config.heldout_structures)
-        # fine-tuning validates on held-out cases (query_volumes) and trains on the others
-        train_data = data if query_volumes is None else _subset(data, ~np.isin(data.volume, list(query_volumes)))
+        # held-out virtual patients, or fine-tuning's held-out case, are validated on and never trained on
+        if query_volumes is None:
+            query_volumes = {i for i, v in enumerate(data.volumes) if v.get("role") == "validation"} or None
+        train_data = data if query_volumes is None else data.subset(~np.isin(data.volume, list(query_volumes)))
         self.sampler = TaskSampler(train_data, heldout, seed=config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.validation = self._validation_sets(heldout, query_volumes)
@@ -128,9 +131,14 @@ class Trainer:
     def _validation_sets(self, heldout: set[str], query_volumes: set[int] | None) -> dict[str, list]:
         """Fixed episodes, sampled once, so every validation compares like with like."""
         sets: dict[str, list] = {}
-        roles = ({"heldout_case": dict(query_volumes=query_volumes)} if query_volumes is not None else
-                 {"seen_structures_heldout_slices": dict(query_slices="heldout")}
-                 | ({"heldout_structures": dict(heldout_structures=True)} if heldout else {}))
+        roles: dict[str, dict[str, Any]]
+        virtual = any(v.get("role") == "validation" for v in self.data.volumes)
+        if query_volumes is None:
+            roles = {"seen_structures_heldout_slices": dict(query_slices="heldout")}
+        else:
+            roles = {("heldout_virtual_patients" if virtual else "heldout_case"): dict(query_volumes=query_volumes)}
+        if heldout and (virtual or query_volumes is None):
+            roles["heldout_structures"] = dict(heldout_structures=True)
         for name, kwargs in roles.items():
             sampler = TaskSampler(self.data, heldout, seed=10_000 + self.config.seed, **kwargs)
             sets[name] = [sampler.episode(self.config.support_size) for _ in range(self.config.validation_episodes)]
@@ -265,11 +273,6 @@ class Trainer:
             description=json.dumps({"step": self.step, "validation": scores, **self.card_extra.get("details", {})}),
         )
         return save_checkpoint(self.model, path, card)
-
-
-def _subset(data: TrainingData, keep: np.ndarray) -> TrainingData:
-    return TrainingData(data.images[keep], data.labels[keep], data.volume[keep], data.plane[keep],
-                        data.position[keep], data.heldout[keep], data.volumes, data.preprocessing)
 
 
 def plot_curves(log: Path, out: Path) -> None:
