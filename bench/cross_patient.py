@@ -29,7 +29,13 @@ structures absent from a query are not averaged but counted as drawn or not.
     python bench/cross_patient.py [--cases real,virtual,phantom,dicom] [--structures a,b] [--support-size 16]
                                   [--columns network,registration,hybrid] [--network-cases K] [--hybrid-cases K]
                                   [--network-structures a,b] [--choose-fusion] [--prior-weight W] [--crops]
-                                  [--quick] [--threads 1] [--write-results]
+                                  [--weights FILE] [--baseline-weights FILE | --baseline-results JSON]
+                                  [--json-out JSON] [--quick] [--threads 1]
+                                  [--write-results]
+
+`--baseline-weights` runs the network and hybrid columns a second time with a previous checkpoint, in the same
+process and on the same support sets, and adds a summary of each case's mean Dice with the difference;
+`--baseline-results` takes those columns from an earlier run's `--json-out` instead (same engine and cases).
 
 The chest-abdomen scan's liver, spleen, kidneys, aorta and stomach are held
 back for independent evaluation: this script never reads them (HELD_BACK).
@@ -77,6 +83,7 @@ PHANTOM = {n: (n,) for n in ("urinary_bladder", "colon", "sacrum", "hip_left", "
 QUICK = ("colon", "iliopsoas_left", "vertebrae_l1")
 VIRTUAL_SEEDS = {"full": 9101, "pelvis": 9102, "abdomen": 9103}  # held out: training draws seeds < 9000
 COLUMNS = ("network", "registration", "hybrid")
+BASELINE = " (baseline)"  # the same column with --baseline-weights
 STRUCTURES_PER_CALL = 4  # segment() keeps every structure's full-grid probability: bound the memory
 
 
@@ -273,25 +280,26 @@ def score_masks(case: Case, masks: dict[str, np.ndarray], summaries: dict) -> di
     return out
 
 
-def network_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None) -> None:
+def network_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None,
+                   column: str = "network") -> None:
     """The network alone through the product path: no registration prior, every body slice searched
     (the DICOM case keeps the default localisation: what it must show is `not_in_scan`)."""
     built = build_sets(case, support_size, work, only)
     started = time.perf_counter()
     masks, summaries = run_product(case, segmenter, built, support_size, axial_search=case.axial_search,
                                    registration=False)
-    case.seconds["network"] = round(time.perf_counter() - started, 1)
-    case.results["network"] = score_masks(case, masks, summaries)
+    case.seconds[column] = round(time.perf_counter() - started, 1)
+    case.results[column] = score_masks(case, masks, summaries)
 
 
 def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None,
-                  fusion: dict) -> None:
+                  fusion: dict, column: str = "hybrid") -> None:
     """The product's default path: registration prior (window, levels, fusion) and the network."""
     built = build_sets(case, support_size, work, only)
     started = time.perf_counter()
     masks, summaries = run_product(case, segmenter, built, support_size, **fusion)
-    case.seconds["hybrid"] = round(time.perf_counter() - started, 1)
-    case.results["hybrid"] = score_masks(case, masks, summaries)
+    case.seconds[column] = round(time.perf_counter() - started, 1)
+    case.results[column] = score_masks(case, masks, summaries)
     priors = {n: s["registration_prior"] for n, s in summaries.items() if s["registration_prior"]}
     if priors:
         first = next(iter(priors.values()))["registrations"]
@@ -379,27 +387,67 @@ def means(results: dict, structures: list[str]) -> dict | None:
             "hd95": float(np.mean(hd)) if hd else None, "n": len(rows), "missed_hd": len(rows) - len(hd)}
 
 
+def merge_baseline(cases: list[Case], saved: dict) -> None:
+    """A previous run's network and hybrid columns (`--json-out`, same cases) as this run's baseline columns."""
+    for case in cases:
+        for column in ("network", "hybrid"):
+            previous = saved.get(case.name, {}).get("results", {}).get(column)
+            if previous is not None and column + BASELINE not in case.results:
+                case.results[column + BASELINE] = previous
+                case.seconds[column + BASELINE] = saved[case.name]["seconds"].get(column)
+
+
+def columns_of(cases: list[Case]) -> list[str]:
+    """The columns any case has, baseline checkpoint beside each: network (baseline), network, registration..."""
+    present = {c for case in cases for c in case.results}
+    order = [f"{c}{suffix}" for c in COLUMNS for suffix in (BASELINE, "")]
+    return [c for c in order if c in present]
+
+
+def summary(cases: list[Case], columns: list[str]) -> list[str]:
+    """One line per case: the mean Dice of its headline group per column, and new minus baseline."""
+    lines = ["| case | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for case in cases:
+        groups = [group_of(s) for s in case.structures]
+        group = "main" if "main" in groups else groups[0] if groups else ""
+        members = [s for s in case.structures if group_of(s) == group]
+        cells = []
+        for c in columns:
+            m = means(case.results.get(c, {}), members)
+            base = means(case.results.get(c + BASELINE, {}), members) if not c.endswith(BASELINE) else None
+            delta = f" ({m['dice'] - base['dice']:+.3f})" if m and base else ""
+            cells.append("n/a" if m is None else f"{m['dice']:.3f}{delta}")
+        lines.append(f"| {case.name} | {group} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(cases: list[Case], args) -> str:
+    columns = columns_of(cases)
     lines = [f"Cells: Dice / surface Dice at the structure's tolerance (2 mm) / HD95 (mm). support size "
              f"{args.support_size}, threads {args.threads}. Absent = not in the query scan: must not be drawn.", ""]
+    if any(c.endswith(BASELINE) for c in columns):
+        lines += [f"Weights: {args.weights or 'the shipped default'}; baseline{BASELINE}: "
+                  f"{args.baseline_weights or f'from {args.baseline_results}'}.",
+                  "", "Mean Dice of each case's headline group (in brackets: minus the baseline checkpoint's):", ""]
+        lines += summary(cases, columns) + [""]
     for case in cases:
         lines += [f"### {case.name}", "",
-                  "| structure | group | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+                  "| structure | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
         for structure in case.structures:
-            cells = [cell(case.results.get(c, {}).get(structure)) for c in COLUMNS]
+            cells = [cell(case.results.get(c, {}).get(structure)) for c in columns]
             lines.append(f"| {structure} | {group_of(structure)} | " + " | ".join(cells) + " |")
         groups = {}
         for structure in case.structures:
             groups.setdefault(group_of(structure), []).append(structure)
         for group, members in groups.items():
             cells = []
-            for c in COLUMNS:
+            for c in columns:
                 m = means(case.results.get(c, {}), members)
                 cells.append("n/a" if m is None else
                              f"**{_fmt(m['dice'])}** / {_fmt(m['nsd'])} / {_fmt(m['hd95'], 1)} (n={m['n']})")
             lines.append(f"| **mean, {group}** | | " + " | ".join(cells) + " |")
         drawn_absent = {c: sum(1 for r in case.results.get(c, {}).values() if not r["present"] and r["drawn_voxels"])
-                        for c in COLUMNS if c in case.results}
+                        for c in columns if c in case.results}
         timing = ", ".join(f"{k} {v} s" for k, v in case.seconds.items())
         lines += ["", f"Wall time: {timing}. Absent structures drawn: "
                   + (", ".join(f"{c} {n}" for c, n in drawn_absent.items()) or "n/a") + ".", ""]
@@ -434,6 +482,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="case kinds the hybrid column runs on (its network work is limited to the prior's window)")
     parser.add_argument("--network-structures", default=None,
                         help="limit the network and hybrid columns to these structures")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint to measure (default: the shipped one)")
+    parser.add_argument("--baseline-weights", type=Path, default=None,
+                        help="a previous checkpoint: network and hybrid columns again with it, in the same run")
+    parser.add_argument("--baseline-columns", default="network,hybrid",
+                        help="the columns --baseline-weights runs (default network,hybrid)")
+    parser.add_argument("--baseline-results", type=Path, default=None,
+                        help="a previous run's --json-out: its network and hybrid columns as the baseline's")
+    parser.add_argument("--json-out", type=Path, default=None, help="write every case's results as JSON here")
     parser.add_argument("--support-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
@@ -459,8 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     from app.config import Settings
     from app.pipeline import Segmenter
 
-    def segmenter_for(support_dir: Path) -> Segmenter:
-        return Segmenter(settings=Settings(threads=args.threads), support_dirs=[support_dir], shipped_support=False)
+    def segmenter_for(support_dir: Path, weights: Path | None) -> Segmenter:
+        return Segmenter(settings=Settings(threads=args.threads), weights=weights, support_dirs=[support_dir],
+                         shipped_support=False)
 
     fusion = ({} if args.prior_weight is None else {"prior_weight": args.prior_weight}) | {"crops": args.crops}
     fusion_cases: list[tuple[str, dict]] = []
@@ -482,16 +539,28 @@ def main(argv: list[str] | None = None) -> None:
             if not (runs_network or runs_hybrid or runs_fusion):
                 continue
             build_sets(case, args.support_size, case_work, only)
-            segmenter = segmenter_for(case_work / "sets")
-            if runs_network:
-                network_column(case, segmenter, args.support_size, case_work, only)
-                print(f"   network {case.seconds['network']} s", flush=True)
-            if runs_hybrid:
-                hybrid_column(case, segmenter, args.support_size, case_work, only, fusion)
-                print(f"   hybrid {case.seconds['hybrid']} s", flush=True)
+            segmenter = segmenter_for(case_work / "sets", args.weights)
+            baseline = segmenter_for(case_work / "sets", args.baseline_weights) if args.baseline_weights else None
+            for column, chosen in (("network", baseline), ("network", segmenter), ("hybrid", baseline),
+                                   ("hybrid", segmenter)):
+                name = column + (BASELINE if chosen is baseline else "")
+                if chosen is None or not (runs_network if column == "network" else runs_hybrid):
+                    continue
+                if chosen is baseline and column not in args.baseline_columns.split(","):
+                    continue
+                if column == "network":
+                    network_column(case, chosen, args.support_size, case_work, only, column=name)
+                else:
+                    hybrid_column(case, chosen, args.support_size, case_work, only, fusion, column=name)
+                print(f"   {name} {case.seconds[name]} s", flush=True)
             if runs_fusion and case.query.labels is not None:
                 fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
                 spacing_of[case.name] = case.query.ct.GetSpacing()[::-1]
+    if args.baseline_results:
+        merge_baseline(cases, json.loads(args.baseline_results.read_text()))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({c.name: {"results": c.results, "seconds": c.seconds} for c in cases},
+                                            indent=1))
     text = report(cases, args)
     if fusion_cases:
         text += "\n### Choosing the fusion\n\nMean Dice of the fused probability, main structures:\n\n"
