@@ -227,9 +227,10 @@ def _train_config(args: argparse.Namespace):
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     """`autocontour train`: its arguments, beside its handler."""
     train = commands.add_parser("train", help="train the in-context network (episodic)",
-                                description="Episodic in-context training on every label of the given labelled CTs "
-                                            "plus synthetic phantoms (see app/training). "
-                                            "Resumes from OUT/checkpoint.pt.")
+                                description="Episodic in-context training (see app/training): cross-patient "
+                                            "episodes on the labels and HU tasks of the given CTs, their virtual "
+                                            "patients (--recipe) and synthetic phantoms. With --from, the starting "
+                                            "weights are validated first (step 0). Resumes from OUT/checkpoint.pt.")
     train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
                        help="a CT and its label map (labels.json beside it names the values); repeatable")
     train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
@@ -547,7 +548,7 @@ def cmd_support_list(args: argparse.Namespace) -> int:
 
 
 def add_weights_commands(commands: argparse._SubParsersAction) -> None:
-    """`autocontour weights download` and `weights info`: their arguments, beside their handlers."""
+    """`autocontour weights download`, `info` and `interpolate`: their arguments, beside their handlers."""
     weights = _command_group(commands, "weights", "download or inspect checkpoints")
     download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
                                   description="Download a known checkpoint, verify its SHA-256 and that it loads, "
@@ -562,6 +563,19 @@ def add_weights_commands(commands: argparse._SubParsersAction) -> None:
     info = weights.add_parser("info", help="show a checkpoint's model card")
     info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
     info.set_defaults(handler=cmd_weights_info)
+    mix = weights.add_parser("interpolate", help="blend two checkpoints of one architecture (WiSE-FT)",
+                             description="Write (1 - SHARE) x START + SHARE x END, weight by weight: a fine-tuned "
+                                         "checkpoint blended with its starting point keeps much of both (how the "
+                                         "shipped v2 was made, see models/MODEL_CARD.md). Research-only inputs give "
+                                         "research-only output.")
+    mix.add_argument("start", type=Path)
+    mix.add_argument("end", type=Path)
+    mix.add_argument("--share", type=float, required=True, help="weight of END, 0 to 1")
+    mix.add_argument("--out", type=Path, required=True)
+    mix.add_argument("--name", default=None, help="model name in the card")
+    mix.add_argument("--version", default=None, help="version in the card")
+    mix.add_argument("--description", default=None, help="description in the card")
+    mix.set_defaults(handler=cmd_weights_interpolate)
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
@@ -585,6 +599,20 @@ def cmd_weights_info(args: argparse.Namespace) -> int:
 
     _, card = load_model(args.file or Settings().default_weights)
     print(card.model_dump_json(indent=1))
+    return 0
+
+
+def cmd_weights_interpolate(args: argparse.Namespace) -> int:
+    from app.errors import OptionError
+    from app.model.weights import interpolate, save_checkpoint
+
+    try:
+        model, card = interpolate(args.start, args.end, args.share)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from exc
+    updates = {key: value for key, value in (("name", args.name), ("version", args.version),
+                                             ("description", args.description)) if value}
+    print(f"{args.out}\nsha256 {save_checkpoint(model, args.out, card.model_copy(update=updates))}")
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.cli import main
-from app.model.weights import load_model, save_checkpoint
+from app.model.weights import ModelCard, load_model, save_checkpoint
 from app.training.data import phantom_volumes, prepare_training_data
 from app.training.dataset import load_training_data
 from app.training.episodes import TaskSampler
@@ -90,6 +90,8 @@ def test_cli_train_and_finetune(tmp_path, phantom_cases, capsys):
     result = json.loads(capsys.readouterr().out.split("weights:")[0])
     assert 0 <= result["best_heldout_case_dice"] <= 1 and result["steps"] == 4
     assert (tmp_path / "f" / "best.safetensors").is_file()
+    start = next(csv.DictReader(open(tmp_path / "f" / "training_log.csv")))  # the starting weights, validated
+    assert start["step"] == "0" and start["loss"] == "" and 0 <= float(start["val_dice_heldout_case"]) <= 1
     _, tuned = load_model(tmp_path / "f" / "best.safetensors")
     assert tuned.research_only and tuned.notice == "research use only" and "research use only" in tuned.licence
     code = main(["finetune", "--from", str(tmp_path / "t" / "final.safetensors"), "--case", "a", "b",
@@ -110,3 +112,29 @@ def test_training_from_a_prepared_file_needs_no_simpleitk(tmp_path, data_file):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "gpu" / "final.safetensors").is_file()
+
+
+def test_weights_interpolate_blends_two_checkpoints_and_keeps_restrictions(tmp_path, capsys):
+    from app.model import UniverSeg
+
+    paths = []
+    for seed, research in ((1, False), (2, True)):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.safetensors"
+        save_checkpoint(UniverSeg([8, 8, 8, 8]), path, ModelCard(
+            name=f"w{seed}", version="1", sha256="", licence="OpenRAIL++-M" if research else "Apache-2.0",
+            source="test", encoder_blocks=[8, 8, 8, 8], research_only=research,
+            notice="research use only" if research else None))
+        paths.append(path)
+    start, end = (load_model(p)[0].state_dict() for p in paths)
+    for share in (0.0, 0.25, 1.0):
+        out = tmp_path / f"mix{share}.safetensors"
+        assert main(["weights", "interpolate", str(paths[0]), str(paths[1]), "--share", str(share),
+                     "--out", str(out)]) == 0
+        model, card = load_model(out)
+        for key, value in model.state_dict().items():
+            assert torch.allclose(value, (1 - share) * start[key] + share * end[key], atol=1e-6)
+        assert card.research_only and card.notice == "research use only"  # one input is research-only
+    assert main(["weights", "interpolate", str(paths[0]), str(paths[1]), "--share", "1.5",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err

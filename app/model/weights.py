@@ -186,6 +186,32 @@ def save_checkpoint(model: UniverSeg, path: Path, card: ModelCard) -> str:
     return sha256_of(path)
 
 
+def interpolate(start: Path, end: Path, share: float) -> tuple[UniverSeg, ModelCard]:
+    """(1 - share) x `start` + share x `end`, weight by weight (WiSE-FT, Wortsman et al., CVPR 2022).
+
+    Fine-tuning for robustness under distribution shift (here: new patients) can cost accuracy on the
+    original distribution; interpolating the fine-tuned weights with their starting point keeps much of
+    both. Returns the model and a card that names both and stays research-only if either is."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the share of the second checkpoint must be between 0 and 1, not {share}")
+    model, start_card = load_model(start)
+    other, end_card = load_model(end)
+    if model.encoder_blocks != other.encoder_blocks:
+        raise ValueError(f"{Path(start).name} and {Path(end).name} have different network widths")
+    a, b = model.state_dict(), other.state_dict()
+    model.load_state_dict({k: (1 - share) * a[k] + share * b[k] for k in a})
+    restricted = [c for c in (start_card, end_card) if c.research_only]
+    card = end_card.model_copy(update={
+        "name": f"{end_card.name}-interpolated", "sha256": "",
+        "version": f"{1 - share:g} x {start_card.name} + {share:g} x {end_card.name}",
+        "source": f"autocontour weights interpolate {Path(start).name} {Path(end).name} --share {share:g}",
+        "research_only": bool(restricted),
+        "licence": restricted[0].licence if restricted else end_card.licence,
+        "notice": restricted[0].notice if restricted else end_card.notice,
+        "description": f"interpolated; {end_card.name}'s description: {end_card.description}"})
+    return model, card
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "autocontour" / "weights"

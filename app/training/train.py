@@ -211,6 +211,13 @@ class Trainer:
             bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not progress)
             started, running = time.perf_counter(), []
             scores: dict[str, float] = {}
+            if self.step == 0 and self.init_card is not None:
+                # the starting weights on the same episodes: what the run has to beat (step 0 of the log)
+                scores = self.validate()
+                self.best = float(np.mean(list(scores.values())))
+                self.export(self.out / "best.safetensors", scores)
+                writer.writerow([{"step": 0, **{k: round(v, 4) for k, v in scores.items()}}.get(n, "")
+                                 for n in names])
             while self.step < c.steps:
                 size = c.low_res_size if self.step < c.low_res_steps else self.data.images.shape[-1]
                 for group in self.optimizer.param_groups:
@@ -283,10 +290,11 @@ def plot_curves(log: Path, out: Path) -> None:
 
     with open(log) as f:
         rows = list(csv.DictReader(f))
-    if not rows:
+    trained = [r for r in rows if r["loss"]]  # step 0 (the starting weights) has a validation and no loss
+    if not trained:
         return
-    steps = np.array([int(r["step"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
+    steps = np.array([int(r["step"]) for r in trained])
+    loss = np.array([float(r["loss"]) for r in trained])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     window = max(1, len(loss) // 50)
     a.plot(steps, loss, alpha=0.25, color="grey")
