@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.model.weights import default_cache_dir
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_WEIGHTS_NAME = "autocontour-universeg-v1.safetensors"
+DEFAULT_WEIGHTS_NAME = "autocontour-universeg-v2.safetensors"
 
 
 class Settings(BaseSettings):
