@@ -30,6 +30,7 @@ data is prepared, in worker processes.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -243,8 +244,8 @@ def prepare_training_data(volumes: Sequence[Volume | Draw], out: Path, spec: Pre
                           workers: int = 1) -> Path:
     """Write every volume's slices and metadata into one safetensors file (`workers` processes)."""
     spec = spec or PreprocessSpec()
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if workers > 1:  # spawned, not forked: a fork of a process whose torch threads have started can crash
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             prepared = list(pool.map(_prepared, volumes, [spec] * len(volumes)))
     else:
         prepared = [_prepared(v, spec) for v in volumes]
