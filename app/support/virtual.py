@@ -169,13 +169,16 @@ def enhance(hu: np.ndarray, label_map: np.ndarray, names: dict[str, int], rng: n
     return enhancement
 
 
+def outside_circle(shape) -> np.ndarray:
+    """The in-plane pixels (y, x) of a (z, y, x) volume outside its largest centred circle."""
+    _, ny, nx = shape
+    yy, xx = np.ogrid[:ny, :nx]
+    return (xx - (nx - 1) / 2) ** 2 + (yy - (ny - 1) / 2) ** 2 > (min(nx, ny) / 2) ** 2
+
+
 def reconstruction_circle(hu: np.ndarray) -> None:
     """Set everything outside the largest centred in-plane circle to the scanner's padding value (in place)."""
-    _, ny, nx = hu.shape
-    yy, xx = np.ogrid[:ny, :nx]
-    radius = min(nx, ny) / 2
-    outside = (xx - (nx - 1) / 2) ** 2 + (yy - (ny - 1) / 2) ** 2 > radius ** 2
-    hu[:, outside] = RECONSTRUCTION_CIRCLE_HU
+    hu[:, outside_circle(hu.shape)] = RECONSTRUCTION_CIRCLE_HU
 
 
 def to_images(hu: np.ndarray, label_map: np.ndarray, grid: sitk.Image, first: int,

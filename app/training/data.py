@@ -48,6 +48,7 @@ from app.io import CanonicalCT, read_ct, read_image
 from app.phantom import make_phantom
 from app.preprocess import ModelInput, PreprocessSpec, mask_centre_mm, prepare, prepare_crop
 from app.support.build import CROP_MAX_FRACTION, crop_margin_mm, in_plane_extent_mm
+from app.training.dataset import CROP_PLANE
 from app.training.hu_tasks import TASKS, hu_task_bits
 from app.training.randomise import DomainRandomisation, random_patient
 
@@ -55,7 +56,6 @@ PLANES = ("axial", "coronal", "sagittal")
 HELDOUT_PERIOD, HELDOUT_WIDTH = 12, 2  # axial slices z with z % 12 < 2 are validation-only
 OTHER_PLANE_STRIDE = 2  # every 2nd coronal / sagittal slice
 MIN_LENGTH_FOR_OTHER_PLANES = 0.4  # of the width: a few-slice scan cut coronally would be a squashed strip
-CROP_PLANE = 3
 CROP_SLICES = 24  # at most this many crop slices per structure and volume (spread over its extent)
 CROP_POOL = 3  # crops come from a per-patient pool of this many times `crops` structures
 CROP_JITTER = 0.08  # the crop's centre is off by this fraction of its side (the engine's centre is a guess)
@@ -93,11 +93,7 @@ class Draw:
     licence: str = "see the source's licence"
 
     def volume(self, randomisation: DomainRandomisation | None = None) -> Volume:
-        if self.labels_path is not None:
-            source = volume_from_files(self.ct_path, self.labels_path, None, self.patient, str(self.ct_path),
-                                       self.licence)
-        else:
-            source = Volume(self.patient, str(self.ct_path), self.licence, read_any_ct(self.ct_path), None, {})
+        source = read_case(self.ct_path, self.labels_path, self.patient, str(self.ct_path), self.licence)
         labels = source.labels
         if labels is None:  # unlabelled: an empty label map travels with the anatomy
             labels = sitk.Image(source.ct.GetSize(), sitk.sitkUInt8)
@@ -116,6 +112,13 @@ def read_any_ct(path: Path) -> sitk.Image:
     from app.pipeline import read_input
 
     return read_input(Path(path), Settings())[0]
+
+
+def read_case(ct_path: Path, labels_path: Path | None, patient: str, source: str, licence: str) -> Volume:
+    """A real CT of a recipe as a volume named after its patient: labelled, or (no `labels_path`) not."""
+    if labels_path is not None:
+        return volume_from_files(ct_path, labels_path, None, patient, source, licence)
+    return Volume(patient, source, licence, read_any_ct(ct_path), None, {})
 
 
 def volume_from_files(ct_path: Path, labels_path: Path, names_path: Path | None, name: str, source: str,
@@ -288,10 +291,7 @@ class TrainingDataRecipe(BaseModel):
         items: list[Volume | Draw] = []
         for number, case in enumerate(self.cases):
             ct_path, labels_path = root / case.ct, root / case.labels if case.labels else None
-            if labels_path is not None:
-                real = volume_from_files(ct_path, labels_path, None, case.patient, str(case.ct), case.licence)
-            else:
-                real = Volume(case.patient, str(case.ct), case.licence, read_any_ct(ct_path), None, {})
+            real = read_case(ct_path, labels_path, case.patient, str(case.ct), case.licence)
             real.patient, real.hu_tasks, real.crops = case.patient, tuple(case.hu_tasks), case.crops
             items.append(real)
             tasks = tuple(case.hu_tasks)

@@ -13,6 +13,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+CROP_PLANE = 3  # `plane` of an axial structure-centred crop (0-2: whole-view axial, coronal, sagittal)
+
 
 @dataclass
 class TrainingData:

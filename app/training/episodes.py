@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from app.training.dataset import TrainingData
+from app.training.dataset import CROP_PLANE, TrainingData
 from app.training.hu_tasks import PREFIX, TASK_BITS
 
 MIN_PIXELS = 12
-CROP_PLANE = 3
 HU_TASK_SHARE = 0.15  # of episodes: tasks every CT has
 CROP_SHARE = 0.25  # of episodes: structure-centred crops
 

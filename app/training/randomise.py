@@ -33,7 +33,16 @@ from pydantic import BaseModel
 from scipy import ndimage
 
 from app.io import CANONICAL_ORIENTATION
-from app.support.virtual import AIR_HU, ENHANCEMENT_HU, RECONSTRUCTION_CIRCLE_HU, enhance, fov_range, to_images, warp
+from app.support.virtual import (
+    AIR_HU,
+    ENHANCEMENT_HU,
+    RECONSTRUCTION_CIRCLE_HU,
+    enhance,
+    fov_range,
+    outside_circle,
+    to_images,
+    warp,
+)
 from app.training.hu_tasks import TASK_BITS, TASKS, hu_task_bits
 
 MIN_GRID_PIXEL_MM = 1.0  # finer pixels are drawn as blur and noise only: the model sees ~2.7 mm pixels
@@ -169,9 +178,7 @@ def random_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], se
         parameters |= _metal(hu, (bits & host) > 0, spacing_zyx, rng)
     outside = np.zeros(hu.shape[1:], dtype=bool)
     if rng.random() < r.circle_probability:
-        ny, nx = outside.shape
-        yy, xx = np.ogrid[:ny, :nx]
-        outside |= (xx - (nx - 1) / 2) ** 2 + (yy - (ny - 1) / 2) ** 2 > (min(nx, ny) / 2) ** 2
+        outside |= outside_circle(hu.shape)
         parameters["circle"] = True
     if rng.random() < r.lateral_truncation_probability:
         columns = np.nonzero(bits.any(axis=(0, 1)))[0]
