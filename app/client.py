@@ -79,10 +79,11 @@ class Client:
         return self._request("GET", "/v1/model").json()
 
     def submit(self, ct: Path | str, structures: str | None = None, support_size: int | None = None,
-               ensemble: int | None = None, threshold: float | None = None, probabilities: bool = False) -> dict:
-        """Upload a CT; returns the queued job."""
+               ensemble: int | None = None, threshold: float | None = None, probabilities: bool = False,
+               axial_search: str | None = None) -> dict:
+        """Upload a CT; returns the queued job. `axial_search="all"` searches every body slice."""
         data = {k: str(v) for k, v in {"structures": structures, "support_size": support_size, "ensemble": ensemble,
-                                       "threshold": threshold}.items() if v is not None}
+                                       "threshold": threshold, "axial_search": axial_search}.items() if v is not None}
         data["probabilities"] = str(probabilities).lower()
         with open(ct, "rb") as f:
             return self._request("POST", "/v1/segmentations", files={"file": ("ct.nii.gz", f)}, data=data).json()

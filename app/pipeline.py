@@ -421,11 +421,14 @@ def _structure_summary(name: str, m: StructureMask, prediction: StructurePredict
 
 
 def _status(voxels: int, prediction, max_probability: float, threshold: float) -> tuple[str, str | None]:
-    """found, or why a structure is empty: not_in_scan, not_found_in_searched_range, below_threshold."""
+    """found, or why a structure is empty: not_in_scan, not_localised, not_found_in_searched_range,
+    below_threshold."""
     if voxels:
         return "found", None
     if prediction.not_in_scan:
         return "not_in_scan", prediction.localisation.reason
+    if not prediction.computed.any() and prediction.localisation and prediction.localisation.verdict == "too_short":
+        return "not_localised", prediction.localisation.reason
     searched = (f"z {prediction.searched_mm[0]:g} to {prediction.searched_mm[1]:g} mm" if prediction.searched_mm
                 else "no body slice")
     if not prediction.computed.any():

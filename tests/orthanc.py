@@ -81,7 +81,7 @@ def pacs_copy(series_folder: Path, target: Path) -> str:
     """
     target.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(entropy_srcs=["example-study"]), generate_uid(entropy_srcs=["example-series"])
-    for path in sorted(series_folder.glob("CT.*")):
+    for path in sorted(series_folder.glob("CT*")):
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[path.name])

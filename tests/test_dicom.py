@@ -15,8 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import DATA
-from dicom_tools import DEFINITIONS, definition
+from conftest import DATA, EXAMPLE_CT
+from dicom_tools import DEFINITIONS, definition, write_ct_series
 from orthanc import pacs_copy, start_orthanc, upload_folder
 from pydicom import config as pydicom_config
 from pydicom.valuerep import validate_value
@@ -153,6 +153,13 @@ def bad_dicom(tmp_path_factory, series, known_masks):
 @pytest.fixture(scope="module")
 def series():
     return read_series(SERIES)
+
+
+@pytest.fixture(scope="module")
+def pelvic_series(tmp_path_factory) -> Path:
+    """The example pelvic CT as a DICOM series: what the pipeline tests segment (the 20-slice series is an
+    upper-abdomen slab, too short to place: nothing is drawn on it by default)."""
+    return write_ct_series(EXAMPLE_CT, tmp_path_factory.mktemp("pelvic") / "ct")
 
 
 @pytest.fixture(scope="module")
@@ -297,18 +304,38 @@ def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     assert np.array_equal(back["CTVn"], known_masks["ctvn"])
 
 
-def test_segment_a_dicom_folder_and_zip(tmp_path, small_weights):
+def test_segment_a_dicom_folder_and_zip(pelvic_series, tmp_path, small_weights):
     archive = tmp_path / "ct.zip"
     with zipfile.ZipFile(archive, "w") as z:
-        for path in SERIES.glob("CT.*"):
+        for path in pelvic_series.glob("CT*"):
             z.write(path, path.name)
-    for source, out in ((SERIES, tmp_path / "folder"), (archive, tmp_path / "zip")):
+    for source, out in ((pelvic_series, tmp_path / "folder"), (archive, tmp_path / "zip")):
         assert main(["segment", str(source), "--out", str(out), "--weights", str(small_weights),
                      "--support-size", "2", "--quiet", "--no-preview"]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["input"]["format"] == "DICOM series"
         assert summary["files"]["rtstruct"] == "rtstruct.dcm" and summary["files"]["seg"] == "seg.dcm"
     assert_outputs_round_trip(read_series(archive), tmp_path / "zip")
+
+
+def test_a_slab_too_short_to_place_draws_nothing_unless_asked(tmp_path, small_weights):
+    """The 20-slice upper-abdomen series (38 mm) is too short for the skeleton match and for registration:
+    every structure comes back not_localised with the reason, and no RTSTRUCT or SEG of guesses is written;
+    --axial-search all searches it anyway."""
+    out = tmp_path / "default"
+    assert main(["segment", str(SERIES), "--out", str(out), "--weights", str(small_weights),
+                 "--support-size", "2", "--quiet", "--no-preview"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name, structure in summary["structures"].items():
+        assert structure["status"] == "not_localised" and structure["voxels"] == 0, name
+        assert "38 mm long" in structure["status_reason"] and "axial_search=all" in structure["status_reason"]
+        assert structure["localisation"]["verdict"] == "too_short" and structure["slices_computed"] == 0
+    assert "rtstruct" not in summary["files"] and not (out / "rtstruct.dcm").exists()
+    forced = tmp_path / "all"
+    assert main(["segment", str(SERIES), "--out", str(forced), "--weights", str(small_weights), "--structures",
+                 "bladder", "--support-size", "2", "--quiet", "--no-preview", "--axial-search", "all"]) == 0
+    bladder = json.loads((forced / "summary.json").read_text())["structures"]["bladder"]
+    assert bladder["slices_computed"] == 20 and bladder["status"] != "not_localised"
 
 
 def test_cli_refuses_bad_dicom_with_exit_2_and_one_line(bad_dicom, tmp_path, capsys, monkeypatch, small_weights):
@@ -335,8 +362,8 @@ def _series_of_study(orthanc, study_uid: str) -> dict[str, str]:
     return {s["0020000E"]["Value"][0]: s["00080060"]["Value"][0] for s in found}
 
 
-def test_pacs_pull_segment_and_push(orthanc, tmp_path, small_weights):
-    study = pacs_copy(SERIES, tmp_path / "pacs")
+def test_pacs_pull_segment_and_push(orthanc, pelvic_series, tmp_path, small_weights):
+    study = pacs_copy(pelvic_series, tmp_path / "pacs")
     upload_folder(orthanc, tmp_path / "pacs")
     assert sorted(_series_of_study(orthanc, study).values()) == ["CT"]
     code = main(["pacs", "pull", "--url", orthanc.dicomweb, "--study", study, "--out", str(tmp_path / "out"),
@@ -386,24 +413,29 @@ def test_server_refuses_bad_dicom_with_named_4xx_and_stays_healthy(dicom_server,
 
 
 def test_server_upload_picks_a_series(dicom_server, bad_dicom):
-    """series_uid picks one CT series of a zip that holds two; a UID not in it is a named 422."""
+    """series_uid picks one CT series of a zip that holds two; a UID not in it is a named 422; axial_search is
+    an option of the job."""
     mixed, _ = bad_dicom["two CT series"]
     for series_uid, status in (("9.9", 422), ("1.2.826.0.1.3680043.8.498.1", 202)):
         with open(mixed, "rb") as f:
             response = httpx.post(f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", f)},
-                                  data={"structures": "bladder", "series_uid": series_uid, "roi_names": "tg263"},
-                                  timeout=120)
+                                  data={"structures": "bladder", "series_uid": series_uid, "roi_names": "tg263",
+                                        "axial_search": "all"}, timeout=120)
         assert response.status_code == status, response.text
     assert "CT series 9.9 is not in the input; CT series found:" in httpx.post(
         f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", mixed.read_bytes())},
         data={"series_uid": "9.9"}).json()["detail"]
     job = response.json()
     assert job["options"]["series_uid"] == "1.2.826.0.1.3680043.8.498.1" and job["options"]["roi_names"] == "tg263"
+    assert job["options"]["axial_search"] == "all"  # a slab too short to place is searched when asked
+    refused = httpx.post(f"{dicom_server.url}/v1/segmentations", files={"file": ("ct.zip", mixed.read_bytes())},
+                         data={"series_uid": "1.2.826.0.1.3680043.8.498.1", "axial_search": "sometimes"})
+    assert refused.status_code == 422 and "axial_search" in refused.text
     httpx.delete(f"{dicom_server.url}/v1/segmentations/{job['id']}")  # accepted is all this test needs
 
 
-def test_server_zip_upload_and_pacs_job(orthanc, dicom_server, tmp_path):
-    study = pacs_copy(SERIES, tmp_path / "pacs")
+def test_server_zip_upload_and_pacs_job(orthanc, dicom_server, pelvic_series, tmp_path):
+    study = pacs_copy(pelvic_series, tmp_path / "pacs")
     server = dicom_server
     archive = tmp_path / "ct.zip"
     with zipfile.ZipFile(archive, "w") as z:

@@ -4,8 +4,9 @@ For every requested structure:
 
 0. Localisation. The support set's bone profiles are matched to the scan's
    (app.support.localize): a window along z to search, the verdict that the
-   structure lies outside the scan (nothing is searched or drawn), or the
-   whole body when no match can be trusted. `axial_search="all"` ignores it.
+   structure lies outside the scan or that the scan is too short to tell
+   (nothing is searched or drawn), or the whole body when no match can be
+   trusted. `axial_search="all"` ignores it.
 1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
    segment the slice with a support set spread over the structure's whole
    extent. The longest run of slices where the structure shows (by area)
@@ -278,7 +279,7 @@ class _StructurePlan:
             assert located.window_mm is not None  # the "window" verdict always carries its window
             inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
             prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
-        elif located.verdict == "not_in_scan":
+        elif located.verdict in ("not_in_scan", "too_short"):
             inside[:] = False
         elif located.reason is not None:
             prediction.warnings.append(located.reason)

@@ -23,8 +23,13 @@ on more than MAX_LUNG_MISMATCH of its overlap is no match.
 
 `locate` turns a match into a verdict the engine acts on and the summary
 reports: search a window; the structure lies outside the scan (`not_in_scan`,
-only when the match is confident); or search the whole body (no match, or a
-match whose window barely touches the scan), each with its reason.
+only when the match is confident); search the whole body (no match, or a
+match whose window barely touches the scan); or, for a scan shorter than
+MIN_OVERLAP_MM, `too_short`: no profile match can be tried, and a slab of a
+few centimetres looks like several levels of the body (a 40 mm upper-abdomen
+slab with the arms beside it has the bone area of a pelvic ring), so the
+engine draws nothing unless a registration prior places the structure or
+the caller asks for every slice; each verdict with its reason.
 """
 
 from __future__ import annotations
@@ -158,7 +163,8 @@ class Localisation:
     """Where the engine searches one structure, and why.
 
     verdict: "window" (search `window_mm`), "not_in_scan" (the structure's expected extent lies
-    outside the scan: nothing is drawn) or "whole_body" (no trustworthy match: every body slice).
+    outside the scan: nothing is drawn), "whole_body" (no trustworthy match: every body slice) or
+    "too_short" (the scan is too short to place: nothing is drawn).
     """
 
     verdict: str
@@ -180,6 +186,12 @@ def locate(cases: list[tuple[Profile, tuple[float, float]]], query: Profile,
     """
     if not cases:
         return Localisation("whole_body", "the support set has no bone profiles: the whole body was searched")
+    length = scan_mm[1] - scan_mm[0]
+    if length < MIN_OVERLAP_MM:
+        return Localisation("too_short", f"the scan is {length:.0f} mm long, too short to tell which part of the "
+                                         f"body it shows (the skeleton match needs {MIN_OVERLAP_MM:.0f} mm): "
+                                         "nothing was searched; axial search 'all' (CLI --axial-search all, HTTP axial_search=all) "
+                                         "searches every slice")
     expected, best = [], -1.0
     for profile, (z_lo, z_hi) in cases:
         m = match(profile, query)

@@ -113,6 +113,9 @@ async def submit(
     ensemble: Annotated[int | None, Form(ge=1, le=16, description="support subsets averaged")] = None,
     threshold: Annotated[float | None, Form(gt=0, lt=1)] = None,
     probabilities: Annotated[bool, Form(description="include probability maps in the result")] = False,
+    axial_search: Annotated[Literal["coarse", "all"], Form(
+        description="coarse: search where localisation places each structure; all: every body slice (also a scan "
+                    "too short to place)")] = "coarse",
     roi_names: Annotated[Literal["display", "tg263"], Form(
         description="ROI names in the RTSTRUCT: display names, or TG-263 names where a structure has one")] = "display",
     wait: Annotated[bool, Query(description="wait for the result and return the zip")] = False,
@@ -127,7 +130,7 @@ async def submit(
     names = state.segmenter.catalogue.parse(structures)
     state.segmenter.support_for(names)  # a structure without support set is refused now, not later
     options = {"structures": names, "support_size": support_size, "ensemble": ensemble, "threshold": threshold,
-               "probabilities": probabilities, "roi_names": roi_names}
+               "probabilities": probabilities, "roi_names": roi_names, "axial_search": axial_search}
     job_id = uuid.uuid4().hex
     if file is None and study_uid is None:
         raise Problem(422, "missing-field", "Missing field", "missing field 'file' (or 'study_uid' with a PACS)")
