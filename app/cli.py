@@ -65,8 +65,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
                         help="fine pass on the support sets' structure-centred crops (off by default: the shipped "
                              "checkpoint, trained on whole-body views, segments worse on them)")
     parser.add_argument("--prior-weight", type=float, default=None,
-                        help="weight of the registration prior fused with the network, 0-1 (default: the engine's, "
-                             "chosen on bench/cross_patient.py)")
+                        help="weight of the registration prior fused with the network, 0-1 (default: follows the "
+                             "registration's quality, as chosen on bench/cross_patient.py)")
 
 
 def _roi_names_option(parser: argparse.ArgumentParser) -> None:

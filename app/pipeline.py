@@ -30,7 +30,7 @@ from app.config import Settings
 from app.dicom import ROI_NAME_STYLES
 from app.dicom.series import DicomSeries, is_dicom_input, read_series
 from app.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from app.engine.plan import PRIOR_GATE_MM, PRIOR_WEIGHT, ProgressCallback, StructurePrediction, SupportPool
+from app.engine.plan import PRIOR_GATE_MM, ProgressCallback, StructurePrediction, SupportPool
 from app.engine.runner import cpu_has_native_bf16
 from app.errors import NoSupportSetError, OptionError, WeightsError
 from app.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
@@ -202,7 +202,8 @@ class Segmenter:
         """Segment one CT volume; see the module docstring. DICOM input: `series_uid` picks one of several
         CT series, `roi_names` ("display" or "tg263") names the RTSTRUCT's ROIs. `registration=False`
         switches the registration prior off; `prior_weight` and `prior_gate_mm` set its fusion
-        (app.engine.plan; None for the gate: the network's answer is kept everywhere); `crops` runs the
+        (app.engine.plan; None for the weight: it follows the registration's quality; None for the gate: the
+        network's answer is kept everywhere); `crops` runs the
         fine pass on the sets' structure-centred crops."""
         engine = self._require_engine()
         timings: dict[str, float] = {}
@@ -220,7 +221,7 @@ class Segmenter:
             threshold, roi_names, support_size=support_size or self.default_support_size,
             ensemble=ensemble or self.default_ensemble, axial_search=axial_search,
             support_selection=support_selection, registration=registration,
-            prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight, prior_gate_mm=prior_gate_mm,
+            prior_weight=prior_weight, prior_gate_mm=prior_gate_mm,
             crops=crops)
 
         if isinstance(ct, sitk.Image):
@@ -413,7 +414,8 @@ def _structure_summary(name: str, m: StructureMask, prediction: StructurePredict
         "searched_z_mm": list(prediction.searched_mm) if prediction.searched_mm else None,
         "localisation": _localisation_summary(prediction, axial_search),
         "source_cases_used": prediction.cases_used,
-        "registration_prior": prediction.prior.describe() if prediction.prior else None,
+        "registration_prior": (prediction.prior.describe() | {"fusion_weight": prediction.prior_weight}
+                               if prediction.prior else None),
         "crop": prediction.crop,
         "query_support_pairs": prediction.pairs,
         "warnings": prediction.warnings,

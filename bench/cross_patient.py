@@ -28,7 +28,9 @@ structures absent from a query are not averaged but counted as drawn or not.
 
     python bench/cross_patient.py [--cases real,virtual,phantom,dicom] [--structures a,b] [--support-size 16]
                                   [--columns network,registration,hybrid] [--network-cases K] [--hybrid-cases K]
-                                  [--network-structures a,b] [--choose-fusion] [--prior-weight W] [--crops]
+                                  [--network-structures a,b]
+                                  [--choose-fusion [--fusion-inputs FILE] | --fusion-from FILE]
+                                  [--prior-weight W] [--crops]
                                   [--weights FILE] [--baseline-weights FILE | --baseline-results JSON]
                                   [--json-out JSON] [--quick] [--threads 1]
                                   [--write-results]
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -306,15 +309,57 @@ def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: li
         case.notes.append("hybrid prior: " + json.dumps(first))
 
 
+GATES = (None, 10.0, 20.0, 40.0)  # the fusion gates --choose-fusion tries (mm)
+FUSION_WEIGHTS = tuple(round(w, 2) for w in np.arange(0.0, 1.01, 0.1))
+
+
+@dataclass
+class FusionInput:
+    """One case-structure for --choose-fusion: the network's and the prior's probabilities and the reference,
+    cut to a box around all three (the gates stay inside it), and the registration's final metric."""
+
+    network: np.ndarray
+    prior: np.ndarray
+    reference: np.ndarray
+    spacing_zyx: tuple
+    metric: float
+    scores: dict = field(default_factory=dict)  # (weight, gate) -> Dice of the fused mask
+    gates: dict = field(default_factory=dict)  # gate -> where the network counts (`app.engine.plan.gate`)
+
+    def dice(self, weight: float, gate_mm: float | None) -> float:
+        from app.engine.plan import fuse, gate
+
+        key = (round(weight, 3), gate_mm)
+        if key not in self.scores:
+            prior = self.prior.astype(np.float32)
+            if gate_mm not in self.gates:
+                self.gates[gate_mm] = gate(prior, gate_mm, self.spacing_zyx)
+            drawn = fuse(self.network.astype(np.float32), prior, weight, self.gates[gate_mm]) >= 0.5
+            self.scores[key] = 2 * float((drawn & self.reference).sum()) / max(1, int(drawn.sum()
+                                                                                     + self.reference.sum()))
+        return self.scores[key]
+
+
 def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None) -> dict:
     """What the fusion is chosen from: the network's probability on the prior's window (weight 0, no gate)
     and the prior's (weight 1), both through the product path, with each structure's reference."""
     built = build_sets(case, support_size, work, only)
     network, _ = run_product(case, segmenter, built, support_size, prior_weight=0.0, prior_gate_mm=None,
                              save_probabilities=True)
-    prior, _ = run_product(case, segmenter, built, support_size, prior_weight=1.0, save_probabilities=True)
-    return {s: (network[s], prior[s], case.query.mask(s, case.structures[s])) for s in built
-            if group_of(s) == "main" or case.name.startswith("phantom")}
+    prior, summaries = run_product(case, segmenter, built, support_size, prior_weight=1.0, save_probabilities=True)
+    spacing = case.query.ct.GetSpacing()[::-1]
+    margin = int(np.ceil(max(g or 0 for g in GATES) / min(spacing))) + 1
+    out = {}
+    for s in built:
+        described = summaries[s]["registration_prior"]
+        if not (group_of(s) == "main" or case.name.startswith("phantom")) or described is None:
+            continue
+        reference = case.query.mask(s, case.structures[s])
+        box = _box(network[s] >= 0.05, prior[s] >= 0.05, reference, margin=margin)
+        metric = float(np.mean([described["registrations"][c]["metric"] for c in described["source_cases"]]))
+        out[s] = FusionInput(network[s][box].astype(np.float16), prior[s][box].astype(np.float16), reference[box],
+                             spacing, metric)
+    return out
 
 
 def _box(*masks: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -326,41 +371,50 @@ def _box(*masks: np.ndarray, margin: int) -> tuple[slice, ...]:
                                                                                 strict=True))
 
 
-def choose_fusion(inputs: list[tuple[str, dict]], spacing_of: dict[str, tuple]) -> str:
-    """Mean Dice over every case's main structures for each (weight, gate) of the engine's `fuse`: the table the
-    defaults come from, and each structure at the best pair. Computed on the query's grid (the engine gates on
-    the model grid), inside a box around everything drawn or true, and without the engine's rule of the network
+def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
+    """The engine's fusion chosen on every case's main structures: a prior weight for poorly and for well
+    registered scans (`app.engine.plan.prior_weight_for`: a ramp between METRIC_POOR and METRIC_GOOD) and one
+    gate, by the mean Dice over all case-structures. Computed on the query's grid (the engine gates on the
+    model grid), inside a box around everything drawn or true, and without the engine's rule of the network
     alone beyond a source scan's end (the prior's run has no network there)."""
-    from app.engine.plan import fuse
+    from app.engine.plan import METRIC_GOOD, METRIC_POOR
 
-    weights = [round(w, 2) for w in np.arange(0.0, 1.01, 0.1)]
-    gates = [None, 10.0, 20.0, 40.0]
-    scores: dict[tuple, list[float]] = {}
-    per_structure: dict[tuple, dict[str, float]] = {}
-    for case_name, structures in inputs:
-        spacing = spacing_of[case_name]
-        for structure, (network, prior, reference) in structures.items():
-            margin = int(np.ceil(max(g or 0 for g in gates) / min(spacing))) + 1
-            box = _box(network >= 0.05, prior >= 0.05, reference, margin=margin)
-            n, p, r = network[box], prior[box], reference[box]
-            for w in weights:
-                for g in gates:
-                    drawn = fuse(n, p, w, g, spacing) >= 0.5
-                    score = 2 * float((drawn & r).sum()) / max(1, int(drawn.sum() + r.sum()))
-                    scores.setdefault((w, g), []).append(score)
-                    per_structure.setdefault((w, g), {})[f"{case_name}: {structure}"] = score
-    lines = ["| weight | " + " | ".join(f"gate {g:g} mm" if g else "no gate" for g in gates) + " |",
-             "|---|" + "---|" * len(gates)]
-    for w in weights:
-        lines.append(f"| {w} | " + " | ".join(f"{np.mean(scores[(w, g)]):.3f}" for g in gates) + " |")
-    best = max(scores, key=lambda k: np.mean(scores[k]))
-    lines += ["", f"Best: weight {best[0]}, gate {best[1]} mm: mean Dice {np.mean(scores[best]):.3f} over "
-              f"{len(scores[best])} case-structures (threshold 0.5, before clean-up). At the best pair, against the "
-              "network alone on the prior's window (weight 0, no gate) and the prior alone (weight 1):", "",
-              "| case: structure | network (window) | prior | fused |", "|---|---|---|---|"]
-    for key, fused in per_structure[best].items():
-        lines.append(f"| {key} | {per_structure[(0.0, None)][key]:.3f} | {per_structure[(1.0, None)][key]:.3f} "
-                     f"| {fused:.3f} |")
+    def weight(metric: float, poor: float, good: float) -> float:
+        share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
+        return poor + share * (good - poor)
+
+    items = [(f"{case}: {s}", x) for case, structures in inputs for s, x in structures.items()
+             if x.reference.any()]  # a structure absent from the query has nothing to score
+    poorly = [(k, x) for k, x in items if x.metric > (METRIC_POOR + METRIC_GOOD) / 2]
+    well = [(k, x) for k, x in items if x.metric <= (METRIC_POOR + METRIC_GOOD) / 2]
+    lines = [f"Registrations ending above a Mattes metric of {(METRIC_POOR + METRIC_GOOD) / 2:g} count as poor "
+             f"({len(poorly)} case-structures), the rest as good ({len(well)}). Mean Dice of the fused mask for "
+             "one weight everywhere:", "",
+             "| weight | " + " | ".join(f"{cls}, {f'gate {g:g} mm' if g else 'no gate'}" for cls in ("poor", "good")
+                                     for g in GATES) + " |",
+             "|---|" + "---|" * 2 * len(GATES)]
+    for w in FUSION_WEIGHTS:
+        cells = [f"{np.mean([x.dice(w, g) for _, x in group]):.3f}" if group else "n/a"
+                 for group in (poorly, well) for g in GATES]
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    scores = {(poor, good, g): float(np.mean([x.dice(weight(x.metric, poor, good), g) for _, x in items]))
+              for poor in FUSION_WEIGHTS for good in FUSION_WEIGHTS for g in GATES}
+    best = max(scores, key=lambda k: (scores[k], -abs(k[0] - k[1])))
+    poor, good, gate = best
+    single = max(((w, g) for w in FUSION_WEIGHTS for g in GATES),
+                 key=lambda k: float(np.mean([x.dice(k[0], k[1]) for _, x in items])))
+    single_score = float(np.mean([x.dice(*single) for _, x in items]))
+    lines += ["", f"Best: weight {poor} for poor registrations, {good} for good ones (ramp from metric "
+              f"{METRIC_POOR:g} to {METRIC_GOOD:g}), gate {gate} mm: mean Dice {scores[best]:.3f} over {len(items)} "
+              f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
+              f"{single[1]} mm) gives {single_score:.3f}. At the best choice, against the network alone on the "
+              "prior's window (weight 0, no gate) and the prior alone (weight 1):", "",
+              "| case: structure | registration metric | weight | network (window) | prior | fused |",
+              "|---|---|---|---|---|---|"]
+    for key, x in items:
+        w = weight(x.metric, poor, good)
+        lines.append(f"| {key} | {x.metric:.3f} | {w:.2f} | {x.dice(0.0, None):.3f} | {x.dice(1.0, None):.3f} "
+                     f"| {x.dice(w, gate):.3f} |")
     return "\n".join(lines)
 
 
@@ -474,6 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--columns", default="network,registration,hybrid")
     parser.add_argument("--choose-fusion", action="store_true",
                         help="measure every prior weight and gate on the main structures and print the table")
+    parser.add_argument("--fusion-inputs", type=Path, default=None,
+                        help="with --choose-fusion: also save what it measured here (pickle), to re-read later")
+    parser.add_argument("--fusion-from", type=Path, default=None,
+                        help="choose the fusion from inputs an earlier --fusion-inputs saved, running no case")
     parser.add_argument("--prior-weight", type=float, default=None, help="hybrid: fusion weight (default: engine's)")
     parser.add_argument("--crops", action="store_true", help="hybrid: fine pass on structure-centred crops")
     parser.add_argument("--network-cases", default="real,virtual,phantom,dicom",
@@ -495,6 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
+    if args.fusion_from:
+        print("### Choosing the fusion\n\n" + choose_fusion(pickle.loads(args.fusion_from.read_bytes())))
+        return
 
     os.environ["AUTOCONTOUR_THREADS"] = str(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
@@ -521,7 +582,6 @@ def main(argv: list[str] | None = None) -> None:
 
     fusion = ({} if args.prior_weight is None else {"prior_weight": args.prior_weight}) | {"crops": args.crops}
     fusion_cases: list[tuple[str, dict]] = []
-    spacing_of: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:
         work = Path(tmp)
         cases = build_cases([k.strip() for k in args.cases.split(",")], structures, work, args.quick)
@@ -555,16 +615,16 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"   {name} {case.seconds[name]} s", flush=True)
             if runs_fusion and case.query.labels is not None:
                 fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
-                spacing_of[case.name] = case.query.ct.GetSpacing()[::-1]
     if args.baseline_results:
         merge_baseline(cases, json.loads(args.baseline_results.read_text()))
     if args.json_out:
         args.json_out.write_text(json.dumps({c.name: {"results": c.results, "seconds": c.seconds} for c in cases},
                                             indent=1))
     text = report(cases, args)
+    if fusion_cases and args.fusion_inputs:
+        args.fusion_inputs.write_bytes(pickle.dumps(fusion_cases))
     if fusion_cases:
-        text += "\n### Choosing the fusion\n\nMean Dice of the fused probability, main structures:\n\n"
-        text += choose_fusion(fusion_cases, spacing_of) + "\n"
+        text += "\n### Choosing the fusion\n\n" + choose_fusion(fusion_cases) + "\n"
     print(text)
     if args.write_results:
         write_results(text, "python bench/cross_patient.py " + " ".join(argv if argv is not None else sys.argv[1:]))

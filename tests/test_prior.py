@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from app.engine.plan import METRIC_GOOD, METRIC_POOR, PRIOR_WEIGHT_GOOD, PRIOR_WEIGHT_POOR, prior_weight_for
 from app.errors import SupportSetError
 from app.pipeline import Segmenter
 from app.support.build import build_support_set
@@ -78,13 +79,16 @@ def test_the_prior_segments_a_new_patient_and_never_uses_its_own_case(small_weig
     entry = result.summary["structures"]["urinary_bladder"]
     assert entry["registration_prior"]["source_cases"] == ["case0", "case1"]
     assert entry["localisation"]["reason"].startswith("registration prior")
-    assert "registration" in result.summary["timings_s"]
+    assert "registration" in result.summary["timings_s"] and entry["registration_prior"]["fusion_weight"] == 1.0
     drawn = sitk.GetArrayFromImage(result.masks["urinary_bladder"]) > 0
     assert dice(drawn, sitk.GetArrayFromImage(truth) == names["urinary_bladder"]) >= 0.8
 
-    # the fused default runs the network on the prior's window only
+    # the fused default runs the network on the prior's window only, weighted by the registration's quality
     fused = segmenter.segment(query, None, "urinary_bladder", support_size=4)
     window = fused.summary["structures"]["urinary_bladder"]["searched_z_mm"]
+    described = fused.summary["structures"]["urinary_bladder"]["registration_prior"]
+    metric = np.mean([described["registrations"][c]["metric"] for c in described["source_cases"]])
+    assert described["fusion_weight"] == prior_weight_for(float(metric))
     off = segmenter.segment(query, None, "urinary_bladder", support_size=4, registration=False)
     assert off.summary["structures"]["urinary_bladder"]["registration_prior"] is None
     assert window[1] - window[0] < np.subtract(*off.summary["structures"]["urinary_bladder"]["searched_z_mm"][::-1])
@@ -92,6 +96,17 @@ def test_the_prior_segments_a_new_patient_and_never_uses_its_own_case(small_weig
     # a source case of the set: its own case gives no prior (it would copy its own label)
     own = segmenter.segment(phantom_cases[0][0], None, "urinary_bladder", support_size=4)
     assert own.summary["structures"]["urinary_bladder"]["registration_prior"]["source_cases"] == ["case1"]
+
+
+def test_the_fusion_weight_follows_the_registration_quality():
+    """Poorly aligned sources (Mattes metric near 0) get the low weight, well aligned ones the high one,
+    and the weight never falls as the alignment improves."""
+    metrics = np.linspace(0.0, -0.8, 33)
+    weights = [prior_weight_for(float(m)) for m in metrics]
+    assert weights[0] == prior_weight_for(METRIC_POOR) == PRIOR_WEIGHT_POOR
+    assert weights[-1] == prior_weight_for(METRIC_GOOD) == PRIOR_WEIGHT_GOOD
+    assert all(b >= a for a, b in zip(weights, weights[1:], strict=False))
+    assert min(weights) >= 0 and max(weights) <= 1
 
 
 def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, small_weights, bladder_set,

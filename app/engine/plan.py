@@ -27,7 +27,10 @@ registered to the scan), the prior replaces steps 0 and 1: its slices (plus
 a margin) are the window, its extent sets the levels, and the fine pass's
 probability is fused with it: p = (1 - w) * p_network * gate + w * p_prior,
 where the gate keeps the network's answer only within `prior_gate_mm` of the
-prior's likely region. w and the gate were chosen on bench/cross_patient.py.
+prior's likely region. w follows the registration's quality (its final Mattes
+mutual information, `prior_weight_for`): a source that aligned well is
+trusted more than the network, one that aligned poorly less. The weights and
+the gate were chosen on bench/cross_patient.py.
 
 With `crops` and a support set of format 2 that stores them, the fine pass
 looks closer: each slice is a square of the set's side (mm) centred on the
@@ -63,10 +66,15 @@ from app.support.store import SupportSet
 MIN_FOREGROUND_PIXELS = 4
 LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
 PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs by about a vertebra
-# chosen on bench/cross_patient.py --choose-fusion (bench/RESULTS.md, "Choosing the fusion"): the best mean Dice
-# over the real pair's and the phantoms' main structures. Below 0.5 the network can still draw alone where it is
-# sure (p >= 0.5 / (1 - w)); from 0.5 up nothing is drawn without the prior, and the real pair loses 0.1
-PRIOR_WEIGHT = 0.2
+# The fusion weight follows the registration's final Mattes mutual information (more negative: better aligned):
+# PRIOR_WEIGHT_POOR at METRIC_POOR and above, PRIOR_WEIGHT_GOOD at METRIC_GOOD and below, linear between. On
+# bench/cross_patient.py the real pair and the phantoms register at -0.13 to -0.20 (their priors score 0.30-0.37)
+# and the virtual patients at -0.45 to -0.59 (0.79-0.89); the ramp spans that gap. The two weights and the gate were
+# chosen by --choose-fusion on all three kinds of case (bench/RESULTS.md, "Choosing the fusion"). At 0.4 the
+# network still draws alone where it is sure (p_network >= 0.83) and the prior needs the network's help; at 0.9 the
+# prior draws wherever it reaches 0.56 and the network moves its edges.
+METRIC_POOR, METRIC_GOOD = -0.25, -0.40
+PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
 PRIOR_GATE_MM: float | None = 40.0
 
 # progress(phase, requests done per structure, requests in total per structure)
@@ -90,8 +98,9 @@ class InferenceOptions(BaseModel):
                                                "spread: from the whole extent")
     registration: bool = Field(True, description="register the support sets' source cases to the scan and "
                                                  "use their warped masks (the registration prior)")
-    prior_weight: float = Field(PRIOR_WEIGHT, ge=0, le=1,
-                                description="weight of the registration prior in the fused probability")
+    prior_weight: float | None = Field(None, ge=0, le=1,
+                                       description="weight of the registration prior in the fused probability "
+                                                   "(None: from the registration's quality, `prior_weight_for`)")
     prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
                                         "close to the prior's likely region (None: everywhere)")
     crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
@@ -117,6 +126,7 @@ class StructurePrediction:
     searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
     cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
     prior: StructurePrior | None = None  # the registration prior, when the set's source cases gave one
+    prior_weight: float | None = None  # the prior's weight in the fusion
     view: ModelInput | None = None  # the grid `probability` lies on: the crop, or None for the whole-body view
     crop: dict | None = None  # the crop's side and centre and what placed it (for the summary)
     warnings: list[str] = field(default_factory=list)
@@ -269,6 +279,8 @@ class _StructurePlan:
         located = localise(self.support, profile, (float(z_mm[0]), float(z_mm[-1])))
         if prior is not None:
             prediction.prior = prior
+            prediction.prior_weight = (self.options.prior_weight if self.options.prior_weight is not None
+                                       else prior_weight_for(prior.metric))
             located = _prior_window(prior, z_mm, located)
         prediction.localisation = located
         if self.options.axial_search == "all":
@@ -338,7 +350,7 @@ class _StructurePlan:
             requests += [_Request(self.name, int(z), k, m + offset, crop) for k, m in enumerate(members)]
         prediction.computed[queries] = True
         prediction.cases_used = dict(sorted(used.items()))
-        if options.prior_weight == 1.0 and prediction.prior is not None:  # the prior alone: no network work
+        if prediction.prior_weight == 1.0:  # the prior alone: no network work
             return []
         return requests
 
@@ -438,24 +450,36 @@ def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) 
     return Localisation("window", reason, window, bones.expected_mm, bones.score)
 
 
-def fuse(network: np.ndarray, prior: np.ndarray, weight: float, gate_mm: float | None,
-         spacing_zyx: tuple[float, float, float]) -> np.ndarray:
-    """(1 - weight) * network * gate + weight * prior; the gate is 1 within `gate_mm` of where the prior
-    reaches 0.5 (everywhere when `gate_mm` is None, nowhere when the prior never reaches 0.5)."""
-    if gate_mm is not None:
-        likely = prior >= 0.5
-        near = (ndimage.distance_transform_edt(~likely, sampling=spacing_zyx) <= gate_mm if likely.any()
-                else np.zeros_like(likely))
+def prior_weight_for(metric: float) -> float:
+    """The prior's fusion weight for a registration that ended at this Mattes mutual information."""
+    share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
+    return round(PRIOR_WEIGHT_POOR + share * (PRIOR_WEIGHT_GOOD - PRIOR_WEIGHT_POOR), 3)
+
+
+def gate(prior: np.ndarray, gate_mm: float | None, spacing_zyx: tuple[float, float, float]) -> np.ndarray | None:
+    """Where the network's probability counts: within `gate_mm` of where the prior reaches 0.5 (None: everywhere;
+    nowhere when the prior never reaches 0.5)."""
+    if gate_mm is None:
+        return None
+    likely = prior >= 0.5
+    if not likely.any():
+        return np.zeros_like(likely)
+    return ndimage.distance_transform_edt(~likely, sampling=spacing_zyx) <= gate_mm
+
+
+def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray | None) -> np.ndarray:
+    """(1 - weight) * network * near + weight * prior, `near` from `gate` (None: the network everywhere)."""
+    if near is not None:
         network = network * near
     return (1 - weight) * network + weight * prior
 
 
 def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
     """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
-    assert prediction.prior is not None
+    assert prediction.prior is not None and prediction.prior_weight is not None
     spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
-    fused = fuse(prediction.probability, prediction.prior.probability, options.prior_weight, options.prior_gate_mm,
-                 spacing)
+    prior = prediction.prior.probability
+    fused = fuse(prediction.probability, prior, prediction.prior_weight, gate(prior, options.prior_gate_mm, spacing))
     fused = np.where(prediction.prior.uninformed()[:, None, None], prediction.probability, fused)
     prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 

@@ -190,8 +190,8 @@ def locate(cases: list[tuple[Profile, tuple[float, float]]], query: Profile,
     if length < MIN_OVERLAP_MM:
         return Localisation("too_short", f"the scan is {length:.0f} mm long, too short to tell which part of the "
                                          f"body it shows (the skeleton match needs {MIN_OVERLAP_MM:.0f} mm): "
-                                         "nothing was searched; axial search 'all' (CLI --axial-search all, HTTP axial_search=all) "
-                                         "searches every slice")
+                                         "nothing was searched; axial search 'all' (CLI --axial-search all, "
+                                         "HTTP axial_search=all) searches every slice")
     expected, best = [], -1.0
     for profile, (z_lo, z_hi) in cases:
         m = match(profile, query)

@@ -47,6 +47,11 @@ class StructurePrior:
     cases: list[str]  # source cases registered
     registrations: dict[str, dict] = field(default_factory=dict)  # case -> registration diagnostics
 
+    @property
+    def metric(self) -> float:
+        """The registrations' mean final Mattes mutual information (more negative: better aligned)."""
+        return float(np.mean([self.registrations[case]["metric"] for case in self.cases]))
+
     def slices_present(self) -> np.ndarray:
         """(Z,) bool: slices where the prior says the structure may show."""
         return self.probability.max(axis=(1, 2)) >= PRESENT
