@@ -87,6 +87,9 @@ QUICK = ("colon", "iliopsoas_left", "vertebrae_l1")
 VIRTUAL_SEEDS = {"full": 9101, "pelvis": 9102, "abdomen": 9103}  # held out: training draws seeds < 9000
 COLUMNS = ("network", "registration", "hybrid")
 BASELINE = " (baseline)"  # the same column with --baseline-weights
+# pieces the clean-up keeps, as a clinic would declare them (`support build --components`): bowel loops leave and
+# re-enter the field of view and the slab, so a colon is several pieces; everything else one
+PIECES = {"colon": 8, "small_bowel": 8}
 STRUCTURES_PER_CALL = 4  # segment() keeps every structure's full-grid probability: bound the memory
 
 
@@ -249,7 +252,8 @@ def build_sets(case: Case, support_size: int, work: Path, only: list[str] | None
         mask_path = source_mask_dir / f"{structure}.nii.gz"
         sitk.WriteImage(mask_image, str(mask_path), useCompression=True)
         build_support_set(structure, structure, [(source_ct, mask_path)], work / "sets" / structure,
-                          size=support_size, label=1, preview=False, source=case.source.name)
+                          size=support_size, label=1, preview=False, source=case.source.name,
+                          definition=default_definition(structure, max_components=PIECES.get(structure)))
         built.append(structure)
     case.built = built
     return built
