@@ -382,10 +382,7 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     model grid), inside a box around everything drawn or true, and without the engine's rule of the network
     alone beyond a source scan's end (the prior's run has no network there)."""
     from app.engine.plan import METRIC_GOOD, METRIC_POOR
-
-    def weight(metric: float, poor: float, good: float) -> float:
-        share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
-        return poor + share * (good - poor)
+    from app.engine.plan import prior_weight_for as weight
 
     items = [(f"{case}: {s}", x) for case, structures in inputs for s, x in structures.items()
              if x.reference.any()]  # a structure absent from the query has nothing to score

@@ -450,10 +450,11 @@ def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) 
     return Localisation("window", reason, window, bones.expected_mm, bones.score)
 
 
-def prior_weight_for(metric: float) -> float:
-    """The prior's fusion weight for a registration that ended at this Mattes mutual information."""
+def prior_weight_for(metric: float, poor: float = PRIOR_WEIGHT_POOR, good: float = PRIOR_WEIGHT_GOOD) -> float:
+    """The prior's fusion weight for a registration that ended at this Mattes mutual information: `poor` at
+    METRIC_POOR and above, `good` at METRIC_GOOD and below (the bench tries other pairs)."""
     share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
-    return round(PRIOR_WEIGHT_POOR + share * (PRIOR_WEIGHT_GOOD - PRIOR_WEIGHT_POOR), 3)
+    return round(poor + share * (good - poor), 3)
 
 
 def gate(prior: np.ndarray, gate_mm: float | None, spacing_zyx: tuple[float, float, float]) -> np.ndarray | None:
