@@ -55,7 +55,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", type=Path, default=None,
                         help="overlap-rules JSON (default: $AUTOCONTOUR_RULES, else the shipped cervix rules)")
     parser.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
-                        help="coarse: find each structure's extent first (default); all: segment every body slice")
+                        help="coarse: find each structure's extent first (default); all: segment every body slice, "
+                             "also of a scan too short to place (under 120 mm)")
     parser.add_argument("--support-selection", choices=["level", "spread"], default="level",
                         help="level: examples from the query's relative axial level (default); spread: whole extent")
     parser.add_argument("--no-registration", action="store_true",
