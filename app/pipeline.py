@@ -429,7 +429,7 @@ def _status(voxels: int, prediction, max_probability: float, threshold: float) -
         return "found", None
     if prediction.not_in_scan:
         return "not_in_scan", prediction.localisation.reason
-    if not prediction.computed.any() and prediction.localisation and prediction.localisation.verdict == "too_short":
+    if prediction.not_localised:
         return "not_localised", prediction.localisation.reason
     searched = (f"z {prediction.searched_mm[0]:g} to {prediction.searched_mm[1]:g} mm" if prediction.searched_mm
                 else "no body slice")

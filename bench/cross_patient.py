@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.catalogue import default_definition  # noqa: E402
-from app.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
+from app.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
 from app.phantom import make_phantom  # noqa: E402
 from app.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
 from app.support.virtual import virtual_patient  # noqa: E402
@@ -330,7 +330,7 @@ class FusionInput:
     scores: dict = field(default_factory=dict)  # (weight, gate) -> Dice of the fused mask
     gates: dict = field(default_factory=dict)  # gate -> where the network counts (`app.engine.plan.gate`)
 
-    def dice(self, weight: float, gate_mm: float | None) -> float:
+    def fused_dice(self, weight: float, gate_mm: float | None) -> float:
         from app.engine.plan import fuse, gate
 
         key = (round(weight, 3), gate_mm)
@@ -338,9 +338,8 @@ class FusionInput:
             prior = self.prior.astype(np.float32)
             if gate_mm not in self.gates:
                 self.gates[gate_mm] = gate(prior, gate_mm, self.spacing_zyx)
-            drawn = fuse(self.network.astype(np.float32), prior, weight, self.gates[gate_mm]) >= 0.5
-            self.scores[key] = 2 * float((drawn & self.reference).sum()) / max(1, int(drawn.sum()
-                                                                                     + self.reference.sum()))
+            self.scores[key] = dice(fuse(self.network.astype(np.float32), prior, weight, self.gates[gate_mm]) >= 0.5,
+                                    self.reference)
         return self.scores[key]
 
 
@@ -360,9 +359,9 @@ def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: li
             continue
         reference = case.query.mask(s, case.structures[s])
         box = _box(network[s] >= 0.05, prior[s] >= 0.05, reference, margin=margin)
-        metric = float(np.mean([described["registrations"][c]["metric"] for c in described["source_cases"]]))
         out[s] = FusionInput(network[s][box].astype(np.float16), prior[s][box].astype(np.float16), reference[box],
-                             spacing, metric)
+                             spacing, float(np.mean([described["registrations"][c]["metric"]
+                                                     for c in described["source_cases"]])))
     return out
 
 
@@ -395,16 +394,16 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
                                      for g in GATES) + " |",
              "|---|" + "---|" * 2 * len(GATES)]
     for w in FUSION_WEIGHTS:
-        cells = [f"{np.mean([x.dice(w, g) for _, x in group]):.3f}" if group else "n/a"
+        cells = [f"{np.mean([x.fused_dice(w, g) for _, x in group]):.3f}" if group else "n/a"
                  for group in (poorly, well) for g in GATES]
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    scores = {(poor, good, g): float(np.mean([x.dice(weight(x.metric, poor, good), g) for _, x in items]))
+    scores = {(poor, good, g): float(np.mean([x.fused_dice(weight(x.metric, poor, good), g) for _, x in items]))
               for poor in FUSION_WEIGHTS for good in FUSION_WEIGHTS for g in GATES}
     best = max(scores, key=lambda k: (scores[k], -abs(k[0] - k[1])))
     poor, good, gate = best
     single = max(((w, g) for w in FUSION_WEIGHTS for g in GATES),
-                 key=lambda k: float(np.mean([x.dice(k[0], k[1]) for _, x in items])))
-    single_score = float(np.mean([x.dice(*single) for _, x in items]))
+                 key=lambda k: float(np.mean([x.fused_dice(k[0], k[1]) for _, x in items])))
+    single_score = float(np.mean([x.fused_dice(*single) for _, x in items]))
     lines += ["", f"Best: weight {poor} for poor registrations, {good} for good ones (ramp from metric "
               f"{METRIC_POOR:g} to {METRIC_GOOD:g}), gate {gate} mm: mean Dice {scores[best]:.3f} over {len(items)} "
               f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
@@ -414,8 +413,8 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               "|---|---|---|---|---|---|"]
     for key, x in items:
         w = weight(x.metric, poor, good)
-        lines.append(f"| {key} | {x.metric:.3f} | {w:.2f} | {x.dice(0.0, None):.3f} | {x.dice(1.0, None):.3f} "
-                     f"| {x.dice(w, gate):.3f} |")
+        lines.append(f"| {key} | {x.metric:.3f} | {w:.2f} | {x.fused_dice(0.0, None):.3f} "
+                     f"| {x.fused_dice(1.0, None):.3f} | {x.fused_dice(w, gate):.3f} |")
     return "\n".join(lines)
 
 

@@ -135,6 +135,11 @@ class StructurePrediction:
     def not_in_scan(self) -> bool:
         return self.localisation is not None and self.localisation.verdict == "not_in_scan"
 
+    @property
+    def not_localised(self) -> bool:
+        """The scan was too short to place and nothing was searched (`axial_search="all"` searches it)."""
+        return self.localisation is not None and self.localisation.verdict == "too_short" and not self.computed.any()
+
 
 @dataclass
 class _Request:
