@@ -129,3 +129,17 @@ def test_a_query_too_short_to_place_is_not_reliable(phantom):
     registration = register(make_atlas_ct(phantom.ct), make_atlas_ct(short))
     assert not registration.reliable and registration.diagnostics["reliable"] is False
     assert register(make_atlas_ct(phantom.ct), make_atlas_ct(phantom.ct[:, :, 5:])).reliable
+
+
+def test_the_metric_samples_the_query_to_its_own_ends_but_stops_short_of_the_source_edge(phantom):
+    """A pelvis scan inside a longer source: its end slices are sampled (the IVC at its top needs them);
+    where the source scan ends inside the query, the slices near that edge are not (the source has no data)."""
+    from app.support.registration import OVERLAP_MARGIN_MM, _fixed_mask, _z_positions
+
+    query = make_atlas_ct(phantom.ct)
+    z = _z_positions(query)
+    body_slices = np.nonzero(sitk.GetArrayFromImage(_fixed_mask(query, (z[0], z[-1]))).any(axis=(1, 2)))[0]
+    assert body_slices[0] == 0 and body_slices[-1] == z.size - 1
+    source_ends = (z[0] + 40.0, z[-1] - 40.0)
+    sampled = z[sitk.GetArrayFromImage(_fixed_mask(query, source_ends)).any(axis=(1, 2))]
+    assert sampled[0] >= source_ends[0] + OVERLAP_MARGIN_MM and sampled[-1] <= source_ends[1] - OVERLAP_MARGIN_MM

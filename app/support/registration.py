@@ -287,10 +287,18 @@ def initial_transform(source: sitk.Image, query: sitk.Image) -> tuple[sitk.Affin
 
 
 def _fixed_mask(query: sitk.Image, z_range: tuple[float, float]) -> sitk.Image:
-    """The query's body within the z range the source covers (less a margin): where the metric samples."""
+    """The query's body within the z range the source covers: where the metric samples.
+
+    Where that range ends at the source scan's edge it stops OVERLAP_MARGIN_MM short (beyond the edge the
+    deformed source has no data); where it ends at the query's own edge (a pelvis scan inside a longer source)
+    every slice counts: the structures at the scan's ends need the alignment as much as the middle does.
+    """
     body = body_mask_array(sitk.GetArrayViewFromImage(query))
     z = _z_positions(query)
-    inside = (z >= z_range[0] + OVERLAP_MARGIN_MM) & (z <= z_range[1] - OVERLAP_MARGIN_MM)
+    search_voxel = SEARCH_SHRINK * query.GetSpacing()[2]  # the range was found on the search's coarser grid
+    below = OVERLAP_MARGIN_MM if z_range[0] > z[0] + search_voxel else 0.0
+    above = OVERLAP_MARGIN_MM if z_range[1] < z[-1] - search_voxel else 0.0
+    inside = (z >= z_range[0] + below) & (z <= z_range[1] - above)
     if inside.sum() < 3:  # too little overlap for a margin: use what there is
         inside = (z >= z_range[0]) & (z <= z_range[1])
     body &= inside[:, None, None]
