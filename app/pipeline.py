@@ -257,9 +257,11 @@ class Segmenter:
 
         probabilities = {n: grid_to_canonical(predictions[n].probability, predictions[n].view or inputs[n], canonical)
                          for n in names}
+        supported = {n: grid_to_canonical(p.prior.probability, p.view or inputs[n], canonical) >= 0.5
+                     for n, p in predictions.items() if p.prior is not None}
         definitions = {n: supports[n].definition for n in names}
         masks, rule_changes = postprocess(probabilities, threshold, self.rules,
-                                          {n: d.max_components for n, d in definitions.items()})
+                                          {n: d.max_components for n, d in definitions.items()}, supported)
         spacing = canonical.image.GetSpacing()
         lateral = [n for n in names if definitions[n].lateral and masks[n].mask.any()]
         body = body_mask(canonical, PreprocessSpec().body_threshold_hu) if lateral else None

@@ -9,6 +9,10 @@ Steps, in order, each reported with the voxels it changed:
    higher probability;
 4. keep the largest connected components (as many as the structure can have
    pieces, each at least a tenth of the largest), dropping stray islands.
+   A piece that lies mostly where the registration prior places the structure
+   (prior >= 0.5) is not a stray island and is kept whatever its rank: a colon
+   cut into a dozen loops by the threshold keeps every loop the registered
+   source case shows there.
 
 Then confidence, per slice and per structure, in [0, 1]:
 
@@ -46,6 +50,7 @@ AREA_JUMP = 2.0
 MIN_AREA_FOR_JUMP_MM2 = 100.0
 MIN_COMPONENT_FRACTION = 0.1
 MAX_WRONG_SIDE_FRACTION = 0.1  # of a lateral structure's voxels beyond the midline
+SUPPORTED_FRACTION = 0.5  # of a component's voxels inside the prior's likely region: kept whatever its rank
 
 
 @dataclass
@@ -65,14 +70,19 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def keep_components(mask: np.ndarray, max_components: int) -> np.ndarray:
+def keep_components(mask: np.ndarray, max_components: int, supported: np.ndarray | None = None) -> np.ndarray:
+    """The largest `max_components` pieces (each at least MIN_COMPONENT_FRACTION of the largest), plus every
+    piece lying mostly inside `supported` (the registration prior's likely region), however small."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1][:max_components]
-    keep = [i + 1 for i in order if sizes[i] >= MIN_COMPONENT_FRACTION * sizes[order[0]]]
-    return np.isin(labels, keep)
+    keep = {i + 1 for i in order if sizes[i] >= MIN_COMPONENT_FRACTION * sizes[order[0]]}
+    if supported is not None:
+        inside = np.bincount(labels[supported], minlength=n + 1)[1:]
+        keep |= {i + 1 for i in np.nonzero(inside >= SUPPORTED_FRACTION * sizes)[0]}
+    return np.isin(labels, sorted(keep))
 
 
 def resolve_overlaps(masks: dict[str, StructureMask], rules: OverlapRules) -> list[dict]:
@@ -104,8 +114,12 @@ def resolve_overlaps(masks: dict[str, StructureMask], rules: OverlapRules) -> li
 
 
 def postprocess(probabilities: dict[str, np.ndarray], threshold: float, rules: OverlapRules,
-                max_components: dict[str, int]) -> tuple[dict[str, StructureMask], list[dict]]:
-    """Threshold, fill holes, apply overlap rules, clean components (see the module docstring)."""
+                max_components: dict[str, int], supported: dict[str, np.ndarray] | None = None,
+                ) -> tuple[dict[str, StructureMask], list[dict]]:
+    """Threshold, fill holes, apply overlap rules, clean components (see the module docstring).
+
+    `supported`: per structure, where its registration prior reaches 0.5 (canonical grid), if it has one."""
+    supported = supported or {}
     masks: dict[str, StructureMask] = {}
     for name, p in probabilities.items():
         mask = p >= threshold
@@ -116,7 +130,7 @@ def postprocess(probabilities: dict[str, np.ndarray], threshold: float, rules: O
     for change in rule_changes:
         masks[change["structure"]].changes["overlap_rules"] = -change["voxels_removed"]
     for name, m in masks.items():
-        kept = keep_components(m.mask, max_components.get(name, 1))
+        kept = keep_components(m.mask, max_components.get(name, 1), supported.get(name))
         m.changes["components_removed"] = -int(m.mask.sum() - kept.sum())
         m.changes.setdefault("overlap_rules", 0)
         m.mask = kept

@@ -64,6 +64,23 @@ def test_holes_and_islands():
     assert not kept[2, 25:27, 25:27].any() and kept[:, 5:20, 5:20].all()
 
 
+def test_a_piece_the_registration_prior_places_survives_the_component_limit():
+    mask = np.zeros((5, 40, 40), dtype=bool)
+    mask[:, 5:20, 5:20] = True  # the largest piece
+    mask[2, 25:27, 25:27] = True  # a loop the prior shows: far smaller than a tenth of the largest
+    mask[2, 35:37, 5:7] = True  # a stray island the prior does not show
+    supported = np.zeros_like(mask)
+    supported[1:4, 24:30, 24:30] = True
+    kept = keep_components(mask, max_components=1, supported=supported)
+    assert kept[2, 25:27, 25:27].all() and kept[:, 5:20, 5:20].all()
+    assert not kept[2, 35:37, 5:7].any()
+    half_inside = supported.copy()
+    half_inside[2, 25, 25:27] = False  # two of its four voxels outside: still mostly supported
+    assert keep_components(mask, 1, half_inside)[2, 25:27, 25:27].all()
+    half_inside[2, 26, 25] = False  # three of four outside
+    assert not keep_components(mask, 1, half_inside)[2, 25:27, 25:27].any()
+
+
 def test_confidence_is_high_for_crisp_maps_and_flags_problems():
     mask = np.zeros((10, 20, 20), dtype=bool)
     mask[2:8, 5:15, 5:15] = True
