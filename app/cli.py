@@ -67,7 +67,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
                              "checkpoint, trained on whole-body views, segments worse on them)")
     parser.add_argument("--prior-weight", type=float, default=None,
                         help="weight of the registration prior fused with the network, 0-1 (default: follows the "
-                             "registration's quality, as chosen on bench/cross_patient.py)")
+                             "registration's quality, and the prior alone where the network draws almost nothing, "
+                             "as chosen on bench/cross_patient.py)")
 
 
 def _roi_names_option(parser: argparse.ArgumentParser) -> None:

@@ -315,6 +315,7 @@ def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: li
 
 GATES = (None, 10.0, 20.0, 40.0)  # the fusion gates --choose-fusion tries (mm)
 FUSION_WEIGHTS = tuple(round(w, 2) for w in np.arange(0.0, 1.01, 0.1))
+SILENT_SHARES = (None, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # network-silent fallbacks it tries (None: never)
 
 
 @dataclass
@@ -327,20 +328,34 @@ class FusionInput:
     reference: np.ndarray
     spacing_zyx: tuple
     metric: float
-    scores: dict = field(default_factory=dict)  # (weight, gate) -> Dice of the fused mask
+    scores: dict = field(default_factory=dict)  # (weight, gate, silent share) -> Dice of the fused mask
     gates: dict = field(default_factory=dict)  # gate -> where the network counts (`app.engine.plan.gate`)
 
-    def fused_dice(self, weight: float, gate_mm: float | None) -> float:
-        from app.engine.plan import fuse, gate
+    def fused(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> np.ndarray:
+        """The fused mask (`app.engine.plan.fuse`), the prior alone where the network is silent
+        (`network_silent` at `silent_share`; None: never)."""
+        from app.engine.plan import fuse, gate, network_silent
 
-        key = (round(weight, 3), gate_mm)
+        prior, network = self.prior.astype(np.float32), self.network.astype(np.float32)
+        if gate_mm not in self.gates:
+            self.gates[gate_mm] = gate(prior, gate_mm, self.spacing_zyx)
+        if silent_share is not None and network_silent(network, prior, self.gates[gate_mm], silent_share):
+            weight = 1.0
+        return fuse(network, prior, weight, self.gates[gate_mm]) >= 0.5
+
+    def fused_dice(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> float:
+        key = (round(weight, 3), gate_mm, silent_share)
         if key not in self.scores:
-            prior = self.prior.astype(np.float32)
-            if gate_mm not in self.gates:
-                self.gates[gate_mm] = gate(prior, gate_mm, self.spacing_zyx)
-            self.scores[key] = dice(fuse(self.network.astype(np.float32), prior, weight, self.gates[gate_mm]) >= 0.5,
-                                    self.reference)
+            self.scores[key] = dice(self.fused(weight, gate_mm, silent_share), self.reference)
         return self.scores[key]
+
+    def cleaned_dice(self, mask: np.ndarray, pieces: int, with_prior: bool) -> float:
+        """Dice after the product's clean-up (holes, then components; `with_prior`: pieces the prior places
+        are kept whatever their rank, `app.postprocess.keep_components`)."""
+        from app.postprocess import fill_holes_per_slice, keep_components
+
+        supported = self.prior.astype(np.float32) >= 0.5 if with_prior else None
+        return dice(keep_components(fill_holes_per_slice(mask), pieces, supported), self.reference)
 
 
 def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None) -> dict:
@@ -407,14 +422,35 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     lines += ["", f"Best: weight {poor} for poor registrations, {good} for good ones (ramp from metric "
               f"{METRIC_POOR:g} to {METRIC_GOOD:g}), gate {gate} mm: mean Dice {scores[best]:.3f} over {len(items)} "
               f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
-              f"{single[1]} mm) gives {single_score:.3f}. At the best choice, against the network alone on the "
-              "prior's window (weight 0, no gate) and the prior alone (weight 1):", "",
-              "| case: structure | registration metric | weight | network (window) | prior | fused |",
-              "|---|---|---|---|---|---|"]
+              f"{single[1]} mm) gives {single_score:.3f}.", "",
+              "At that choice, the prior drawn alone where the network draws less than a share of the prior's "
+              "likely volume (`app.engine.plan.network_silent`):", "",
+              "| share | mean Dice | case-structures where it falls back |", "|---|---|---|"]
+    silent = {}
+    for share in SILENT_SHARES:
+        silent[share] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, share) for _, x in items]))
+        falls_back = sum(x.fused_dice(weight(x.metric, poor, good), gate, share)
+                         != x.fused_dice(weight(x.metric, poor, good), gate) for _, x in items)
+        lines.append(f"| {share if share is not None else 'never'} | {silent[share]:.3f} | {falls_back} changed |")
+    share = max(SILENT_SHARES, key=lambda k: (round(silent[k], 4), -(k or 0)))
+    lines += ["", f"Best share: {share} (mean Dice {silent[share]:.3f}). At the full choice, against the network "
+              "alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the fused mask "
+              "after the product's clean-up, keeping the structure's largest pieces only and also every piece the "
+              "prior places (`app.postprocess.keep_components`):", "",
+              "| case: structure | registration metric | weight | network (window) | prior | fused "
+              "| cleaned, largest pieces | cleaned, + prior's pieces |",
+              "|---|---|---|---|---|---|---|---|"]
+    cleaned = {False: [], True: []}
     for key, x in items:
         w = weight(x.metric, poor, good)
+        mask, pieces = x.fused(w, gate, share), PIECES.get(key.rsplit(": ", 1)[1], 1)
+        for with_prior in cleaned:
+            cleaned[with_prior].append(x.cleaned_dice(mask, pieces, with_prior))
         lines.append(f"| {key} | {x.metric:.3f} | {w:.2f} | {x.fused_dice(0.0, None):.3f} "
-                     f"| {x.fused_dice(1.0, None):.3f} | {x.fused_dice(w, gate):.3f} |")
+                     f"| {x.fused_dice(1.0, None):.3f} | {x.fused_dice(w, gate, share):.3f} "
+                     f"| {cleaned[False][-1]:.3f} | {cleaned[True][-1]:.3f} |")
+    lines += ["", f"Mean after the clean-up: largest pieces only {np.mean(cleaned[False]):.3f}, with the prior's "
+              f"pieces {np.mean(cleaned[True]):.3f}."]
     return "\n".join(lines)
 
 

@@ -13,10 +13,23 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.engine.plan import METRIC_GOOD, METRIC_POOR, PRIOR_WEIGHT_GOOD, PRIOR_WEIGHT_POOR, prior_weight_for
+from app.engine.plan import (
+    METRIC_GOOD,
+    METRIC_POOR,
+    NETWORK_SILENT_SHARE,
+    PRIOR_WEIGHT_GOOD,
+    PRIOR_WEIGHT_POOR,
+    InferenceOptions,
+    StructurePrediction,
+    _fuse,
+    network_silent,
+    prior_weight_for,
+)
+from app.preprocess import ModelInput, PreprocessSpec
 from app.errors import SupportSetError
 from app.pipeline import Segmenter
 from app.support.build import build_support_set
+from app.support.prior import StructurePrior
 from app.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
 from app.support.virtual import smooth_deformation
 
@@ -107,6 +120,47 @@ def test_the_fusion_weight_follows_the_registration_quality():
     assert weights[-1] == prior_weight_for(METRIC_GOOD) == PRIOR_WEIGHT_GOOD
     assert all(b >= a for a, b in zip(weights, weights[1:], strict=False))
     assert min(weights) >= 0 and max(weights) <= 1
+
+
+def _prediction_with_prior(network: np.ndarray, prior: np.ndarray, metric: float) -> tuple[StructurePrediction,
+                                                                                           ModelInput]:
+    z = network.shape[0]
+    grid = sitk.Image(network.shape[2], network.shape[1], z, sitk.sitkUInt8)
+    grid.SetSpacing((2.0, 2.0, 3.0))
+    view = ModelInput(np.zeros_like(network), grid, np.ones(z, bool), PreprocessSpec())
+    structure_prior = StructurePrior(prior, np.ones(z, bool), False, False, ["case0"], {"case0": {"metric": metric}})
+    prediction = StructurePrediction(network.copy(), np.ones(z, np.float32), np.ones(z, bool), None, 4, 1,
+                                     prior=structure_prior, prior_weight=prior_weight_for(metric))
+    return prediction, view
+
+
+def test_where_the_network_is_silent_the_prior_is_drawn_alone():
+    """A poorly aligned prior (weight 0.4) cannot reach 0.5 alone: when the network draws nothing where it places
+    the structure, the prior is drawn (weight 1) with a warning; a network that answers keeps the fusion."""
+    prior = np.zeros((6, 32, 32), np.float32)
+    prior[1:5, 8:20, 8:20] = 0.9
+    silent = np.zeros_like(prior)
+    silent[2, 10:12, 10:12] = 0.8  # 4 voxels against 576 likely ones: below the share
+    assert network_silent(silent, prior, None) and 4 < NETWORK_SILENT_SHARE * 576
+    prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
+    _fuse(prediction, view, InferenceOptions())
+    assert prediction.prior_weight == 1.0 and "registration prior alone" in prediction.warnings[0]
+    assert ((prediction.probability >= 0.5) == (prior >= 0.5)).all()
+
+    answering = np.zeros_like(prior)
+    answering[1:5, 10:22, 10:22] = 0.95
+    assert not network_silent(answering, prior, None)
+    prediction, view = _prediction_with_prior(answering, prior, metric=-0.15)
+    _fuse(prediction, view, InferenceOptions())
+    assert prediction.prior_weight == PRIOR_WEIGHT_POOR and not prediction.warnings
+    assert (prediction.probability[1:5, 10:20, 10:20] >= 0.5).all()  # network and prior agree
+    assert not (prediction.probability[1:5, 8:10, 8:10] >= 0.5).any()  # the prior alone at 0.4: not drawn
+
+    # a weight the user fixed is kept, silent network or not; a prior with nothing likely has nothing to draw
+    prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
+    _fuse(prediction, view, InferenceOptions(prior_weight=0.4))
+    assert prediction.prior_weight == 0.4 and (prediction.probability >= 0.5).sum() == 4  # the network's voxels
+    assert not network_silent(silent, prior * 0.5, None)
 
 
 def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, small_weights, bladder_set,

@@ -29,8 +29,12 @@ probability is fused with it: p = (1 - w) * p_network * gate + w * p_prior,
 where the gate keeps the network's answer only within `prior_gate_mm` of the
 prior's likely region. w follows the registration's quality (its final Mattes
 mutual information, `prior_weight_for`): a source that aligned well is
-trusted more than the network, one that aligned poorly less. The weights and
-the gate were chosen on bench/cross_patient.py.
+trusted more than the network, one that aligned poorly less. Where the
+network draws almost nothing where the prior places the structure (less than
+`NETWORK_SILENT_SHARE` of the prior's likely volume), a poorly aligned prior
+alone could not reach the threshold and the result would be empty: the prior
+is drawn alone (weight 1) and the summary says so. The weights, the gate and
+that share were chosen on bench/cross_patient.py.
 
 With `crops` and a support set of format 2 that stores them, the fine pass
 looks closer: each slice is a square of the set's side (mm) centred on the
@@ -76,6 +80,9 @@ PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs 
 METRIC_POOR, METRIC_GOOD = -0.25, -0.40
 PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
 PRIOR_GATE_MM: float | None = 40.0
+# Below this share of the prior's likely volume (prior >= 0.5), the network's drawing inside the gate counts as
+# silent, and the prior is drawn alone (`network_silent`; chosen by --choose-fusion).
+NETWORK_SILENT_SHARE = 0.1
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
@@ -100,7 +107,8 @@ class InferenceOptions(BaseModel):
                                                  "use their warped masks (the registration prior)")
     prior_weight: float | None = Field(None, ge=0, le=1,
                                        description="weight of the registration prior in the fused probability "
-                                                   "(None: from the registration's quality, `prior_weight_for`)")
+                                                   "(None: from the registration's quality, `prior_weight_for`, "
+                                                   "and 1 where the network is silent, `network_silent`)")
     prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
                                         "close to the prior's likely region (None: everywhere)")
     crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
@@ -480,12 +488,29 @@ def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray
     return (1 - weight) * network + weight * prior
 
 
+def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | None,
+                   share: float = NETWORK_SILENT_SHARE) -> bool:
+    """Whether the network draws (p >= 0.5, inside the gate) less than `share` of the prior's likely volume
+    (p >= 0.5). Never when the prior has no likely region: then there is nothing to draw from it."""
+    likely = int(np.count_nonzero(prior >= 0.5))
+    drawn = network >= 0.5
+    if near is not None:
+        drawn &= near
+    return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
+
+
 def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
     """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
     assert prediction.prior is not None and prediction.prior_weight is not None
     spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
     prior = prediction.prior.probability
-    fused = fuse(prediction.probability, prior, prediction.prior_weight, gate(prior, options.prior_gate_mm, spacing))
+    near = gate(prior, options.prior_gate_mm, spacing)
+    informed = (prediction.computed & ~prediction.prior.uninformed())[:, None, None]
+    if options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed, near):
+        prediction.prior_weight = 1.0
+        prediction.warnings.append("the network drew almost nothing where the registered source case(s) place the "
+                                   "structure: drawn from the registration prior alone; review every slice")
+    fused = fuse(prediction.probability, prior, prediction.prior_weight, near)
     fused = np.where(prediction.prior.uninformed()[:, None, None], prediction.probability, fused)
     prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
