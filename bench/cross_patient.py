@@ -21,8 +21,10 @@ uses the product's default localisation, since what it must show is
 "hybrid" is the product's default path: support sets with atlas copies, the
 registration prior for the window and the levels, fused with the network
 (`app.engine.plan`). `--choose-fusion` measures every fusion weight and gate
-on the main structures (network and prior each through the product path) and
-prints the table the engine's defaults were chosen from. Metrics per structure: Dice, surface
+on the main structures (network and prior each through the product path),
+then the share below which the network counts as silent (the prior drawn
+alone) and the clean-up's rule for pieces the prior places, and prints the
+tables the engine's defaults were chosen from. Metrics per structure: Dice, surface
 Dice at the structure's tolerance and HD95 (`app.evaluation.metrics`);
 structures absent from a query are not averaged but counted as drawn or not.
 

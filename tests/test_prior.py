@@ -25,9 +25,9 @@ from app.engine.plan import (
     network_silent,
     prior_weight_for,
 )
-from app.preprocess import ModelInput, PreprocessSpec
 from app.errors import SupportSetError
 from app.pipeline import Segmenter
+from app.preprocess import ModelInput, PreprocessSpec
 from app.support.build import build_support_set
 from app.support.prior import StructurePrior
 from app.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
@@ -140,7 +140,7 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     prior = np.zeros((6, 32, 32), np.float32)
     prior[1:5, 8:20, 8:20] = 0.9
     silent = np.zeros_like(prior)
-    silent[2, 10:12, 10:12] = 0.8  # 4 voxels against 576 likely ones: below the share
+    silent[2, 10:12, 10:12] = 0.8  # 4 voxels against 576 likely ones: below any share tried
     assert network_silent(silent, prior, None) and 4 < NETWORK_SILENT_SHARE * 576
     prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
     _fuse(prediction, view, InferenceOptions())

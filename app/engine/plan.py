@@ -82,7 +82,7 @@ PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
 PRIOR_GATE_MM: float | None = 40.0
 # Below this share of the prior's likely volume (prior >= 0.5), the network's drawing inside the gate counts as
 # silent, and the prior is drawn alone (`network_silent`; chosen by --choose-fusion).
-NETWORK_SILENT_SHARE = 0.1
+NETWORK_SILENT_SHARE = 0.5
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
