@@ -505,13 +505,14 @@ def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: Inf
     spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
     prior = prediction.prior.probability
     near = gate(prior, options.prior_gate_mm, spacing)
-    informed = (prediction.computed & ~prediction.prior.uninformed())[:, None, None]
+    uninformed = prediction.prior.uninformed()[:, None, None]
+    informed = prediction.computed[:, None, None] & ~uninformed
     if options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed, near):
         prediction.prior_weight = 1.0
         prediction.warnings.append("the network drew almost nothing where the registered source case(s) place the "
                                    "structure: drawn from the registration prior alone; review every slice")
     fused = fuse(prediction.probability, prior, prediction.prior_weight, near)
-    fused = np.where(prediction.prior.uninformed()[:, None, None], prediction.probability, fused)
+    fused = np.where(uninformed, prediction.probability, fused)
     prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
 
