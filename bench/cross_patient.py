@@ -336,14 +336,27 @@ class FusionInput:
     def fused(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> np.ndarray:
         """The fused mask (`app.engine.plan.fuse`), the prior alone where the network is silent
         (`network_silent` at `silent_share`; None: never)."""
-        from app.engine.plan import fuse, gate, network_silent
+        from app.engine.plan import fuse
 
-        prior, network = self.prior.astype(np.float32), self.network.astype(np.float32)
-        if gate_mm not in self.gates:
-            self.gates[gate_mm] = gate(prior, gate_mm, self.spacing_zyx)
-        if silent_share is not None and network_silent(network, prior, self.gates[gate_mm], silent_share):
+        if self.silent(gate_mm, silent_share):
             weight = 1.0
-        return fuse(network, prior, weight, self.gates[gate_mm]) >= 0.5
+        return fuse(self.network.astype(np.float32), self.prior.astype(np.float32), weight, self.near(gate_mm)) >= 0.5
+
+    def near(self, gate_mm: float | None) -> np.ndarray | None:
+        """Where the network counts at this gate (`app.engine.plan.gate`), computed once."""
+        from app.engine.plan import gate
+
+        if gate_mm not in self.gates:
+            self.gates[gate_mm] = gate(self.prior.astype(np.float32), gate_mm, self.spacing_zyx)
+        return self.gates[gate_mm]
+
+    def silent(self, gate_mm: float | None, silent_share: float | None) -> bool:
+        """Whether the engine would draw the prior alone here (`app.engine.plan.network_silent`)."""
+        from app.engine.plan import network_silent
+
+        return silent_share is not None and network_silent(self.network.astype(np.float32),
+                                                           self.prior.astype(np.float32), self.near(gate_mm),
+                                                           silent_share)
 
     def fused_dice(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> float:
         key = (round(weight, 3), gate_mm, silent_share)
@@ -431,9 +444,8 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     silent = {}
     for share in SILENT_SHARES:
         silent[share] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, share) for _, x in items]))
-        falls_back = sum(x.fused_dice(weight(x.metric, poor, good), gate, share)
-                         != x.fused_dice(weight(x.metric, poor, good), gate) for _, x in items)
-        lines.append(f"| {share if share is not None else 'never'} | {silent[share]:.3f} | {falls_back} changed |")
+        falls_back = sum(x.silent(gate, share) for _, x in items)
+        lines.append(f"| {share if share is not None else 'never'} | {silent[share]:.3f} | {falls_back} |")
     share = max(SILENT_SHARES, key=lambda k: (round(silent[k], 4), -(k or 0)))
     lines += ["", f"Best share: {share} (mean Dice {silent[share]:.3f}). At the full choice, against the network "
               "alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the fused mask "
