@@ -41,6 +41,26 @@ def test_split_network_equals_plain_forward(blocks, b, s, h, w):
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def test_split_network_trains_like_the_plain_one():
+    """With gradients on (training), the split network takes its other branches (no in-place add)
+    and must give the plain network's gradients, through the pooled and averaged streams too."""
+    model = _random_model([8, 16, 16, 16])
+    split = SplitUniverSeg(model)
+    g = torch.Generator().manual_seed(2)
+    q = torch.rand(2, 1, 32, 32, generator=g)
+    images = torch.rand(2, 4, 1, 32, 32, generator=g)
+    labels = (torch.rand(2, 4, 1, 32, 32, generator=g) > 0.5).float()
+    grads = []
+    for net in (model, split):
+        model.zero_grad()
+        net(q, images, labels).square().mean().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()
+                      if p.grad is not None and p.grad.abs().max() > 0})  # the last block's support conv: none
+    assert grads[0].keys() == grads[1].keys()
+    for name, expected in grads[0].items():
+        assert (grads[1][name] - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item()), name
+
+
 def test_engine_batches_give_the_same_answer_as_one_by_one():
     model = _random_model([16] * 4)
     rng = np.random.default_rng(0)

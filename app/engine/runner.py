@@ -138,9 +138,12 @@ class Engine:
             start = stop
         return out
 
-    def agreement(self, precision: str, pool: np.ndarray, queries: int = 6, support_size: int = 8) -> float:
+    def agreement(self, precision: str, pool: np.ndarray, queries: int = 6, support_size: int = 4) -> float:
         """Mask Dice between float32 and `precision` on real slices: each query is a support slice,
-        segmented with other slices of the same set as its supports."""
+        segmented with other slices of the same set as its supports.
+
+        It checks the arithmetic, not the segmentation, so 4 supports a query do: 6 queries then fit
+        one CPU batch per precision (1.3 s at start-up instead of 2.1 s with 8)."""
         rng = np.random.default_rng(0)
         picks = rng.choice(len(pool), size=min(queries, len(pool)), replace=False)
         index = np.stack([rng.choice(np.setdiff1d(np.arange(len(pool)), [q]), size=min(support_size, len(pool) - 1),
