@@ -317,7 +317,10 @@ def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: li
 
 GATES = (None, 10.0, 20.0, 40.0)  # the fusion gates --choose-fusion tries (mm)
 FUSION_WEIGHTS = tuple(round(w, 2) for w in np.arange(0.0, 1.01, 0.1))
-SILENT_SHARES = (None, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # network-silent fallbacks it tries (None: never)
+SILENT_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # network-silent fallbacks it tries
+# (share, which network voxels count: `network_silent`'s `within`); None: never fall back
+SILENT_RULES = (None, *((share, within) for within in ("gate", "prior") for share in SILENT_SHARES))
+SilentRule = tuple[float, str] | None
 
 
 @dataclass
@@ -330,15 +333,15 @@ class FusionInput:
     reference: np.ndarray
     spacing_zyx: tuple
     metric: float
-    scores: dict = field(default_factory=dict)  # (weight, gate, silent share) -> Dice of the fused mask
+    scores: dict = field(default_factory=dict)  # (weight, gate, silent rule) -> Dice of the fused mask
     gates: dict = field(default_factory=dict)  # gate -> where the network counts (`app.engine.plan.gate`)
 
-    def fused(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> np.ndarray:
+    def fused(self, weight: float, gate_mm: float | None, silent: SilentRule = None) -> np.ndarray:
         """The fused mask (`app.engine.plan.fuse`), the prior alone where the network is silent
-        (`network_silent` at `silent_share`; None: never)."""
+        (`network_silent` by the rule `silent`; None: never)."""
         from app.engine.plan import fuse
 
-        if self.silent(gate_mm, silent_share):
+        if self.silent(gate_mm, silent):
             weight = 1.0
         return fuse(self.network.astype(np.float32), self.prior.astype(np.float32), weight, self.near(gate_mm)) >= 0.5
 
@@ -350,18 +353,17 @@ class FusionInput:
             self.gates[gate_mm] = gate(self.prior.astype(np.float32), gate_mm, self.spacing_zyx)
         return self.gates[gate_mm]
 
-    def silent(self, gate_mm: float | None, silent_share: float | None) -> bool:
+    def silent(self, gate_mm: float | None, rule: SilentRule) -> bool:
         """Whether the engine would draw the prior alone here (`app.engine.plan.network_silent`)."""
         from app.engine.plan import network_silent
 
-        return silent_share is not None and network_silent(self.network.astype(np.float32),
-                                                           self.prior.astype(np.float32), self.near(gate_mm),
-                                                           silent_share)
+        return rule is not None and network_silent(self.network.astype(np.float32), self.prior.astype(np.float32),
+                                                   self.near(gate_mm), *rule)
 
-    def fused_dice(self, weight: float, gate_mm: float | None, silent_share: float | None = None) -> float:
-        key = (round(weight, 3), gate_mm, silent_share)
+    def fused_dice(self, weight: float, gate_mm: float | None, silent: SilentRule = None) -> float:
+        key = (round(weight, 3), gate_mm, silent)
         if key not in self.scores:
-            self.scores[key] = dice(self.fused(weight, gate_mm, silent_share), self.reference)
+            self.scores[key] = dice(self.fused(weight, gate_mm, silent), self.reference)
         return self.scores[key]
 
     def cleaned_dice(self, mask: np.ndarray, pieces: int, with_prior: bool) -> float:
@@ -439,29 +441,33 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
               f"{single[1]} mm) gives {single_score:.3f}.", "",
               "At that choice, the prior drawn alone where the network draws less than a share of the prior's "
-              "likely volume (`app.engine.plan.network_silent`):", "",
-              "| share | mean Dice | case-structures where it falls back |", "|---|---|---|"]
+              "likely volume (`app.engine.plan.network_silent`), counting the network's voxels inside the gate "
+              "or only those inside the prior's likely region:", "",
+              "| share | network voxels counted | mean Dice | case-structures where it falls back |",
+              "|---|---|---|---|"]
     silent = {}
-    for share in SILENT_SHARES:
-        silent[share] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, share) for _, x in items]))
-        falls_back = sum(x.silent(gate, share) for _, x in items)
-        lines.append(f"| {share if share is not None else 'never'} | {silent[share]:.3f} | {falls_back} |")
-    share = max(SILENT_SHARES, key=lambda k: (round(silent[k], 4), -(k or 0)))
-    lines += ["", f"Best share: {share} (mean Dice {silent[share]:.3f}). At the full choice, against the network "
-              "alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the fused mask "
-              "after the product's clean-up, keeping the structure's largest pieces only and also every piece the "
-              "prior places (`app.postprocess.keep_components`):", "",
+    for rule in SILENT_RULES:
+        silent[rule] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, rule) for _, x in items]))
+        falls_back = sum(x.silent(gate, rule) for _, x in items)
+        share_cell, within_cell = rule if rule is not None else ("never", "")
+        lines.append(f"| {share_cell} | {within_cell} | {silent[rule]:.3f} | {falls_back} |")
+    # ties go to the rule that falls back least often
+    rule = max(SILENT_RULES, key=lambda k: (round(silent[k], 4), -sum(x.silent(gate, k) for _, x in items)))
+    lines += ["", f"Best rule: {rule or 'never'} (mean Dice {silent[rule]:.3f}). At the full choice, against the "
+              "network alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the "
+              "fused mask after the product's clean-up, keeping the structure's largest pieces only and also every "
+              "piece the prior places (`app.postprocess.keep_components`):", "",
               "| case: structure | registration metric | weight | network (window) | prior | fused "
               "| cleaned, largest pieces | cleaned, + prior's pieces |",
               "|---|---|---|---|---|---|---|---|"]
     cleaned = {False: [], True: []}
     for key, x in items:
         w = weight(x.metric, poor, good)
-        mask, pieces = x.fused(w, gate, share), PIECES.get(key.rsplit(": ", 1)[1], 1)
+        mask, pieces = x.fused(w, gate, rule), PIECES.get(key.rsplit(": ", 1)[1], 1)
         for with_prior in cleaned:
             cleaned[with_prior].append(x.cleaned_dice(mask, pieces, with_prior))
         lines.append(f"| {key} | {x.metric:.3f} | {w:.2f} | {x.fused_dice(0.0, None):.3f} "
-                     f"| {x.fused_dice(1.0, None):.3f} | {x.fused_dice(w, gate, share):.3f} "
+                     f"| {x.fused_dice(1.0, None):.3f} | {x.fused_dice(w, gate, rule):.3f} "
                      f"| {cleaned[False][-1]:.3f} | {cleaned[True][-1]:.3f} |")
     lines += ["", f"Mean after the clean-up: largest pieces only {np.mean(cleaned[False]):.3f}, with the prior's "
               f"pieces {np.mean(cleaned[True]):.3f}."]

@@ -163,6 +163,21 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     assert not network_silent(silent, prior * 0.5, None)
 
 
+def test_a_network_that_draws_beside_the_prior_is_silent_on_it_when_only_the_prior_region_counts():
+    """Counting only the network's voxels inside the prior's likely region, pieces drawn beside the structure
+    (inside the gate) do not count as an answer; counting the gate, they do."""
+    prior = np.zeros((6, 32, 32), np.float32)
+    prior[1:5, 8:20, 8:20] = 0.9
+    beside = np.zeros_like(prior)
+    beside[1:5, 21:31, 8:20] = 0.9  # as large as the prior's region, next to it
+    near = np.ones(prior.shape, bool)
+    assert network_silent(beside, prior, near, 0.5, within="prior")
+    assert not network_silent(beside, prior, near, 0.5, within="gate")
+    overlapping = np.zeros_like(prior)
+    overlapping[1:5, 10:22, 8:20] = 0.9  # 10 of the 12 rows on the prior's region
+    assert not network_silent(overlapping, prior, near, 0.5, within="prior")
+
+
 def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, small_weights, bladder_set,
                                                                    deformed_query):
     support, _ = bladder_set

@@ -83,6 +83,7 @@ PRIOR_GATE_MM: float | None = 40.0
 # Below this share of the prior's likely volume (prior >= 0.5), the network's drawing inside the gate counts as
 # silent, and the prior is drawn alone (`network_silent`; chosen by --choose-fusion).
 NETWORK_SILENT_SHARE = 0.5
+NETWORK_SILENT_WITHIN = "gate"
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
@@ -489,12 +490,18 @@ def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray
 
 
 def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | None,
-                   share: float = NETWORK_SILENT_SHARE) -> bool:
-    """Whether the network draws (p >= 0.5, inside the gate) less than `share` of the prior's likely volume
-    (p >= 0.5). Never when the prior has no likely region: then there is nothing to draw from it."""
-    likely = int(np.count_nonzero(prior >= 0.5))
+                   share: float = NETWORK_SILENT_SHARE, within: str = NETWORK_SILENT_WITHIN) -> bool:
+    """Whether the network draws (p >= 0.5) less than `share` of the prior's likely volume (p >= 0.5).
+
+    `within` says which of its voxels count: "prior", those inside the prior's likely region (a network
+    that draws its own pieces beside the structure is silent on it); "gate", all inside the gate.
+    Never when the prior has no likely region: then there is nothing to draw from it."""
+    likely_region = prior >= 0.5
+    likely = int(np.count_nonzero(likely_region))
     drawn = network >= 0.5
-    if near is not None:
+    if within == "prior":
+        drawn &= likely_region
+    elif near is not None:
         drawn &= near
     return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
 
