@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.catalogue import default_definition  # noqa: E402
+from app.engine.plan import SilentWithin  # noqa: E402
 from app.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
 from app.phantom import make_phantom  # noqa: E402
 from app.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
@@ -320,7 +321,7 @@ FUSION_WEIGHTS = tuple(round(w, 2) for w in np.arange(0.0, 1.01, 0.1))
 SILENT_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # network-silent fallbacks it tries
 # (share, which network voxels count: `network_silent`'s `within`); None: never fall back
 SILENT_RULES = (None, *((share, within) for within in ("gate", "prior") for share in SILENT_SHARES))
-SilentRule = tuple[float, str] | None
+SilentRule = tuple[float, SilentWithin] | None
 
 
 @dataclass
@@ -445,14 +446,14 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               "or only those inside the prior's likely region:", "",
               "| share | network voxels counted | mean Dice | case-structures where it falls back |",
               "|---|---|---|---|"]
-    silent = {}
+    silent, falls_back = {}, {}
     for rule in SILENT_RULES:
         silent[rule] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, rule) for _, x in items]))
-        falls_back = sum(x.silent(gate, rule) for _, x in items)
+        falls_back[rule] = sum(x.silent(gate, rule) for _, x in items)
         share_cell, within_cell = rule if rule is not None else ("never", "")
-        lines.append(f"| {share_cell} | {within_cell} | {silent[rule]:.3f} | {falls_back} |")
+        lines.append(f"| {share_cell} | {within_cell} | {silent[rule]:.3f} | {falls_back[rule]} |")
     # ties go to the rule that falls back least often
-    rule = max(SILENT_RULES, key=lambda k: (round(silent[k], 4), -sum(x.silent(gate, k) for _, x in items)))
+    rule = max(SILENT_RULES, key=lambda k: (round(silent[k], 4), -falls_back[k]))
     lines += ["", f"Best rule: {rule or 'never'} (mean Dice {silent[rule]:.3f}). At the full choice, against the "
               "network alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the "
               "fused mask after the product's clean-up, keeping the structure's largest pieces only and also every "

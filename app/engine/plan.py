@@ -53,7 +53,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -83,7 +83,10 @@ PRIOR_GATE_MM: float | None = 40.0
 # Below this share of the prior's likely volume (prior >= 0.5), the network's drawing inside the gate counts as
 # silent, and the prior is drawn alone (`network_silent`; chosen by --choose-fusion).
 NETWORK_SILENT_SHARE = 0.5
-NETWORK_SILENT_WITHIN = "gate"
+# Which of the network's voxels count for it (`network_silent`): all inside the gate, or only those inside the
+# prior's likely region.
+SilentWithin = Literal["gate", "prior"]
+NETWORK_SILENT_WITHIN: SilentWithin = "gate"
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
@@ -490,7 +493,7 @@ def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray
 
 
 def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | None,
-                   share: float = NETWORK_SILENT_SHARE, within: str = NETWORK_SILENT_WITHIN) -> bool:
+                   share: float = NETWORK_SILENT_SHARE, within: SilentWithin = NETWORK_SILENT_WITHIN) -> bool:
     """Whether the network draws (p >= 0.5) less than `share` of the prior's likely volume (p >= 0.5).
 
     `within` says which of its voxels count: "prior", those inside the prior's likely region (a network
