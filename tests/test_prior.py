@@ -163,6 +163,28 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     assert not network_silent(silent, prior * 0.5, None)
 
 
+def test_a_silent_network_draws_nothing_beyond_the_sources_field_of_view():
+    """The source scans cover slices 2-5 and the structure runs off their lower end: below, the network searches
+    alone. A network that answered where the prior could check it keeps its drawing there; one that was silent
+    there (a colon drawn in place of a duodenum) is not trusted below either."""
+    prior = np.zeros((6, 32, 32), np.float32)
+    prior[2:5, 8:20, 8:20] = 0.9
+    below = (slice(0, 2), slice(8, 20), slice(8, 20))
+    for answers, drawn_below in ((True, True), (False, False)):
+        network = np.zeros_like(prior)
+        network[below] = 0.9
+        if answers:
+            network[2:5, 8:20, 8:20] = 0.9
+        prediction, view = _prediction_with_prior(network, prior, metric=-0.15)
+        covered = np.arange(6) >= 2
+        prediction.prior = StructurePrior(prior, covered, True, False, ["case0"], {"case0": {"metric": -0.15}})
+        _fuse(prediction, view, InferenceOptions())
+        assert (prediction.prior_weight == 1.0) is not answers
+        drawn = prediction.probability[below] >= 0.5
+        assert drawn.all() if drawn_below else not drawn.any()
+        assert (prediction.probability[2:5, 8:20, 8:20] >= 0.5).all()
+
+
 def test_a_network_that_draws_beside_the_prior_is_silent_on_it_when_only_the_prior_region_counts():
     """Counting only the network's voxels inside the prior's likely region, pieces drawn beside the structure
     (inside the gate) do not count as an answer; counting the gate, they do."""

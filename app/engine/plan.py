@@ -33,7 +33,8 @@ trusted more than the network, one that aligned poorly less. Where the
 network draws almost nothing where the prior places the structure (less than
 `NETWORK_SILENT_SHARE` of the prior's likely volume), a poorly aligned prior
 alone could not reach the threshold and the result would be empty: the prior
-is drawn alone (weight 1) and the summary says so. The weights, the gate and
+is drawn alone (weight 1), nothing is drawn beyond the sources' field of view
+(the network failed where it could be checked), and the summary says so. The weights, the gate and
 that share were chosen on bench/cross_patient.py.
 
 With `crops` and a support set of format 2 that stores them, the fine pass
@@ -517,12 +518,17 @@ def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: Inf
     near = gate(prior, options.prior_gate_mm, spacing)
     uninformed = prediction.prior.uninformed()[:, None, None]
     informed = prediction.computed[:, None, None] & ~uninformed
-    if options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed, near):
+    silent = options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed,
+                                                             near)
+    if silent:
         prediction.prior_weight = 1.0
         prediction.warnings.append("the network drew almost nothing where the registered source case(s) place the "
-                                   "structure: drawn from the registration prior alone; review every slice")
+                                   "structure: drawn from the registration prior alone, and nothing beyond the "
+                                   "source scans' field of view; review every slice")
     fused = fuse(prediction.probability, prior, prediction.prior_weight, near)
-    fused = np.where(uninformed, prediction.probability, fused)
+    # beyond the sources' field of view only the network knows; one that failed where it could be checked is
+    # not trusted there either
+    fused = np.where(uninformed, 0.0 if silent else prediction.probability, fused)
     prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
 
