@@ -34,8 +34,8 @@ network draws almost nothing where the prior places the structure (less than
 `NETWORK_SILENT_SHARE` of the prior's likely volume), a poorly aligned prior
 alone could not reach the threshold and the result would be empty: the prior
 is drawn alone (weight 1), nothing is drawn beyond the sources' field of view
-(the network failed where it could be checked), and the summary says so. The weights, the gate and
-that share were chosen on bench/cross_patient.py.
+(the network failed where it could be checked), and the summary says so. The
+weights, the gate and that share were chosen on bench/cross_patient.py.
 
 With `crops` and a support set of format 2 that stores them, the fine pass
 looks closer: each slice is a square of the set's side (mm) centred on the
