@@ -122,13 +122,14 @@ def test_the_fusion_weight_follows_the_registration_quality():
     assert min(weights) >= 0 and max(weights) <= 1
 
 
-def _prediction_with_prior(network: np.ndarray, prior: np.ndarray, metric: float) -> tuple[StructurePrediction,
-                                                                                           ModelInput]:
+def _prediction_with_prior(network: np.ndarray, prior: np.ndarray, metric: float, covered: np.ndarray | None = None,
+                           open_below: bool = False) -> tuple[StructurePrediction, ModelInput]:
     z = network.shape[0]
     grid = sitk.Image(network.shape[2], network.shape[1], z, sitk.sitkUInt8)
     grid.SetSpacing((2.0, 2.0, 3.0))
     view = ModelInput(np.zeros_like(network), grid, np.ones(z, bool), PreprocessSpec())
-    structure_prior = StructurePrior(prior, np.ones(z, bool), False, False, ["case0"], {"case0": {"metric": metric}})
+    covered = np.ones(z, bool) if covered is None else covered
+    structure_prior = StructurePrior(prior, covered, open_below, False, ["case0"], {"case0": {"metric": metric}})
     prediction = StructurePrediction(network.copy(), np.ones(z, np.float32), np.ones(z, bool), None, 4, 1,
                                      prior=structure_prior, prior_weight=prior_weight_for(metric))
     return prediction, view
@@ -170,18 +171,17 @@ def test_a_silent_network_draws_nothing_beyond_the_sources_field_of_view():
     prior = np.zeros((6, 32, 32), np.float32)
     prior[2:5, 8:20, 8:20] = 0.9
     below = (slice(0, 2), slice(8, 20), slice(8, 20))
-    for answers, drawn_below in ((True, True), (False, False)):
+    for answers in (True, False):
         network = np.zeros_like(prior)
         network[below] = 0.9
         if answers:
             network[2:5, 8:20, 8:20] = 0.9
-        prediction, view = _prediction_with_prior(network, prior, metric=-0.15)
-        covered = np.arange(6) >= 2
-        prediction.prior = StructurePrior(prior, covered, True, False, ["case0"], {"case0": {"metric": -0.15}})
+        prediction, view = _prediction_with_prior(network, prior, metric=-0.15, covered=np.arange(6) >= 2,
+                                                  open_below=True)
         _fuse(prediction, view, InferenceOptions())
         assert (prediction.prior_weight == 1.0) is not answers
         drawn = prediction.probability[below] >= 0.5
-        assert drawn.all() if drawn_below else not drawn.any()
+        assert drawn.all() if answers else not drawn.any()
         assert (prediction.probability[2:5, 8:20, 8:20] >= 0.5).all()
 
 
