@@ -47,7 +47,7 @@ from app.preprocess import (
 )
 from app.rules import OverlapRules, load_rules
 from app.support.localize import bone_profile
-from app.support.prior import registration_priors
+from app.support.prior import RegistrationCache, registration_priors
 from app.support.store import MANIFEST, SupportSet, discover
 
 MIN_BF16_AGREEMENT = 0.99
@@ -107,6 +107,9 @@ class Segmenter:
         self.catalogue = Catalogue.from_definitions({n: s.definition for n, s in self.supports.items()})
         self.rules: OverlapRules = load_rules(rules or self.settings.rules)
         self.precision_note = ""
+        # the latest scan's registrations to the sets' source cases: segmenting it again (other structures,
+        # other options) does not register again
+        self._registrations: RegistrationCache = {}
         if load_engine:
             model, self.card = load_model(path)
             chosen = precision or default_precision
@@ -235,8 +238,10 @@ class Segmenter:
         inputs = self._model_inputs(canonical, supports)
         lap("preprocess")
 
-        priors, prior_notes = (registration_priors(canonical, supports, inputs, scan_id) if options.registration
-                               else ({}, []))
+        if any(scan != scan_id for scan, _, _ in self._registrations):
+            self._registrations.clear()  # only the latest scan's are kept
+        priors, prior_notes = (registration_priors(canonical, supports, inputs, scan_id, self._registrations)
+                               if options.registration else ({}, []))
         lap("registration")
 
         def report(phase: str, done: dict[str, int], total: dict[str, int]) -> None:

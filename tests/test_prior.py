@@ -102,6 +102,8 @@ def test_the_prior_segments_a_new_patient_and_never_uses_its_own_case(small_weig
     described = fused.summary["structures"]["urinary_bladder"]["registration_prior"]
     metric = np.mean([described["registrations"][c]["metric"] for c in described["source_cases"]])
     assert described["fusion_weight"] == prior_weight_for(float(metric))
+    # the scan was registered once: the second call reused the first's registrations (same diagnostics, timing too)
+    assert described["registrations"] == entry["registration_prior"]["registrations"]
     off = segmenter.segment(query, None, "urinary_bladder", support_size=4, registration=False)
     assert off.summary["structures"]["urinary_bladder"]["registration_prior"] is None
     assert window[1] - window[0] < np.subtract(*off.summary["structures"]["urinary_bladder"]["searched_z_mm"][::-1])

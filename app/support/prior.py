@@ -82,14 +82,20 @@ class StructurePrior:
                                                                  ("superior", self.open_above)) if flag]}
 
 
+RegistrationCache = dict[tuple[str, str, float], Registration]  # (scan, source case, spacing) -> registration
+
+
 def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet], inputs: dict[str, ModelInput],
-                        scan_fingerprint: str) -> tuple[dict[str, StructurePrior], list[str]]:
+                        scan_fingerprint: str, registrations: RegistrationCache | None = None,
+                        ) -> tuple[dict[str, StructurePrior], list[str]]:
     """Priors for the structures whose sets carry atlas copies of other cases, and notes on the rest.
 
     Only `reliable` registrations contribute (enough common length; see `Registration.reliable`).
+    `registrations` keeps them across calls (a scan segmented again, or in several calls, is registered
+    once per source case); by default they last this call.
     """
     query_atlas: dict[float, sitk.Image] = {}
-    registrations: dict[tuple[str, float], Registration] = {}
+    registrations = {} if registrations is None else registrations
     priors: dict[str, StructurePrior] = {}
     notes: list[str] = []
     for name, support in supports.items():
@@ -101,10 +107,10 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
                 continue
             atlas = atlases[case.case]
             spacing = case.atlas.spacing_mm
-            if spacing not in query_atlas:
-                query_atlas[spacing] = make_atlas_ct(canonical.image, spacing)
-            key = (case.fingerprint, spacing)
+            key = (scan_fingerprint, case.fingerprint, spacing)
             if key not in registrations:
+                if spacing not in query_atlas:
+                    query_atlas[spacing] = make_atlas_ct(canonical.image, spacing)
                 registrations[key] = register(atlas.ct, query_atlas[spacing])
             registration = registrations[key]
             diagnostics[case.case] = registration.diagnostics
