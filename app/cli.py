@@ -65,6 +65,10 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crops", action="store_true",
                         help="fine pass on the support sets' structure-centred crops (off by default: the shipped "
                              "checkpoint, trained on whole-body views, segments worse on them)")
+    parser.add_argument("--planes", choices=["axial", "three"], default="axial",
+                        help="axial: the fine pass on axial slices (default); three: also on coronal and sagittal "
+                             "cuts, with examples cut from the support sets' source cases, averaged (about twice "
+                             "the network's work; see bench/RESULTS.md)")
     parser.add_argument("--prior-weight", type=float, default=None,
                         help="weight of the registration prior fused with the network, 0-1 (default: follows the "
                              "registration's quality, and the prior alone where the network draws almost nothing, "
@@ -92,7 +96,8 @@ def _segment_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of Segmenter.segment that the inference options set."""
     return {"support_size": args.support_size, "ensemble": args.ensemble, "threshold": args.threshold,
             "axial_search": args.axial_search, "support_selection": args.support_selection,
-            "registration": not args.no_registration, "prior_weight": args.prior_weight, "crops": args.crops}
+            "registration": not args.no_registration, "prior_weight": args.prior_weight, "crops": args.crops,
+            "planes": args.planes}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,7 +197,7 @@ class Segmenter:
                 structures: str | list[str] | None = None, support_size: int | None = None,
                 ensemble: int | None = None, threshold: float | None = None, axial_search: str = "coarse",
                 support_selection: str = "level", registration: bool = True, prior_weight: float | None = None,
-                prior_gate_mm: float | None = PRIOR_GATE_MM, crops: bool = False,
+                prior_gate_mm: float | None = PRIOR_GATE_MM, crops: bool = False, planes: str = "axial",
                 save_probabilities: bool = False, preview: bool = True,
                 progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
                 keep_ct: bool = False, roi_names: str = "display", series_uid: str | None = None,
@@ -207,7 +207,8 @@ class Segmenter:
         switches the registration prior off; `prior_weight` and `prior_gate_mm` set its fusion
         (app.engine.plan; None for the weight: it follows the registration's quality; None for the gate: the
         network's answer is kept everywhere); `crops` runs the
-        fine pass on the sets' structure-centred crops."""
+        fine pass on the sets' structure-centred crops; `planes="three"` adds coronal and sagittal cuts
+        (app.engine.planes)."""
         engine = self._require_engine()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -225,7 +226,7 @@ class Segmenter:
             ensemble=ensemble or self.default_ensemble, axial_search=axial_search,
             support_selection=support_selection, registration=registration,
             prior_weight=prior_weight, prior_gate_mm=prior_gate_mm,
-            crops=crops)
+            crops=crops, planes=planes)
 
         if isinstance(ct, sitk.Image):
             image, series = validate_ct(ct), None
@@ -424,6 +425,7 @@ def _structure_summary(name: str, m: StructureMask, prediction: StructurePredict
         "registration_prior": (prediction.prior.describe() | {"fusion_weight": prediction.prior_weight}
                                if prediction.prior else None),
         "crop": prediction.crop,
+        "planes": prediction.planes,
         "query_support_pairs": prediction.pairs,
         "warnings": prediction.warnings,
     }

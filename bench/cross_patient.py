@@ -88,7 +88,7 @@ PHANTOM = {n: (n,) for n in ("urinary_bladder", "colon", "sacrum", "hip_left", "
                              "iliopsoas_right")}
 QUICK = ("colon", "iliopsoas_left", "vertebrae_l1")
 VIRTUAL_SEEDS = {"full": 9101, "pelvis": 9102, "abdomen": 9103}  # held out: training draws seeds < 9000
-COLUMNS = ("network", "registration", "hybrid")
+COLUMNS = ("network", "registration", "hybrid", "hybrid+planes")  # hybrid+planes: the hybrid with planes="three"
 BASELINE = " (baseline)"  # the same column with --baseline-weights
 # pieces the clean-up keeps, as a clinic would declare them (`support build --components`): bowel loops leave and
 # re-enter the field of view and the slab, so a colon is several pieces; everything else one
@@ -650,25 +650,28 @@ def main(argv: list[str] | None = None) -> None:
             kind = case.name.split(":")[0]
             runs_network = kind in args.network_cases.split(",") and "network" in columns
             runs_hybrid = kind in args.hybrid_cases.split(",") and "hybrid" in columns
+            runs_planes = kind in args.hybrid_cases.split(",") and "hybrid+planes" in columns
             runs_fusion = kind in args.network_cases.split(",") and args.choose_fusion
             only = args.network_structures.split(",") if args.network_structures else None
             case_work = work / f"case{number}"
-            if not (runs_network or runs_hybrid or runs_fusion):
+            if not (runs_network or runs_hybrid or runs_planes or runs_fusion):
                 continue
             build_sets(case, args.support_size, case_work, only)
             segmenter = segmenter_for(case_work / "sets", args.weights)
             baseline = segmenter_for(case_work / "sets", args.baseline_weights) if args.baseline_weights else None
             for column, chosen in (("network", baseline), ("network", segmenter), ("hybrid", baseline),
-                                   ("hybrid", segmenter)):
+                                   ("hybrid", segmenter), ("hybrid+planes", segmenter)):
                 name = column + (BASELINE if chosen is baseline else "")
-                if chosen is None or not (runs_network if column == "network" else runs_hybrid):
+                if chosen is None or not {"network": runs_network, "hybrid": runs_hybrid,
+                                          "hybrid+planes": runs_planes}[column]:
                     continue
                 if chosen is baseline and column not in args.baseline_columns.split(","):
                     continue
                 if column == "network":
                     network_column(case, chosen, args.support_size, case_work, only, column=name)
                 else:
-                    hybrid_column(case, chosen, args.support_size, case_work, only, fusion, column=name)
+                    planes = {"planes": "three"} if column == "hybrid+planes" else {}
+                    hybrid_column(case, chosen, args.support_size, case_work, only, fusion | planes, column=name)
                 print(f"   {name} {case.seconds[name]} s", flush=True)
             if runs_fusion and case.query.labels is not None:
                 fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))

@@ -21,6 +21,9 @@ For every requested structure:
    whose slices at that level look most like the query slice (normalised
    cross-correlation of the 32x32 model images): anatomy that matches, not
    only the same relative level.
+3. Other planes (`planes="three"`, app.engine.planes). Coronal and sagittal
+   cuts across the structure's likely region are segmented from examples
+   cut from the set's atlas copies, and the three probabilities averaged.
 
 With a registration prior (`app.support.prior`: the set's source cases
 registered to the scan), the prior replaces steps 0 and 1: its slices (plus
@@ -60,6 +63,15 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import ndimage
 
+from app.engine.planes import (
+    OTHER_PLANES,
+    PlaneQuery,
+    atlas_examples,
+    plane_mean,
+    plane_queries,
+    slice_z_mm,
+    uncut,
+)
 from app.engine.runner import Engine
 from app.errors import OptionError
 from app.evaluation.metrics import dice
@@ -119,6 +131,9 @@ class InferenceOptions(BaseModel):
     crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
                                            "default: the shipped checkpoint segments worse on them "
                                            "(bench/RESULTS.md)")
+    planes: str = Field("axial", pattern="^(axial|three)$",
+                        description="axial: the fine pass on axial slices; three: also on coronal and sagittal "
+                                    "cuts from the sets' atlas copies, averaged (app.engine.planes)")
     seed: int = 0
 
 
@@ -142,6 +157,7 @@ class StructurePrediction:
     prior_weight: float | None = None  # the prior's weight in the fusion
     view: ModelInput | None = None  # the grid `probability` lies on: the crop, or None for the whole-body view
     crop: dict | None = None  # the crop's side and centre and what placed it (for the summary)
+    planes: dict[str, int] = field(default_factory=dict)  # plane -> cuts segmented (axial: slices)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -372,12 +388,44 @@ class _StructurePlan:
             return []
         return requests
 
-    def finish(self, pairs: int) -> StructurePrediction:
-        """Members averaged per slice, their agreement, and the fusion with the prior."""
+    def average_members(self) -> None:
+        """The fine pass's members averaged per slice, and their agreement."""
         prediction = self.prediction
         for z, members in self.fine.items():
             prediction.probability[z] = np.mean(members, axis=0)
             prediction.agreement[z] = _agreement([m > 0.5 for m in members])
+        prediction.planes = {"axial": int(prediction.computed.sum())}
+
+    def other_plane_queries(self) -> list[PlaneQuery]:
+        """Step 3 (`planes="three"`): coronal and sagittal cuts across the likely region (the fine pass's
+        mask and the prior's), with examples cut from the set's atlas copies."""
+        prediction, support = self.prediction, self.support
+        if self.options.planes != "three" or not prediction.computed.any() or prediction.prior_weight == 1.0:
+            return []
+        if prediction.view is not None:
+            prediction.warnings.append("three planes run on the whole-body view only: the fine pass on the crop "
+                                       "was axial alone")
+            return []
+        region = (prediction.probability >= 0.5) & prediction.computed[:, None, None]
+        if prediction.prior is not None:
+            region |= prediction.prior.probability >= 0.5
+        atlases = [atlas for case, atlas in support.atlas_cases().items() if case not in self.own]
+        if not region.any() or not atlases:
+            if not atlases:
+                prediction.warnings.append("no atlas copies to cut coronal and sagittal examples from (a format-1 "
+                                           "set, or only this scan's own): axial alone")
+            return []
+        spec = support.manifest.preprocessing
+        examples = {plane: [e for atlas in atlases if (e := atlas_examples(atlas, spec, plane)) is not None]
+                    for plane in OTHER_PLANES}
+        return plane_queries(self.input, region, examples, prediction.support_size)
+
+    def finish(self, pairs: int, planes: list[tuple[str, np.ndarray, np.ndarray]]) -> StructurePrediction:
+        """The other planes' cuts averaged in, and the fusion with the prior."""
+        prediction = self.prediction
+        if planes:
+            prediction.probability = plane_mean(prediction.probability, prediction.computed,
+                                                [(volume, reached) for _, volume, reached in planes])
         if prediction.prior is not None:
             _fuse(prediction, self.view, self.options)
         prediction.queries = int(prediction.computed.sum())
@@ -420,7 +468,32 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     pairs = Counter[str]()
     for request in coarse_requests + fine_requests:
         pairs[request.structure] += request.index.size
-    return {name: plan.finish(pairs[name]) for name, plan in plans.items()}
+    for plan in plans.values():
+        plan.average_members()
+    planes = _other_planes(engine, plans, pairs, progress)
+    return {name: plan.finish(pairs[name], planes.get(name, [])) for name, plan in plans.items()}
+
+
+def _other_planes(engine: Engine, plans: dict[str, _StructurePlan], pairs: Counter[str],
+                  progress: ProgressCallback | None) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Step 3 for every structure: (plane, probability on the view, slices reached) per plane segmented."""
+    queries = {name: plan.other_plane_queries() for name, plan in plans.items()}
+    total = {name: sum(len(q.positions) for q in qs) for name, qs in queries.items() if qs}
+    done = dict.fromkeys(total, 0)
+    out: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for name, structure_queries in queries.items():
+        view = plans[name].input
+        for query in structure_queries:
+            probability = engine.predict(query.images, query.pool, query.index)
+            volume, reached = uncut(probability, query.rows_mm, query.plane, query.positions, slice_z_mm(view),
+                                    view.images.shape)
+            out.setdefault(name, []).append((query.plane, volume, reached))
+            plans[name].prediction.planes[query.plane] = len(query.positions)
+            pairs[name] += query.index.size
+            done[name] += len(query.positions)
+            if progress:
+                progress("planes", dict(done), total)
+    return out
 
 
 def _place_crop(prediction: StructurePrediction, support: SupportSet, model_input: ModelInput,
