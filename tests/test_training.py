@@ -40,6 +40,30 @@ def test_episodes_never_reuse_the_query_and_respect_held_out_structures(data_fil
     assert all(held.episode(3)[4].names == ("sacrum",) for _ in range(5))
 
 
+def test_empty_queries_lie_within_their_reach_of_the_structure(data_file):
+    data = load_training_data(data_file)
+
+    def negatives(reach):
+        sampler = TaskSampler(data, {"sacrum"}, seed=5, negative_share=1.0, negative_reach=reach)
+        gaps = []
+        for _ in range(60):
+            task = sampler.sample_task()
+            if task.kind != "label" or task.plane != 0:
+                continue
+            volume = int(sampler.rng.choice(list(sampler.by_task[(task.names[0], 0)])))
+            q = sampler._negative_query(task, volume)
+            if q is None:
+                continue
+            assert not sampler.task_label(task, np.array([q])).any()
+            shown = data.position[sampler.rows_in(task, volume)]
+            gaps.append(max(shown.min() - data.position[q], data.position[q] - shown.max()))
+        return np.array(gaps)
+
+    near, anywhere = negatives(6), negatives(None)
+    assert near.size and anywhere.size and near.min() >= 1 and near.max() <= 6
+    assert anywhere.max() > 6
+
+
 def test_loss_falls_checkpoint_resume_and_segment(tmp_path, data_file, phantom_support_dir, phantom_cases):
     out = tmp_path / "run"
     trainer = Trainer(load_training_data(data_file), out, tiny(60))

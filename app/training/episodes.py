@@ -19,7 +19,9 @@ volume and the query from another, whenever the task exists in more than one
 the network cannot rely on the query's own patient; it has to read the rule
 from someone else's examples, as a clinic's support set is used. About one
 whole-view query in ten is a slice just outside the structure, with an empty
-label, so that "nothing here" is an answer. Augmentation: per task a flip and
+label, so that "nothing here" is an answer (`negative_share`; `negative_reach` bounds how far beyond the
+structure's extent it lies, None: anywhere in the volume, where a cross-patient query meets other anatomy
+that looks like the examples). Augmentation: per task a flip and
 an intensity curve, per slice a small affine and elastic warp and noise.
 """
 
@@ -38,6 +40,7 @@ from app.training.hu_tasks import PREFIX, TASK_BITS
 MIN_PIXELS = 12
 HU_TASK_SHARE = 0.15  # of episodes: tasks every CT has
 CROP_SHARE = 0.25  # of episodes: structure-centred crops
+NEGATIVE_REACH = 6  # empty queries lie at most this many slice positions beyond the structure
 
 
 @dataclass
@@ -69,8 +72,11 @@ class TaskSampler:
     """
 
     def __init__(self, data: TrainingData, heldout: set[str], seed: int = 0, heldout_structures: bool = False,
-                 query_slices: str = "train", query_volumes: set[int] | None = None):
+                 query_slices: str = "train", query_volumes: set[int] | None = None,
+                 negative_share: float = 0.1, negative_reach: int | None = NEGATIVE_REACH):
         self.data = data
+        self.negative_share = negative_share
+        self.negative_reach = negative_reach
         self.rng = np.random.default_rng(seed)
         self.heldout_structures = heldout_structures
         self.query_slices = query_slices
@@ -207,7 +213,7 @@ class TaskSampler:
                 continue
             q = int(self.rng.choice(queries))
             if (not self.validation and task.kind != "synthetic" and task.plane != CROP_PLANE
-                    and self.rng.random() < 0.1):
+                    and self.rng.random() < self.negative_share):
                 negative = self._negative_query(task, task.query_volume)
                 q = negative if negative is not None else q
             task.support_volume, supports = self._support_volume(task, task.query_volume, support_size)
@@ -226,15 +232,17 @@ class TaskSampler:
         raise RuntimeError("could not sample an episode")
 
     def _negative_query(self, task: Task, volume: int) -> int | None:
-        """A training slice of the volume just beyond the task's extent (its label is empty)."""
+        """A training slice of the volume beyond the task's extent, within `negative_reach` positions of it
+        (anywhere if None); its label is empty."""
         rows = np.nonzero((self.data.volume == volume) & (self.data.plane == task.plane) & ~self.data.heldout)[0]
         present = np.isin(rows, self.rows_in(task, volume))
         if not present.any():
             return None
         positions = self.data.position[rows]
         lo, hi = positions[present].min(), positions[present].max()
-        near = rows[~present & (((positions < lo) & (positions >= lo - 6))
-                                | ((positions > hi) & (positions <= hi + 6)))]
+        reach = np.inf if self.negative_reach is None else self.negative_reach
+        near = rows[~present & (((positions < lo) & (positions >= lo - reach))
+                                | ((positions > hi) & (positions <= hi + reach)))]
         if near.size == 0:
             return None
         candidate = int(self.rng.choice(near))

@@ -35,7 +35,7 @@ from app.evaluation.metrics import dice
 from app.model import UniverSeg
 from app.model.weights import ModelCard, load_model, save_checkpoint
 from app.training.dataset import TrainingData, load_training_data
-from app.training.episodes import TaskSampler, augment
+from app.training.episodes import NEGATIVE_REACH, TaskSampler, augment
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.csv"
@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1)
     patience: int | None = Field(None, description="stop after this many validations without improvement")
     max_seconds: float | None = Field(None, gt=0, description="stop after this much training time (a time budget)")
+    negative_share: float = Field(0.1, ge=0, le=1, description="whole-view queries that are empty slices")
+    negative_reach: int | None = Field(NEGATIVE_REACH, ge=1, description="how many slice positions beyond the "
+                                       "structure an empty query lies at most; None: anywhere in the volume")
     seed: int = 0
     device: str = "auto"
 
@@ -120,7 +123,8 @@ class Trainer:
         if query_volumes is None:
             query_volumes = {i for i, v in enumerate(data.volumes) if v.get("role") == "validation"} or None
         train_data = data if query_volumes is None else data.subset(~np.isin(data.volume, list(query_volumes)))
-        self.sampler = TaskSampler(train_data, heldout, seed=config.seed)
+        self.sampler = TaskSampler(train_data, heldout, seed=config.seed, negative_share=config.negative_share,
+                                   negative_reach=config.negative_reach)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.validation = self._validation_sets(heldout, query_volumes)
         self.step = 0
