@@ -218,9 +218,9 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, patience: int
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--negative-share", type=float, default=0.1,
                         help="share of whole-view queries that are empty slices beyond the structure (default 0.1)")
-    parser.add_argument("--negative-reach", type=int, default=None,
-                        help="empty queries at most this many slices beyond the structure (default: the training "
-                             "config's, 6); 0: anywhere in the volume")
+    parser.add_argument("--negative-reach", type=int, default=6,
+                        help="empty queries at most this many slices beyond the structure (default 6); 0: anywhere "
+                             "in the volume")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     parser.add_argument("--quiet", action="store_true")
@@ -234,9 +234,7 @@ def _train_config(args: argparse.Namespace):
                        heldout_structures=[s for s in args.heldout.split(",") if s],
                        validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
                        patience=args.patience, max_seconds=args.max_seconds, seed=args.seed, device=args.device,
-                       negative_share=args.negative_share,
-                       negative_reach=(TrainConfig.model_fields["negative_reach"].default if args.negative_reach is None
-                                       else args.negative_reach or None))
+                       negative_share=args.negative_share, negative_reach=args.negative_reach or None)
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:

@@ -40,6 +40,7 @@ from app.training.hu_tasks import PREFIX, TASK_BITS
 MIN_PIXELS = 12
 HU_TASK_SHARE = 0.15  # of episodes: tasks every CT has
 CROP_SHARE = 0.25  # of episodes: structure-centred crops
+NEGATIVE_SHARE = 0.1  # of whole-view queries: empty slices beyond the structure
 NEGATIVE_REACH = 6  # empty queries lie at most this many slice positions beyond the structure
 
 
@@ -73,7 +74,7 @@ class TaskSampler:
 
     def __init__(self, data: TrainingData, heldout: set[str], seed: int = 0, heldout_structures: bool = False,
                  query_slices: str = "train", query_volumes: set[int] | None = None,
-                 negative_share: float = 0.1, negative_reach: int | None = NEGATIVE_REACH):
+                 negative_share: float = NEGATIVE_SHARE, negative_reach: int | None = NEGATIVE_REACH):
         self.data = data
         self.negative_share = negative_share
         self.negative_reach = negative_reach

@@ -35,7 +35,7 @@ from app.evaluation.metrics import dice
 from app.model import UniverSeg
 from app.model.weights import ModelCard, load_model, save_checkpoint
 from app.training.dataset import TrainingData, load_training_data
-from app.training.episodes import NEGATIVE_REACH, TaskSampler, augment
+from app.training.episodes import NEGATIVE_REACH, NEGATIVE_SHARE, TaskSampler, augment
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.csv"
@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1)
     patience: int | None = Field(None, description="stop after this many validations without improvement")
     max_seconds: float | None = Field(None, gt=0, description="stop after this much training time (a time budget)")
-    negative_share: float = Field(0.1, ge=0, le=1, description="whole-view queries that are empty slices")
+    negative_share: float = Field(NEGATIVE_SHARE, ge=0, le=1, description="whole-view queries that are empty slices")
     negative_reach: int | None = Field(NEGATIVE_REACH, ge=1, description="how many slice positions beyond the "
                                        "structure an empty query lies at most; None: anywhere in the volume")
     seed: int = 0
