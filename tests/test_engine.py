@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +178,15 @@ def test_the_gpu_benchmark_needs_no_simpleitk():
             "from app.engine import Engine; import app.engine.runner")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_cpu_engine_reuses_freed_memory_instead_of_mapping_it_again():
+    Engine(_random_model([8] * 4), "cpu")  # a CPU engine sets the allocator up
+    size = 64 << 20  # one feature-map batch: far above glibc's default mmap threshold
+    pages = size // resource.getpagesize()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.ones(size // 4)  # allocated, every page written, freed
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 3 * pages  # mapped afresh each time, it would fault in every page ten times
