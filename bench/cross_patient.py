@@ -186,6 +186,53 @@ def build_cases(kinds: list[str], structures: dict, work: Path, quick: bool) -> 
     return cases
 
 
+def _z_mm(image: sitk.Image, index: int) -> float:
+    return image.TransformIndexToPhysicalPoint((0, 0, int(index)))[2]
+
+
+def fov_ceiling(case: Case) -> dict[str, float] | None:
+    """Per structure, the Dice of a draft that is the reference exactly, but only on the query's levels
+    the source scan shows (mapped by the vertebral endplates both scans show), and nothing beyond them.
+
+    Support slices and the atlas show a structure only where the source scan does, so this is what a
+    perfect copy of the examples could reach; the network may exceed it by drawing beyond what it was
+    shown. None when the scans share fewer than two endplates (virtual and phantom cases: whole).
+    """
+    src, qry = case.source, case.query
+    if src.labels is None or qry.labels is None:
+        return None
+
+    def endplates(scan: Scan) -> dict[tuple[str, int], float]:
+        """Each vertebra's lower and upper end (mm), where the scan does not cut it."""
+        array, out = sitk.GetArrayViewFromImage(scan.labels), {}
+        for name, value in scan.names.items():
+            if name.startswith("vertebrae_"):
+                zs = np.flatnonzero((array == value).any(axis=(1, 2)))
+                for end, index in ((0, zs[0]), (1, zs[-1])) if len(zs) else ():
+                    if 0 < index < array.shape[0] - 1:
+                        out[(name, end)] = _z_mm(scan.labels, index)
+        return out
+
+    a, b = endplates(src), endplates(qry)
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 2:
+        return None
+    slope, offset = np.polyfit([a[n] for n in shared], [b[n] for n in shared], 1)
+    half = src.labels.GetSpacing()[2] / 2  # a slice reaches half its thickness beyond its centre
+    first, last = sorted(_z_mm(src.labels, i) for i in (0, src.labels.GetSize()[2] - 1))
+    ends = sorted(slope * z + offset for z in (first - half, last + half))
+    z = np.array([_z_mm(qry.labels, i) for i in range(qry.labels.GetSize()[2])])
+    inside = (z >= ends[0]) & (z <= ends[1])
+    ceiling = {}
+    for structure, parts in case.structures.items():
+        ref = qry.mask(structure, parts)
+        total = ref.sum()
+        if total:
+            share = ref[inside].sum() / total
+            ceiling[structure] = float(2 * share / (1 + share))
+    return ceiling
+
+
 def _read_dicom(folder: Path) -> sitk.Image:
     from app.config import Settings
     from app.pipeline import read_input
@@ -557,6 +604,13 @@ def report(cases: list[Case], args) -> str:
                 cells.append("n/a" if m is None else
                              f"**{_fmt(m['dice'])}** / {_fmt(m['nsd'])} / {_fmt(m['hd95'], 1)} (n={m['n']})")
             lines.append(f"| **mean, {group}** | | " + " | ".join(cells) + " |")
+        ceiling = fov_ceiling(case)
+        if ceiling:
+            by_group = {g: [ceiling[s] for s in m if s in ceiling] for g, m in groups.items()}
+            lines += ["", "Field-of-view ceiling (Dice of the reference kept only on the levels the source scan shows, "
+                      "mapped by the vertebral endplates both show): "
+                      + ", ".join(f"{s} {v:.2f}" for s, v in ceiling.items()) + "; "
+                      + ", ".join(f"**mean, {g} {np.mean(v):.3f}**" for g, v in by_group.items() if v) + "."]
         drawn_absent = {c: sum(1 for r in case.results.get(c, {}).values() if not r["present"] and r["drawn_voxels"])
                         for c in columns if c in case.results}
         timing = ", ".join(f"{k} {v} s" for k, v in case.seconds.items())
