@@ -24,11 +24,13 @@ or a prepared --data file, and prints `speedup=<x> fault_ratio=<r>`.
 from __future__ import annotations
 
 import argparse
+import csv
 import ctypes
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.engine.runner import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
+from app.evaluation.metrics import dice  # noqa: E402
 from app.pipeline import Segmenter  # noqa: E402
 
 M_MMAP_THRESHOLD = -3
@@ -52,7 +55,27 @@ def glibc_defaults() -> None:
     mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
 
 
-def timed_run(segmenter: Segmenter, ct: Path, out: Path, structures: str | None) -> tuple[float, float, int]:
+Measurement = tuple[float, float, int]  # seconds, system CPU seconds, minor page faults
+SETTINGS = (("default", glibc_defaults), ("kept", keep_freed_memory))
+
+
+def alternate(run: Callable[[str], Measurement], repeats: int, describe: Callable[[Measurement], str]) -> dict:
+    """Each setting `repeats` times, alternating; prints each run and returns each setting's best."""
+    results: dict[str, list[Measurement]] = {name: [] for name, _ in SETTINGS}
+    for _ in range(repeats):
+        for name, apply in SETTINGS:
+            apply()
+            results[name].append(run(name))
+            print(f"{name:<8} {describe(results[name][-1])}", flush=True)
+    return {name: min(runs) for name, runs in results.items()}
+
+
+def ratios(best: dict) -> str:
+    return (f"speedup={best['default'][0] / best['kept'][0]:.2f} "
+            f"fault_ratio={best['default'][2] / max(1, best['kept'][2]):.1f}")
+
+
+def timed_run(segmenter: Segmenter, ct: Path, out: Path, structures: str | None) -> Measurement:
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     segmenter.segment(ct, out, structures, preview=False)
@@ -61,7 +84,7 @@ def timed_run(segmenter: Segmenter, ct: Path, out: Path, structures: str | None)
     return wall, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
 
 
-def timed_training(trainer, steps: int) -> tuple[float, float, int]:
+def timed_training(trainer, steps: int) -> Measurement:
     """`steps` more steps of the run; the time is the log's, taken before the closing validation."""
     from app.training.train import LOG
 
@@ -69,8 +92,8 @@ def timed_training(trainer, steps: int) -> tuple[float, float, int]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     trainer.run(progress=False)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    with open(trainer.out / LOG) as f:
-        seconds = float(f.read().strip().splitlines()[-1].split(",")[4])
+    with open(trainer.out / LOG, newline="") as f:
+        seconds = float(list(csv.DictReader(f))[-1]["seconds"])
     return seconds, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
 
 
@@ -91,11 +114,6 @@ def masks(out: Path) -> dict[str, np.ndarray]:
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0 for p in sorted(out.glob("*.nii.gz"))}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, alternating")
@@ -105,40 +123,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="prepared training data (default: 4 phantoms)")
     args = parser.parse_args()
 
-    results: dict[str, list[tuple[float, float, int]]] = {"default": [], "kept": []}
-    settings = (("default", glibc_defaults), ("kept", keep_freed_memory))
     if args.train_steps:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = trainer_for(args.data, Path(tmp))
             timed_training(trainer, 1)  # not counted: the run's step-0 validation of the starting weights
-            for _ in range(args.repeats):
-                for name, apply in settings:
-                    apply()
-                    seconds, system, faults = timed_training(trainer, args.train_steps)
-                    results[name].append((seconds, system, faults))
-                    print(f"{name:<8} {seconds / args.train_steps:5.2f} s a step  system {system:5.1f} s  "
-                          f"minor faults {faults:>9}", flush=True)
-        best = {name: min(runs) for name, runs in results.items()}
-        print(f"speedup={best['default'][0] / best['kept'][0]:.2f} "
-              f"fault_ratio={best['default'][2] / max(1, best['kept'][2]):.1f}")
+            best = alternate(lambda _: timed_training(trainer, args.train_steps), args.repeats,
+                             lambda m: f"{m[0] / args.train_steps:5.2f} s a step  system {m[1]:5.1f} s  "
+                                       f"minor faults {m[2]:>9}")
+        print(ratios(best))
         return
 
     segmenter = Segmenter()
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {name: Path(tmp) / name for name in results}
-        for _ in range(args.repeats):
-            for name, apply in settings:
-                apply()
-                wall, system, faults = timed_run(segmenter, args.ct, outs[name], args.structures)
-                results[name].append((wall, system, faults))
-                print(f"{name:<8} wall {wall:6.1f} s  system {system:5.1f} s  minor faults {faults:>9}", flush=True)
+        outs = {name: Path(tmp) / name for name, _ in SETTINGS}
+        best = alternate(lambda name: timed_run(segmenter, args.ct, outs[name], args.structures), args.repeats,
+                         lambda m: f"wall {m[0]:6.1f} s  system {m[1]:5.1f} s  minor faults {m[2]:>9}")
         default_masks, kept_masks = masks(outs["default"]), masks(outs["kept"])
         dice_min = min(dice(default_masks[k], kept_masks[k]) for k in default_masks)
-    best = {name: min(runs) for name, runs in results.items()}
-    speedup = best["default"][0] / best["kept"][0]
-    fault_ratio = best["default"][2] / max(1, best["kept"][2])
-    print(f"speedup={speedup:.2f} fault_ratio={fault_ratio:.1f} dice_min={dice_min:.4f}")
-
+    print(f"{ratios(best)} dice_min={dice_min:.4f}")
 
 if __name__ == "__main__":
     main()

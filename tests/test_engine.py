@@ -169,7 +169,6 @@ def test_the_structure_is_the_largest_axial_run():
 def test_the_gpu_benchmark_needs_no_simpleitk():
     """bench/gpu.sh runs bench/engine.py on a machine without SimpleITK, nibabel or MONAI."""
     import subprocess
-    import sys
 
     from conftest import ROOT
 
