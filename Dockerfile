@@ -23,7 +23,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 
 WORKDIR /opt/autocontour
 COPY pyproject.toml README.md ./
-COPY app ./app
+COPY autocontour ./autocontour
 RUN pip install .
 # Shipped weights, their model card and the support sets travel inside the image.
 COPY models ./models

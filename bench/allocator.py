@@ -1,7 +1,7 @@
 """Allocator benchmark: the README's main job with glibc's default malloc settings against
 `keep_freed_memory()`, in one process, on the same Segmenter and the same scan.
 
-Every CPU Engine calls `app.engine.runner.keep_freed_memory()`, which stops glibc from
+Every CPU Engine calls `autocontour.engine.runner.keep_freed_memory()`, which stops glibc from
 mapping each large tensor afresh (and the kernel from zero-filling its pages on first
 touch). Here the runs alternate: "default" first puts glibc's static defaults back
 (mmap above 128 KiB, trim above 128 KiB; the dynamic threshold glibc starts with cannot
@@ -39,9 +39,9 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.engine.runner import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
-from app.evaluation.metrics import dice  # noqa: E402
-from app.pipeline import Segmenter  # noqa: E402
+from autocontour.engine.runner import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
+from autocontour.evaluation.metrics import dice  # noqa: E402
+from autocontour.pipeline import Segmenter  # noqa: E402
 
 M_MMAP_THRESHOLD = -3
 GLIBC_DEFAULT_MMAP_MAX = 65536
@@ -86,7 +86,7 @@ def timed_run(segmenter: Segmenter, ct: Path, out: Path, structures: str | None)
 
 def timed_training(trainer, steps: int) -> Measurement:
     """`steps` more steps of the run; the time is the log's, taken before the closing validation."""
-    from app.training.train import LOG
+    from autocontour.training.train import LOG
 
     trainer.config.steps = trainer.step + steps
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -98,10 +98,10 @@ def timed_training(trainer, steps: int) -> Measurement:
 
 
 def trainer_for(data_path: Path | None, out: Path):
-    from app.config import Settings
-    from app.training.data import phantom_volumes, prepare_training_data
-    from app.training.dataset import load_training_data
-    from app.training.train import TrainConfig, Trainer
+    from autocontour.config import Settings
+    from autocontour.training.data import phantom_volumes, prepare_training_data
+    from autocontour.training.dataset import load_training_data
+    from autocontour.training.train import TrainConfig, Trainer
 
     if data_path is None:
         data_path = prepare_training_data(phantom_volumes(4, seed=5), out / "phantoms.safetensors")

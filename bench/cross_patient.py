@@ -7,9 +7,9 @@ patient supplies the examples and a different query patient is segmented:
   3 mm, no contrast; `chest_abdomen_ct_example`, neck to L3, 0.7 x 0.7 x 2.5 mm,
   arterial phase), both directions, on the structures both label;
 - virtual: the example CT against virtual patients made from it
-  (`app.support.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
+  (`autocontour.support.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
   abdomen-only fields of view);
-- phantom: one phantom (`app.phantom`) as source, another as query;
+- phantom: one phantom (`autocontour.phantom`) as source, another as query;
 - dicom: the 20-slice upper-abdomen DICOM example, for pelvic structures that
   are not in the scan and must not be drawn.
 
@@ -17,15 +17,15 @@ Columns: "network" is the product path (`build_support_set` from the source
 patient, then `Segmenter.segment(..., axial_search="all")`; the DICOM case
 uses the product's default localisation, since what it must show is
 `not_in_scan`); "registration" is the atlas prior alone
-(`app.support.registration`, thresholded at 0.5 on the query's grid);
+(`autocontour.support.registration`, thresholded at 0.5 on the query's grid);
 "hybrid" is the product's default path: support sets with atlas copies, the
 registration prior for the window and the levels, fused with the network
-(`app.engine.plan`). `--choose-fusion` measures every fusion weight and gate
+(`autocontour.engine.plan`). `--choose-fusion` measures every fusion weight and gate
 on the main structures (network and prior each through the product path),
 then the share below which the network counts as silent (the prior drawn
 alone) and the clean-up's rule for pieces the prior places, and prints the
 tables the engine's defaults were chosen from. Metrics per structure: Dice, surface
-Dice at the structure's tolerance and HD95 (`app.evaluation.metrics`);
+Dice at the structure's tolerance and HD95 (`autocontour.evaluation.metrics`);
 structures absent from a query are not averaged but counted as drawn or not.
 
     python bench/cross_patient.py [--cases real,virtual,phantom,dicom] [--structures a,b] [--support-size 16]
@@ -63,12 +63,12 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.catalogue import default_definition  # noqa: E402
-from app.engine.plan import SilentWithin  # noqa: E402
-from app.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
-from app.phantom import make_phantom  # noqa: E402
-from app.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
-from app.support.virtual import virtual_patient  # noqa: E402
+from autocontour.catalogue import default_definition  # noqa: E402
+from autocontour.engine.plan import SilentWithin  # noqa: E402
+from autocontour.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
+from autocontour.phantom import make_phantom  # noqa: E402
+from autocontour.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
+from autocontour.support.virtual import virtual_patient  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 EXAMPLE = ROOT / "examples" / "pelvis_ct"
@@ -234,8 +234,8 @@ def fov_ceiling(case: Case) -> dict[str, float] | None:
 
 
 def _read_dicom(folder: Path) -> sitk.Image:
-    from app.config import Settings
-    from app.pipeline import read_input
+    from autocontour.config import Settings
+    from autocontour.pipeline import read_input
 
     return read_input(folder, Settings())[0]
 
@@ -284,7 +284,7 @@ def registration_column(case: Case) -> None:
 def build_sets(case: Case, support_size: int, work: Path, only: list[str] | None) -> list[str]:
     """Support sets (format 2, with atlas copies) from the source patient, one per structure it labels
     (those in `only`, when given), as `autocontour support build` makes them; returns their names."""
-    from app.support.build import build_support_set
+    from autocontour.support.build import build_support_set
 
     if case.built is not None:
         return case.built
@@ -382,28 +382,28 @@ class FusionInput:
     spacing_zyx: tuple
     metric: float
     scores: dict = field(default_factory=dict)  # (weight, gate, silent rule) -> Dice of the fused mask
-    gates: dict = field(default_factory=dict)  # gate -> where the network counts (`app.engine.plan.gate`)
+    gates: dict = field(default_factory=dict)  # gate -> where the network counts (`autocontour.engine.plan.gate`)
 
     def fused(self, weight: float, gate_mm: float | None, silent: SilentRule = None) -> np.ndarray:
-        """The fused mask (`app.engine.plan.fuse`), the prior alone where the network is silent
+        """The fused mask (`autocontour.engine.plan.fuse`), the prior alone where the network is silent
         (`network_silent` by the rule `silent`; None: never)."""
-        from app.engine.plan import fuse
+        from autocontour.engine.plan import fuse
 
         if self.silent(gate_mm, silent):
             weight = 1.0
         return fuse(self.network.astype(np.float32), self.prior.astype(np.float32), weight, self.near(gate_mm)) >= 0.5
 
     def near(self, gate_mm: float | None) -> np.ndarray | None:
-        """Where the network counts at this gate (`app.engine.plan.gate`), computed once."""
-        from app.engine.plan import gate
+        """Where the network counts at this gate (`autocontour.engine.plan.gate`), computed once."""
+        from autocontour.engine.plan import gate
 
         if gate_mm not in self.gates:
             self.gates[gate_mm] = gate(self.prior.astype(np.float32), gate_mm, self.spacing_zyx)
         return self.gates[gate_mm]
 
     def silent(self, gate_mm: float | None, rule: SilentRule) -> bool:
-        """Whether the engine would draw the prior alone here (`app.engine.plan.network_silent`)."""
-        from app.engine.plan import network_silent
+        """Whether the engine would draw the prior alone here (`autocontour.engine.plan.network_silent`)."""
+        from autocontour.engine.plan import network_silent
 
         return rule is not None and network_silent(self.network.astype(np.float32), self.prior.astype(np.float32),
                                                    self.near(gate_mm), *rule)
@@ -416,8 +416,8 @@ class FusionInput:
 
     def cleaned_dice(self, mask: np.ndarray, pieces: int, with_prior: bool) -> float:
         """Dice after the product's clean-up (holes, then components; `with_prior`: pieces the prior places
-        are kept whatever their rank, `app.postprocess.keep_components`)."""
-        from app.postprocess import fill_holes_per_slice, keep_components
+        are kept whatever their rank, `autocontour.postprocess.keep_components`)."""
+        from autocontour.postprocess import fill_holes_per_slice, keep_components
 
         supported = self.prior.astype(np.float32) >= 0.5 if with_prior else None
         return dice(keep_components(fill_holes_per_slice(mask), pieces, supported), self.reference)
@@ -456,12 +456,12 @@ def _box(*masks: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     """The engine's fusion chosen on every case's main structures: a prior weight for poorly and for well
-    registered scans (`app.engine.plan.prior_weight_for`: a ramp between METRIC_POOR and METRIC_GOOD) and one
+    registered scans (`autocontour.engine.plan.prior_weight_for`: a ramp between METRIC_POOR and METRIC_GOOD) and one
     gate, by the mean Dice over all case-structures. Computed on the query's grid (the engine gates on the
     model grid), inside a box around everything drawn or true, and without the engine's rule of the network
     alone beyond a source scan's end (the prior's run has no network there)."""
-    from app.engine.plan import METRIC_GOOD, METRIC_POOR
-    from app.engine.plan import prior_weight_for as weight
+    from autocontour.engine.plan import METRIC_GOOD, METRIC_POOR
+    from autocontour.engine.plan import prior_weight_for as weight
 
     items = [(f"{case}: {s}", x) for case, structures in inputs for s, x in structures.items()
              if x.reference.any()]  # a structure absent from the query has nothing to score
@@ -489,7 +489,7 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
               f"{single[1]} mm) gives {single_score:.3f}.", "",
               "At that choice, the prior drawn alone where the network draws less than a share of the prior's "
-              "likely volume (`app.engine.plan.network_silent`), counting the network's voxels inside the gate "
+              "likely volume (`autocontour.engine.plan.network_silent`), counting the network's voxels inside the gate "
               "or only those inside the prior's likely region:", "",
               "| share | network voxels counted | mean Dice | case-structures where it falls back |",
               "|---|---|---|---|"]
@@ -504,7 +504,7 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     lines += ["", f"Best rule: {rule or 'never'} (mean Dice {silent[rule]:.3f}). At the full choice, against the "
               "network alone on the prior's window (weight 0, no gate) and the prior alone (weight 1); then the "
               "fused mask after the product's clean-up, keeping the structure's largest pieces only and also every "
-              "piece the prior places (`app.postprocess.keep_components`):", "",
+              "piece the prior places (`autocontour.postprocess.keep_components`):", "",
               "| case: structure | registration metric | weight | network (window) | prior | fused "
               "| cleaned, largest pieces | cleaned, + prior's pieces |",
               "|---|---|---|---|---|---|---|---|"]
@@ -684,8 +684,8 @@ def main(argv: list[str] | None = None) -> None:
         structures = {s: every[s] for s in QUICK} if args.quick else every
     columns = [c.strip() for c in args.columns.split(",")]
 
-    from app.config import Settings
-    from app.pipeline import Segmenter
+    from autocontour.config import Settings
+    from autocontour.pipeline import Segmenter
 
     def segmenter_for(support_dir: Path, weights: Path | None) -> Segmenter:
         return Segmenter(settings=Settings(threads=args.threads), weights=weights, support_dirs=[support_dir],

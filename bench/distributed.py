@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from redis_server import start_redis  # noqa: E402
 from servers import service_env, start_server, start_worker  # noqa: E402
 
-from app.config import Settings  # noqa: E402
+from autocontour.config import Settings  # noqa: E402
 
 CT = ROOT / "examples" / "pelvis_ct" / "ct.nii.gz"
 

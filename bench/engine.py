@@ -1,7 +1,7 @@
 """Engine benchmark: the naive forward against the optimised engine, same process, same inputs.
 
 Naive baseline: `UniverSeg.forward` (the reference-equivalent network), one
-query slice per forward, float32. Optimised: `app.engine.Engine.predict`
+query slice per forward, float32. Optimised: `autocontour.engine.Engine.predict`
 (split network, batched, the device's precision). Both get the same query
 slices and the same support set per query; the script checks that their
 probability maps agree and prints the times. Its last line is
@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from app.engine import Engine  # noqa: E402
-from app.model.weights import load_model  # noqa: E402
+from autocontour.config import Settings  # noqa: E402
+from autocontour.engine import Engine  # noqa: E402
+from autocontour.model.weights import load_model  # noqa: E402
 
 # The agreement the issue asks of the engine: float32 maps equal, reduced-precision masks equal.
 MAX_PROB_DIFF_FLOAT32 = 1e-3
@@ -41,9 +41,9 @@ MIN_MASK_DICE_REDUCED = 0.99
 def cpu_case(queries: int, support_size: int, seed: int = 0):
     """Real example-CT slices (the bladder's region) and shipped bladder supports."""
     # Imported here: the GPU machine runs only gpu_case and has no SimpleITK.
-    from app.io import CanonicalCT, read_ct
-    from app.preprocess import prepare
-    from app.support import discover
+    from autocontour.io import CanonicalCT, read_ct
+    from autocontour.preprocess import prepare
+    from autocontour.support import discover
 
     support = discover([ROOT / "support_sets"])["bladder"]
     ct = CanonicalCT(read_ct(ROOT / "examples" / "pelvis_ct" / "ct.nii.gz"))

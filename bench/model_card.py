@@ -9,7 +9,7 @@ the shipped structures (seen in training), each structure gets a support set of
 64 slices built from the same CT; one `segment()` call per method segments all
 of them. The CT is a source case of every set, so the engine leaves each query's
 own slice and its neighbours out of its support (leave-slice-out,
-app/engine/plan.py); the script stops if a structure's summary does not say so.
+autocontour/engine/plan.py); the script stops if a structure's summary does not say so.
 Support size S = 8, one ensemble member, the device's default precision unless
 --precision is given (on a CPU with native bfloat16 the start-up check may
 choose it); each method records what ran.
@@ -17,7 +17,7 @@ choose it); each method records what ran.
 - checkpoint: `--weights`.
 - untrained: a checkpoint file of the same architecture with random weights (seed 0).
 - atlas_baseline: the same `segment()` with the network replaced by
-  `app.evaluation.baseline.AtlasEngine`: each query copies, after affine
+  `autocontour.evaluation.baseline.AtlasEngine`: each query copies, after affine
   registration, the label of the most similar of the supports the search chose
   for it.
 
@@ -44,15 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from app.evaluation.baseline import AtlasEngine  # noqa: E402
-from app.evaluation.metrics import compute_metrics  # noqa: E402
-from app.io import CanonicalCT, read_ct  # noqa: E402
-from app.model import UniverSeg  # noqa: E402
-from app.model.weights import ModelCard, save_checkpoint  # noqa: E402
-from app.pipeline import SegmentationResult, Segmenter  # noqa: E402
-from app.support.build import build_support_set  # noqa: E402
-from app.support.recipes import load_recipes  # noqa: E402
+from autocontour.config import Settings  # noqa: E402
+from autocontour.evaluation.baseline import AtlasEngine  # noqa: E402
+from autocontour.evaluation.metrics import compute_metrics  # noqa: E402
+from autocontour.io import CanonicalCT, read_ct  # noqa: E402
+from autocontour.model import UniverSeg  # noqa: E402
+from autocontour.model.weights import ModelCard, save_checkpoint  # noqa: E402
+from autocontour.pipeline import SegmentationResult, Segmenter  # noqa: E402
+from autocontour.support.build import build_support_set  # noqa: E402
+from autocontour.support.recipes import load_recipes  # noqa: E402
 
 CT = ROOT / "examples" / "pelvis_ct" / "ct.nii.gz"
 LABELS = ROOT / "examples" / "pelvis_ct" / "labels.nii.gz"

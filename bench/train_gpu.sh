@@ -28,10 +28,10 @@ fi
 DATA=.gpu/training_data.safetensors
 if [ ! -f "$DATA" ]; then
     mkdir -p .gpu
-    python3 -m app.cli train --recipe models/training_data_cpu-v2.json --workers 4 --prepare-only \
+    python3 -m autocontour.cli train --recipe models/training_data_cpu-v2.json --workers 4 --prepare-only \
         --save-data "$DATA" --out .gpu
 fi
-python3 -m app.cli train --data "$DATA" --out "$OUT/run" --device cuda \
+python3 -m autocontour.cli train --data "$DATA" --out "$OUT/run" --device cuda \
     --from models/autocontour-universeg-v1.safetensors \
     --steps 20000 --max-seconds 450 --batch-size 16 --support-size 16 --lr 2e-4 \
     --heldout iliopsoas_left,iliopsoas_right,kidney_left,kidney_right,femur_left,femur_right,spleen \

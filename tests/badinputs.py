@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from app.phantom import make_phantom
+from autocontour.phantom import make_phantom
 
 
 def _write(image: sitk.Image, path: Path) -> Path:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.model import UniverSeg
-from app.model.weights import ModelCard, save_checkpoint
-from app.phantom import save_phantom
-from app.support.build import build_support_set
-from app.support.recipes import load_recipes
+from autocontour.model import UniverSeg
+from autocontour.model.weights import ModelCard, save_checkpoint
+from autocontour.phantom import save_phantom
+from autocontour.support.build import build_support_set
+from autocontour.support.recipes import load_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from app.catalogue import BUILTIN, StructureDefinition
+from autocontour.catalogue import BUILTIN, StructureDefinition
 
 PATIENT_NAME = "Yamada^Tarō"  # not Latin-1: survives only if the character set (UTF-8) is copied
 INPUT_ATTRIBUTES = {"PatientName": PATIENT_NAME, "PatientID": "AC-0042", "PatientBirthDate": "19700101",

@@ -62,7 +62,7 @@ def start_server(data_dir: Path, weights: Path, support_dirs: list[Path] | None 
     env = service_env(data_dir, weights, support_dirs, **settings) | (environment or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "autocontour.cli", "serve", "--port", str(port)], env=env,
                                stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", process, log, env)
     deadline = time.monotonic() + timeout
@@ -94,7 +94,7 @@ class Worker:
 def start_worker(env: dict, name: str, data_dir: Path, timeout: float = 120) -> Worker:
     """`autocontour worker` in a child process; waits until Celery reports it ready."""
     log = data_dir / f"worker-{name}.log"
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--name", name], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "autocontour.cli", "worker", "--name", name], env=env,
                                stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,13 +11,13 @@ import pytest
 import SimpleITK as sitk
 from conftest import EXAMPLE_CT, EXAMPLE_LABELS
 
-from app.catalogue import BUILTIN, Catalogue, default_definition
-from app.cli import main
-from app.dicom.series import read_series
-from app.errors import OptionError, SupportSetError, UnknownStructureError
-from app.rules import load_rules
-from app.support.build import build_support_set
-from app.support.store import load_support_set
+from autocontour.catalogue import BUILTIN, Catalogue, default_definition
+from autocontour.cli import main
+from autocontour.dicom.series import read_series
+from autocontour.errors import OptionError, SupportSetError, UnknownStructureError
+from autocontour.rules import load_rules
+from autocontour.support.build import build_support_set
+from autocontour.support.store import load_support_set
 
 SERIES = Path(__file__).resolve().parent / "data" / "dicom_ct"
 LABEL_VALUES = {name: int(value)
@@ -73,7 +73,7 @@ def test_sets_declare_their_structures_and_the_catalogue_shows_them(organ_sets, 
 
 
 def test_organs_found_in_another_scan_range_and_the_bladder_not_in_it(organ_sets):
-    from app.pipeline import Segmenter
+    from autocontour.pipeline import Segmenter
 
     ct, labels = _upper_abdomen_shifted()
     segmenter = Segmenter(support_dirs=[organ_sets])
@@ -96,7 +96,7 @@ def test_organs_found_in_another_scan_range_and_the_bladder_not_in_it(organ_sets
 
 
 def test_a_doubtful_window_searches_the_whole_body_and_says_so(phantom_cases, small_weights):
-    from app.pipeline import Segmenter
+    from autocontour.pipeline import Segmenter
 
     # shipped sets (from the real CT) against a phantom whose skeleton matches nothing there
     segmenter = Segmenter(weights=small_weights, device="cpu")
@@ -112,14 +112,14 @@ def test_a_doubtful_window_searches_the_whole_body_and_says_so(phantom_cases, sm
 
 
 def read_z_range(path: Path) -> tuple[float, float]:
-    from app.io import CanonicalCT, read_ct
+    from autocontour.io import CanonicalCT, read_ct
 
     z = CanonicalCT(read_ct(path)).slice_positions_mm()
     return float(z[0]), float(z[-1])
 
 
 def test_axial_search_all_searches_every_body_slice(small_weights):
-    from app.pipeline import Segmenter
+    from autocontour.pipeline import Segmenter
 
     ct, _ = _upper_abdomen_shifted()
     result = Segmenter(weights=small_weights, device="cpu").segment(ct, None, "bladder", support_size=2,
@@ -149,7 +149,7 @@ def test_rules_files_extend_or_replace_the_shipped_rules(tmp_path):
 
 
 def test_laterality_warning_flags_a_structure_across_the_midline():
-    from app.postprocess import laterality_warning
+    from autocontour.postprocess import laterality_warning
 
     body = np.zeros((3, 20, 40), dtype=bool)
     body[:, 2:18, 4:36] = True  # midline at x = 19.5
@@ -180,7 +180,7 @@ def _assert_same_set(a, b) -> None:
 
 
 def test_support_build_from_dicom_and_rtstruct_matches_the_nifti_mask(tmp_path, capsys):
-    from app.dicom.outputs import write_rtstruct
+    from autocontour.dicom.outputs import write_rtstruct
 
     nifti_mask, blob = _dicom_case(tmp_path)
     series = read_series(SERIES)
@@ -202,7 +202,7 @@ def test_support_build_from_dicom_and_rtstruct_matches_the_nifti_mask(tmp_path, 
 def test_support_build_from_the_pacs(tmp_path):
     from orthanc import pacs_copy, start_orthanc, upload_folder
 
-    from app.dicom.outputs import write_rtstruct
+    from autocontour.dicom.outputs import write_rtstruct
 
     study = pacs_copy(SERIES, tmp_path / "pacs")
     series = read_series(tmp_path / "pacs")
@@ -262,7 +262,7 @@ def test_the_server_lists_what_its_sets_provide(organ_sets, small_weights, tmp_p
 
 
 def test_a_query_takes_its_examples_from_the_source_case_that_looks_like_it():
-    from app.engine.plan import _level_members, _thumbnails
+    from autocontour.engine.plan import _level_members, _thumbnails
 
     rng = np.random.default_rng(0)
     looks_like_a, looks_like_b = rng.random((128, 128)), rng.random((128, 128))

@@ -11,7 +11,7 @@ from conftest import ROOT
 from redis_server import start_redis
 from servers import start_server
 
-from app.cli import main
+from autocontour.cli import main
 
 
 def test_dockerfile_lints_clean():

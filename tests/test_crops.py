@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.io import CanonicalCT
-from app.phantom import make_phantom
-from app.preprocess import (
+from autocontour.io import CanonicalCT
+from autocontour.phantom import make_phantom
+from autocontour.preprocess import (
     AIR_HU,
     ModelInput,
     PreprocessSpec,
@@ -20,7 +20,7 @@ from app.preprocess import (
     mask_to_grid,
     prepare_crop,
 )
-from app.support.build import build_support_set
+from autocontour.support.build import build_support_set
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_crop_past_the_scan_edge_is_padded_not_shifted(phantom):
 
 
 def test_a_built_set_stores_crops_and_the_engine_centres_them(tmp_path, phantom_cases, small_weights):
-    from app.pipeline import Segmenter
+    from autocontour.pipeline import Segmenter
 
     names = {v: int(k) for k, v in json.loads((phantom_cases[0][1].parent / "labels.json").read_text()).items()}
     support = build_support_set("urinary_bladder", "urinary_bladder", phantom_cases, tmp_path / "set", size=8,

@@ -22,10 +22,10 @@ from pydicom import config as pydicom_config
 from pydicom.valuerep import validate_value
 from servers import start_server
 
-from app.cli import main
-from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
-from app.dicom.series import read_series, safe_extract
-from app.errors import InputImageError, OptionError
+from autocontour.cli import main
+from autocontour.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
+from autocontour.dicom.series import read_series, safe_extract
+from autocontour.errors import InputImageError, OptionError
 
 SERIES = DATA / "dicom_ct"
 PROBLEM = "application/problem+json"

@@ -24,11 +24,11 @@ from dicom_tools import (
 )
 from orthanc import start_orthanc, upload_folder
 
-from app.cli import main
-from app.dicom import pacs
-from app.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
-from app.dicom.series import read_series
-from app.support.recipes import load_recipes
+from autocontour.cli import main
+from autocontour.dicom import pacs
+from autocontour.dicom.outputs import read_rtstruct, read_seg, write_rtstruct, write_seg
+from autocontour.dicom.series import read_series
+from autocontour.support.recipes import load_recipes
 
 MAX_VOLUME_DIFFERENCE = 0.03
 MIN_DICE = 0.97

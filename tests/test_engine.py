@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
-from app.engine.plan import _level_members, _main_run, _spread_members
-from app.model import UniverSeg
+from autocontour.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
+from autocontour.engine.plan import _level_members, _main_run, _spread_members
+from autocontour.model import UniverSeg
 
 
 def _random_model(blocks, seed=0) -> UniverSeg:
@@ -125,10 +125,10 @@ def test_options_are_validated():
 
 def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom_cases, small_weights):
     """With a support set, the fine pass covers the coarse extent plus one step, not the whole scan."""
-    from app.io import CanonicalCT, read_ct
-    from app.model.weights import load_model
-    from app.preprocess import prepare
-    from app.support import discover
+    from autocontour.io import CanonicalCT, read_ct
+    from autocontour.model.weights import load_model
+    from autocontour.preprocess import prepare
+    from autocontour.support import discover
 
     model, _ = load_model(small_weights)
     supports = discover([phantom_support_dir])
@@ -174,7 +174,7 @@ def test_the_gpu_benchmark_needs_no_simpleitk():
 
     code = ("import sys, runpy; sys.modules.update(SimpleITK=None, nibabel=None, monai=None)\n"
             f"runpy.run_path({str(ROOT / 'bench' / 'engine.py')!r}, run_name='bench')\n"
-            "from app.engine import Engine; import app.engine.runner")
+            "from autocontour.engine import Engine; import autocontour.engine.runner")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import DATA
 
-from app.cli import main
-from app.evaluation.metrics import metric_keys
+from autocontour.cli import main
+from autocontour.evaluation.metrics import metric_keys
 
 FIXTURES = DATA / "metrics"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -104,7 +104,7 @@ def test_missing_and_mismatched_inputs_are_one_line_errors(tmp_path, capsys):
 
 
 def test_crossval_on_phantoms(tmp_path, small_weights):
-    from app.evaluation.crossval import cross_validate
+    from autocontour.evaluation.crossval import cross_validate
 
     records = cross_validate([], ["bladder"], tmp_path, weights=small_weights, phantoms=2, support_set_size=8,
                              support_size=3, device="cpu")
@@ -131,8 +131,8 @@ def test_evaluate_a_segment_output_against_the_example_labels(tmp_path, small_we
 
 
 def test_atlas_engine_copies_the_label_of_the_most_similar_support():
-    from app.evaluation.baseline import AtlasEngine
-    from app.evaluation.metrics import dice
+    from autocontour.evaluation.baseline import AtlasEngine
+    from autocontour.evaluation.metrics import dice
 
     yy, xx = np.mgrid[:64, :64]
     disk = ((yy - 30) ** 2 + (xx - 34) ** 2 < 12 ** 2).astype(np.float32)

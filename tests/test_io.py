@@ -9,11 +9,11 @@ import SimpleITK as sitk
 from badinputs import bad_inputs
 from conftest import DATA, EXAMPLE_CT
 
-from app.config import Settings
-from app.errors import InputImageError
-from app.io import CanonicalCT, check_looks_like_ct, read_ct, read_image
-from app.phantom import make_phantom
-from app.pipeline import read_input
+from autocontour.config import Settings
+from autocontour.errors import InputImageError
+from autocontour.io import CanonicalCT, check_looks_like_ct, read_ct, read_image
+from autocontour.phantom import make_phantom
+from autocontour.pipeline import read_input
 
 
 @pytest.fixture(scope="module")

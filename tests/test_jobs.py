@@ -6,8 +6,8 @@ import concurrent.futures
 import time
 import zipfile
 
-from app.server.jobs import JobStore, QueueFull, ResultStore
-from app.server.worker import Janitor
+from autocontour.server.jobs import JobStore, QueueFull, ResultStore
+from autocontour.server.worker import Janitor
 
 MAX_ATTEMPTS = 3  # AUTOCONTOUR_MAX_ATTEMPTS's default
 
@@ -89,10 +89,10 @@ class FakeTask:
 
 
 def test_celery_refresh_updates_jobs_nobody_polled_and_the_janitor_expires_them(tmp_path, monkeypatch):
-    from app.server import celery_queue
-    from app.server.metrics import Metrics
-    from app.server.settings import ServerSettings
-    from app.server.worker import Outcome, record
+    from autocontour.server import celery_queue
+    from autocontour.server.metrics import Metrics
+    from autocontour.server.settings import ServerSettings
+    from autocontour.server.worker import Outcome, record
 
     monkeypatch.setattr(celery_queue, "AsyncResult", FakeTask)
     store, results = JobStore(tmp_path / "jobs.sqlite3"), ResultStore(tmp_path)
@@ -125,7 +125,7 @@ def test_celery_refresh_updates_jobs_nobody_polled_and_the_janitor_expires_them(
 
 
 def test_job_problem_documents_keep_the_request_id():
-    from app.server.worker import internal_error, job_request_id
+    from autocontour.server.worker import internal_error, job_request_id
 
     error = internal_error("boom", job_request_id("job-1", {"request_id": "req-9"}))
     assert error["request_id"] == "req-9" and error["type"].endswith("internal-error") and error["status"] == 500

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from conftest import EXAMPLE_CT, ROOT
 
-from app.io import CanonicalCT, read_ct
-from app.support import discover
-from app.support.localize import Profile, bone_profile, locate, match
+from autocontour.io import CanonicalCT, read_ct
+from autocontour.support import discover
+from autocontour.support.localize import Profile, bone_profile, locate, match
 
 
 def _profile(ct: CanonicalCT) -> Profile:
@@ -37,7 +37,7 @@ def test_a_scan_without_matching_skeleton_gives_no_window():
 
 
 def test_segment_reports_the_searched_range(small_weights):
-    from app.pipeline import Segmenter
+    from autocontour.pipeline import Segmenter
 
     result = Segmenter(weights=small_weights, device="cpu").segment(EXAMPLE_CT, structures="bladder", support_size=2)
     bladder = result.summary["structures"]["bladder"]

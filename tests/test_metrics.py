@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import DATA
 
-from app.evaluation.metrics import compute_metrics, metric_keys
+from autocontour.evaluation.metrics import compute_metrics, metric_keys
 
 FIXTURES = DATA / "metrics"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

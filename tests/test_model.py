@@ -9,9 +9,9 @@ import torch
 from conftest import DATA
 from safetensors.torch import load_file, save_file
 
-from app.errors import WeightsError
-from app.model import UniverSeg
-from app.model.weights import RESEARCH_ONLY_NOTICE, load_model
+from autocontour.errors import WeightsError
+from autocontour.model import UniverSeg
+from autocontour.model.weights import RESEARCH_ONLY_NOTICE, load_model
 
 FIXTURES = DATA / "universeg_v1"
 TOLERANCE = 1e-5

@@ -10,10 +10,10 @@ import SimpleITK as sitk
 from badinputs import bad_inputs
 from conftest import EXAMPLE_CT, ROOT, write_phantom
 
-from app.cli import main
-from app.config import Settings
-from app.errors import NoSupportSetError, WeightsError
-from app.pipeline import Segmenter
+from autocontour.cli import main
+from autocontour.config import Settings
+from autocontour.errors import NoSupportSetError, WeightsError
+from autocontour.pipeline import Segmenter
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:

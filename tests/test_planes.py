@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.engine.planes import atlas_examples, cut, plane_mean, uncut, window_rows_mm
-from app.pipeline import Segmenter
-from app.support.build import build_support_set
-from app.support.registration import MASK_SCALE
+from autocontour.engine.planes import atlas_examples, cut, plane_mean, uncut, window_rows_mm
+from autocontour.pipeline import Segmenter
+from autocontour.support.build import build_support_set
+from autocontour.support.registration import MASK_SCALE
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def test_the_examples_are_cut_through_the_structure_at_the_views_scale(bladder_s
 
 
 def _pixel_mm(atlas, support) -> float:
-    from app.io import CanonicalCT
-    from app.preprocess import prepare
+    from autocontour.io import CanonicalCT
+    from autocontour.preprocess import prepare
 
     return prepare(CanonicalCT(sitk.Cast(atlas.ct, sitk.sitkFloat32)), support.manifest.preprocessing).pixel_mm
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.catalogue import BUILTIN
-from app.postprocess import confidence, fill_holes_per_slice, keep_components
-from app.postprocess import postprocess as run_postprocess
-from app.rules import load_rules
+from autocontour.catalogue import BUILTIN
+from autocontour.postprocess import confidence, fill_holes_per_slice, keep_components
+from autocontour.postprocess import postprocess as run_postprocess
+from autocontour.rules import load_rules
 
 RULES = load_rules()
 conflicts = RULES.conflicts

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.engine.plan import (
+from autocontour.engine.plan import (
     METRIC_GOOD,
     METRIC_POOR,
     NETWORK_SILENT_SHARE,
@@ -25,13 +25,13 @@ from app.engine.plan import (
     network_silent,
     prior_weight_for,
 )
-from app.errors import SupportSetError
-from app.pipeline import Segmenter
-from app.preprocess import ModelInput, PreprocessSpec
-from app.support.build import build_support_set
-from app.support.prior import StructurePrior
-from app.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
-from app.support.virtual import smooth_deformation
+from autocontour.errors import SupportSetError
+from autocontour.pipeline import Segmenter
+from autocontour.preprocess import ModelInput, PreprocessSpec
+from autocontour.support.build import build_support_set
+from autocontour.support.prior import StructurePrior
+from autocontour.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
+from autocontour.support.virtual import smooth_deformation
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.phantom import make_phantom
-from app.training.data import TrainingDataRecipe, prepare_training_data
-from app.training.dataset import load_training_data
-from app.training.episodes import CROP_PLANE, TaskSampler
-from app.training.hu_tasks import hu_task_masks
-from app.training.randomise import DomainRandomisation, random_patient
-from app.training.train import TrainConfig, Trainer
+from autocontour.phantom import make_phantom
+from autocontour.training.data import TrainingDataRecipe, prepare_training_data
+from autocontour.training.dataset import load_training_data
+from autocontour.training.episodes import CROP_PLANE, TaskSampler
+from autocontour.training.hu_tasks import hu_task_masks
+from autocontour.training.randomise import DomainRandomisation, random_patient
+from autocontour.training.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The registration prior (app/support/registration.py) and virtual patients (app/support/virtual.py).
+"""The registration prior (autocontour/support/registration.py) and virtual patients (autocontour/support/virtual.py).
 
 Phantoms only (a few 4 mm volumes), so these run in seconds without the shared data.
 """
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.phantom import make_phantom
-from app.support.registration import (
+from autocontour.phantom import make_phantom
+from autocontour.support.registration import (
     MASK_SCALE,
     AtlasCase,
     make_atlas_case,
@@ -19,7 +19,7 @@ from app.support.registration import (
     registration_prior,
     to_grid,
 )
-from app.support.virtual import smooth_deformation, virtual_patient
+from autocontour.support.virtual import smooth_deformation, virtual_patient
 
 # organs with an edge the metric can see; the phantom's iliopsoas is a low-contrast tube in muscle-like tissue
 STRUCTURES = ("urinary_bladder", "sacrum", "hip_left", "hip_right")
@@ -134,7 +134,7 @@ def test_a_query_too_short_to_place_is_not_reliable(phantom):
 def test_the_metric_samples_the_query_to_its_own_ends_but_stops_short_of_the_source_edge(phantom):
     """A pelvis scan inside a longer source: its end slices are sampled (the IVC at its top needs them);
     where the source scan ends inside the query, the slices near that edge are not (the source has no data)."""
-    from app.support.registration import OVERLAP_MARGIN_MM, _fixed_mask, _z_positions
+    from autocontour.support.registration import OVERLAP_MARGIN_MM, _fixed_mask, _z_positions
 
     query = make_atlas_ct(phantom.ct)
     z = _z_positions(query)

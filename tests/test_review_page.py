@@ -14,8 +14,8 @@ import pytest
 from conftest import EXAMPLE_CT, ROOT
 from servers import start_server
 
-from app.config import Settings
-from app.server.auth import hash_key
+from autocontour.config import Settings
+from autocontour.server.auth import hash_key
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -120,4 +120,4 @@ def test_page_is_keyboard_and_label_friendly(browser, server):
     assert page.get_attribute("#canvas", "tabindex") == "0" and page.get_attribute("#canvas", "aria-label")
     assert page.get_attribute("#status", "aria-live") == "polite"
     page.close()
-    assert (ROOT / "app" / "server" / "static" / "app.js").is_file()
+    assert (ROOT / "autocontour" / "server" / "static" / "app.js").is_file()

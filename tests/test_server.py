@@ -22,13 +22,13 @@ from badinputs import bad_inputs
 from conftest import DATA, EXAMPLE_CT
 from servers import free_port, start_server
 
-from app.cli import main
-from app.client import Client, ServerError
-from app.phantom import make_phantom
-from app.pipeline import Segmenter
-from app.server.auth import hash_key
-from app.server.main import create_app
-from app.server.settings import ServerSettings
+from autocontour.cli import main
+from autocontour.client import Client, ServerError
+from autocontour.phantom import make_phantom
+from autocontour.pipeline import Segmenter
+from autocontour.server.auth import hash_key
+from autocontour.server.main import create_app
+from autocontour.server.settings import ServerSettings
 
 PROBLEM = "application/problem+json"
 
@@ -77,7 +77,7 @@ def in_process(tmp_path, weights, **settings):
 
     config = ServerSettings(data_dir=tmp_path / "data", weights=weights, device="cpu", warmup=False, **settings)
     app = create_app(config, Segmenter(config, load_engine=False))
-    logger = logging.getLogger("app")
+    logger = logging.getLogger("autocontour")
     saved = logger.handlers[:], logger.level, logger.propagate
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
@@ -170,7 +170,7 @@ def test_async_job_lifecycle(server, tmp_path):
     missing = httpx.get(f"{base}/masks/ctvp")
     assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
     assert any(j["id"] == job["id"] for j in httpx.get(f"{server.url}/v1/segmentations").json())
-    assert f"[lifecycle-42] app.server.worker: job {job['id']} done" in server.logs()  # the worker logs the id too
+    assert f"[lifecycle-42] autocontour.server.worker: job {job['id']} done" in server.logs()  # worker logs it
     assert "request_id" not in job["options"]
     assert httpx.delete(base).status_code == 204
     gone = httpx.get(base)
@@ -369,7 +369,7 @@ def test_openapi_matches_the_problem_documents(server):
 
 
 def test_the_configured_voxel_limit_refuses_an_upload_before_inflating_it(tmp_path, small_weights, monkeypatch):
-    import app.io
+    import autocontour.io
 
     ct = small_ct(tmp_path / "in").read_bytes()
     dicom_zip = io.BytesIO()
@@ -378,8 +378,8 @@ def test_the_configured_voxel_limit_refuses_an_upload_before_inflating_it(tmp_pa
             archive.write(path, path.name)
     dicom_zip = dicom_zip.getvalue()
     scanned = []
-    stream = app.io._stream_data
-    monkeypatch.setattr(app.io, "_stream_data", lambda *a, **k: scanned.append(1) or stream(*a, **k))
+    stream = autocontour.io._stream_data
+    monkeypatch.setattr(autocontour.io, "_stream_data", lambda *a, **k: scanned.append(1) or stream(*a, **k))
     with in_process(tmp_path, small_weights, max_voxels=30_000) as (client, server_app):
         refused = client.post("/v1/segmentations", files={"file": ("ct.nii.gz", ct)}, data={"structures": "bladder"})
         assert refused.status_code == 422 and refused.headers["content-type"] == PROBLEM
@@ -399,7 +399,7 @@ def test_the_configured_voxel_limit_refuses_an_upload_before_inflating_it(tmp_pa
 
 def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, monkeypatch):
     """All uploads pass the early check together (the queue is empty), then are recorded together."""
-    from app.server.routers import segmentations
+    from autocontour.server.routers import segmentations
 
     uploads = 5
     ct = small_ct(tmp_path / "in").read_bytes()
@@ -452,8 +452,8 @@ def test_celery_mode_with_the_broker_down_refuses_with_503_and_records_nothing(t
 def test_celery_mode_job_list_is_up_to_date_without_polling_each_job(tmp_path, small_weights, monkeypatch):
     from test_jobs import FakeTask
 
-    from app.server import celery_queue
-    from app.server.worker import Outcome
+    from autocontour.server import celery_queue
+    from autocontour.server.worker import Outcome
 
     broker = f"redis://127.0.0.1:{free_port()}/0"
     with in_process(tmp_path, small_weights, queue="celery", broker_url=broker) as (client, server_app):

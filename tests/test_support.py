@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import RECIPES
 
-from app.errors import SupportSetError
-from app.support.build import build_support_set
-from app.support.recipes import Recipe, load_recipes, margin, track_from_inferior
-from app.support.store import MANIFEST, TENSORS, discover, load_support_set
+from autocontour.errors import SupportSetError
+from autocontour.support.build import build_support_set
+from autocontour.support.recipes import Recipe, load_recipes, margin, track_from_inferior
+from autocontour.support.store import MANIFEST, TENSORS, discover, load_support_set
 
 
 def test_margin_is_in_millimetres_on_anisotropic_spacing():
@@ -66,7 +66,7 @@ def test_shipped_recipes_on_the_example_labels():
     import SimpleITK as sitk
     from conftest import EXAMPLE_CT, EXAMPLE_LABELS
 
-    from app.io import CanonicalCT, read_ct
+    from autocontour.io import CanonicalCT, read_ct
 
     ct = CanonicalCT(read_ct(EXAMPLE_CT))
     labels = ct.to_canonical(sitk.ReadImage(str(EXAMPLE_LABELS)))

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.cli import main
-from app.model.weights import ModelCard, load_model, save_checkpoint
-from app.training.data import phantom_volumes, prepare_training_data
-from app.training.dataset import load_training_data
-from app.training.episodes import TaskSampler
-from app.training.train import TrainConfig, Trainer
+from autocontour.cli import main
+from autocontour.model.weights import ModelCard, load_model, save_checkpoint
+from autocontour.training.data import phantom_volumes, prepare_training_data
+from autocontour.training.dataset import load_training_data
+from autocontour.training.episodes import TaskSampler
+from autocontour.training.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_training_from_a_prepared_file_needs_no_simpleitk(tmp_path, data_file):
     import sys
 
     code = ("import sys; sys.modules['SimpleITK'] = None; sys.modules['nibabel'] = None; sys.modules['monai'] = None\n"
-            "from app.cli import main\n"
+            "from autocontour.cli import main\n"
             f"sys.exit(main(['train', '--data', {str(data_file)!r}, '--out', {str(tmp_path / 'gpu')!r}, '--steps', '2',"
             " '--batch-size', '2', '--support-size', '2', '--low-res-steps', '2', '--validate-every', '2',"
             " '--device', 'cpu', '--quiet']))")
@@ -139,7 +139,7 @@ def test_training_from_a_prepared_file_needs_no_simpleitk(tmp_path, data_file):
 
 
 def test_weights_interpolate_blends_two_checkpoints_and_keeps_restrictions(tmp_path, capsys):
-    from app.model import UniverSeg
+    from autocontour.model import UniverSeg
 
     paths = []
     for seed, research in ((1, False), (2, True)):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.cli import main
-from app.errors import WeightsError
-from app.model import UniverSeg
-from app.model.weights import OFFICIAL_V1, download, load_model
+from autocontour.cli import main
+from autocontour.errors import WeightsError
+from autocontour.model import UniverSeg
+from autocontour.model.weights import OFFICIAL_V1, download, load_model
 
 
 class _Handler(SimpleHTTPRequestHandler):

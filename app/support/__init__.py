@@ -1,5 +1,0 @@
-"""Stage 3: support sets, the labelled examples that tell the network what to segment."""
-
-from app.support.store import SupportSet, discover, load_support_set
-
-__all__ = ["SupportSet", "discover", "load_support_set"]

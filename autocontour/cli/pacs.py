@@ -1,0 +1,78 @@
+"""`autocontour pacs pull` and `pacs push`: DICOMweb in and out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autocontour.cli.parsing import (
+    command_group,
+    inference_options,
+    pacs_password,
+    roi_names_option,
+    segment_options,
+    segmenter_from,
+    structures_help,
+)
+
+
+def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
+    """`autocontour pacs pull` and `pacs push`: their arguments, beside their handlers."""
+    pacs = command_group(commands, "pacs", "pull a CT from a DICOMweb PACS and push results back")
+    pull = pacs.add_parser("pull", help="fetch a study's CT series (QIDO/WADO-RS), segment it, optionally push back",
+                           description="Fetch the CT series of a study from a DICOMweb server, segment it, write "
+                                       "NIfTI masks, rtstruct.dcm and seg.dcm to --out, and with --push store the "
+                                       "RTSTRUCT and SEG back into the study (STOW-RS). Results are drafts.")
+    pull.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    pull.add_argument("--study", required=True, help="Study Instance UID")
+    pull.add_argument("--series", default=None, help="Series Instance UID (needed when the study has several CTs)")
+    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("--push", action="store_true", help="store the RTSTRUCT and SEG back into the PACS")
+    pull.add_argument("--structures", default=None, help=structures_help())
+    inference_options(pull)
+    roi_names_option(pull)
+    pull.add_argument("--username", default=None)
+    pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    pull.set_defaults(handler=cmd_pacs_pull)
+    push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
+    push.add_argument("--url", required=True)
+    push.add_argument("files", type=Path, nargs="+")
+    push.add_argument("--username", default=None)
+    push.add_argument("--password", default=None)
+    push.set_defaults(handler=cmd_pacs_push)
+
+
+def cmd_pacs_pull(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from autocontour.dicom import pacs
+
+    client = pacs.connect(args.url, args.username, pacs_password(args))
+    series_uid = pacs.find_ct_series(client, args.study, args.series)
+    segmenter = segmenter_from(args)
+    with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
+        files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
+        print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
+        result = segmenter.segment(Path(tmp), args.out, args.structures, **segment_options(args),
+                                   roi_names=args.roi_names)
+    outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
+    if args.push and outputs:
+        pacs.store(client, outputs)
+        print(f"stored {', '.join(p.name for p in outputs)} in study {args.study}")
+    print(f"DRAFT contours for clinical review, written to {args.out}")
+    return 0
+
+
+def cmd_pacs_push(args: argparse.Namespace) -> int:
+
+    from autocontour.dicom import pacs
+    from autocontour.errors import InputImageError
+
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise InputImageError(f"file not found: {', '.join(missing)}")
+    client = pacs.connect(args.url, args.username, pacs_password(args))
+    pacs.store(client, list(args.files))
+    print(f"stored {len(args.files)} file(s)")
+    return 0

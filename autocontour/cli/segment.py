@@ -1,0 +1,102 @@
+"""`autocontour segment` and `autocontour structures`: draft contours for one CT, and what can be drawn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autocontour.cli.parsing import (
+    inference_options,
+    progress_bar,
+    roi_names_option,
+    segment_options,
+    segmenter_from,
+    structures_help,
+)
+
+
+def add_segment_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour segment`: its arguments, beside its handler."""
+    seg = commands.add_parser("segment", help="segment a CT volume into draft masks",
+                              description="Segment a CT (NIfTI, or a DICOM series as a folder or zip) and write one "
+                                          "NIfTI mask per structure on the CT's grid, summary.json (confidence, "
+                                          "flagged slices, volumes, provenance) and preview.png (DICOM input: also "
+                                          "rtstruct.dcm and seg.dcm). Results are drafts for clinical review.")
+    seg.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
+                                           "(a folder or a .zip); DICOM input also gives rtstruct.dcm and seg.dcm")
+    seg.add_argument("--out", type=Path, required=True, help="output folder")
+    seg.add_argument("--structures", default=None, help=structures_help())
+    inference_options(seg)
+    seg.add_argument("--series", default=None, metavar="UID",
+                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
+    roi_names_option(seg)
+    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
+    seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(handler=cmd_segment)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from autocontour.catalogue import parse_structures
+    from autocontour.errors import InputImageError
+
+    if args.structures is not None:  # cheap checks before the model loads (the loaded sets decide the rest)
+        parse_structures(args.structures)
+    if not args.ct.exists():
+        raise InputImageError(f"file not found: {args.ct}")
+    segmenter = segmenter_from(args)
+    update, close = progress_bar(args.quiet)
+    try:
+        result = segmenter.segment(
+            args.ct, args.out, args.structures, **segment_options(args),
+            save_probabilities=args.probabilities, preview=not args.no_preview, progress=update,
+            roi_names=args.roi_names, series_uid=args.series)
+    finally:
+        close()
+    summary = result.summary
+    for notice in summary["notices"]:
+        print(f"NOTICE: {notice}", file=sys.stderr)
+    print(f"DRAFT contours for clinical review, written to {args.out}")
+    for _name, s in summary["structures"].items():
+        conf = "n/a" if s["confidence"] is None else f"{s['confidence']:.2f}"
+        reason = f"  ({s['status_reason']})" if s["status_reason"] else ""
+        print(f"  {s['display_name']:<16} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
+              f"{len(s['flagged_slices'])} flagged slice(s){reason}")
+    print(f"  total {summary['timings_s']['total']:.1f} s on {summary['model']['device']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def add_structures_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour structures`: its arguments, beside its handler."""
+    structures = commands.add_parser("structures", help="list the structures the support sets provide, and the "
+                                                        "overlap rules",
+                                     description="The structures the loaded support sets declare (and the built-in "
+                                                 "cervix ones without a set), with how to add one.")
+    structures.add_argument("--support-dir", type=Path, action="append", default=[])
+    structures.add_argument("--no-shipped-support", action="store_true")
+    structures.add_argument("--rules", type=Path, default=None, help="overlap-rules JSON (default: shipped)")
+    structures.set_defaults(handler=cmd_structures)
+
+
+def cmd_structures(args: argparse.Namespace) -> int:
+    from autocontour.catalogue import Catalogue
+    from autocontour.config import Settings
+    from autocontour.rules import load_rules
+    from autocontour.support.store import discover
+
+    settings = Settings()
+    supports = discover(settings.support_folders(args.support_dir, False if args.no_shipped_support else None))
+    catalogue = Catalogue.from_definitions({n: s.definition for n, s in supports.items()})
+    for s in catalogue:
+        support = supports.get(s.name)
+        where = support.id if support else f"no set: autocontour support build {s.name} --case CT MASK --out DIR"
+        print(f"{s.name:<16} {s.display_name:<16} {s.interpreted_type:<6} {s.laterality:<9} "
+              f"TG-263 {s.tg263_name or '-':<10} tolerance {s.nsd_tolerance_mm:g} mm  {where}")
+    rules = load_rules(args.rules or settings.rules)
+    print(f"overlap rules {rules.name!r}: " + "; ".join(
+        "exclusive: " + ", ".join(g) for g in rules.exclusive_groups) + "; allowed: " + ", ".join(
+        " & ".join(p) for p in rules.allowed_pairs))
+    return 0

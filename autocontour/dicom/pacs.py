@@ -1,0 +1,111 @@
+"""A PACS over DICOMweb: find and fetch a CT series (QIDO-RS, WADO-RS), store results (STOW-RS).
+
+dicomweb-client speaks the protocol; this module adds the choices a
+department needs: which series of a study is the planning CT (refuse to
+guess between several), where the files go, and clear errors when the
+server is unreachable or the study is not there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from autocontour.errors import AutocontourError, InputImageError
+
+
+class PacsError(AutocontourError):
+    code = "pacs-error"
+    http_status = 502
+
+
+def connect(url: str, username: str | None = None, password: str | None = None) -> DICOMwebClient:
+    session = requests.Session()
+    if username:
+        session.auth = (username, password or "")
+    return DICOMwebClient(url=url.rstrip("/"), session=session)
+
+
+def _value(item: dict, tag: str) -> str:
+    values = item.get(tag, {}).get("Value", [])
+    return str(values[0]) if values else ""
+
+
+def find_ct_series(client: DICOMwebClient, study_uid: str, series_uid: str | None = None) -> str:
+    """The one CT series of a study to segment (or the one named)."""
+    try:
+        found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "CT"})
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 404:
+            raise InputImageError(f"study {study_uid} is not in the PACS") from exc
+        raise PacsError(f"the PACS refused the search: {exc}") from exc
+    except requests.RequestException as exc:
+        raise PacsError(f"cannot reach the PACS: {exc}") from exc
+    uids = [_value(s, "0020000E") for s in found]
+    if series_uid:
+        if series_uid not in uids:
+            raise InputImageError(f"series {series_uid} is not a CT series of study {study_uid}")
+        return series_uid
+    if not uids:
+        if not client.search_for_series(study_instance_uid=study_uid):
+            raise InputImageError(f"study {study_uid} is not in the PACS")
+        raise InputImageError(f"study {study_uid} has no CT series")
+    if len(uids) > 1:
+        raise InputImageError(f"study {study_uid} has {len(uids)} CT series; name one with its series UID: "
+                              + ", ".join(uids))
+    return uids[0]
+
+
+def fetch_series(client: DICOMwebClient, study_uid: str, series_uid: str, folder: Path) -> list[Path]:
+    """Download every instance of a series into a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        instances = client.retrieve_series(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                           media_types=(("application/dicom", "*"),))  # as stored: no transcoding
+    except requests.RequestException as exc:
+        raise PacsError(f"cannot retrieve series {series_uid}: {exc}") from exc
+    paths = []
+    for i, ds in enumerate(instances):
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(str(path), enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def store(client: DICOMwebClient, files: list[Path]) -> None:
+    """STOW-RS the given DICOM files (an RTSTRUCT and a SEG) into the PACS."""
+    try:
+        client.store_instances([pydicom.dcmread(str(f)) for f in files])
+    except requests.RequestException as exc:
+        raise PacsError(f"the PACS refused to store the results: {exc}") from exc
+
+
+def fetch_contoured_case(client: DICOMwebClient, study_uid: str, folder: Path) -> tuple[Path, Path]:
+    """A contoured planning CT from the PACS, for a support set: (CT series folder, RTSTRUCT file).
+
+    The RTSTRUCT must reference the CT series' frame of reference; when the study holds several
+    structure sets, the newest is taken (clinics re-export after review).
+    """
+    series_uid = find_ct_series(client, study_uid)
+    ct_folder = folder / "ct"
+    fetch_series(client, study_uid, series_uid, ct_folder)
+    frame = str(pydicom.dcmread(str(next(ct_folder.iterdir())), stop_before_pixels=True).FrameOfReferenceUID)
+    try:
+        found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "RTSTRUCT"})
+    except requests.RequestException as exc:
+        raise PacsError(f"cannot search the PACS for structure sets: {exc}") from exc
+    candidates: list = []
+    for item in found:
+        rt_folder = folder / f"rtstruct-{len(candidates)}"
+        for path in fetch_series(client, study_uid, _value(item, "0020000E"), rt_folder):
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            frames = {str(f.FrameOfReferenceUID) for f in getattr(ds, "ReferencedFrameOfReferenceSequence", [])}
+            if frame in frames:
+                candidates.append((str(getattr(ds, "StructureSetDate", "")) + str(getattr(ds, "StructureSetTime", "")),
+                                   path))
+    if not candidates:
+        raise InputImageError(f"study {study_uid} has no RTSTRUCT on its CT series' frame of reference")
+    return ct_folder, max(candidates)[1]

@@ -1,0 +1,660 @@
+"""Which slices to segment, with which examples: the in-context part of inference.
+
+For every requested structure:
+
+0. Localisation. The support set's bone profiles are matched to the scan's
+   (autocontour.support.localize): a window along z to search, the verdict that the
+   structure lies outside the scan or that the scan is too short to tell
+   (nothing is searched or drawn), or the whole body when no match can be
+   trusted. `axial_search="all"` ignores it.
+1. Coarse pass. Every few millimetres (`coarse_step_mm`) through the body,
+   segment the slice with a support set spread over the structure's whole
+   extent. The longest run of slices where the structure shows (by area)
+   gives its axial extent; no work is spent on slices far outside it.
+2. Fine pass. Every slice from one coarse step below to one above that
+   extent is segmented by an ensemble of K support sets of S slices. With
+   `support_selection="level"` each query gets the examples nearest to its
+   own relative level in the structure (the top of the bladder is segmented
+   from examples of bladder tops); the K members draw different subsets of
+   the nearest examples, and their disagreement feeds the confidence.
+   When the set has several source cases, the examples come from the cases
+   whose slices at that level look most like the query slice (normalised
+   cross-correlation of the 32x32 model images): anatomy that matches, not
+   only the same relative level.
+3. Other planes (`planes="three"`, autocontour.engine.planes). Coronal and sagittal
+   cuts across the structure's likely region are segmented from examples
+   cut from the set's atlas copies, and the three probabilities averaged.
+
+With a registration prior (`autocontour.support.prior`: the set's source cases
+registered to the scan), the prior replaces steps 0 and 1: its slices (plus
+a margin) are the window, its extent sets the levels, and the fine pass's
+probability is fused with it: p = (1 - w) * p_network * gate + w * p_prior,
+where the gate keeps the network's answer only within `prior_gate_mm` of the
+prior's likely region. w follows the registration's quality (its final Mattes
+mutual information, `prior_weight_for`): a source that aligned well is
+trusted more than the network, one that aligned poorly less. Where the
+network draws almost nothing where the prior places the structure (less than
+`NETWORK_SILENT_SHARE` of the prior's likely volume), a poorly aligned prior
+alone could not reach the threshold and the result would be empty: the prior
+is drawn alone (weight 1), nothing is drawn beyond the sources' field of view
+(the network failed where it could be checked), and the summary says so. The
+weights, the gate and that share were chosen on bench/cross_patient.py.
+
+With `crops` and a support set of format 2 that stores them, the fine pass
+looks closer: each slice is a square of the set's side (mm) centred on the
+structure, found by the prior (or, without one, by the coarse pass), at the
+scale the set's examples show it; the result maps back onto the CT's grid
+through the crop's geometry. Without a centre it falls back to the whole view.
+
+Requests of all structures go to the runner together, so batches stay full.
+If the CT is itself one of a support set's source cases, the query's own
+slice and its neighbours are left out of its support (leave-slice-out), so a
+result never copies its own label.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, cast
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy import ndimage
+
+from autocontour.engine.planes import (
+    OTHER_PLANES,
+    PlaneQuery,
+    atlas_examples,
+    plane_mean,
+    plane_queries,
+    slice_z_mm,
+    uncut,
+)
+from autocontour.engine.runner import Engine
+from autocontour.errors import OptionError
+from autocontour.evaluation.metrics import dice
+from autocontour.preprocess import ModelInput, mask_centre_mm
+from autocontour.support.localize import Localisation, Profile, locate
+from autocontour.support.prior import PRESENT, StructurePrior
+from autocontour.support.store import SupportSet
+
+MIN_FOREGROUND_PIXELS = 4
+LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
+PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs by about a vertebra
+# The fusion weight follows the registration's final Mattes mutual information (more negative: better aligned):
+# PRIOR_WEIGHT_POOR at METRIC_POOR and above, PRIOR_WEIGHT_GOOD at METRIC_GOOD and below, linear between. On
+# bench/cross_patient.py the real pair and the phantoms register at -0.13 to -0.20 (their priors score 0.30-0.37)
+# and the virtual patients at -0.45 to -0.59 (0.79-0.89); the ramp spans that gap. The two weights and the gate were
+# chosen by --choose-fusion on all three kinds of case (bench/RESULTS.md, "Choosing the fusion"). At 0.4 the
+# network still draws alone where it is sure (p_network >= 0.83) and the prior needs the network's help; at 0.9 the
+# prior draws wherever it reaches 0.56 and the network moves its edges.
+METRIC_POOR, METRIC_GOOD = -0.25, -0.40
+PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
+PRIOR_GATE_MM: float | None = 40.0
+# Below this share of the prior's likely volume (prior >= 0.5), the network counts as silent and the prior is
+# drawn alone (`network_silent`). Only the network's voxels inside the prior's likely region count ("prior"), not
+# all inside the gate ("gate"): a network that draws its own pieces beside the structure is silent on it. Both
+# chosen by --choose-fusion (stop 24: 0.687 against 0.680 for 0.5 and the gate).
+NETWORK_SILENT_SHARE = 0.3
+SilentWithin = Literal["gate", "prior"]
+NETWORK_SILENT_WITHIN: SilentWithin = "prior"
+
+# progress(phase, requests done per structure, requests in total per structure)
+ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
+# crop_view(structure, centre (x, y) mm, side mm): the scan prepared on a structure-centred crop
+CropView = Callable[[str, tuple[float, float], float], ModelInput]
+
+
+class InferenceOptions(BaseModel):
+    """How hard to look. Defaults per device come from `autocontour.config`."""
+
+    support_size: int = Field(16, ge=1, le=256, description="support slices per ensemble member (S)")
+    ensemble: int = Field(1, ge=1, le=16, description="support subsets averaged per slice (K)")
+    axial_search: str = Field("coarse", pattern="^(coarse|all)$",
+                              description="coarse: find the structure's extent first; all: every body slice")
+    coarse_step_mm: float = Field(9.0, gt=0, le=50)
+    coarse_support_size: int = Field(4, ge=1, le=256, description="support slices for the coarse pass "
+                                                                  "(it only has to find the structure)")
+    support_selection: str = Field("level", pattern="^(level|spread)$",
+                                   description="level: examples from the query's relative level; "
+                                               "spread: from the whole extent")
+    registration: bool = Field(True, description="register the support sets' source cases to the scan and "
+                                                 "use their warped masks (the registration prior)")
+    prior_weight: float | None = Field(None, ge=0, le=1,
+                                       description="weight of the registration prior in the fused probability "
+                                                   "(None: from the registration's quality, `prior_weight_for`, "
+                                                   "and 1 where the network is silent, `network_silent`)")
+    prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
+                                        "close to the prior's likely region (None: everywhere)")
+    crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
+                                           "default: the shipped checkpoint segments worse on them "
+                                           "(bench/RESULTS.md)")
+    planes: str = Field("axial", pattern="^(axial|three)$",
+                        description="axial: the fine pass on axial slices; three: also on coronal and sagittal "
+                                    "cuts from the sets' atlas copies, averaged (autocontour.engine.planes)")
+    seed: int = 0
+
+
+@dataclass
+class StructurePrediction:
+    """Probabilities on the model grid, and how they were obtained."""
+
+    probability: np.ndarray  # (Z, H, W) mean over ensemble members; 0 where not computed
+    agreement: np.ndarray  # (Z,) mean pairwise Dice of members' masks; 1 where all agree or K = 1
+    computed: np.ndarray  # (Z,) bool: slices the fine pass segmented
+    extent: tuple[int, int] | None  # first and last slice where the coarse pass found the structure
+    support_size: int
+    ensemble: int
+    queries: int = 0
+    pairs: int = 0
+    window_mm: tuple[float, float] | None = None  # the z range searched, from the bone profiles
+    localisation: Localisation | None = None
+    searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
+    cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
+    prior: StructurePrior | None = None  # the registration prior, when the set's source cases gave one
+    prior_weight: float | None = None  # the prior's weight in the fusion
+    view: ModelInput | None = None  # the grid `probability` lies on: the crop, or None for the whole-body view
+    crop: dict | None = None  # the crop's side and centre and what placed it (for the summary)
+    planes: dict[str, int] = field(default_factory=dict)  # plane -> cuts segmented (axial: slices)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def not_in_scan(self) -> bool:
+        return self.localisation is not None and self.localisation.verdict == "not_in_scan"
+
+    @property
+    def not_localised(self) -> bool:
+        """The scan was too short to place and nothing was searched (`axial_search="all"` searches it)."""
+        return self.localisation is not None and self.localisation.verdict == "too_short" and not self.computed.any()
+
+
+@dataclass
+class _Request:
+    structure: str
+    z: int
+    member: int
+    index: np.ndarray  # (S,) indices into the joint pool
+    crop: bool = False  # query and supports from the structure-centred crops
+
+
+class SupportPool:
+    """All structures' support slices in one array, so one batch can mix structures."""
+
+    def __init__(self, supports: dict[str, SupportSet], crops: bool = False):
+        """`crops`: also `crop_array`, the sets' structure-centred crops at the same offsets (the whole view
+        for sets without crops)."""
+        self.offset: dict[str, int] = {}
+        arrays, crop_arrays, total = [], [], 0
+        for name, support in supports.items():
+            self.offset[name] = total
+            arrays.append(np.stack([support.images, support.labels], axis=1))
+            crop_images, crop_labels = support.crop_images, support.crop_labels
+            if crops:
+                crop_arrays.append(arrays[-1] if crop_images is None or crop_labels is None else
+                                   np.stack([crop_images, crop_labels], axis=1))
+            total += len(support)
+        self.array = np.concatenate(arrays).astype(np.float32)
+        self.crop_array = np.concatenate(crop_arrays).astype(np.float32) if crops else self.array
+
+
+def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """K support subsets stratified over the levels: one pick per stratum each."""
+    order = np.nonzero(allowed)[0]
+    order = order[np.argsort(levels[order], kind="stable")]
+    strata = np.array_split(order, s)
+    members = []
+    for member in range(k):
+        picks = [stratum[len(stratum) // 2] if member == 0 else rng.choice(stratum) for stratum in strata]
+        members.append(np.array(picks, dtype=np.int64))
+    return members
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, 32*32) zero-mean, unit-norm thumbnails of model images, for normalised cross-correlation."""
+    n, h, w = images.shape
+    small = images.reshape(n, 32, h // 32, 32, w // 32).mean(axis=(2, 4)).reshape(n, -1)
+    small = small - small.mean(axis=1, keepdims=True)
+    return small / (np.linalg.norm(small, axis=1, keepdims=True) + 1e-6)
+
+
+def _by_matching_case(nearest: np.ndarray, cases: np.ndarray, similarity: np.ndarray, s: int) -> np.ndarray:
+    """The nearest-level candidates reordered so the source cases most like the query come first.
+
+    A case's score is the mean similarity of its candidates among the 3S nearest; within a case
+    the order by level is kept.
+    """
+    pool = nearest[: 3 * s]
+    scores = {c: similarity[pool[cases[pool] == c]].mean() for c in np.unique(cases[pool])}
+    rank = np.array([-scores[c] for c in cases[pool]])
+    return np.concatenate([pool[np.argsort(rank, kind="stable")], nearest[3 * s:]])
+
+
+def _level_members(levels: np.ndarray, allowed: np.ndarray, level: float, s: int, k: int,
+                   rng: np.random.Generator, cases: np.ndarray | None = None,
+                   similarity: np.ndarray | None = None) -> list[np.ndarray]:
+    """K support subsets from the examples nearest the query's level (from the best-matching cases)."""
+    candidates = np.nonzero(allowed)[0]
+    nearest = candidates[np.argsort(np.abs(levels[candidates] - level), kind="stable")]
+    if cases is not None and similarity is not None:
+        nearest = _by_matching_case(nearest, cases, similarity, s)
+    pool = nearest[: min(nearest.size, 2 * s)]
+    members = [nearest[:s]]
+    for _ in range(1, k):
+        members.append(np.sort(rng.choice(pool, size=s, replace=False)))
+    return members
+
+
+def _allowed(support: SupportSet, z: int, own_cases: set[str]) -> np.ndarray:
+    """Support slices a query at canonical slice z may use (leave-slice-out for source cases)."""
+    allowed = np.ones(len(support), dtype=bool)
+    if own_cases:
+        for i, meta in enumerate(support.manifest.slices):
+            if meta.case in own_cases and abs(meta.slice_index - z) <= LEAVE_OUT_RADIUS:
+                allowed[i] = False
+    return allowed
+
+
+def _step_slices(model_input: ModelInput, step_mm: float) -> int:
+    return max(1, int(round(step_mm / model_input.grid.GetSpacing()[2])))
+
+
+def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, float]) -> Localisation:
+    """Where along z to search the scan for the set's structure (autocontour.support.localize.locate)."""
+    cases = [(Profile.from_dict(c.bone_profile), cast(tuple[float, float], tuple(c.extent_mm)))
+             for c in support.manifest.source_cases if c.bone_profile and c.extent_mm]
+    if query is None:
+        return Localisation("whole_body", "no bone profile of the scan: the whole body was searched")
+    return locate(cases, query, scan_mm)
+
+
+class _StructurePlan:
+    """One structure's way through the passes: where to search, its requests, and what came back.
+
+    `predict_structures` runs the passes for all structures together (one runner call per pass, so
+    batches stay full); each plan says what it needs and takes its answers.
+    """
+
+    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: InferenceOptions,
+                 fingerprint: str | None):
+        self.name, self.support, self.input, self.options = name, support, model_input, options
+        self.own = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
+        usable = len(support) - (2 * LEAVE_OUT_RADIUS + 1 if self.own else 0)
+        if usable < 1:
+            raise OptionError(f"support set {support.id} has too few slices ({len(support)}) to segment with")
+        size = min(options.support_size, usable)
+        z_count = model_input.num_slices
+        self.prediction = StructurePrediction(
+            probability=np.zeros((z_count, *model_input.images.shape[1:]), dtype=np.float32),
+            agreement=np.ones(z_count, dtype=np.float32), computed=np.zeros(z_count, dtype=bool),
+            extent=None, support_size=size, ensemble=options.ensemble)
+        if size < options.support_size:
+            self.prediction.warnings.append(f"support size reduced to {size}: the support set has {len(support)} "
+                                            "slices")
+        if self.own:
+            self.prediction.warnings.append(
+                "this CT is a source case of the support set: each slice's own label and its neighbours' were left out")
+        self.searched = np.zeros(0, dtype=int)
+        self.coarse: dict[int, np.ndarray] = {}  # coarse slice -> probability
+        self.fine: dict[int, list[np.ndarray]] = {}  # fine slice -> one probability per ensemble member
+
+    @property
+    def view(self) -> ModelInput:
+        """The grid the fine pass runs on: the structure-centred crop, or the whole-body view."""
+        return self.prediction.view or self.input
+
+    def locate(self, profile: Profile | None, prior: StructurePrior | None) -> None:
+        """Step 0: the slices to search, from the registration prior or the bone profile."""
+        prediction, grid = self.prediction, self.input.grid
+        z_mm = grid.GetOrigin()[2] + grid.GetSpacing()[2] * np.arange(self.input.num_slices)
+        inside = self.input.body_slices.copy()
+        located = localise(self.support, profile, (float(z_mm[0]), float(z_mm[-1])))
+        if prior is not None:
+            prediction.prior = prior
+            prediction.prior_weight = (self.options.prior_weight if self.options.prior_weight is not None
+                                       else prior_weight_for(prior.metric))
+            located = _prior_window(prior, z_mm, located)
+        prediction.localisation = located
+        if self.options.axial_search == "all":
+            if located.verdict != "whole_body":
+                prediction.warnings.append("--axial-search all: every body slice was searched, whatever the skeleton "
+                                           "match said" + (f" ({located.reason})" if located.reason else ""))
+        elif located.verdict == "window":
+            assert located.window_mm is not None  # the "window" verdict always carries its window
+            inside &= (z_mm >= located.window_mm[0]) & (z_mm <= located.window_mm[1])
+            prediction.window_mm = (round(located.window_mm[0], 1), round(located.window_mm[1], 1))
+        elif located.verdict in ("not_in_scan", "too_short"):
+            inside[:] = False
+        elif located.reason is not None:
+            prediction.warnings.append(located.reason)
+        self.searched = np.nonzero(inside)[0]
+        if self.searched.size:
+            prediction.searched_mm = (round(float(z_mm[self.searched[0]]), 1),
+                                      round(float(z_mm[self.searched[-1]]), 1))
+
+    def coarse_requests(self, rng: np.random.Generator, offset: int) -> list[_Request]:
+        """Step 1: every few millimetres through the searched slices (none where the prior gives the extent)."""
+        body = self.searched
+        if body.size == 0 or self.prediction.prior is not None:
+            return []
+        size = min(self.options.coarse_support_size, self.prediction.support_size)
+        requests = []
+        for z in np.unique(np.append(body[:: _step_slices(self.input, self.options.coarse_step_mm)], body[-1:])):
+            member = _spread_members(self.support.levels, _allowed(self.support, z, self.own), size, 1, rng)[0]
+            requests.append(_Request(self.name, int(z), 0, member + offset))
+        return requests
+
+    def fine_requests(self, rng: np.random.Generator, offset: int, crop_view: CropView | None) -> list[_Request]:
+        """Step 2: the structure's extent (from the prior or the coarse pass), each slice with its examples."""
+        options, prediction, support, body = self.options, self.prediction, self.support, self.searched
+        step = _step_slices(self.input, options.coarse_step_mm)
+        found = _main_run({z: int((p > 0.5).sum()) for z, p in self.coarse.items()}, step)
+        if prediction.prior is not None:
+            prediction.extent = prediction.prior.extent()
+            found = list(prediction.extent) if prediction.extent else []
+        elif found:
+            prediction.extent = (found[0], found[-1])
+        if options.axial_search == "all" or prediction.prior is not None:
+            queries = body
+        elif found:
+            queries = body[(body >= found[0] - step) & (body <= found[-1] + step)]
+        else:
+            queries = body[:0]
+        lo, hi = prediction.extent or ((int(body[0]), int(body[-1])) if body.size else (0, 1))
+        crop = options.crops and _place_crop(prediction, support, self.input, self.coarse, found, crop_view,
+                                             self.name)
+        case_of = np.array([m.case for m in support.manifest.slices])
+        examples = support.crop_images if crop and support.crop_images is not None else support.images
+        thumbnails = _thumbnails(examples) if len(set(case_of)) > 1 and queries.size else None
+        query_thumbnails = _thumbnails(self.view.images[queries]) if thumbnails is not None else None
+        used: Counter[str] = Counter()
+        requests: list[_Request] = []
+        for i, z in enumerate(queries):
+            allowed = _allowed(support, int(z), self.own)
+            if options.support_selection == "level":
+                similarity = (thumbnails @ query_thumbnails[i]
+                              if thumbnails is not None and query_thumbnails is not None else None)
+                members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
+                                         prediction.support_size, options.ensemble, rng, case_of, similarity)
+            else:
+                members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
+            used.update(case_of[np.concatenate(members)].tolist())
+            requests += [_Request(self.name, int(z), k, m + offset, crop) for k, m in enumerate(members)]
+        prediction.computed[queries] = True
+        prediction.cases_used = dict(sorted(used.items()))
+        if prediction.prior_weight == 1.0:  # the prior alone: no network work
+            return []
+        return requests
+
+    def average_members(self) -> None:
+        """The fine pass's members averaged per slice, and their agreement."""
+        prediction = self.prediction
+        for z, members in self.fine.items():
+            prediction.probability[z] = np.mean(members, axis=0)
+            prediction.agreement[z] = _agreement([m > 0.5 for m in members])
+        prediction.planes = {"axial": int(prediction.computed.sum())}
+
+    def other_plane_queries(self) -> list[PlaneQuery]:
+        """Step 3 (`planes="three"`): coronal and sagittal cuts across the likely region (the fine pass's
+        mask and the prior's), with examples cut from the set's atlas copies."""
+        prediction, support = self.prediction, self.support
+        if self.options.planes != "three" or not prediction.computed.any() or prediction.prior_weight == 1.0:
+            return []
+        if prediction.view is not None:
+            prediction.warnings.append("three planes run on the whole-body view only: the fine pass on the crop "
+                                       "was axial alone")
+            return []
+        region = (prediction.probability >= 0.5) & prediction.computed[:, None, None]
+        if prediction.prior is not None:
+            region |= prediction.prior.probability >= 0.5
+        atlases = [atlas for case, atlas in support.atlas_cases().items() if case not in self.own]
+        if not region.any() or not atlases:
+            if not atlases:
+                prediction.warnings.append("no atlas copies to cut coronal and sagittal examples from (a format-1 "
+                                           "set, or only this scan's own): axial alone")
+            return []
+        spec = support.manifest.preprocessing
+        examples = {plane: [e for atlas in atlases if (e := atlas_examples(atlas, spec, plane)) is not None]
+                    for plane in OTHER_PLANES}
+        return plane_queries(self.input, region, examples, prediction.support_size)
+
+    def finish(self, pairs: int, planes: list[tuple[str, np.ndarray, np.ndarray]]) -> StructurePrediction:
+        """The other planes' cuts averaged in, and the fusion with the prior."""
+        prediction = self.prediction
+        if planes:
+            prediction.probability = plane_mean(prediction.probability, prediction.computed,
+                                                [(volume, reached) for _, volume, reached in planes])
+        if prediction.prior is not None:
+            _fuse(prediction, self.view, self.options)
+        prediction.queries = int(prediction.computed.sum())
+        prediction.pairs = pairs
+        return prediction
+
+
+def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
+                       options: InferenceOptions, fingerprint: str | None = None,
+                       progress: ProgressCallback | None = None, profile: Profile | None = None,
+                       priors: dict[str, StructurePrior] | None = None,
+                       crop_view: CropView | None = None) -> dict[str, StructurePrediction]:
+    """Coarse then fine pass for every structure; see the module docstring.
+
+    `profile` is the query's bone profile; with it each structure is searched only
+    where the skeleton says it can be (autocontour.support.localize). `priors` are the
+    registration priors on the model grids (autocontour.support.prior); `crop_view`
+    prepares the structure-centred crops of sets that store them.
+    """
+    priors = priors or {}
+    pools = SupportPool(supports, options.crops)
+    rng = np.random.default_rng(options.seed)
+    plans = {name: _StructurePlan(name, support, inputs[name], options, fingerprint)
+             for name, support in supports.items()}
+    for name, plan in plans.items():
+        plan.locate(profile, priors.get(name))
+
+    coarse_requests = [r for plan in plans.values() for r in plan.coarse_requests(rng, pools.offset[plan.name])]
+    for request, probability in zip(coarse_requests, _run(engine, inputs, pools, coarse_requests, "coarse",
+                                                          progress), strict=True):
+        plans[request.structure].coarse[request.z] = probability
+
+    fine_requests = [r for plan in plans.values()
+                     for r in plan.fine_requests(rng, pools.offset[plan.name], crop_view)]
+    views = {name: plan.view for name, plan in plans.items()}
+    for request, probability in zip(fine_requests, _run(engine, views, pools, fine_requests, "fine", progress),
+                                    strict=True):
+        plans[request.structure].fine.setdefault(request.z, []).append(probability)
+
+    pairs = Counter[str]()
+    for request in coarse_requests + fine_requests:
+        pairs[request.structure] += request.index.size
+    for plan in plans.values():
+        plan.average_members()
+    planes = _other_planes(engine, plans, pairs, progress)
+    return {name: plan.finish(pairs[name], planes.get(name, [])) for name, plan in plans.items()}
+
+
+def _other_planes(engine: Engine, plans: dict[str, _StructurePlan], pairs: Counter[str],
+                  progress: ProgressCallback | None) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Step 3 for every structure: (plane, probability on the view, slices reached) per plane segmented."""
+    queries = {name: plan.other_plane_queries() for name, plan in plans.items()}
+    total = {name: sum(len(q.positions) for q in qs) for name, qs in queries.items() if qs}
+    done = dict.fromkeys(total, 0)
+    out: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for name, structure_queries in queries.items():
+        view = plans[name].input
+        for query in structure_queries:
+            probability = engine.predict(query.images, query.pool, query.index)
+            volume, reached = uncut(probability, query.rows_mm, query.plane, query.positions, slice_z_mm(view),
+                                    view.images.shape)
+            out.setdefault(name, []).append((query.plane, volume, reached))
+            plans[name].prediction.planes[query.plane] = len(query.positions)
+            pairs[name] += query.index.size
+            done[name] += len(query.positions)
+            if progress:
+                progress("planes", dict(done), total)
+    return out
+
+
+def _place_crop(prediction: StructurePrediction, support: SupportSet, model_input: ModelInput,
+                coarse: dict[int, np.ndarray], found: list[int], crop_view: CropView | None, name: str) -> bool:
+    """Centre the set's crop on the structure (the prior's likely region, else the coarse pass's detections
+    in the structure's run) and prepare the scan on it; the prior follows onto the crop. False: no crop."""
+    if support.manifest.crop is None or crop_view is None:
+        return False
+    if prediction.prior is not None:
+        probability = prediction.prior.probability
+        region = probability >= 0.5 if (probability >= 0.5).any() else probability >= PRESENT
+        placed_by = "registration prior"
+    else:
+        region = np.zeros(model_input.images.shape, dtype=bool)
+        for z, p in coarse.items():
+            if found and found[0] <= z <= found[-1]:
+                region[z] |= p > 0.5
+        placed_by = "coarse pass"
+    if not region.any():
+        prediction.warnings.append("no centre for the structure-centred crop: the fine pass used the whole view")
+        return False
+    centre = mask_centre_mm(region, model_input.grid)
+    side = support.manifest.crop.side_mm
+    prediction.view = crop_view(name, centre, side)
+    if prediction.prior is not None:
+        prediction.prior = prediction.prior.on_grid(model_input.grid, prediction.view.grid)
+    prediction.crop = {"side_mm": side, "centre_xy_mm": [round(c, 1) for c in centre], "placed_by": placed_by}
+    return True
+
+
+def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) -> Localisation:
+    """The search window from the registration prior (and the slices beyond the sources' fields of view
+    where the structure runs on), checked against the bone profile's verdict."""
+    present = z_mm[prior.slices_present() | prior.uninformed()]
+    if present.size == 0:
+        registered = "the registered source case(s) place the structure beyond the scan's ends"
+        reason = f"{bones.reason}; {registered} too" if bones.verdict == "not_in_scan" else registered
+        return Localisation("not_in_scan", reason, expected_mm=bones.expected_mm, score=bones.score)
+    window = (float(present[0]) - PRIOR_MARGIN_MM, float(present[-1]) + PRIOR_MARGIN_MM)
+    reason = "registration prior"
+    if bones.verdict == "window" and bones.window_mm is not None and (
+            bones.window_mm[1] < window[0] or bones.window_mm[0] > window[1]):
+        reason += (f"; the bone profile expected z {bones.window_mm[0]:.0f} to {bones.window_mm[1]:.0f} mm, "
+                   "which does not overlap: check the result")
+    return Localisation("window", reason, window, bones.expected_mm, bones.score)
+
+
+def prior_weight_for(metric: float, poor: float = PRIOR_WEIGHT_POOR, good: float = PRIOR_WEIGHT_GOOD) -> float:
+    """The prior's fusion weight for a registration that ended at this Mattes mutual information: `poor` at
+    METRIC_POOR and above, `good` at METRIC_GOOD and below (the bench tries other pairs)."""
+    share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
+    return round(poor + share * (good - poor), 3)
+
+
+def gate(prior: np.ndarray, gate_mm: float | None, spacing_zyx: tuple[float, float, float]) -> np.ndarray | None:
+    """Where the network's probability counts: within `gate_mm` of where the prior reaches 0.5 (None: everywhere;
+    nowhere when the prior never reaches 0.5)."""
+    if gate_mm is None:
+        return None
+    likely = prior >= 0.5
+    if not likely.any():
+        return np.zeros_like(likely)
+    return ndimage.distance_transform_edt(~likely, sampling=spacing_zyx) <= gate_mm
+
+
+def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray | None) -> np.ndarray:
+    """(1 - weight) * network * near + weight * prior, `near` from `gate` (None: the network everywhere)."""
+    if near is not None:
+        network = network * near
+    return (1 - weight) * network + weight * prior
+
+
+def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | None,
+                   share: float = NETWORK_SILENT_SHARE, within: SilentWithin = NETWORK_SILENT_WITHIN) -> bool:
+    """Whether the network draws (p >= 0.5) less than `share` of the prior's likely volume (p >= 0.5).
+
+    `within` says which of its voxels count: "prior", those inside the prior's likely region (a network
+    that draws its own pieces beside the structure is silent on it); "gate", all inside the gate.
+    Never when the prior has no likely region: then there is nothing to draw from it."""
+    likely_region = prior >= 0.5
+    likely = int(np.count_nonzero(likely_region))
+    drawn = network >= 0.5
+    if within == "prior":
+        drawn &= likely_region
+    elif near is not None:
+        drawn &= near
+    return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
+
+
+def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
+    """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
+    assert prediction.prior is not None and prediction.prior_weight is not None
+    spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
+    prior = prediction.prior.probability
+    near = gate(prior, options.prior_gate_mm, spacing)
+    uninformed = prediction.prior.uninformed()[:, None, None]
+    informed = prediction.computed[:, None, None] & ~uninformed
+    silent = options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed,
+                                                             near)
+    if silent:
+        prediction.prior_weight = 1.0
+        prediction.warnings.append("the network drew almost nothing where the registered source case(s) place the "
+                                   "structure: drawn from the registration prior alone, and nothing beyond the "
+                                   "source scans' field of view; review every slice")
+    fused = fuse(prediction.probability, prior, prediction.prior_weight, near)
+    # beyond the sources' field of view only the network knows; one that failed where it could be checked is
+    # not trusted there either
+    fused = np.where(uninformed, 0.0 if silent else prediction.probability, fused)
+    prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
+
+
+def _main_run(areas: dict[int, int], step: int) -> list[int]:
+    """The coarse slices of the structure: the axially contiguous run with the most area.
+
+    A structure is one axial run; a stray detection far from it must not stretch
+    the searched range. Slices one coarse step apart (or two, bridging one miss)
+    belong to the same run.
+    """
+    found = sorted(z for z, area in areas.items() if area >= MIN_FOREGROUND_PIXELS)
+    runs: list[list[int]] = []
+    for z in found:
+        if runs and z - runs[-1][-1] <= 2 * step:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    return max(runs, key=lambda run: sum(areas[z] for z in run)) if runs else []
+
+
+def _agreement(masks: list[np.ndarray]) -> float:
+    """Mean pairwise Dice between member masks; empty pairs agree."""
+    if len(masks) < 2:
+        return 1.0
+    scores = []
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            scores.append(dice(masks[i], masks[j]))
+    return float(np.mean(scores))
+
+
+def _run(engine: Engine, inputs: dict[str, ModelInput], pools: SupportPool, requests: list[_Request], phase: str,
+         progress: ProgressCallback | None) -> list[np.ndarray]:
+    """Send requests to the runner in groups of equal support size; keep their order."""
+    results: list[np.ndarray | None] = [None] * len(requests)
+    total = Counter(r.structure for r in requests)
+    done: Counter[str] = Counter({name: 0 for name in total})
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault((request.index.size, request.crop), []).append(i)
+    for (_, crop), members in groups.items():
+        queries = np.stack([inputs[requests[i].structure].images[requests[i].z] for i in members])
+        index = np.stack([requests[i].index for i in members])
+        finished = 0
+
+        def report(n: int, members: list[int] = members) -> None:
+            nonlocal finished
+            done.update(requests[i].structure for i in members[finished:finished + n])
+            finished += n
+            if progress:
+                progress(phase, dict(done), dict(total))
+
+        pool = pools.crop_array if crop else pools.array
+        for i, probability in zip(members, engine.predict(queries, pool, index, report), strict=True):
+            results[i] = probability
+    return results  # type: ignore[return-value]

@@ -1,0 +1,109 @@
+"""Slices and contours for the review page, rendered from a finished job's files.
+
+The page draws on a plain canvas: the server sends each CT slice as a PNG in
+the requested window and each structure's contour on it as polylines, in the
+same canonical views as every other picture (axial in radiological view,
+coronal and sagittal with superior at the top). Toggling a structure costs no
+request; changing the window fetches a new PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import cast
+
+import contourpy
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from autocontour.catalogue import default_definition
+from autocontour.export import SUMMARY
+from autocontour.io import CanonicalCT
+from autocontour.preview import window
+
+REVIEW_CT = Path("review") / "ct.nii.gz"
+PLANES = ("axial", "coronal", "sagittal")
+
+
+class ReviewVolume:
+    def __init__(self, result_dir: Path):
+        self.summary = json.loads((result_dir / SUMMARY).read_text())
+        ct = CanonicalCT(sitk.ReadImage(str(result_dir / REVIEW_CT)))
+        self.hu = sitk.GetArrayFromImage(ct.image)
+        self.spacing_zyx = ct.spacing_zyx
+        self.z_mm = ct.slice_positions_mm()
+        self.masks = {name: ct.to_canonical(sitk.ReadImage(str(result_dir / s["mask_file"]))).astype(bool)
+                      for name, s in self.summary["structures"].items()}
+
+    def count(self, plane: str) -> int:
+        return self.hu.shape[PLANES.index(plane)]
+
+    def _cut(self, volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+        if plane == "axial":
+            return volume[index]
+        if plane == "coronal":
+            return volume[:, index, :][::-1]
+        return volume[:, :, index][::-1]
+
+    def aspect(self, plane: str) -> float:
+        dz, dy, dx = self.spacing_zyx
+        return {"axial": dy / dx, "coronal": dz / dx, "sagittal": dz / dy}[plane]
+
+    def info(self) -> dict:
+        structures = {}
+        for name, s in self.summary["structures"].items():
+            colour = s.get("definition", {}).get("colour") or default_definition(name).colour
+            structures[name] = {
+                "display_name": s["display_name"], "colour": list(colour),
+                "confidence": s["confidence"], "volume_ml": s["volume_ml"], "status": s["status"],
+                "flagged_slices": s["flagged_slices"], "slice_range": s["slice_range"],
+            }
+        return {"disclaimer": self.summary["disclaimer"], "notices": self.summary["notices"],
+                "planes": {p: {"count": self.count(p), "aspect": self.aspect(p)} for p in PLANES},
+                "z_mm": [round(float(z), 2) for z in self.z_mm], "structures": structures,
+                "warnings": self.summary["warnings"]}
+
+    def png(self, plane: str, index: int, level: float, width: float) -> bytes:
+        hu = self._cut(self.hu, plane, index).astype(np.float32)
+        pixels = (window(hu, level, width) * 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=1)
+        return buffer.getvalue()
+
+    def contours(self, plane: str, index: int) -> dict[str, list[list[list[float]]]]:
+        result: dict[str, list] = {}
+        for name, mask in self.masks.items():
+            cut = self._cut(mask, plane, index)
+            if not cut.any():
+                continue
+            padded = np.pad(cut.astype(np.float32), 1)  # closes contours that touch the border
+            # the default line type: a list of (n, 2) arrays
+            lines = cast(list[np.ndarray], contourpy.contour_generator(z=padded).lines(0.5))
+            result[name] = [np.round(line - 1, 2).tolist() for line in lines if len(line) > 2]
+        return result
+
+
+class ReviewCache:
+    """A few recently viewed volumes in memory (a reviewer scrolls through one job at a time)."""
+
+    def __init__(self, size: int = 3):
+        self.size = size
+        self._items: OrderedDict[str, ReviewVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str, result_dir: Path) -> ReviewVolume:
+        with self._lock:
+            if job_id in self._items:
+                self._items.move_to_end(job_id)
+                return self._items[job_id]
+        volume = ReviewVolume(result_dir)
+        with self._lock:
+            self._items[job_id] = volume
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return volume

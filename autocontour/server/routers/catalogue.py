@@ -1,0 +1,35 @@
+"""/v1/structures and /v1/model: what this server segments, and with which weights."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from autocontour.server.auth import require
+from autocontour.server.openapi import AUTH, problem_responses
+
+router = APIRouter(prefix="/v1", tags=["catalogue"], responses=problem_responses(*AUTH))
+
+
+@router.get("/structures")
+def structures(request: Request, _: str | None = require("read")):
+    """The structures the loaded support sets provide (and the built-in cervix ones that have none),
+    each with its definition and support set, and the overlap rules in force."""
+    segmenter = request.app.state.segmenter
+    items = []
+    for s in segmenter.catalogue:
+        support = segmenter.supports.get(s.name)
+        items.append({
+            **s.model_dump(mode="json"),
+            "support_set": support.describe() if support else None,
+            "available": support is not None,
+            "how_to_add": None if support else
+            f"autocontour support build {s.name} --case CT MASK_OR_RTSTRUCT [--roi NAME] [--case ...] --out DIR, "
+            "then add the folder to AUTOCONTOUR_SUPPORT_DIRS",
+        })
+    return {"structures": items, "overlap_rules": segmenter.rules.describe(segmenter.catalogue.available)}
+
+
+@router.get("/model")
+def model(request: Request, _: str | None = require("read")):
+    """The model card: name, version, SHA-256, licence, device, precision (with Celery: "separate workers")."""
+    return request.app.state.segmenter.describe_model()

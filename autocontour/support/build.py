@@ -1,0 +1,310 @@
+"""Build a support set from labelled CT volumes.
+
+Which slices go in matters as much as how many. The builder takes slices
+spread evenly over each case's axial extent of the structure (its ends look
+nothing like its middle), records each slice's relative level so the engine
+can pair a query with examples from the same level, and adds a few empty
+slices just beyond both ends, so the network also learns from the examples
+where the structure stops. When a case has fewer slices than asked for and
+the set declares itself symmetric (a bladder, a midline target), left-right
+mirrored copies fill it and the manifest says so; a one-sided structure is
+never mirrored (a mirrored left kidney is a right kidney).
+
+The set also stores each slice as the fine pass sees it: a square crop of
+fixed physical side centred on the structure (the largest in-plane extent of
+the structure over the cases plus a margin), so a small structure fills
+many pixels and every example shows it at one scale.
+
+Each source case also leaves a small copy of itself (CT and mask at about
+4 mm, `autocontour.support.registration.AtlasCase`) in the set: a new patient's scan
+is registered to it, and the warped mask tells the engine where to look and
+what the structure should roughly be (the registration prior).
+
+A case is a CT (NIfTI, or a DICOM series as a folder or zip) and its mask:
+a binary NIfTI mask, a label map (with a label value or a recipe), or an
+RTSTRUCT with the ROI named by one of the clinic's names for it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from autocontour.catalogue import StructureDefinition, default_definition
+from autocontour.errors import InputImageError, SupportSetError
+from autocontour.io import CanonicalCT, fingerprint, read_image
+from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
+from autocontour.support.localize import bone_profile
+from autocontour.support.recipes import Recipe
+from autocontour.support.registration import AtlasCase, make_atlas_case
+from autocontour.support.store import (
+    SourceCase,
+    SupportCrop,
+    SupportManifest,
+    SupportSet,
+    SupportSlice,
+    save_atlas_copy,
+    save_support_set,
+)
+
+MIN_FOREGROUND_PIXELS = 4
+NEGATIVE_MARGIN_SLICES = 4
+CROP_MARGIN_FRACTION, CROP_MIN_MARGIN_MM = 0.25, 15.0  # context around the structure's extent, each side
+CROP_MAX_FRACTION = 0.8  # a crop nearly as wide as the whole-body view would add nothing: no crops then
+
+
+@dataclass
+class LabelledCase:
+    """A CT and the mask of the structure on it, both canonical and on the model grid."""
+
+    case: SourceCase
+    images: np.ndarray  # (Z, H, W) model input
+    labels: np.ndarray  # (Z, H, W) uint8
+    z_mm: np.ndarray  # (Z,)
+    body_slices: np.ndarray  # (Z,) bool
+    ct: CanonicalCT
+    mask: np.ndarray  # (z, y, x) bool on the canonical CT
+    grid_side_mm: float  # side of the whole-body model view
+    atlas: AtlasCase | None = None  # the small copy for the registration prior
+
+
+def label_names_for(mask_path: Path, explicit: Path | None = None) -> dict[str, int]:
+    """Label name -> value, from an explicit JSON file or a labels.json beside the mask."""
+    path = explicit or Path(mask_path).with_name("labels.json")
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {str(name): int(value) for value, name in data.items()}
+
+
+def structure_mask(mask_image: sitk.Image, ct: CanonicalCT, label: int | None, recipe: Recipe | None,
+                   names: dict[str, int]) -> tuple[np.ndarray, str]:
+    """The structure as a canonical binary mask, and how it was made."""
+    label_map = ct.to_canonical(mask_image)
+    if recipe is not None:
+        missing: list[str] = []
+        mask = recipe.evaluate(label_map, names, ct.spacing_zyx, missing)
+        how = f"recipe {recipe.structure}" + (f" (absent, counted empty: {', '.join(missing)})" if missing else "")
+        return mask, how
+    if label is not None:
+        return label_map == label, f"label {label}"
+    values = np.unique(label_map)
+    if not set(values.tolist()) <= {0, 1}:
+        raise SupportSetError(f"the mask has values {values[:8].tolist()}...; give --label VALUE for a label map")
+    return label_map == 1, "binary mask"
+
+
+def is_rtstruct(path: Path) -> bool:
+    """A DICOM file (by its preamble) rather than a NIfTI mask."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def read_case_ct(path: Path) -> sitk.Image:
+    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks and limits as segmentation."""
+    from autocontour.config import Settings
+    from autocontour.pipeline import read_input
+
+    return read_input(Path(path), Settings())[0]
+
+
+def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None) -> tuple[sitk.Image, str | None]:
+    """The case's mask image on the CT's grid, and the RTSTRUCT ROI it came from (None for NIfTI)."""
+    if is_rtstruct(mask_path):
+        from autocontour.dicom.roi import rtstruct_mask
+
+        if not rois:
+            raise SupportSetError(f"{Path(mask_path).name} is an RTSTRUCT: name the ROI with --roi NAME")
+        return rtstruct_mask(mask_path, ct_image, rois)
+    return read_image(mask_path), None
+
+
+def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
+                ) -> tuple[Path, StructureDefinition | None]:
+    """The CT of an `autocontour segment` result (checked by fingerprint) and the structure's definition there.
+
+    A reviewed and corrected draft then becomes a support case: a clinic's set grows with every patient.
+    """
+    summary_path = Path(result_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise SupportSetError(f"{result_dir} is not an autocontour result: no summary.json")
+    summary = json.loads(summary_path.read_text())
+    ct_path = Path(ct_path) if ct_path else Path(result_dir) / "review" / "ct.nii.gz"
+    if not ct_path.exists():
+        raise SupportSetError(f"{result_dir} keeps no copy of its CT: give the CT it segmented with --ct")
+    if fingerprint(CanonicalCT(read_case_ct(ct_path)).image) != summary["input"]["fingerprint"]:
+        raise SupportSetError(f"{ct_path.name} is not the CT that {result_dir} segmented (fingerprints differ)")
+    declared = summary.get("structures", {}).get(structure, {}).get("definition")
+    return ct_path, StructureDefinition.model_validate(declared) if declared else None
+
+
+def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
+              recipe: Recipe | None = None, names: dict[str, int] | None = None,
+              rois: list[str] | None = None, atlas: bool = True) -> LabelledCase:
+    ct = CanonicalCT(read_case_ct(ct_path))
+    mask_image, roi = read_case_mask(mask_path, ct.input, rois)
+    if mask_image.GetSize() != ct.input.GetSize() or not np.allclose(
+            mask_image.GetOrigin(), ct.input.GetOrigin(), atol=1e-3) or not np.allclose(
+            mask_image.GetSpacing(), ct.input.GetSpacing(), atol=1e-4):
+        raise InputImageError(f"case {case_id}: the mask's grid differs from the CT's (size, spacing or origin)")
+    mask_image.CopyInformation(ct.input)
+    mask, how = structure_mask(sitk.Cast(mask_image, sitk.sitkInt32), ct, label, recipe, names or {})
+    if roi is not None:
+        how = f"RTSTRUCT ROI {roi!r}"
+    if not mask.any():
+        raise SupportSetError(f"case {case_id}: the structure is empty ({how})")
+    model_input = prepare(ct, spec)
+    labels = mask_to_grid(mask, ct, model_input.grid)
+    zs = np.nonzero(labels.reshape(labels.shape[0], -1).sum(axis=1) >= MIN_FOREGROUND_PIXELS)[0]
+    if zs.size == 0:
+        raise SupportSetError(f"case {case_id}: the structure is too small to see at {spec.size}x{spec.size}")
+    z_mm = ct.slice_positions_mm()
+    source = SourceCase(
+        case=case_id, fingerprint=fingerprint(ct.image), num_slices=model_input.num_slices,
+        spacing_mm=list(ct.image.GetSpacing()), extent_slices=[int(zs.min()), int(zs.max())], label=how,
+        extent_mm=[round(float(z_mm[zs.min()]), 3), round(float(z_mm[zs.max()]), 3)],
+        bone_profile=bone_profile(ct.array, ct.spacing_zyx, z_mm).to_dict())
+    small = make_atlas_case(ct.image, ct.canonical_like(mask.astype(np.uint8))) if atlas else None
+    side = model_input.grid.GetSpacing()[0] * spec.size
+    return LabelledCase(source, model_input.images, labels, z_mm, model_input.body_slices, ct, mask, side, small)
+
+
+def in_plane_extent_mm(mask: np.ndarray, spacing_xy) -> float:
+    """The larger in-plane side (mm) of a (z, y, x) mask's bounding box."""
+    _, ys, xs = np.nonzero(mask)
+    return float(max((xs.max() - xs.min() + 1) * spacing_xy[0], (ys.max() - ys.min() + 1) * spacing_xy[1]))
+
+
+def crop_margin_mm(extent_mm: float) -> float:
+    """Context kept around a structure in its crop, each side."""
+    return max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent_mm)
+
+
+def crop_for(cases: list[LabelledCase]) -> SupportCrop | None:
+    """The crop: the structure's largest in-plane extent over the cases plus margins; None when that is
+    nearly the whole-body view (CROP_MAX_FRACTION)."""
+    extent = max(in_plane_extent_mm(case.mask, case.ct.image.GetSpacing()[:2]) for case in cases)
+    margin = crop_margin_mm(extent)
+    side = extent + 2 * margin
+    if side >= CROP_MAX_FRACTION * min(c.grid_side_mm for c in cases):
+        return None
+    return SupportCrop(side_mm=round(side, 1), margin_mm=round(margin, 1))
+
+
+def case_crops(case: LabelledCase, spec: PreprocessSpec, side_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The case's every slice as the fine pass sees it (images, labels), centred on the structure."""
+    centre = mask_centre_mm(case.mask, case.ct.image)
+    case.case.crop_centre_mm = [round(centre[0], 3), round(centre[1], 3)]
+    view = prepare_crop(case.ct, spec, centre, side_mm, case.body_slices)
+    return view.images, mask_to_grid(case.mask, case.ct, view.grid)
+
+
+def _spread(candidates: np.ndarray, n: int) -> np.ndarray:
+    """n items spread evenly over a sorted candidate list."""
+    if n <= 0 or candidates.size == 0:
+        return candidates[:0]
+    if n >= candidates.size:
+        return candidates
+    return candidates[np.unique(np.round(np.linspace(0, candidates.size - 1, n)).astype(int))]
+
+
+def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float,
+                  mirror: bool) -> list[tuple[int, int, bool]]:
+    """(case index, slice index, flipped) triples for a support set of `size` slices."""
+    n_negative = int(round(size * negative_fraction))
+    n_positive = size - n_negative
+    positives = [np.nonzero(c.labels.reshape(c.labels.shape[0], -1).sum(axis=1) >= MIN_FOREGROUND_PIXELS)[0]
+                 for c in cases]
+    total = sum(p.size for p in positives)
+    quota = [max(1, int(round(n_positive * p.size / total))) for p in positives]
+    picks: list[tuple[int, int, bool]] = []
+    for i, (pos, want) in enumerate(zip(positives, quota, strict=True)):
+        chosen = _spread(pos, want)
+        picks += [(i, int(z), False) for z in chosen]
+        if mirror and want > chosen.size:
+            picks += [(i, int(z), True) for z in _spread(pos, want - chosen.size)]
+    for i, case in enumerate(cases):
+        lo, hi = case.case.extent_slices
+        below = [z for z in range(lo - NEGATIVE_MARGIN_SLICES, lo) if z >= 0 and case.body_slices[z]]
+        above = [z for z in range(hi + 1, hi + 1 + NEGATIVE_MARGIN_SLICES)
+                 if z < len(case.body_slices) and case.body_slices[z]]
+        share = int(round(n_negative / len(cases)))
+        picks += [(i, int(z), False) for z in _spread(np.array(below, dtype=int), share - share // 2)]
+        picks += [(i, int(z), False) for z in _spread(np.array(above, dtype=int), share // 2)]
+    return picks[:size] if len(picks) > size else picks
+
+
+def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]], out: Path, size: int = 64,
+                      label: int | None = None, recipe: Recipe | None = None, label_names: Path | None = None,
+                      spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, symmetric: bool = False,
+                      description: str = "", source: str = "", preview: bool = True,
+                      definition: StructureDefinition | None = None, rois: list[str] | None = None,
+                      atlas: bool = True, crop: bool = True) -> SupportSet:
+    """Build, save and return a support set (see the module docstring for the choices).
+
+    `definition` declares the structure (default: the built-in one of that name, or a plain organ);
+    `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks;
+    `atlas` keeps each case's small copy for the registration prior; `crop` stores structure-centred crops.
+    """
+    if not cases:
+        raise SupportSetError("give at least one --case CT MASK")
+    if size < 2:
+        raise SupportSetError(f"support size must be at least 2, got {size}")
+    if not 0 <= negative_fraction < 1:
+        raise SupportSetError(f"negative fraction must be in [0, 1), got {negative_fraction}")
+    definition = definition or default_definition(structure)
+    if definition.name != structure:
+        raise SupportSetError(f"the definition is of {definition.name!r}, the set segments {structure!r}")
+    if symmetric and definition.lateral:
+        raise SupportSetError(f"{structure!r} is {definition.laterality}-sided: a mirrored copy would show the other "
+                              "side, so a lateral structure cannot be declared symmetric")
+    spec = spec or PreprocessSpec()
+    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois, atlas)
+              for i, (ct, mask) in enumerate(cases)]
+    for case in loaded:
+        if case.atlas is not None:
+            case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
+    picks = select_slices(loaded, size, negative_fraction, symmetric)
+    crop_spec = crop_for(loaded) if crop else None
+    crops = [case_crops(case, spec, crop_spec.side_mm) for case in loaded] if crop_spec else None
+
+    images, labels, crop_images, crop_labels, slices, warnings = [], [], [], [], [], []
+    for i, z, flipped in picks:
+        case = loaded[i]
+        lo, hi = case.case.extent_slices
+        flip = (slice(None), slice(None, None, -1) if flipped else slice(None))
+        images.append(case.images[z][flip])
+        labels.append(lab := case.labels[z][flip])
+        if crops:
+            crop_images.append(crops[i][0][z][flip])
+            crop_labels.append(crops[i][1][z][flip])
+        slices.append(SupportSlice(
+            case=case.case.case, slice_index=z, z_mm=float(case.z_mm[z]),
+            level=float((z - lo) / max(hi - lo, 1)), foreground_pixels=int(lab.sum()), flipped=flipped))
+    if len(picks) < size:
+        warnings.append(f"asked for {size} slices, the cases supply {len(picks)}")
+    if any(s.flipped for s in slices):
+        warnings.append(f"{sum(s.flipped for s in slices)} slices are left-right mirrored copies")
+
+    manifest = SupportManifest(
+        name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
+        preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
+        crop=crop_spec,
+        source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)
+    support = save_support_set(manifest, np.stack(images), np.stack(labels), out,
+                               (np.stack(crop_images), np.stack(crop_labels)) if crops else None)
+    if preview:
+        from autocontour.preview import support_set_preview
+
+        support_set_preview(support, Path(out) / "preview.png")
+    return support

@@ -1,0 +1,132 @@
+"""The registration prior of one scan: each support set's source cases registered to it.
+
+A support set of format 2 keeps a small copy of every source case
+(`autocontour.support.registration.AtlasCase`). For a new scan each source case is
+registered to it once, whatever number of structures its sets contribute
+(five cervix sets drawn on one patient cost one registration), and each
+set's mask is warped onto the structure's model grid. Several source cases
+give the mean of their warped masks: a multi-atlas prior.
+
+The engine reads the prior three ways: which slices to search (where it is
+above PRESENT, plus a margin), the structure's axial extent for level-matched
+supports, and a probability fused with the network's (`autocontour.engine.plan`).
+A prior knows nothing beyond its source scan's field of view: where a
+structure runs off the end of a source scan (the iliopsoas of a chest-abdomen
+scan that stops at L3), the slices beyond are searched by the network alone.
+
+A scan that is itself one of the source cases gets no prior from that case,
+just as its own slices are left out of its support: otherwise the result
+would copy its own label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import SimpleITK as sitk
+
+from autocontour.io import CanonicalCT
+from autocontour.preprocess import ModelInput
+from autocontour.support.registration import MASK_SCALE, Registration, make_atlas_ct, register, to_grid
+from autocontour.support.store import SupportSet
+
+PRESENT = 0.05  # a slice whose prior peaks below this is taken not to show the structure
+EXTENT = 0.5  # the prior's axial extent: slices where it reaches this
+RUNS_OFF_SLICES = 1  # a structure this close to a source scan's end is taken to continue beyond it
+
+
+@dataclass
+class StructurePrior:
+    """One structure's prior on its model grid, and where it came from."""
+
+    probability: np.ndarray  # (Z, H, W) float32 on the structure's model grid: mean over source cases
+    covered: np.ndarray  # (Z,) bool: slices some source case's field of view reaches; elsewhere it knows nothing
+    open_below: bool  # the structure runs off a source scan's inferior end: it may continue below `covered`
+    open_above: bool  # ... off its superior end
+    cases: list[str]  # source cases registered
+    registrations: dict[str, dict] = field(default_factory=dict)  # case -> registration diagnostics
+
+    @property
+    def metric(self) -> float:
+        """The registrations' mean final Mattes mutual information (more negative: better aligned)."""
+        return float(np.mean([self.registrations[case]["metric"] for case in self.cases]))
+
+    def slices_present(self) -> np.ndarray:
+        """(Z,) bool: slices where the prior says the structure may show."""
+        return self.probability.max(axis=(1, 2)) >= PRESENT
+
+    def extent(self) -> tuple[int, int] | None:
+        """First and last slice where the prior reaches EXTENT (the likely extent), or None."""
+        zs = np.nonzero(self.probability.max(axis=(1, 2)) >= EXTENT)[0]
+        return (int(zs[0]), int(zs[-1])) if zs.size else None
+
+    def on_grid(self, grid: sitk.Image, target: sitk.Image) -> StructurePrior:
+        """The same prior resampled from `grid` (where it lies) onto `target` (a crop with the same slices)."""
+        image = sitk.GetImageFromArray(self.probability)
+        image.CopyInformation(grid)
+        return replace(self, probability=sitk.GetArrayFromImage(to_grid(image, target)))
+
+    def uninformed(self) -> np.ndarray:
+        """(Z,) bool: slices beyond the sources' fields of view on a side where the structure runs on:
+        the network searches them alone."""
+        covered = np.nonzero(self.covered)[0]
+        z = np.arange(self.covered.size)
+        if covered.size == 0:
+            return np.zeros_like(self.covered)
+        return ((z < covered[0]) & self.open_below) | ((z > covered[-1]) & self.open_above)
+
+    def describe(self) -> dict:
+        return {"source_cases": self.cases, "registrations": self.registrations,
+                "runs_off_source_scan": [side for side, flag in (("inferior", self.open_below),
+                                                                 ("superior", self.open_above)) if flag]}
+
+
+RegistrationCache = dict[tuple[str, str, float], Registration]  # (scan, source case, spacing) -> registration
+
+
+def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet], inputs: dict[str, ModelInput],
+                        scan_fingerprint: str, registrations: RegistrationCache | None = None,
+                        ) -> tuple[dict[str, StructurePrior], list[str]]:
+    """Priors for the structures whose sets carry atlas copies of other cases, and notes on the rest.
+
+    Only `reliable` registrations contribute (enough common length; see `Registration.reliable`).
+    `registrations` keeps them across calls (a scan segmented again, or in several calls, is registered
+    once per source case); by default they last this call.
+    """
+    query_atlas: dict[float, sitk.Image] = {}
+    registrations = {} if registrations is None else registrations
+    priors: dict[str, StructurePrior] = {}
+    notes: list[str] = []
+    for name, support in supports.items():
+        warped, coverage, cases, diagnostics = [], [], [], {}
+        open_below = open_above = False
+        atlases = support.atlas_cases()
+        for case in support.manifest.source_cases:
+            if case.atlas is None or case.fingerprint == scan_fingerprint:
+                continue
+            atlas = atlases[case.case]
+            spacing = case.atlas.spacing_mm
+            key = (scan_fingerprint, case.fingerprint, spacing)
+            if key not in registrations:
+                if spacing not in query_atlas:
+                    query_atlas[spacing] = make_atlas_ct(canonical.image, spacing)
+                registrations[key] = register(atlas.ct, query_atlas[spacing])
+            registration = registrations[key]
+            diagnostics[case.case] = registration.diagnostics
+            if registration.reliable:
+                grid = inputs[name].grid
+                warped.append(sitk.GetArrayFromImage(registration.warp(atlas.mask, grid)))
+                field_of_view = sitk.Image(atlas.mask.GetSize(), sitk.sitkUInt8) + MASK_SCALE
+                field_of_view.CopyInformation(atlas.mask)
+                coverage.append(sitk.GetArrayFromImage(registration.warp(field_of_view, grid)).max(axis=(1, 2)) >= 0.5)
+                open_below |= case.extent_slices[0] <= RUNS_OFF_SLICES
+                open_above |= case.extent_slices[1] >= case.num_slices - 1 - RUNS_OFF_SLICES
+                cases.append(case.case)
+        if warped:
+            priors[name] = StructurePrior(np.mean(warped, axis=0).astype(np.float32), np.any(coverage, axis=0),
+                                          open_below, open_above, cases, diagnostics)
+        elif diagnostics:
+            notes.append(f"{name}: no registration prior: the scan shares too little length with the source "
+                         "case(s) to register reliably")
+    return priors, notes
