@@ -111,7 +111,12 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
             if key not in registrations:
                 if spacing not in query_atlas:
                     query_atlas[spacing] = make_atlas_ct(canonical.image, spacing)
-                registrations[key] = register(atlas.ct, query_atlas[spacing])
+                try:
+                    registrations[key] = register(atlas.ct, query_atlas[spacing])
+                except RuntimeError as exc:  # ITK gave up (e.g. too little body in common): no prior from it
+                    notes.append(f"{name}: source case {case.case} did not register to the scan "
+                                 f"({_first_line(exc)}); it adds no registration prior")
+                    continue
             registration = registrations[key]
             diagnostics[case.case] = registration.diagnostics
             if registration.reliable:
@@ -130,3 +135,9 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
             notes.append(f"{name}: no registration prior: the scan shares too little length with the source "
                          "case(s) to register reliably")
     return priors, notes
+
+
+def _first_line(error: Exception) -> str:
+    """The message of an ITK error without its source-file preamble: the last non-empty line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

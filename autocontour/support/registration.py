@@ -31,7 +31,7 @@ sampling fits the 10 s budget.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ BODY_THRESHOLD_HU = -500.0
 METRIC_HU_RANGE = (-1000.0, 1500.0)  # contrast boli up to 1300+ HU and metal would dominate the histogram
 MASK_SCALE = 255  # uint8 occupancy: 255 = the voxel lies wholly inside the structure
 SEARCH_SHRINK = 2  # the axial search runs at twice the atlas spacing
+MIN_METRIC_VOXELS = 64  # fewer body voxels in an overlap than this give no similarity to compare
 SEARCH_COARSE_STEP_MM, SEARCH_FINE_STEP_MM = 8.0, 2.0
 MIN_OVERLAP_MM = 60.0  # shifts leaving less common length are not tried; a shorter scan is not `reliable`
 OVERLAP_MARGIN_MM = 12.0  # the fixed mask stops this far inside the slab the source covers
@@ -79,9 +80,18 @@ def _low_res_grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 
 def _smooth_for(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Gaussian anti-aliasing before downsampling to `spacing_mm` (sigma per axis from the spacing ratio)."""
+    """Gaussian anti-aliasing before downsampling to `spacing_mm` (sigma per axis from the spacing ratio).
+
+    An axis already as coarse as `spacing_mm` (the 4-5 mm in-plane grids of some planning CTs) needs no
+    smoothing, and ITK's smoothing filter refuses a zero sigma: such grids are smoothed axis by axis.
+    """
     sigmas = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in image.GetSpacing()]
-    return sitk.SmoothingRecursiveGaussian(image, sigmas) if max(sigmas) > 0 else image
+    if min(sigmas) > 0:
+        return sitk.SmoothingRecursiveGaussian(image, sigmas)
+    for axis, sigma in enumerate(sigmas):
+        if sigma > 0:
+            image = sitk.RecursiveGaussian(image, sigma=sigma, direction=axis)
+    return image
 
 
 def body_mask_array(hu: np.ndarray) -> np.ndarray:
@@ -204,10 +214,10 @@ def _z_positions(image: sitk.Image) -> np.ndarray:
 
 
 def _centre_xy(image: sitk.Image, body: np.ndarray, z_range: tuple[float, float]) -> np.ndarray:
-    """Physical (x, y) centre of the body on the slices within z_range (all slices if none are)."""
+    """Physical (x, y) centre of the body on the slices within z_range (all slices if the body is not there)."""
     z = _z_positions(image)
-    rows = (z >= z_range[0]) & (z <= z_range[1])
-    _, ys, xs = np.nonzero(body[rows] if rows.any() else body)
+    rows = body[(z >= z_range[0]) & (z <= z_range[1])]
+    _, ys, xs = np.nonzero(rows if rows.any() else body)
     index = [float(xs.mean()), float(ys.mean()), 0.0]
     return np.array(image.TransformContinuousIndexToPhysicalPoint(index)[:2])
 
@@ -253,15 +263,17 @@ def axial_search(source: sitk.Image, query: sitk.Image) -> AxialStart:
     def evaluate(shift: float) -> AxialStart:
         lo, hi = max(zq[0], zs[0] + shift), min(zq[-1], zs[-1] + shift)
         offset = _centre_xy(source8, source_body, (lo - shift, hi - shift)) - _centre_xy(query8, query_body, (lo, hi))
-        in_slab = (zq >= lo) & (zq <= hi)
+        in_slab = query_body & ((zq >= lo) & (zq <= hi))[:, None, None]
+        start = AxialStart(float(shift), (float(offset[0]), float(offset[1])), (float(lo), float(hi)), 0.0)
+        if np.count_nonzero(in_slab) < MIN_METRIC_VOXELS:  # no body there (a scan padded with air): no evidence
+            return start
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(HISTOGRAM_BINS)
-        method.SetMetricFixedMask(_mask_image(query_body & in_slab[:, None, None], query8))
+        method.SetMetricFixedMask(_mask_image(in_slab, query8))
         method.SetMetricMovingMask(moving_mask)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetInitialTransform(sitk.TranslationTransform(3, [float(offset[0]), float(offset[1]), -shift]))
-        return AxialStart(float(shift), (float(offset[0]), float(offset[1])), (float(lo), float(hi)),
-                          method.MetricEvaluate(fixed, moving))
+        return replace(start, metric=method.MetricEvaluate(fixed, moving))
 
     lowest, highest = zq[0] - zs[-1] + min_overlap, zq[-1] - zs[0] - min_overlap
     coarse = [evaluate(shift) for shift in np.arange(lowest, highest + 1e-6, SEARCH_COARSE_STEP_MM)]
