@@ -79,6 +79,7 @@ def test_upload_review_toggle_and_download(browser, server, screenshots, tmp_pat
     page.keyboard.press("PageDown")
     page.wait_for_function(f"() => document.getElementById('slice').value == '{start - 7}'")
     assert "z = " in page.inner_text("#slice-label")
+    assert page.inner_text("#slice-label").startswith(f"slice {start - 7} /")  # counted from 0, as summary.json
 
     assert page.evaluate("() => state.visible.bladder") is True
     page.uncheck("#show-bladder")

@@ -176,8 +176,9 @@ function setSlice(index) {
   state.index = Math.max(0, Math.min(count - 1, index));
   $("slice").value = state.index;
   const where = state.plane === "axial" ? "z = " + state.info.z_mm[state.index].toFixed(1) + " mm" : state.plane;
-  $("slice-label").textContent = (state.index + 1) + " / " + count + "  (" + where + ")";
-  $("canvas").setAttribute("aria-label", state.plane + " slice " + (state.index + 1) + " of " + count +
+  // slices are numbered from 0, as summary.json and the CLI count them
+  $("slice-label").textContent = "slice " + state.index + " / " + (count - 1) + "  (" + where + ")";
+  $("canvas").setAttribute("aria-label", state.plane + " slice " + state.index + " of 0 to " + (count - 1) +
     (state.plane === "axial" ? " at " + where : "") + "; arrow keys change the slice");
   load();
 }
