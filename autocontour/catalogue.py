@@ -14,6 +14,7 @@ The overlap rules between structures live in `autocontour.rules`.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -136,8 +137,9 @@ def parse_structures(names: str | list[str] | tuple[str, ...], catalogue: Catalo
             continue
         if catalogue is not None and name not in catalogue:
             raise UnknownStructureError(
-                f"unknown structure {raw.strip()!r}: no loaded support set provides it (loaded: {known or 'none'}); "
-                f"add one with `autocontour support build {name} --case CT MASK --out DIR` and --support-dir DIR")
+                f"unknown structure {raw.strip()!r}{_did_you_mean(name, catalogue.available)}: no loaded support "
+                f"set provides it (loaded: {known or 'none'}); add one with `autocontour support build {name} "
+                "--case CT MASK --out DIR` and --support-dir DIR")
         if catalogue is None and not _valid_name(name):
             raise UnknownStructureError(f"invalid structure name {raw.strip()!r}: use lowercase letters, digits and _")
         if name not in result:
@@ -145,6 +147,15 @@ def parse_structures(names: str | list[str] | tuple[str, ...], catalogue: Catalo
     if not result:
         raise UnknownStructureError("no structure given" + (f"; loaded: {known}" if catalogue else ""))
     return result
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'bladder'?)' for a name close to a loaded one: a spelling slip, or a longer or shorter
+    form of the same name (urinary_bladder, kidney_l)."""
+    candidates = list(known)
+    close = ([k for k in candidates if min(len(k), len(name)) >= 4 and (k in name or name in k)]
+             or difflib.get_close_matches(name, candidates, n=1))
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _valid_name(name: str) -> bool:

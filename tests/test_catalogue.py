@@ -275,3 +275,11 @@ def test_a_query_takes_its_examples_from_the_source_case_that_looks_like_it():
     assert set(cases[members[0]]) == {"case1"}
     single = _level_members(levels, np.ones(12, bool), 0.5, 4, 1, rng)  # without the anatomy: by level only
     assert set(cases[single[0]]) == {"case0", "case1"}
+
+
+@pytest.mark.parametrize(("asked", "meant"), [("urinary_bladder", "bladder"), ("bladdr", "bladder"),
+                                              ("rectum", "anorectum")])
+def test_an_unknown_name_close_to_a_loaded_one_is_answered_with_did_you_mean(asked, meant):
+    catalogue = Catalogue.from_definitions({n: BUILTIN[n] for n in ("bladder", "anorectum", "ctvn")})
+    with pytest.raises(UnknownStructureError, match=f"did you mean '{meant}'"):
+        catalogue.parse(asked)
