@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATA
+from conftest import DATA, EXAMPLE_CT, EXAMPLE_LABELS
 
 from autocontour.cli import main
 from autocontour.evaluation.metrics import metric_keys
@@ -101,6 +101,14 @@ def test_missing_and_mismatched_inputs_are_one_line_errors(tmp_path, capsys):
         code = main(["evaluate", *argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+
+
+def test_a_ct_sent_as_a_label_map_is_refused_before_any_label_is_built(tmp_path, capsys):
+    """Thousands of CT values would each become a label pair: two full-size masks apiece (7 GB seen)."""
+    code = main(["evaluate", "--pred", str(EXAMPLE_CT), "--ref", str(EXAMPLE_LABELS), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is it a CT instead of a mask" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_crossval_on_phantoms(tmp_path, small_weights):

@@ -36,6 +36,7 @@ from autocontour.evaluation.metrics import DEFAULT_TOLERANCES_MM, compute_metric
 from autocontour.io import CanonicalCT, read_image
 
 MASK_SUFFIX = ".nii.gz"
+MAX_LABELS = 255  # the most a uint8 label map holds
 
 
 @dataclass
@@ -111,8 +112,7 @@ def pair_inputs(pred: Path, ref: Path, structures: list[str] | None = None, ref_
     if ref.is_dir():
         raise InputImageError("a single prediction file needs a single reference file")
     pred_image, ref_image = read_image(pred), read_image(ref)
-    pred_values = set(np.unique(sitk.GetArrayViewFromImage(pred_image)).tolist()) - {0}
-    ref_values = set(np.unique(sitk.GetArrayViewFromImage(ref_image)).tolist()) - {0}
+    pred_values, ref_values = _label_values(pred_image, "prediction"), _label_values(ref_image, "reference")
     if len(pred_values | ref_values) > 1:  # label maps: pair by value
         label_of = {v: n for n, v in _label_names(ref, ref_labels).items()}
         values = sorted(pred_values | ref_values)
@@ -120,6 +120,18 @@ def pair_inputs(pred: Path, ref: Path, structures: list[str] | None = None, ref_
                 for v in values]
     name = structures[0] if structures else _structure_name(pred)
     return [Pair(name, _binary(pred_image), _binary(ref_image), case)]
+
+
+def _label_values(image: sitk.Image, role: str) -> set:
+    """The non-zero values of a mask or label map, refused when they cannot be labels: fractions, or more
+    than MAX_LABELS (a CT sent as a mask has thousands, and every label costs two full-size masks)."""
+    values = np.unique(sitk.GetArrayViewFromImage(image))
+    if not np.array_equal(values, np.round(values)):
+        raise InputImageError(f"the {role} holds fractional values: a mask or label map holds whole numbers")
+    if len(values) - (0 in values) > MAX_LABELS:
+        raise InputImageError(f"the {role} holds {len(values)} distinct values, more than the {MAX_LABELS} labels a "
+                              "label map may have: is it a CT instead of a mask?")
+    return set(values.tolist()) - {0}
 
 
 def _on_reference_grid(pair: Pair) -> None:
