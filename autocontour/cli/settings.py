@@ -150,4 +150,13 @@ def settings_markdown() -> str:
         lines += [f"| `{row.variable}` | {_cell(row.type)} | {_cell(row.default)} | {_cell(row.allowed)} | "
                   f"{_cell(row.description)} |" for row in rows if row.server_only == server_only]
         lines.append("")
+    lines += [
+        "## Other variables",
+        "",
+        "| variable | read by | meaning |",
+        "| --- | --- | --- |",
+        "| `AUTOCONTOUR_CONFIG` | `serve`, `worker` | path of the TOML settings file |",
+        "| `AUTOCONTOUR_API_KEY` | `submit` | the API key to send when `--api-key` is not given |",
+        "",
+    ]
     return "\n".join(lines)
