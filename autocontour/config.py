@@ -27,21 +27,22 @@ class Settings(BaseSettings):
     weights: Path | None = Field(None, description="checkpoint to load; default: the shipped project weights")
     support_dirs: list[Path] = Field(default_factory=list, description="extra support-set folders (a clinic's own)")
     shipped_support: bool = Field(True, description="also use the support sets shipped in support_sets/")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="where the network runs: auto (the GPU if there is one), cpu, cuda or cuda:N")
     precision: str | None = Field(None, pattern="^(float32|bfloat16|float16)$",
                                   description="default: bfloat16 on CUDA; on CPU bfloat16 where the CPU has native "
                                               "bf16 and a start-up check finds the masks unchanged, else float32")
     cpu_support_size: int = Field(16, ge=1, le=256,
                                   description="16: the most accurate size that keeps the example under 60 s on "
                                               "2 cores (bench/RESULTS.md)")
-    cpu_ensemble: int = Field(1, ge=1, le=16)
-    cuda_support_size: int = Field(64, ge=1, le=256)
-    cuda_ensemble: int = Field(3, ge=1, le=16)
+    cpu_ensemble: int = Field(1, ge=1, le=16, description="support subsets averaged per slice on CPU")
+    cuda_support_size: int = Field(64, ge=1, le=256, description="support slices per ensemble member on a GPU")
+    cuda_ensemble: int = Field(3, ge=1, le=16, description="support subsets averaged per slice on a GPU")
     threads: int | None = Field(None, ge=1, description="CPU threads for the network (default: all cores)")
     compile: bool = Field(False, description="torch.compile the network (paid once at start-up by warm-up)")
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a voxel is in the mask")
     rules: Path | None = Field(None, description="overlap-rules JSON file (default: the shipped cervix rules)")
-    max_voxels: int = Field(1 << 30, gt=0)
+    max_voxels: int = Field(1 << 30, gt=0, description="most voxels an input CT may have, checked from its header")
     max_dicom_files: int = Field(5000, ge=1, description="most files in a DICOM zip or folder")
     max_dicom_bytes: int = Field(4 << 30, ge=1, description="most bytes a DICOM zip may inflate to")
     max_decoded_bytes: int = Field(1 << 30, ge=1, description="most memory decoding one CT may take: voxels x "
@@ -53,7 +54,9 @@ class Settings(BaseSettings):
                                                         "DICOM zip); default: the system's temporary folder. The "
                                                         "server and its workers use a folder of their own under "
                                                         "AUTOCONTOUR_DATA_DIR/tmp instead")
-    weights_cache: Path = Field(default_factory=default_cache_dir)
+    weights_cache: Path = Field(default_factory=default_cache_dir,
+                                description="where `autocontour weights download` stores checkpoints; default: "
+                                            "$XDG_CACHE_HOME/autocontour/weights, else ~/.cache/autocontour/weights")
 
     @property
     def models_dir(self) -> Path:

@@ -2,7 +2,7 @@
 # Train the project's weights on one GPU (about 8 minutes of training): the CPU recipe of
 # models/MODEL_CARD.md with 4x the batch and 2x the support size, in bf16.
 #
-# On a GPU host with the project installed (pip install -e . after a CUDA torch build, see the README):
+# On a GPU host with the project installed (pip install -e . after a CUDA torch build, see docs/deployment.md):
 #     bash bench/train_gpu.sh
 # prepares the cross-patient training data from the shipped recipe (models/training_data_cpu-v2.json:
 # both real patients, their virtual patients, the unlabelled DICOM example, phantoms) and trains.

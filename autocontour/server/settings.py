@@ -21,8 +21,8 @@ SCOPES = ("segment", "read", "evaluate")
 class ApiKey(BaseModel):
     """One client's key: its SHA-256 and what it may do."""
 
-    sha256: str = Field(pattern="^[0-9a-f]{64}$")
-    scopes: list[str] = list(SCOPES)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the key (`autocontour keys hash`)")
+    scopes: list[str] = Field(list(SCOPES), description="what the key may do: segment, read, evaluate")
 
 
 class ServerSettings(Settings):
@@ -33,7 +33,8 @@ class ServerSettings(Settings):
     max_queue: int = Field(16, ge=1, description="queued jobs before new uploads get 503 + Retry-After")
     max_concurrent_decodes: int = Field(2, ge=1, description="uploads checked (decoded) at once by the API; "
                                                              "more wait, up to Retry-After seconds, then get 503")
-    retry_after_s: int = Field(30, ge=1)
+    retry_after_s: int = Field(30, ge=1, description="seconds in the Retry-After header of a 503 (queue full, broker "
+                                                    "down, decode slots busy)")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="finished jobs and results are deleted after this")
     wait_timeout_s: float = Field(600.0, gt=0, description="longest ?wait=true before answering 202")
     api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
@@ -46,8 +47,10 @@ class ServerSettings(Settings):
     worker_timeout_s: int = Field(10, ge=3, description="a worker whose heartbeat (every 2 s) is older than this is "
                                                         "dead: its job goes back to the queue")
     pacs_url: str | None = Field(None, description="DICOMweb root of a PACS to pull studies from and push results to")
-    pacs_username: str | None = None
-    pacs_password: str | None = None
+    pacs_username: str | None = Field(None, description="user name for the PACS (HTTP basic auth)")
+    pacs_password: str | None = Field(None, description="password for the PACS (HTTP basic auth); `pacs pull`, "
+                                                         "`pacs push` and `support build --pacs-url` read it too "
+                                                         "when no --password is given")
     warmup: bool = Field(True, description="run one forward pass at start-up so the first request is not slow")
 
     @classmethod

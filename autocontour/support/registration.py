@@ -23,7 +23,7 @@ overlap, scored by mutual information at 8 mm, in-plane centres of the body
 aligned over the overlapping slab. The affine and B-spline stages then refine
 it, sampling only the query's body inside that slab.
 
-SimpleITK does the registration (see README, "Registration prior"): it is
+SimpleITK does the registration (see docs/how-it-works.md, "The registration"): it is
 already a dependency, and at 4 mm its B-spline registration with random
 sampling fits the 10 s budget.
 """

@@ -1,0 +1,162 @@
+"""`autocontour settings`: every `AUTOCONTOUR_*` setting, from the settings' own field descriptions.
+
+`autocontour settings --markdown` prints docs/configuration.md, so the page
+cannot drift from `autocontour/config.py` and `autocontour/server/settings.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PREFIX = "AUTOCONTOUR_"
+
+
+def add_settings_command(commands: argparse._SubParsersAction) -> None:
+    """`autocontour settings`: its arguments, beside its handler."""
+    settings = commands.add_parser("settings", help="list every AUTOCONTOUR_* setting: type, default, meaning",
+                                   description="Print every setting: its AUTOCONTOUR_* environment variable, type, "
+                                               "default and description, from the settings' field descriptions. "
+                                               "Current values are not shown (some are secrets).")
+    settings.add_argument("--markdown", action="store_true",
+                          help="print the reference page docs/configuration.md instead")
+    settings.set_defaults(handler=cmd_settings)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_markdown(), end="")
+        return 0
+    for row in setting_rows():
+        print(f"{row.variable}  ({row.type}{', ' + row.allowed if row.allowed else ''}; default {row.default})"
+              f"{'  [server and workers]' if row.server_only else ''}")
+        print(f"    {row.description}")
+    return 0
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    variable: str
+    type: str
+    default: str
+    allowed: str
+    description: str
+    server_only: bool
+
+
+def setting_rows() -> list[SettingRow]:
+    """Every field of ServerSettings (a superset of the core Settings), in declaration order."""
+    from autocontour.config import Settings
+    from autocontour.server.settings import ServerSettings
+
+    core = set(Settings.model_fields)
+    return [SettingRow(variable=PREFIX + name.upper(), type=type_name(field.annotation),
+                       default=default_text(field), allowed=constraints(field),
+                       description=field.description or "", server_only=name not in core)
+            for name, field in ServerSettings.model_fields.items()]
+
+
+def type_name(annotation: Any) -> str:
+    """A reader's name for a field's type: `path or none`, `list of path`, `integer`."""
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", type(None): "none"}
+    if annotation in names:
+        return names[annotation]
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(argument) for argument in arguments)
+    if origin is list:
+        return f"JSON list of {type_name(arguments[0])}"
+    if origin is dict:
+        return f"JSON object: {type_name(arguments[0])} -> {type_name(arguments[1])}"
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def default_text(field: Any) -> str:
+    """The default as a reader would write it; machine-dependent defaults are described, not printed."""
+    from pydantic_core import PydanticUndefined
+
+    from autocontour.config import PACKAGE_ROOT
+
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "computed (see description)" if isinstance(value, Path) else _literal(value)
+    if field.default is PydanticUndefined:
+        return "required"
+    if field.default == PACKAGE_ROOT:
+        return "the folder that holds the `autocontour` package"
+    return _literal(field.default)
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and value >= 1 << 20 and value & (value - 1) == 0:
+        return f"{value} (2^{value.bit_length() - 1})"
+    return str(value)
+
+
+def constraints(field: Any) -> str:
+    """Range and pattern constraints, e.g. `>= 1, <= 256`."""
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = []
+    for item in field.metadata:
+        for key, symbol in symbols.items():
+            if getattr(item, key, None) is not None:
+                parts.append(f"{symbol} {getattr(item, key)}")
+        if getattr(item, "pattern", None):
+            parts.append(f"matches `{item.pattern}`")
+    return ", ".join(parts)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def settings_markdown() -> str:
+    """The page docs/configuration.md."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `autocontour settings --markdown` (regenerate all generated pages with",
+        "     `python -m autocontour.cli.reference`). Do not edit by hand: edit the field descriptions in",
+        "     autocontour/config.py and autocontour/server/settings.py. -->",
+        "",
+        "Every setting is an `AUTOCONTOUR_*` environment variable. `autocontour settings` prints the same list.",
+        "A command-line option given explicitly (for example `--device`, `--threshold`) overrides the setting.",
+        "",
+        "- *All commands* read the first table where it applies to them (`segment`, `pacs pull`, `structures`, "
+        "`support`, `weights`, the server and its workers).",
+        "- *Server and workers* (`autocontour serve`, `autocontour worker`) also read the second table.",
+        "  They also read a TOML file named by `AUTOCONTOUR_CONFIG`, with the same names in lower case "
+        "(`max_queue = 16`);",
+        "  environment variables override the file. The other commands read only environment variables and "
+        "options.",
+        "- Lists and objects are given as JSON: `AUTOCONTOUR_SUPPORT_DIRS='[\"/data/sets\"]'`.",
+        "  API keys can also be set one field at a time: `AUTOCONTOUR_API_KEYS__PLANNING__SHA256=...`.",
+        "",
+    ]
+    rows = setting_rows()
+    for title, server_only in (("All commands", False), ("Server and workers", True)):
+        lines += [f"## {title}", "", "| variable | type | default | allowed | description |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| `{row.variable}` | {_cell(row.type)} | {_cell(row.default)} | {_cell(row.allowed)} | "
+                  f"{_cell(row.description)} |" for row in rows if row.server_only == server_only]
+        lines.append("")
+    lines += [
+        "## Other variables",
+        "",
+        "| variable | read by | meaning |",
+        "| --- | --- | --- |",
+        "| `AUTOCONTOUR_CONFIG` | `serve`, `worker` | path of the TOML settings file |",
+        "| `AUTOCONTOUR_API_KEY` | `submit` | the API key to send when `--api-key` is not given |",
+        "",
+    ]
+    return "\n".join(lines)
