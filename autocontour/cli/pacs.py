@@ -41,6 +41,16 @@ def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
     push.add_argument("--username", default=None)
     push.add_argument("--password", default=None)
     push.set_defaults(handler=cmd_pacs_push)
+    find = pacs.add_parser("find", help="find studies by patient ID, accession number or date (QIDO-RS)",
+                           description="List the studies that match every criterion given, with their Study "
+                                       "Instance UIDs for `pacs pull --study` and `support build --study`.")
+    find.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    find.add_argument("--patient-id", default=None)
+    find.add_argument("--accession", default=None, help="accession number")
+    find.add_argument("--date", default=None, help="study date YYYYMMDD, or a range YYYYMMDD-YYYYMMDD")
+    find.add_argument("--username", default=None)
+    find.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    find.set_defaults(handler=cmd_pacs_find)
 
 
 def cmd_pacs_pull(args: argparse.Namespace) -> int:
@@ -75,4 +85,16 @@ def cmd_pacs_push(args: argparse.Namespace) -> int:
     client = pacs.connect(args.url, args.username, pacs_password(args))
     pacs.store(client, list(args.files))
     print(f"stored {len(args.files)} file(s)")
+    return 0
+
+
+def cmd_pacs_find(args: argparse.Namespace) -> int:
+    from autocontour.dicom import pacs
+
+    client = pacs.connect(args.url, args.username, pacs_password(args))
+    studies = pacs.find_studies(client, args.patient_id, args.accession, args.date)
+    for study in studies:
+        print(f"{study['study_uid']}  {study['date'] or '-':<8}  {study['modalities'] or '-':<12}  "
+              f"{study['description']}")
+    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} found", file=sys.stderr)
     return 0

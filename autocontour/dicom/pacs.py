@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pydicom.errors
 import requests
 from dicomweb_client.api import DICOMwebClient
 
@@ -40,6 +41,7 @@ def find_ct_series(client: DICOMwebClient, study_uid: str, series_uid: str | Non
         found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "CT"})
     except requests.HTTPError as exc:
         if exc.response is not None and exc.response.status_code == 404:
+            _require_dicomweb(client)
             raise InputImageError(f"study {study_uid} is not in the PACS") from exc
         raise PacsError(f"the PACS refused the search: {exc}") from exc
     except requests.RequestException as exc:
@@ -75,10 +77,53 @@ def fetch_series(client: DICOMwebClient, study_uid: str, series_uid: str, folder
     return paths
 
 
-def store(client: DICOMwebClient, files: list[Path]) -> None:
-    """STOW-RS the given DICOM files (an RTSTRUCT and a SEG) into the PACS."""
+def _require_dicomweb(client: DICOMwebClient) -> None:
+    """Refuse a URL that is a server but not its DICOMweb root (Orthanc's own REST root answers /studies with
+    a list of its internal ids, and every study then looks missing)."""
     try:
-        client.store_instances([pydicom.dcmread(str(f)) for f in files])
+        found = client.search_for_studies(limit=1)
+    except requests.RequestException as exc:
+        raise PacsError(f"{client.base_url} is not a DICOMweb root (a QIDO-RS study query failed: "
+                        f"{_status(exc)}); give the DICOMweb root, e.g. http://orthanc:8042/dicom-web") from exc
+    if not all(isinstance(item, dict) for item in found):
+        raise PacsError(f"{client.base_url} is not a DICOMweb root (its /studies is not QIDO-RS); give the DICOMweb "
+                        "root, e.g. http://orthanc:8042/dicom-web")
+
+
+def _status(error: requests.RequestException) -> str:
+    response = getattr(error, "response", None)
+    return f"HTTP {response.status_code}" if response is not None else type(error).__name__
+
+
+def find_studies(client: DICOMwebClient, patient_id: str | None = None, accession: str | None = None,
+                 study_date: str | None = None) -> list[dict[str, str]]:
+    """Studies that match a patient ID, an accession number and/or a study date (YYYYMMDD or a range
+    YYYYMMDD-YYYYMMDD), QIDO-RS: for finding a study when its UID is not at hand."""
+    filters = {key: value for key, value in (("PatientID", patient_id), ("AccessionNumber", accession),
+                                               ("StudyDate", study_date)) if value}
+    if not filters:
+        raise InputImageError("give a patient ID, an accession number or a study date to search for")
+    try:
+        found = client.search_for_studies(search_filters=filters, fields=["ModalitiesInStudy", "StudyDescription"])
+    except requests.RequestException as exc:
+        raise PacsError(f"the PACS refused the study search: {exc}") from exc
+    fields = {"study_uid": "0020000D", "date": "00080020", "accession": "00080050", "patient_id": "00100020",
+              "description": "00081030", "modalities": "00080061"}
+    return [{name: ",".join(str(v) for v in item.get(tag, {}).get("Value", [])) for name, tag in fields.items()}
+            for item in found]
+
+
+def store(client: DICOMwebClient, files: list[Path]) -> None:
+    """STOW-RS the given DICOM files (an RTSTRUCT and a SEG) into the PACS; anything else is refused first."""
+    datasets = []
+    for path in files:
+        try:
+            datasets.append(pydicom.dcmread(str(path)))
+        except (pydicom.errors.InvalidDicomError, OSError) as exc:
+            raise InputImageError(f"{path.name} is not a DICOM file: only DICOM files (rtstruct.dcm, seg.dcm) "
+                                  "can be stored in a PACS") from exc
+    try:
+        client.store_instances(datasets)
     except requests.RequestException as exc:
         raise PacsError(f"the PACS refused to store the results: {exc}") from exc
 
