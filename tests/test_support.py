@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,6 +105,14 @@ def test_build_support_set_from_phantoms(tmp_path, phantom_cases):
     assert (tmp_path / "b" / "preview.png").stat().st_size > 10_000
     again = load_support_set(tmp_path / "b")
     assert again.id == support.id and again.id.startswith("bladder-")
+    for name in (TENSORS, MANIFEST):  # readable by a server running as another user, as the umask allows
+        assert (tmp_path / "b" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_tampered_support_set_is_refused(tmp_path, phantom_cases):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from autocontour.catalogue import StructureDefinition, default_definition
 from autocontour.errors import SupportSetError
@@ -239,7 +239,7 @@ def save_support_set(manifest: SupportManifest, images: np.ndarray, labels: np.n
                                                                         tensors["labels"], stored_crops)})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / TENSORS))
+    (folder / TENSORS).write_bytes(save(tensors))  # as the umask allows (safetensors' save_file makes it 0600)
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=1) + "\n")
     return SupportSet(manifest, tensors["images"], tensors["labels"], folder, *(stored_crops or (None, None)))
 
