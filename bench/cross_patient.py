@@ -7,7 +7,7 @@ patient supplies the examples and a different query patient is segmented:
   3 mm, no contrast; `chest_abdomen_ct_example`, neck to L3, 0.7 x 0.7 x 2.5 mm,
   arterial phase), both directions, on the structures both label;
 - virtual: the example CT against virtual patients made from it
-  (`autocontour.support.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
+  (`autocontour.training.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
   abdomen-only fields of view);
 - phantom: one phantom (`autocontour.phantom`) as source, another as query;
 - dicom: the 20-slice upper-abdomen DICOM example, for pelvic structures that
@@ -65,10 +65,11 @@ sys.path.insert(0, str(ROOT))
 
 from autocontour.catalogue import default_definition  # noqa: E402
 from autocontour.engine.plan import SilentWithin  # noqa: E402
-from autocontour.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
+from autocontour.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
+from autocontour.overlap import dice  # noqa: E402
 from autocontour.phantom import make_phantom  # noqa: E402
 from autocontour.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
-from autocontour.support.virtual import virtual_patient  # noqa: E402
+from autocontour.training.virtual import virtual_patient  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 EXAMPLE = ROOT / "examples" / "pelvis_ct"

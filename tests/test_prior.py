@@ -31,7 +31,7 @@ from autocontour.preprocess import ModelInput, PreprocessSpec
 from autocontour.support.build import build_support_set
 from autocontour.support.prior import StructurePrior
 from autocontour.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
-from autocontour.support.virtual import smooth_deformation
+from autocontour.training.virtual import smooth_deformation
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -7,7 +7,7 @@ patient's shape, one scanner's noise or one contrast phase. Each draw (one
 seed) makes a virtual patient:
 
 - anatomy: body-habitus scaling and a smooth 3D deformation
-  (`autocontour.support.virtual.warp`, the benchmark's generator with wider ranges);
+  (`autocontour.training.virtual.warp`, the benchmark's generator with wider ranges);
 - acquisition: pixel size and slice thickness from 0.6-5 mm, with the
   partial-volume blur of that resolution;
 - intensities: a scanner gain and offset, a per-label offset (organs differ
@@ -33,7 +33,8 @@ from pydantic import BaseModel
 from scipy import ndimage
 
 from autocontour.io import CANONICAL_ORIENTATION
-from autocontour.support.virtual import (
+from autocontour.training.hu_tasks import TASK_BITS, TASKS, hu_task_bits
+from autocontour.training.virtual import (
     AIR_HU,
     ENHANCEMENT_HU,
     RECONSTRUCTION_CIRCLE_HU,
@@ -43,7 +44,6 @@ from autocontour.support.virtual import (
     to_images,
     warp,
 )
-from autocontour.training.hu_tasks import TASK_BITS, TASKS, hu_task_bits
 
 MIN_GRID_PIXEL_MM = 1.0  # finer pixels are drawn as blur and noise only: the model sees ~2.7 mm pixels
 MIN_GRID_SLICE_MM = 2.5  # thinner reconstructions keep every k-th slice: each axial slice is segmented alone

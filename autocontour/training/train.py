@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from autocontour.engine.network import SplitUniverSeg
 from autocontour.engine.runner import keep_freed_memory, resolve_device
-from autocontour.evaluation.metrics import dice
 from autocontour.model import UniverSeg
 from autocontour.model.weights import ModelCard, load_model, save_checkpoint
+from autocontour.overlap import dice
 from autocontour.training.dataset import TrainingData, load_training_data
 from autocontour.training.episodes import NEGATIVE_REACH, NEGATIVE_SHARE, TaskSampler, augment
 
