@@ -39,7 +39,7 @@ from autocontour.catalogue import StructureDefinition, default_definition
 from autocontour.errors import InputImageError, SupportSetError
 from autocontour.io import CanonicalCT, fingerprint, read_image
 from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
-from autocontour.support.localize import bone_profile
+from autocontour.support.localise import bone_profile
 from autocontour.support.recipes import Recipe
 from autocontour.support.registration import AtlasCase, make_atlas_case
 from autocontour.support.store import (
