@@ -60,6 +60,20 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_
     a 1 MB .nii.gz can claim gigabytes.
     """
     path = Path(path)
+    header, compressed, size = _read_header(path)
+    info = _header_info(header, compressed, max_voxels)
+    needed = _check_cost(info, size, max_decoded_bytes, max_ratio)
+    scan = _Scan(info)
+    read = _stream_data(path, info, limit=needed + (1 << 20), consume=scan.add)
+    if read < needed:
+        raise InputImageError(f"the file is truncated: it holds {read:,} of the {needed:,} bytes its header promises")
+    if not scan.finite:
+        raise InputImageError("the image contains NaN or infinite values")
+    return dataclasses.replace(info, decode_dtype=scan.smallest_dtype())
+
+
+def _read_header(path: Path) -> tuple[nib.Nifti1Header, bool, int]:
+    """The NIfTI header as stored (nibabel would repair pixdim), whether the file is gzipped, and its size."""
     if not path.is_file():
         raise InputImageError(f"file not found: {path.name}")
     size = path.stat().st_size
@@ -82,7 +96,11 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_
         raise
     except Exception as exc:  # nibabel's HeaderDataError and friends
         raise InputImageError(f"corrupt NIfTI header: {exc}") from exc
+    return header, compressed, size
 
+
+def _header_info(header: nib.Nifti1Header, compressed: bool, max_voxels: int) -> NiftiInfo:
+    """What the header says, checked: a sane shape within `max_voxels`, geometry, one number per voxel."""
     try:  # read unchecked, so a nonsensical dim, datatype or offset is found here
         shape = tuple(int(d) for d in header.get_data_shape())
         dtype, data_offset = header.get_data_dtype(), int(header.get_data_offset())
@@ -98,25 +116,26 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_
         raise InputImageError(f"the image has {dtype.kind!r} voxels (vector, complex or RGB); a CT has one number "
                               "per voxel")
     slope, inter = (float(v) if v is not None else None for v in header.get_slope_inter())
-    info = NiftiInfo(shape, dtype, n_voxels * dtype.itemsize, data_offset, compressed,
+    return NiftiInfo(shape, dtype, n_voxels * dtype.itemsize, data_offset, compressed,
                      slope if slope is not None else 1.0, inter if inter is not None and slope is not None else 0.0)
-    if max_decoded_bytes is not None and decoded_bytes(n_voxels, dtype.itemsize) > max_decoded_bytes:
+
+
+def _check_cost(info: NiftiInfo, size: int, max_decoded_bytes: int | None, max_ratio: float | None) -> int:
+    """Refuse, from the header, a file too costly to decode or inflate, or one shorter than its data; returns
+    the bytes the file must hold."""
+    n_voxels = int(np.prod(info.shape, dtype=np.int64))
+    itemsize = info.dtype.itemsize
+    if max_decoded_bytes is not None and decoded_bytes(n_voxels, itemsize) > max_decoded_bytes:
         raise InputImageError(
-            f"the image would take {decoded_bytes(n_voxels, dtype.itemsize):,} bytes of memory once decoded "
-            f"({n_voxels:,} voxels of {dtype.itemsize} bytes stored), more than the limit of {max_decoded_bytes:,}")
+            f"the image would take {decoded_bytes(n_voxels, itemsize):,} bytes of memory once decoded "
+            f"({n_voxels:,} voxels of {itemsize} bytes stored), more than the limit of {max_decoded_bytes:,}")
     needed = info.data_offset + info.data_bytes
-    if compressed and max_ratio is not None and needed > max_ratio * size:
+    if info.compressed and max_ratio is not None and needed > max_ratio * size:
         raise InputImageError(f"the file would inflate {needed / size:,.0f} times its size ({size:,} to {needed:,} "
                               f"bytes), more than the limit of {max_ratio:g} times")
-    if not compressed and size < needed:
+    if not info.compressed and size < needed:
         raise InputImageError(f"the file is truncated: it holds {size:,} of the {needed:,} bytes its header promises")
-    scan = _Scan(info)
-    read = _stream_data(path, info, limit=needed + (1 << 20), consume=scan.add)
-    if read < needed:
-        raise InputImageError(f"the file is truncated: it holds {read:,} of the {needed:,} bytes its header promises")
-    if not scan.finite:
-        raise InputImageError("the image contains NaN or infinite values")
-    return dataclasses.replace(info, decode_dtype=scan.smallest_dtype())
+    return needed
 
 
 def decoded_bytes(voxels: int, stored_bytes_per_voxel: int) -> int:

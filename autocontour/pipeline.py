@@ -30,8 +30,11 @@ from autocontour.config import Settings
 from autocontour.dicom import ROI_NAME_STYLES
 from autocontour.dicom.series import DicomSeries, is_dicom_input, read_series
 from autocontour.engine import Engine, InferenceOptions, predict_structures, resolve_device
-from autocontour.engine.plan import PRIOR_GATE_MM, ProgressCallback, StructurePrediction, SupportPool
+from autocontour.engine.options import PRIOR_GATE_MM
+from autocontour.engine.plan import ProgressCallback
+from autocontour.engine.prediction import StructurePrediction
 from autocontour.engine.runner import cpu_has_native_bf16
+from autocontour.engine.selection import SupportPool
 from autocontour.errors import NoSupportSetError, OptionError, WeightsError
 from autocontour.export import PREVIEW, mask_file, probability_file, write_masks, write_summary
 from autocontour.io import CanonicalCT, fingerprint, read_ct, validate_ct, write_image
@@ -46,7 +49,7 @@ from autocontour.preprocess import (
     prepare_crop,
 )
 from autocontour.rules import OverlapRules, load_rules
-from autocontour.support.localize import bone_profile
+from autocontour.support.localise import bone_profile
 from autocontour.support.prior import RegistrationCache, registration_priors
 from autocontour.support.store import MANIFEST, SupportSet, discover
 

@@ -109,40 +109,10 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
     dz, dy, dx = spacing_zyx
     shown = window(ct_hu)
     for k, z in enumerate(slices):
-        ax = fig.add_subplot(rows, columns, k + 1)
-        ax.imshow(shown[z], cmap="gray", vmin=0, vmax=1, aspect=dy / dx, interpolation="bilinear")
-        _draw_contours(ax, masks, lambda m, z=z: m[z], definitions=definitions)
-        _draw_contours(ax, reference or {}, lambda m, z=z: m[z], dashed=True, definitions=definitions)
         label = f"z = {z_mm[z]:.1f} mm" if z_mm is not None else f"slice {z}"
-        is_flagged = z in flagged_any
-        ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white",
-                     fontsize=9)
-        for spine in ax.spines.values():
-            spine.set_visible(is_flagged)
-            spine.set_color(FLAG_COLOUR)
-            spine.set_linewidth(2.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.text(2, ct_hu.shape[1] - 3, "R", color="white", fontsize=8)
-        ax.text(ct_hu.shape[2] - 8, ct_hu.shape[1] - 3, "L", color="white", fontsize=8)
-
-    occupied = [np.argwhere(m) for m in shown_masks.values() if m.any()]
-    centre = np.concatenate(occupied).mean(axis=0).round().astype(int) if occupied else np.array(ct_hu.shape) // 2
-    views = [("coronal", lambda m: m[:, centre[1], :], dz / dx, ("R", "L")),
-             ("sagittal", lambda m: m[:, :, centre[2]], dz / dy, ("A", "P"))]
-    for k, (name, take, aspect, (left, right)) in enumerate(views):
-        ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
-        plane = take(shown)
-        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
-        _draw_contours(ax, masks, take, definitions=definitions)
-        _draw_contours(ax, reference or {}, take, dashed=True, definitions=definitions)
-        ax.set_title(name, color="white", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        height, width = plane.shape
-        for x, y, letter in ((2, height / 2, left), (width - 8, height / 2, right), (width / 2, height - 6, "S"),
-                             (width / 2, 2, "I")):
-            ax.text(x, y, letter, color="white", fontsize=8)
+        _axial_panel(fig.add_subplot(rows, columns, k + 1), shown[z], z, dy / dx, label, z in flagged_any, masks,
+                     reference or {}, definitions)
+    _coronal_and_sagittal(fig, rows, shown, (dz, dy, dx), masks, shown_masks, reference or {}, definitions)
     flag_patch = ([Patch(facecolor="none", edgecolor=FLAG_COLOUR, linewidth=2, label="slice to review")]
                   if flagged_any else [])
     _legend(fig, list(masks), flag_patch, definitions)
@@ -153,6 +123,50 @@ def volume_preview(ct_hu: np.ndarray, spacing_zyx: Sequence[float], masks: Mappi
     fig.savefig(path, dpi=90, facecolor="black")
     plt.close(fig)
     return path
+
+
+def _axial_panel(ax, image: np.ndarray, z: int, aspect: float, label: str, is_flagged: bool,
+                 masks: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 definitions: Mapping[str, StructureDefinition] | None) -> None:
+    """One axial slice with its contours, its position, a red frame if it is to review, and its sides."""
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="bilinear")
+    _draw_contours(ax, masks, lambda m: m[z], definitions=definitions)
+    _draw_contours(ax, reference, lambda m: m[z], dashed=True, definitions=definitions)
+    ax.set_title(label + ("  REVIEW" if is_flagged else ""), color=FLAG_COLOUR if is_flagged else "white",
+                 fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(is_flagged)
+        spine.set_color(FLAG_COLOUR)
+        spine.set_linewidth(2.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(2, image.shape[0] - 3, "R", color="white", fontsize=8)
+    ax.text(image.shape[1] - 8, image.shape[0] - 3, "L", color="white", fontsize=8)
+
+
+def _coronal_and_sagittal(fig, rows: int, shown: np.ndarray, spacing_zyx: Sequence[float],
+                          masks: Mapping[str, np.ndarray], shown_masks: Mapping[str, np.ndarray],
+                          reference: Mapping[str, np.ndarray],
+                          definitions: Mapping[str, StructureDefinition] | None) -> None:
+    """The bottom row: a coronal and a sagittal cut through the centre of everything drawn."""
+    dz, dy, dx = spacing_zyx
+    occupied = [np.argwhere(m) for m in shown_masks.values() if m.any()]
+    centre = np.concatenate(occupied).mean(axis=0).round().astype(int) if occupied else np.array(shown.shape) // 2
+    views = [("coronal", lambda m: m[:, centre[1], :], dz / dx, ("R", "L")),
+             ("sagittal", lambda m: m[:, :, centre[2]], dz / dy, ("A", "P"))]
+    for k, (name, take, aspect, (left, right)) in enumerate(views):
+        ax = fig.add_subplot(rows, 2, 2 * rows - 1 + k)
+        plane = take(shown)
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect, interpolation="bilinear")
+        _draw_contours(ax, masks, take, definitions=definitions)
+        _draw_contours(ax, reference, take, dashed=True, definitions=definitions)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        height, width = plane.shape
+        for x, y, letter in ((2, height / 2, left), (width - 8, height / 2, right), (width / 2, height - 6, "S"),
+                             (width / 2, 2, "I")):
+            ax.text(x, y, letter, color="white", fontsize=8)
 
 
 def support_set_preview(support, path: Path, columns: int = 8) -> Path:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autocontour.engine.runner import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
-from autocontour.evaluation.metrics import dice  # noqa: E402
+from autocontour.overlap import dice  # noqa: E402
 from autocontour.pipeline import Segmenter  # noqa: E402
 
 M_MMAP_THRESHOLD = -3

@@ -7,7 +7,7 @@ patient supplies the examples and a different query patient is segmented:
   3 mm, no contrast; `chest_abdomen_ct_example`, neck to L3, 0.7 x 0.7 x 2.5 mm,
   arterial phase), both directions, on the structures both label;
 - virtual: the example CT against virtual patients made from it
-  (`autocontour.support.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
+  (`autocontour.training.virtual`, seeds VIRTUAL_SEEDS: full, pelvis-only and
   abdomen-only fields of view);
 - phantom: one phantom (`autocontour.phantom`) as source, another as query;
 - dicom: the 20-slice upper-abdomen DICOM example, for pelvic structures that
@@ -20,7 +20,7 @@ uses the product's default localisation, since what it must show is
 (`autocontour.support.registration`, thresholded at 0.5 on the query's grid);
 "hybrid" is the product's default path: support sets with atlas copies, the
 registration prior for the window and the levels, fused with the network
-(`autocontour.engine.plan`). `--choose-fusion` measures every fusion weight and gate
+(`autocontour.engine.fusion`). `--choose-fusion` measures every fusion weight and gate
 on the main structures (network and prior each through the product path),
 then the share below which the network counts as silent (the prior drawn
 alone) and the clean-up's rule for pieces the prior places, and prints the
@@ -64,11 +64,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autocontour.catalogue import default_definition  # noqa: E402
-from autocontour.engine.plan import SilentWithin  # noqa: E402
-from autocontour.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
+from autocontour.engine.fusion import (  # noqa: E402
+    METRIC_GOOD,
+    METRIC_POOR,
+    SilentWithin,
+    fuse,
+    gate,
+    network_silent,
+    prior_weight_for,
+)
+from autocontour.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
+from autocontour.overlap import dice  # noqa: E402
 from autocontour.phantom import make_phantom  # noqa: E402
 from autocontour.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
-from autocontour.support.virtual import virtual_patient  # noqa: E402
+from autocontour.training.virtual import virtual_patient  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 EXAMPLE = ROOT / "examples" / "pelvis_ct"
@@ -382,29 +391,23 @@ class FusionInput:
     spacing_zyx: tuple
     metric: float
     scores: dict = field(default_factory=dict)  # (weight, gate, silent rule) -> Dice of the fused mask
-    gates: dict = field(default_factory=dict)  # gate -> where the network counts (`autocontour.engine.plan.gate`)
+    gates: dict = field(default_factory=dict)  # gate -> where the network counts (`autocontour.engine.fusion.gate`)
 
     def fused(self, weight: float, gate_mm: float | None, silent: SilentRule = None) -> np.ndarray:
-        """The fused mask (`autocontour.engine.plan.fuse`), the prior alone where the network is silent
+        """The fused mask (`autocontour.engine.fusion.fuse`), the prior alone where the network is silent
         (`network_silent` by the rule `silent`; None: never)."""
-        from autocontour.engine.plan import fuse
-
         if self.silent(gate_mm, silent):
             weight = 1.0
         return fuse(self.network.astype(np.float32), self.prior.astype(np.float32), weight, self.near(gate_mm)) >= 0.5
 
     def near(self, gate_mm: float | None) -> np.ndarray | None:
-        """Where the network counts at this gate (`autocontour.engine.plan.gate`), computed once."""
-        from autocontour.engine.plan import gate
-
+        """Where the network counts at this gate (`autocontour.engine.fusion.gate`), computed once."""
         if gate_mm not in self.gates:
             self.gates[gate_mm] = gate(self.prior.astype(np.float32), gate_mm, self.spacing_zyx)
         return self.gates[gate_mm]
 
     def silent(self, gate_mm: float | None, rule: SilentRule) -> bool:
-        """Whether the engine would draw the prior alone here (`autocontour.engine.plan.network_silent`)."""
-        from autocontour.engine.plan import network_silent
-
+        """Whether the engine would draw the prior alone here (`autocontour.engine.fusion.network_silent`)."""
         return rule is not None and network_silent(self.network.astype(np.float32), self.prior.astype(np.float32),
                                                    self.near(gate_mm), *rule)
 
@@ -456,13 +459,10 @@ def _box(*masks: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
     """The engine's fusion chosen on every case's main structures: a prior weight for poorly and for well
-    registered scans (`autocontour.engine.plan.prior_weight_for`: a ramp between METRIC_POOR and METRIC_GOOD) and one
+    registered scans (`autocontour.engine.fusion.prior_weight_for`: a ramp between METRIC_POOR and METRIC_GOOD) and one
     gate, by the mean Dice over all case-structures. Computed on the query's grid (the engine gates on the
     model grid), inside a box around everything drawn or true, and without the engine's rule of the network
     alone beyond a source scan's end (the prior's run has no network there)."""
-    from autocontour.engine.plan import METRIC_GOOD, METRIC_POOR
-    from autocontour.engine.plan import prior_weight_for as weight
-
     items = [(f"{case}: {s}", x) for case, structures in inputs for s, x in structures.items()
              if x.reference.any()]  # a structure absent from the query has nothing to score
     poorly = [(k, x) for k, x in items if x.metric > (METRIC_POOR + METRIC_GOOD) / 2]
@@ -477,7 +477,8 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
         cells = [f"{np.mean([x.fused_dice(w, g) for _, x in group]):.3f}" if group else "n/a"
                  for group in (poorly, well) for g in GATES]
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    scores = {(poor, good, g): float(np.mean([x.fused_dice(weight(x.metric, poor, good), g) for _, x in items]))
+    scores = {(poor, good, g): float(np.mean([x.fused_dice(prior_weight_for(x.metric, poor, good), g)
+                                              for _, x in items]))
               for poor in FUSION_WEIGHTS for good in FUSION_WEIGHTS for g in GATES}
     best = max(scores, key=lambda k: (scores[k], -abs(k[0] - k[1])))
     poor, good, gate = best
@@ -489,13 +490,15 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               f"case-structures (threshold 0.5, before clean-up); the best single weight ({single[0]}, gate "
               f"{single[1]} mm) gives {single_score:.3f}.", "",
               "At that choice, the prior drawn alone where the network draws less than a share of the prior's "
-              "likely volume (`autocontour.engine.plan.network_silent`), counting the network's voxels inside the gate "
+              "likely volume (`autocontour.engine.fusion.network_silent`), counting the network's voxels inside "
+              "the gate "
               "or only those inside the prior's likely region:", "",
               "| share | network voxels counted | mean Dice | case-structures where it falls back |",
               "|---|---|---|---|"]
     silent, falls_back = {}, {}
     for rule in SILENT_RULES:
-        silent[rule] = float(np.mean([x.fused_dice(weight(x.metric, poor, good), gate, rule) for _, x in items]))
+        silent[rule] = float(np.mean([x.fused_dice(prior_weight_for(x.metric, poor, good), gate, rule)
+                                      for _, x in items]))
         falls_back[rule] = sum(x.silent(gate, rule) for _, x in items)
         share_cell, within_cell = rule if rule is not None else ("never", "")
         lines.append(f"| {share_cell} | {within_cell} | {silent[rule]:.3f} | {falls_back[rule]} |")
@@ -510,7 +513,7 @@ def choose_fusion(inputs: list[tuple[str, dict]]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     cleaned = {False: [], True: []}
     for key, x in items:
-        w = weight(x.metric, poor, good)
+        w = prior_weight_for(x.metric, poor, good)
         mask, pieces = x.fused(w, gate, rule), PIECES.get(key.rsplit(": ", 1)[1], 1)
         for with_prior in cleaned:
             cleaned[with_prior].append(x.cleaned_dice(mask, pieces, with_prior))

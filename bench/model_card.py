@@ -9,7 +9,7 @@ the shipped structures (seen in training), each structure gets a support set of
 64 slices built from the same CT; one `segment()` call per method segments all
 of them. The CT is a source case of every set, so the engine leaves each query's
 own slice and its neighbours out of its support (leave-slice-out,
-autocontour/engine/plan.py); the script stops if a structure's summary does not say so.
+autocontour/engine/selection.py); the script stops if a structure's summary does not say so.
 Support size S = 8, one ensemble member, the device's default precision unless
 --precision is given (on a CPU with native bfloat16 the start-up check may
 choose it); each method records what ran.

@@ -262,7 +262,7 @@ def test_the_server_lists_what_its_sets_provide(organ_sets, small_weights, tmp_p
 
 
 def test_a_query_takes_its_examples_from_the_source_case_that_looks_like_it():
-    from autocontour.engine.plan import _level_members, _thumbnails
+    from autocontour.engine.selection import level_members, thumbnails
 
     rng = np.random.default_rng(0)
     looks_like_a, looks_like_b = rng.random((128, 128)), rng.random((128, 128))
@@ -270,10 +270,10 @@ def test_a_query_takes_its_examples_from_the_source_case_that_looks_like_it():
                       + [looks_like_b + rng.normal(0, 0.1, (128, 128)) for _ in range(6)]).astype(np.float32)
     cases = np.array(["case0"] * 6 + ["case1"] * 6)
     levels = np.tile(np.linspace(0, 1, 6), 2).astype(np.float32)
-    similarity = _thumbnails(images) @ _thumbnails(looks_like_b[None].astype(np.float32))[0]
-    members = _level_members(levels, np.ones(12, bool), 0.5, 4, 1, rng, cases, similarity)
+    similarity = thumbnails(images) @ thumbnails(looks_like_b[None].astype(np.float32))[0]
+    members = level_members(levels, np.ones(12, bool), 0.5, 4, 1, rng, cases, similarity)
     assert set(cases[members[0]]) == {"case1"}
-    single = _level_members(levels, np.ones(12, bool), 0.5, 4, 1, rng)  # without the anatomy: by level only
+    single = level_members(levels, np.ones(12, bool), 0.5, 4, 1, rng)  # without the anatomy: by level only
     assert set(cases[single[0]]) == {"case0", "case1"}
 
 

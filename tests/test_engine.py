@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from autocontour.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
-from autocontour.engine.plan import _level_members, _main_run, _spread_members
+from autocontour.engine.plan import _main_run
+from autocontour.engine.selection import level_members, spread_members
 from autocontour.model import UniverSeg
 
 
@@ -105,15 +106,15 @@ def test_support_member_selection():
     rng = np.random.default_rng(0)
     levels = np.array([-0.1, 0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1])
     allowed = np.ones(10, dtype=bool)
-    near = _level_members(levels, allowed, 0.05, 3, 2, rng)
+    near = level_members(levels, allowed, 0.05, 3, 2, rng)
     assert sorted(levels[near[0]].tolist()) == [0.0, 0.1, 0.2] or sorted(levels[near[0]].tolist()) == [-0.1, 0.0, 0.1]
     assert all(len(set(m.tolist())) == 3 for m in near)
-    spread = _spread_members(levels, allowed, 3, 3, rng)
+    spread = spread_members(levels, allowed, 3, 3, rng)
     for member in spread:  # one pick per third of the level range
         picked = sorted(levels[member])
         assert picked[0] <= 0.1 and 0.2 <= picked[1] <= 0.7 and picked[2] >= 0.9
     allowed[[1, 2]] = False
-    assert not set(_level_members(levels, allowed, 0.05, 3, 1, rng)[0].tolist()) & {1, 2}
+    assert not set(level_members(levels, allowed, 0.05, 3, 1, rng)[0].tolist()) & {1, 2}
 
 
 def test_options_are_validated():

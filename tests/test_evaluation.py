@@ -140,7 +140,7 @@ def test_evaluate_a_segment_output_against_the_example_labels(tmp_path, small_we
 
 def test_atlas_engine_copies_the_label_of_the_most_similar_support():
     from autocontour.evaluation.baseline import AtlasEngine
-    from autocontour.evaluation.metrics import dice
+    from autocontour.overlap import dice
 
     yy, xx = np.mgrid[:64, :64]
     disk = ((yy - 30) ** 2 + (xx - 34) ** 2 < 12 ** 2).astype(np.float32)

@@ -13,25 +13,25 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autocontour.engine.plan import (
+from autocontour.engine.fusion import (
     METRIC_GOOD,
     METRIC_POOR,
     NETWORK_SILENT_SHARE,
     PRIOR_WEIGHT_GOOD,
     PRIOR_WEIGHT_POOR,
-    InferenceOptions,
-    StructurePrediction,
-    _fuse,
+    fuse_prediction,
     network_silent,
     prior_weight_for,
 )
+from autocontour.engine.options import InferenceOptions
+from autocontour.engine.prediction import StructurePrediction
 from autocontour.errors import SupportSetError
 from autocontour.pipeline import Segmenter
 from autocontour.preprocess import ModelInput, PreprocessSpec
 from autocontour.support.build import build_support_set
 from autocontour.support.prior import StructurePrior
 from autocontour.support.store import FORMAT_VERSION, MANIFEST, load_support_set, save_support_set
-from autocontour.support.virtual import smooth_deformation
+from autocontour.training.virtual import smooth_deformation
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,7 +146,7 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     silent[2, 10:12, 10:12] = 0.8  # 4 voxels against 576 likely ones: below any share tried
     assert network_silent(silent, prior, None) and 4 < NETWORK_SILENT_SHARE * 576
     prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
-    _fuse(prediction, view, InferenceOptions())
+    fuse_prediction(prediction, view, InferenceOptions())
     assert prediction.prior_weight == 1.0 and "registration prior alone" in prediction.warnings[0]
     assert ((prediction.probability >= 0.5) == (prior >= 0.5)).all()
 
@@ -154,14 +154,14 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     answering[1:5, 10:22, 10:22] = 0.95
     assert not network_silent(answering, prior, None)
     prediction, view = _prediction_with_prior(answering, prior, metric=-0.15)
-    _fuse(prediction, view, InferenceOptions())
+    fuse_prediction(prediction, view, InferenceOptions())
     assert prediction.prior_weight == PRIOR_WEIGHT_POOR and not prediction.warnings
     assert (prediction.probability[1:5, 10:20, 10:20] >= 0.5).all()  # network and prior agree
     assert not (prediction.probability[1:5, 8:10, 8:10] >= 0.5).any()  # the prior alone at 0.4: not drawn
 
     # a weight the user fixed is kept, silent network or not; a prior with nothing likely has nothing to draw
     prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
-    _fuse(prediction, view, InferenceOptions(prior_weight=0.4))
+    fuse_prediction(prediction, view, InferenceOptions(prior_weight=0.4))
     assert prediction.prior_weight == 0.4 and (prediction.probability >= 0.5).sum() == 4  # the network's voxels
     assert not network_silent(silent, prior * 0.5, None)
 
@@ -180,7 +180,7 @@ def test_a_silent_network_draws_nothing_beyond_the_sources_field_of_view():
             network[2:5, 8:20, 8:20] = 0.9
         prediction, view = _prediction_with_prior(network, prior, metric=-0.15, covered=np.arange(6) >= 2,
                                                   open_below=True)
-        _fuse(prediction, view, InferenceOptions())
+        fuse_prediction(prediction, view, InferenceOptions())
         assert (prediction.prior_weight == 1.0) is not answers
         drawn = prediction.probability[below] >= 0.5
         assert drawn.all() if answers else not drawn.any()

@@ -1,4 +1,4 @@
-"""The registration prior (autocontour/support/registration.py) and virtual patients (autocontour/support/virtual.py).
+"""The registration prior (autocontour/support/registration.py) and virtual patients (autocontour/training/virtual.py).
 
 Phantoms only (a few 4 mm volumes), so these run in seconds without the shared data.
 """
@@ -19,7 +19,7 @@ from autocontour.support.registration import (
     registration_prior,
     to_grid,
 )
-from autocontour.support.virtual import smooth_deformation, virtual_patient
+from autocontour.training.virtual import smooth_deformation, virtual_patient
 
 # organs with an edge the metric can see; the phantom's iliopsoas is a low-contrast tube in muscle-like tissue
 STRUCTURES = ("urinary_bladder", "sacrum", "hip_left", "hip_right")

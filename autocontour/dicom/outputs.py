@@ -142,7 +142,28 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
                    definitions: dict[str, Any], roi_names: str = "display") -> Path:
     """masks: structure -> (slice, row, column) array on the series' grid; empty ones are left out
     (an ROI without contours is rejected by several planning systems)."""
-    source = series.datasets[0]
+    ds = _structure_set(series.datasets[0])
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
+    ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
+    for number, name in enumerate((n for n, m in masks.items() if m.any()), start=1):
+        _add_roi(ds, series, number, masks[name], definitions[name], roi_name(definitions[name], roi_names),
+                 descriptions.get(name, ""))
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    if "SpecificCharacterSet" not in ds and not all(r.ROIName.isascii() for r in ds.StructureSetROISequence):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # the input needed none, our names need UTF-8
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(out), enforce_file_format=True)
+    return out
+
+
+def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A new, unapproved draft structure set of the input's patient and study, in a series of its own."""
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = pydicom.Dataset()
@@ -165,7 +186,11 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
                                   "not approved for treatment planning.")
     ds.InstanceNumber = "1"
     ds.StructureSetDate, ds.StructureSetTime = date, time
+    return ds
 
+
+def _referenced_frame(series: DicomSeries) -> pydicom.Dataset:
+    """The frame of reference, study and series the contours lie on, with every image of the series."""
     referenced_series = pydicom.Dataset()
     referenced_series.SeriesInstanceUID = series.series_uid
     referenced_series.ContourImageSequence = [_image_reference(d) for d in series.datasets]
@@ -176,43 +201,32 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
     frame = pydicom.Dataset()
     frame.FrameOfReferenceUID = series.frame_of_reference_uid
     frame.RTReferencedStudySequence = [referenced_study]
-    ds.ReferencedFrameOfReferenceSequence = [frame]
+    return frame
 
-    ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
-    for number, name in enumerate((n for n, m in masks.items() if m.any()), start=1):
-        definition = definitions[name]
-        roi = pydicom.Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
-        roi.ROIName = roi_name(definition, roi_names)
-        roi.ROIDescription = descriptions.get(name, "")[:64]
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi.ROIGenerationDescription = f"autocontour {__version__}"
-        ds.StructureSetROISequence.append(roi)
-        contour = pydicom.Dataset()
-        contour.ROIDisplayColor = [int(c) for c in definition.colour]
-        contour.ContourSequence = _contours(series, masks[name].astype(bool))
-        contour.ReferencedROINumber = number
-        ds.ROIContourSequence.append(contour)
-        observation = pydicom.Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.ROIObservationDescription = "automatic draft, not reviewed"
-        observation.RTROIInterpretedType = definition.interpreted_type
-        observation.ROIInterpreter = ""
-        ds.RTROIObservationsSequence.append(observation)
-    ds.ApprovalStatus = "UNAPPROVED"
 
-    if "SpecificCharacterSet" not in ds and not all(r.ROIName.isascii() for r in ds.StructureSetROISequence):
-        ds.SpecificCharacterSet = "ISO_IR 192"  # the input needed none, our names need UTF-8
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(out), enforce_file_format=True)
-    return out
+def _add_roi(ds: pydicom.Dataset, series: DicomSeries, number: int, mask: np.ndarray, definition: Any, name: str,
+             description: str) -> None:
+    """One structure's ROI, its contours and its observation, appended to the structure set's sequences."""
+    roi = pydicom.Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
+    roi.ROIName = name
+    roi.ROIDescription = description[:64]
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"autocontour {__version__}"
+    ds.StructureSetROISequence.append(roi)
+    contour = pydicom.Dataset()
+    contour.ROIDisplayColor = [int(c) for c in definition.colour]
+    contour.ContourSequence = _contours(series, mask.astype(bool))
+    contour.ReferencedROINumber = number
+    ds.ROIContourSequence.append(contour)
+    observation = pydicom.Dataset()
+    observation.ObservationNumber = number
+    observation.ReferencedROINumber = number
+    observation.ROIObservationDescription = "automatic draft, not reviewed"
+    observation.RTROIInterpretedType = definition.interpreted_type
+    observation.ROIInterpreter = ""
+    ds.RTROIObservationsSequence.append(observation)
 
 
 def read_rtstruct(series: DicomSeries, path: Path) -> dict[str, np.ndarray]:

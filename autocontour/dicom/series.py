@@ -84,37 +84,55 @@ def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_by
         raise InputImageError(f"not a readable zip file: {exc}") from exc
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > max_files:
-            raise InputImageError(f"the zip holds {len(members)} files, more than the limit of {max_files}")
-        declared = sum(m.file_size for m in members)
-        if declared > max_bytes:
-            raise InputImageError(f"the zip inflates to {declared:,} bytes, more than the limit of {max_bytes:,}")
-        max_bytes = min(max_bytes, int(max_ratio * archive.stat().st_size)) if max_ratio else max_bytes
-        if declared > max_bytes:
-            raise InputImageError(f"the zip would inflate {declared / archive.stat().st_size:,.0f} times its size, "
-                                  f"more than the limit of {max_ratio:g} times")
-        for m in members:
-            name = PurePosixPath(m.filename.replace("\\", "/"))
-            mode = m.external_attr >> 16
-            if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
-                raise InputImageError(f"the zip has an unsafe path {m.filename!r}")
-            if stat.S_ISLNK(mode):
-                raise InputImageError(f"the zip has a symbolic link {m.filename!r}")
-            if m.flag_bits & 0x1:
-                raise InputImageError(f"the zip has an encrypted member {m.filename!r}; upload it unencrypted")
-        written = 0
-        for i, m in enumerate(members):
-            out = target / f"{i:05d}.dcm"  # never the member's own name: it is not ours to trust
-            try:
-                with zf.open(m) as source, open(out, "wb") as sink:
-                    while chunk := source.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise InputImageError(f"the zip inflates past the limit of {max_bytes:,} bytes")
-                        sink.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-                raise InputImageError(f"the zip is corrupt or unreadable at member {m.filename!r}: {exc}") from exc
+        max_bytes = _checked_size(members, archive, max_files, max_bytes, max_ratio)
+        _check_member_names(members)
+        _extract_members(zf, members, target, max_bytes)
     return len(members)
+
+
+def _checked_size(members: list[zipfile.ZipInfo], archive: Path, max_files: int, max_bytes: int,
+                  max_ratio: float | None) -> int:
+    """Refuse a zip whose headers declare too many files or bytes; returns the byte limit for extraction
+    (the lower of `max_bytes` and `max_ratio` times the archive's size)."""
+    if len(members) > max_files:
+        raise InputImageError(f"the zip holds {len(members)} files, more than the limit of {max_files}")
+    declared = sum(m.file_size for m in members)
+    if declared > max_bytes:
+        raise InputImageError(f"the zip inflates to {declared:,} bytes, more than the limit of {max_bytes:,}")
+    max_bytes = min(max_bytes, int(max_ratio * archive.stat().st_size)) if max_ratio else max_bytes
+    if declared > max_bytes:
+        raise InputImageError(f"the zip would inflate {declared / archive.stat().st_size:,.0f} times its size, "
+                              f"more than the limit of {max_ratio:g} times")
+    return max_bytes
+
+
+def _check_member_names(members: list[zipfile.ZipInfo]) -> None:
+    """Refuse absolute or climbing paths, drive letters, symbolic links and encrypted members."""
+    for m in members:
+        name = PurePosixPath(m.filename.replace("\\", "/"))
+        mode = m.external_attr >> 16
+        if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
+            raise InputImageError(f"the zip has an unsafe path {m.filename!r}")
+        if stat.S_ISLNK(mode):
+            raise InputImageError(f"the zip has a symbolic link {m.filename!r}")
+        if m.flag_bits & 0x1:
+            raise InputImageError(f"the zip has an encrypted member {m.filename!r}; upload it unencrypted")
+
+
+def _extract_members(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], target: Path, max_bytes: int) -> None:
+    """Write the members under numbered names, counting the bytes as they inflate (headers can lie)."""
+    written = 0
+    for i, m in enumerate(members):
+        out = target / f"{i:05d}.dcm"  # never the member's own name: it is not ours to trust
+        try:
+            with zf.open(m) as source, open(out, "wb") as sink:
+                while chunk := source.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise InputImageError(f"the zip inflates past the limit of {max_bytes:,} bytes")
+                    sink.write(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise InputImageError(f"the zip is corrupt or unreadable at member {m.filename!r}: {exc}") from exc
 
 
 def _headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], int]:
@@ -142,25 +160,46 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
     headers, before any pixel data is decoded; `max_ratio` bounds how much a zip inflates. A zip is extracted
     into `scratch` (default: the system's temporary folder), where the server keeps patient data under its
     data folder."""
-    path = Path(path)
-    workdir = None
-    if path.is_file():
-        workdir = tempfile.TemporaryDirectory(prefix="autocontour-dicom-", dir=scratch)
-        safe_extract(path, Path(workdir.name), max_files, max_bytes, max_ratio)
-        folder = Path(workdir.name)
-    elif path.is_dir():
-        folder = path
-    else:
-        raise InputImageError(f"not found: {path.name}")
+    folder, workdir = _input_folder(Path(path), max_files, max_bytes, max_ratio, scratch)
     headers, skipped = _headers(folder)
     if not headers:
         raise InputImageError("no DICOM files found" + (f" ({skipped} other files)" if skipped else ""))
+    slices, warnings = _pick_ct_series(headers, skipped, series_uid)
+    _check_slice_headers(slices, warnings)
+    first = slices[0][1]  # in the files' order: its header gives the size checks
+    slices, spacing = _sorted_evenly_spaced(slices)
+    _check_decoded_size(first, len(slices), max_voxels, max_decoded_bytes)
+    _ensure_uids(slices, warnings)
+    files = [str(f) for f, _ in slices]
+    image = _read_pixels(files, slices[0][1], spacing)
+    return DicomSeries(image, [ds for _, ds in slices], [Path(f) for f in files], warnings, workdir)
 
+
+def _input_folder(path: Path, max_files: int, max_bytes: int, max_ratio: float | None,
+                  scratch: Path | None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """The folder to read: the given one, or a zip extracted into a temporary one (kept alive by the caller)."""
+    if path.is_file():
+        workdir = tempfile.TemporaryDirectory(prefix="autocontour-dicom-", dir=scratch)
+        safe_extract(path, Path(workdir.name), max_files, max_bytes, max_ratio)
+        return Path(workdir.name), workdir
+    if path.is_dir():
+        return path, None
+    raise InputImageError(f"not found: {path.name}")
+
+
+def _is_ct_slice(ds: pydicom.Dataset) -> bool:
+    """A classic CT image slice with a position (a blank SOP class counts as CT Image Storage)."""
+    return getattr(ds, "Modality", "") == "CT" and str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE) in (
+        CT_IMAGE_STORAGE, ENHANCED_CT) and "ImagePositionPatient" in ds
+
+
+def _pick_ct_series(headers: list[tuple[Path, pydicom.Dataset]], skipped: int,
+                    series_uid: str | None) -> tuple[list[tuple[Path, pydicom.Dataset]], list[str]]:
+    """The slices of the one CT series (or of `series_uid`), and warnings about the files left aside."""
     by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     others: set[str] = set()
     for file, ds in headers:
-        if getattr(ds, "Modality", "") == "CT" and str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE) in (
-                CT_IMAGE_STORAGE, ENHANCED_CT) and "ImagePositionPatient" in ds:
+        if _is_ct_slice(ds):
             by_series[str(ds.SeriesInstanceUID)].append((file, ds))
         else:
             others.add(str(getattr(ds, "Modality", "?")))
@@ -181,7 +220,11 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
         warnings.append(f"ignored non-CT files ({', '.join(sorted(others))})")
     if skipped:
         warnings.append(f"ignored {skipped} non-DICOM file(s)")
+    return slices, warnings
 
+
+def _check_slice_headers(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:
+    """UIDs from the file meta, a SOP class where it was blanked, and one orientation and size throughout."""
     _uids_from_file_meta(slices, warnings)
     first = slices[0][1]
     if not str(getattr(first, "SOPClassUID", "")):
@@ -196,7 +239,13 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
             raise InputImageError("slices of the series have different orientations (a gantry-tilted or mixed series)")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
             raise InputImageError("slices of the series have different sizes")
-    normal = _normal(first)
+
+
+def _sorted_evenly_spaced(slices: list[tuple[Path, pydicom.Dataset]]) -> tuple[list[tuple[Path, pydicom.Dataset]],
+                                                                                float]:
+    """The slices sorted along the slice normal, and their (median) spacing; refuses fewer than 3 slices,
+    duplicate positions and uneven spacing (a missing slice would silently stretch the anatomy)."""
+    normal = _normal(slices[0][1])
     positions = np.array([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in slices])
     order = np.argsort(positions, kind="stable")
     slices = [slices[i] for i in order]
@@ -213,8 +262,13 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
         gaps = [f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm" for i in np.nonzero(irregular)[0][:5]]
         raise InputImageError(f"irregular slice spacing (median {median:.2f} mm): gaps at {', '.join(gaps)}; "
                               "a slice may be missing")
+    return slices, median
 
-    voxels = int(first.Rows) * int(first.Columns) * len(slices)
+
+def _check_decoded_size(first: pydicom.Dataset, count: int, max_voxels: int | None,
+                        max_decoded_bytes: int | None) -> None:
+    """Refuse, from the headers alone, a series of `count` slices like `first` too large to decode."""
+    voxels = int(first.Rows) * int(first.Columns) * count
     if max_voxels is not None and voxels > max_voxels:
         raise InputImageError(f"the image has {voxels:,} voxels, more than the limit of {max_voxels:,}")
     decoded = decoded_bytes(voxels, int(getattr(first, "BitsAllocated", 16)) // 8)
@@ -222,18 +276,19 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
         raise InputImageError(f"the series would take {decoded:,} bytes of memory once decoded, more than the "
                               f"limit of {max_decoded_bytes:,}")
 
-    _ensure_uids(slices, warnings)
-    files = [str(f) for f, _ in slices]
+
+def _read_pixels(files: list[str], first: pydicom.Dataset, spacing: float) -> sitk.Image:
+    """The pixels read by SimpleITK/GDCM, checked against the geometry the headers gave."""
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputImageError(f"cannot read the series' pixels: {str(exc).splitlines()[-1]}") from exc
-    expected_origin = [float(v) for v in slices[0][1].ImagePositionPatient]
-    if not np.allclose(image.GetOrigin(), expected_origin, atol=1e-3) or abs(image.GetSpacing()[2] - median) > 1e-3:
+    expected_origin = [float(v) for v in first.ImagePositionPatient]
+    if not np.allclose(image.GetOrigin(), expected_origin, atol=1e-3) or abs(image.GetSpacing()[2] - spacing) > 1e-3:
         raise InputImageError("the series' geometry is inconsistent (origin or slice spacing)")
-    return DicomSeries(image, [ds for _, ds in slices], [Path(f) for f in files], warnings, workdir)
+    return image
 
 
 def _uids_from_file_meta(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:

@@ -3,7 +3,7 @@
 For every requested structure:
 
 0. Localisation. The support set's bone profiles are matched to the scan's
-   (autocontour.support.localize): a window along z to search, the verdict that the
+   (autocontour.support.localise): a window along z to search, the verdict that the
    structure lies outside the scan or that the scan is too short to tell
    (nothing is searched or drawn), or the whole body when no match can be
    trusted. `axial_search="all"` ignores it.
@@ -20,7 +20,7 @@ For every requested structure:
    When the set has several source cases, the examples come from the cases
    whose slices at that level look most like the query slice (normalised
    cross-correlation of the 32x32 model images): anatomy that matches, not
-   only the same relative level.
+   only the same relative level (autocontour.engine.selection).
 3. Other planes (`planes="three"`, autocontour.engine.planes). Coronal and sagittal
    cuts across the structure's likely region are segmented from examples
    cut from the set's atlas copies, and the three probabilities averaged.
@@ -38,7 +38,8 @@ network draws almost nothing where the prior places the structure (less than
 alone could not reach the threshold and the result would be empty: the prior
 is drawn alone (weight 1), nothing is drawn beyond the sources' field of view
 (the network failed where it could be checked), and the summary says so. The
-weights, the gate and that share were chosen on bench/cross_patient.py.
+weights, the gate and that share were measured on bench/cross_patient.py
+(autocontour.engine.fusion).
 
 With `crops` and a support set of format 2 that stores them, the fine pass
 looks closer: each slice is a square of the set's side (mm) centred on the
@@ -56,13 +57,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal, cast
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
-from pydantic import BaseModel, Field
-from scipy import ndimage
 
+from autocontour.engine.fusion import fuse_prediction, prior_weight_for, prior_window
+from autocontour.engine.options import InferenceOptions
 from autocontour.engine.planes import (
     OTHER_PLANES,
     PlaneQuery,
@@ -72,102 +73,29 @@ from autocontour.engine.planes import (
     slice_z_mm,
     uncut,
 )
+from autocontour.engine.prediction import StructurePrediction
 from autocontour.engine.runner import Engine
+from autocontour.engine.selection import (
+    LEAVE_OUT_RADIUS,
+    SupportPool,
+    allowed_slices,
+    level_members,
+    spread_members,
+    thumbnails,
+)
 from autocontour.errors import OptionError
-from autocontour.evaluation.metrics import dice
+from autocontour.overlap import dice
 from autocontour.preprocess import ModelInput, mask_centre_mm
-from autocontour.support.localize import Localisation, Profile, locate
+from autocontour.support.localise import Localisation, Profile, localise
 from autocontour.support.prior import PRESENT, StructurePrior
 from autocontour.support.store import SupportSet
 
 MIN_FOREGROUND_PIXELS = 4
-LEAVE_OUT_RADIUS = 1  # slices either side of the query excluded when the CT is a source case
-PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs by about a vertebra
-# The fusion weight follows the registration's final Mattes mutual information (more negative: better aligned):
-# PRIOR_WEIGHT_POOR at METRIC_POOR and above, PRIOR_WEIGHT_GOOD at METRIC_GOOD and below, linear between. On
-# bench/cross_patient.py the real pair and the phantoms register at -0.13 to -0.20 (their priors score 0.30-0.37)
-# and the virtual patients at -0.45 to -0.59 (0.79-0.89); the ramp spans that gap. The two weights and the gate were
-# chosen by --choose-fusion on all three kinds of case (bench/RESULTS.md, "Choosing the fusion"). At 0.4 the
-# network still draws alone where it is sure (p_network >= 0.83) and the prior needs the network's help; at 0.9 the
-# prior draws wherever it reaches 0.56 and the network moves its edges.
-METRIC_POOR, METRIC_GOOD = -0.25, -0.40
-PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
-PRIOR_GATE_MM: float | None = 40.0
-# Below this share of the prior's likely volume (prior >= 0.5), the network counts as silent and the prior is
-# drawn alone (`network_silent`). Only the network's voxels inside the prior's likely region count ("prior"), not
-# all inside the gate ("gate"): a network that draws its own pieces beside the structure is silent on it. Both
-# chosen by --choose-fusion (stop 24: 0.687 against 0.680 for 0.5 and the gate).
-NETWORK_SILENT_SHARE = 0.3
-SilentWithin = Literal["gate", "prior"]
-NETWORK_SILENT_WITHIN: SilentWithin = "prior"
 
 # progress(phase, requests done per structure, requests in total per structure)
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
 # crop_view(structure, centre (x, y) mm, side mm): the scan prepared on a structure-centred crop
 CropView = Callable[[str, tuple[float, float], float], ModelInput]
-
-
-class InferenceOptions(BaseModel):
-    """How hard to look. Defaults per device come from `autocontour.config`."""
-
-    support_size: int = Field(16, ge=1, le=256, description="support slices per ensemble member (S)")
-    ensemble: int = Field(1, ge=1, le=16, description="support subsets averaged per slice (K)")
-    axial_search: str = Field("coarse", pattern="^(coarse|all)$",
-                              description="coarse: find the structure's extent first; all: every body slice")
-    coarse_step_mm: float = Field(9.0, gt=0, le=50)
-    coarse_support_size: int = Field(4, ge=1, le=256, description="support slices for the coarse pass "
-                                                                  "(it only has to find the structure)")
-    support_selection: str = Field("level", pattern="^(level|spread)$",
-                                   description="level: examples from the query's relative level; "
-                                               "spread: from the whole extent")
-    registration: bool = Field(True, description="register the support sets' source cases to the scan and "
-                                                 "use their warped masks (the registration prior)")
-    prior_weight: float | None = Field(None, ge=0, le=1,
-                                       description="weight of the registration prior in the fused probability "
-                                                   "(None: from the registration's quality, `prior_weight_for`, "
-                                                   "and 1 where the network is silent, `network_silent`)")
-    prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
-                                        "close to the prior's likely region (None: everywhere)")
-    crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
-                                           "default: the shipped checkpoint segments worse on them "
-                                           "(bench/RESULTS.md)")
-    planes: str = Field("axial", pattern="^(axial|three)$",
-                        description="axial: the fine pass on axial slices; three: also on coronal and sagittal "
-                                    "cuts from the sets' atlas copies, averaged (autocontour.engine.planes)")
-    seed: int = 0
-
-
-@dataclass
-class StructurePrediction:
-    """Probabilities on the model grid, and how they were obtained."""
-
-    probability: np.ndarray  # (Z, H, W) mean over ensemble members; 0 where not computed
-    agreement: np.ndarray  # (Z,) mean pairwise Dice of members' masks; 1 where all agree or K = 1
-    computed: np.ndarray  # (Z,) bool: slices the fine pass segmented
-    extent: tuple[int, int] | None  # first and last slice where the coarse pass found the structure
-    support_size: int
-    ensemble: int
-    queries: int = 0
-    pairs: int = 0
-    window_mm: tuple[float, float] | None = None  # the z range searched, from the bone profiles
-    localisation: Localisation | None = None
-    searched_mm: tuple[float, float] | None = None  # z of the first and last slice searched
-    cases_used: dict[str, int] = field(default_factory=dict)  # source case -> support slices drawn from it
-    prior: StructurePrior | None = None  # the registration prior, when the set's source cases gave one
-    prior_weight: float | None = None  # the prior's weight in the fusion
-    view: ModelInput | None = None  # the grid `probability` lies on: the crop, or None for the whole-body view
-    crop: dict | None = None  # the crop's side and centre and what placed it (for the summary)
-    planes: dict[str, int] = field(default_factory=dict)  # plane -> cuts segmented (axial: slices)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def not_in_scan(self) -> bool:
-        return self.localisation is not None and self.localisation.verdict == "not_in_scan"
-
-    @property
-    def not_localised(self) -> bool:
-        """The scan was too short to place and nothing was searched (`axial_search="all"` searches it)."""
-        return self.localisation is not None and self.localisation.verdict == "too_short" and not self.computed.any()
 
 
 @dataclass
@@ -179,95 +107,17 @@ class _Request:
     crop: bool = False  # query and supports from the structure-centred crops
 
 
-class SupportPool:
-    """All structures' support slices in one array, so one batch can mix structures."""
-
-    def __init__(self, supports: dict[str, SupportSet], crops: bool = False):
-        """`crops`: also `crop_array`, the sets' structure-centred crops at the same offsets (the whole view
-        for sets without crops)."""
-        self.offset: dict[str, int] = {}
-        arrays, crop_arrays, total = [], [], 0
-        for name, support in supports.items():
-            self.offset[name] = total
-            arrays.append(np.stack([support.images, support.labels], axis=1))
-            crop_images, crop_labels = support.crop_images, support.crop_labels
-            if crops:
-                crop_arrays.append(arrays[-1] if crop_images is None or crop_labels is None else
-                                   np.stack([crop_images, crop_labels], axis=1))
-            total += len(support)
-        self.array = np.concatenate(arrays).astype(np.float32)
-        self.crop_array = np.concatenate(crop_arrays).astype(np.float32) if crops else self.array
-
-
-def _spread_members(levels: np.ndarray, allowed: np.ndarray, s: int, k: int,
-                    rng: np.random.Generator) -> list[np.ndarray]:
-    """K support subsets stratified over the levels: one pick per stratum each."""
-    order = np.nonzero(allowed)[0]
-    order = order[np.argsort(levels[order], kind="stable")]
-    strata = np.array_split(order, s)
-    members = []
-    for member in range(k):
-        picks = [stratum[len(stratum) // 2] if member == 0 else rng.choice(stratum) for stratum in strata]
-        members.append(np.array(picks, dtype=np.int64))
-    return members
-
-
-def _thumbnails(images: np.ndarray) -> np.ndarray:
-    """(N, 32*32) zero-mean, unit-norm thumbnails of model images, for normalised cross-correlation."""
-    n, h, w = images.shape
-    small = images.reshape(n, 32, h // 32, 32, w // 32).mean(axis=(2, 4)).reshape(n, -1)
-    small = small - small.mean(axis=1, keepdims=True)
-    return small / (np.linalg.norm(small, axis=1, keepdims=True) + 1e-6)
-
-
-def _by_matching_case(nearest: np.ndarray, cases: np.ndarray, similarity: np.ndarray, s: int) -> np.ndarray:
-    """The nearest-level candidates reordered so the source cases most like the query come first.
-
-    A case's score is the mean similarity of its candidates among the 3S nearest; within a case
-    the order by level is kept.
-    """
-    pool = nearest[: 3 * s]
-    scores = {c: similarity[pool[cases[pool] == c]].mean() for c in np.unique(cases[pool])}
-    rank = np.array([-scores[c] for c in cases[pool]])
-    return np.concatenate([pool[np.argsort(rank, kind="stable")], nearest[3 * s:]])
-
-
-def _level_members(levels: np.ndarray, allowed: np.ndarray, level: float, s: int, k: int,
-                   rng: np.random.Generator, cases: np.ndarray | None = None,
-                   similarity: np.ndarray | None = None) -> list[np.ndarray]:
-    """K support subsets from the examples nearest the query's level (from the best-matching cases)."""
-    candidates = np.nonzero(allowed)[0]
-    nearest = candidates[np.argsort(np.abs(levels[candidates] - level), kind="stable")]
-    if cases is not None and similarity is not None:
-        nearest = _by_matching_case(nearest, cases, similarity, s)
-    pool = nearest[: min(nearest.size, 2 * s)]
-    members = [nearest[:s]]
-    for _ in range(1, k):
-        members.append(np.sort(rng.choice(pool, size=s, replace=False)))
-    return members
-
-
-def _allowed(support: SupportSet, z: int, own_cases: set[str]) -> np.ndarray:
-    """Support slices a query at canonical slice z may use (leave-slice-out for source cases)."""
-    allowed = np.ones(len(support), dtype=bool)
-    if own_cases:
-        for i, meta in enumerate(support.manifest.slices):
-            if meta.case in own_cases and abs(meta.slice_index - z) <= LEAVE_OUT_RADIUS:
-                allowed[i] = False
-    return allowed
-
-
 def _step_slices(model_input: ModelInput, step_mm: float) -> int:
     return max(1, int(round(step_mm / model_input.grid.GetSpacing()[2])))
 
 
-def localise(support: SupportSet, query: Profile | None, scan_mm: tuple[float, float]) -> Localisation:
-    """Where along z to search the scan for the set's structure (autocontour.support.localize.locate)."""
+def _bone_localisation(support: SupportSet, query: Profile | None, scan_mm: tuple[float, float]) -> Localisation:
+    """Where along z to search the scan for the set's structure (autocontour.support.localise.localise)."""
     cases = [(Profile.from_dict(c.bone_profile), cast(tuple[float, float], tuple(c.extent_mm)))
              for c in support.manifest.source_cases if c.bone_profile and c.extent_mm]
     if query is None:
         return Localisation("whole_body", "no bone profile of the scan: the whole body was searched")
-    return locate(cases, query, scan_mm)
+    return localise(cases, query, scan_mm)
 
 
 class _StructurePlan:
@@ -305,17 +155,17 @@ class _StructurePlan:
         """The grid the fine pass runs on: the structure-centred crop, or the whole-body view."""
         return self.prediction.view or self.input
 
-    def locate(self, profile: Profile | None, prior: StructurePrior | None) -> None:
+    def localise(self, profile: Profile | None, prior: StructurePrior | None) -> None:
         """Step 0: the slices to search, from the registration prior or the bone profile."""
         prediction, grid = self.prediction, self.input.grid
         z_mm = grid.GetOrigin()[2] + grid.GetSpacing()[2] * np.arange(self.input.num_slices)
         inside = self.input.body_slices.copy()
-        located = localise(self.support, profile, (float(z_mm[0]), float(z_mm[-1])))
+        located = _bone_localisation(self.support, profile, (float(z_mm[0]), float(z_mm[-1])))
         if prior is not None:
             prediction.prior = prior
             prediction.prior_weight = (self.options.prior_weight if self.options.prior_weight is not None
                                        else prior_weight_for(prior.metric))
-            located = _prior_window(prior, z_mm, located)
+            located = prior_window(prior, z_mm, located)
         prediction.localisation = located
         if self.options.axial_search == "all":
             if located.verdict != "whole_body":
@@ -342,7 +192,7 @@ class _StructurePlan:
         size = min(self.options.coarse_support_size, self.prediction.support_size)
         requests = []
         for z in np.unique(np.append(body[:: _step_slices(self.input, self.options.coarse_step_mm)], body[-1:])):
-            member = _spread_members(self.support.levels, _allowed(self.support, z, self.own), size, 1, rng)[0]
+            member = spread_members(self.support.levels, allowed_slices(self.support, z, self.own), size, 1, rng)[0]
             requests.append(_Request(self.name, int(z), 0, member + offset))
         return requests
 
@@ -367,19 +217,19 @@ class _StructurePlan:
                                              self.name)
         case_of = np.array([m.case for m in support.manifest.slices])
         examples = support.crop_images if crop and support.crop_images is not None else support.images
-        thumbnails = _thumbnails(examples) if len(set(case_of)) > 1 and queries.size else None
-        query_thumbnails = _thumbnails(self.view.images[queries]) if thumbnails is not None else None
+        example_thumbnails = thumbnails(examples) if len(set(case_of)) > 1 and queries.size else None
+        query_thumbnails = thumbnails(self.view.images[queries]) if example_thumbnails is not None else None
         used: Counter[str] = Counter()
         requests: list[_Request] = []
         for i, z in enumerate(queries):
-            allowed = _allowed(support, int(z), self.own)
+            allowed = allowed_slices(support, int(z), self.own)
             if options.support_selection == "level":
-                similarity = (thumbnails @ query_thumbnails[i]
-                              if thumbnails is not None and query_thumbnails is not None else None)
-                members = _level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
+                similarity = (example_thumbnails @ query_thumbnails[i]
+                              if example_thumbnails is not None and query_thumbnails is not None else None)
+                members = level_members(support.levels, allowed, (z - lo) / max(hi - lo, 1),
                                          prediction.support_size, options.ensemble, rng, case_of, similarity)
             else:
-                members = _spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
+                members = spread_members(support.levels, allowed, prediction.support_size, options.ensemble, rng)
             used.update(case_of[np.concatenate(members)].tolist())
             requests += [_Request(self.name, int(z), k, m + offset, crop) for k, m in enumerate(members)]
         prediction.computed[queries] = True
@@ -427,7 +277,7 @@ class _StructurePlan:
             prediction.probability = plane_mean(prediction.probability, prediction.computed,
                                                 [(volume, reached) for _, volume, reached in planes])
         if prediction.prior is not None:
-            _fuse(prediction, self.view, self.options)
+            fuse_prediction(prediction, self.view, self.options)
         prediction.queries = int(prediction.computed.sum())
         prediction.pairs = pairs
         return prediction
@@ -441,7 +291,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     """Coarse then fine pass for every structure; see the module docstring.
 
     `profile` is the query's bone profile; with it each structure is searched only
-    where the skeleton says it can be (autocontour.support.localize). `priors` are the
+    where the skeleton says it can be (autocontour.support.localise). `priors` are the
     registration priors on the model grids (autocontour.support.prior); `crop_view`
     prepares the structure-centred crops of sets that store them.
     """
@@ -451,7 +301,7 @@ def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: 
     plans = {name: _StructurePlan(name, support, inputs[name], options, fingerprint)
              for name, support in supports.items()}
     for name, plan in plans.items():
-        plan.locate(profile, priors.get(name))
+        plan.localise(profile, priors.get(name))
 
     coarse_requests = [r for plan in plans.values() for r in plan.coarse_requests(rng, pools.offset[plan.name])]
     for request, probability in zip(coarse_requests, _run(engine, inputs, pools, coarse_requests, "coarse",
@@ -522,87 +372,6 @@ def _place_crop(prediction: StructurePrediction, support: SupportSet, model_inpu
         prediction.prior = prediction.prior.on_grid(model_input.grid, prediction.view.grid)
     prediction.crop = {"side_mm": side, "centre_xy_mm": [round(c, 1) for c in centre], "placed_by": placed_by}
     return True
-
-
-def _prior_window(prior: StructurePrior, z_mm: np.ndarray, bones: Localisation) -> Localisation:
-    """The search window from the registration prior (and the slices beyond the sources' fields of view
-    where the structure runs on), checked against the bone profile's verdict."""
-    present = z_mm[prior.slices_present() | prior.uninformed()]
-    if present.size == 0:
-        registered = "the registered source case(s) place the structure beyond the scan's ends"
-        reason = f"{bones.reason}; {registered} too" if bones.verdict == "not_in_scan" else registered
-        return Localisation("not_in_scan", reason, expected_mm=bones.expected_mm, score=bones.score)
-    window = (float(present[0]) - PRIOR_MARGIN_MM, float(present[-1]) + PRIOR_MARGIN_MM)
-    reason = "registration prior"
-    if bones.verdict == "window" and bones.window_mm is not None and (
-            bones.window_mm[1] < window[0] or bones.window_mm[0] > window[1]):
-        reason += (f"; the bone profile expected z {bones.window_mm[0]:.0f} to {bones.window_mm[1]:.0f} mm, "
-                   "which does not overlap: check the result")
-    return Localisation("window", reason, window, bones.expected_mm, bones.score)
-
-
-def prior_weight_for(metric: float, poor: float = PRIOR_WEIGHT_POOR, good: float = PRIOR_WEIGHT_GOOD) -> float:
-    """The prior's fusion weight for a registration that ended at this Mattes mutual information: `poor` at
-    METRIC_POOR and above, `good` at METRIC_GOOD and below (the bench tries other pairs)."""
-    share = float(np.clip((METRIC_POOR - metric) / (METRIC_POOR - METRIC_GOOD), 0.0, 1.0))
-    return round(poor + share * (good - poor), 3)
-
-
-def gate(prior: np.ndarray, gate_mm: float | None, spacing_zyx: tuple[float, float, float]) -> np.ndarray | None:
-    """Where the network's probability counts: within `gate_mm` of where the prior reaches 0.5 (None: everywhere;
-    nowhere when the prior never reaches 0.5)."""
-    if gate_mm is None:
-        return None
-    likely = prior >= 0.5
-    if not likely.any():
-        return np.zeros_like(likely)
-    return ndimage.distance_transform_edt(~likely, sampling=spacing_zyx) <= gate_mm
-
-
-def fuse(network: np.ndarray, prior: np.ndarray, weight: float, near: np.ndarray | None) -> np.ndarray:
-    """(1 - weight) * network * near + weight * prior, `near` from `gate` (None: the network everywhere)."""
-    if near is not None:
-        network = network * near
-    return (1 - weight) * network + weight * prior
-
-
-def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | None,
-                   share: float = NETWORK_SILENT_SHARE, within: SilentWithin = NETWORK_SILENT_WITHIN) -> bool:
-    """Whether the network draws (p >= 0.5) less than `share` of the prior's likely volume (p >= 0.5).
-
-    `within` says which of its voxels count: "prior", those inside the prior's likely region (a network
-    that draws its own pieces beside the structure is silent on it); "gate", all inside the gate.
-    Never when the prior has no likely region: then there is nothing to draw from it."""
-    likely_region = prior >= 0.5
-    likely = int(np.count_nonzero(likely_region))
-    drawn = network >= 0.5
-    if within == "prior":
-        drawn &= likely_region
-    elif near is not None:
-        drawn &= near
-    return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
-
-
-def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
-    """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
-    assert prediction.prior is not None and prediction.prior_weight is not None
-    spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
-    prior = prediction.prior.probability
-    near = gate(prior, options.prior_gate_mm, spacing)
-    uninformed = prediction.prior.uninformed()[:, None, None]
-    informed = prediction.computed[:, None, None] & ~uninformed
-    silent = options.prior_weight is None and network_silent(prediction.probability * informed, prior * informed,
-                                                             near)
-    if silent:
-        prediction.prior_weight = 1.0
-        prediction.warnings.append("the network drew almost nothing where the registered source case(s) place the "
-                                   "structure: drawn from the registration prior alone, and nothing beyond the "
-                                   "source scans' field of view; review every slice")
-    fused = fuse(prediction.probability, prior, prediction.prior_weight, near)
-    # beyond the sources' field of view only the network knows; one that failed where it could be checked is
-    # not trusted there either
-    fused = np.where(uninformed, 0.0 if silent else prediction.probability, fused)
-    prediction.probability = np.where(prediction.computed[:, None, None], fused, 0.0).astype(np.float32)
 
 
 def _main_run(areas: dict[int, int], step: int) -> list[int]:

@@ -19,8 +19,8 @@ import torch
 
 from autocontour.engine.network import SplitUniverSeg
 from autocontour.errors import OptionError
-from autocontour.evaluation.metrics import dice
 from autocontour.model.universeg import UniverSeg
+from autocontour.overlap import dice
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from autocontour.catalogue import BUILTIN
+from autocontour.config import Settings
 from autocontour.errors import InputImageError, OptionError
 from autocontour.evaluation.metrics import DEFAULT_TOLERANCES_MM, compute_metrics, metric_keys
-from autocontour.io import CanonicalCT, read_image
+from autocontour.io import CanonicalCT, read_ct, read_image
+from autocontour.support.recipes import load_recipes
 
 MASK_SUFFIX = ".nii.gz"
 MAX_LABELS = 255  # the most a uint8 label map holds
@@ -74,9 +77,6 @@ def _from_label_map(label_map: sitk.Image, names: dict[str, int], structure: str
     """A structure from a label map: by its name, else by its shipped recipe."""
     if structure in names:
         return _binary(label_map, names[structure])
-    from autocontour.config import Settings
-    from autocontour.support.recipes import load_recipes
-
     recipes = load_recipes(Settings().shipped_support_dir / "recipes")
     if structure not in recipes:
         raise InputImageError(f"the reference label map has no {structure!r} and no recipe builds it")
@@ -182,8 +182,6 @@ def parse_structure_tolerances(items: list[str] | None) -> dict[str, tuple[float
     result: dict[str, tuple[float, ...]] = {}
     for item in items or []:
         if item.strip().lower() == "catalogue":
-            from autocontour.catalogue import BUILTIN
-
             for name, structure in BUILTIN.items():
                 result[name] = tuple(sorted({*result.get(name, ()), structure.nsd_tolerance_mm}))
             continue
@@ -238,8 +236,7 @@ def write_report(records: list[dict], out: Path, tolerances_mm=DEFAULT_TOLERANCE
 
 def comparison_preview(ct_path: Path, pairs: list[Pair], out: Path) -> Path:
     """Predicted contours (solid) over reference contours (dashed) on the CT."""
-    from autocontour.io import read_ct
-    from autocontour.preview import volume_preview
+    from autocontour.preview import volume_preview  # matplotlib: only when a preview is drawn
 
     ct = CanonicalCT(read_ct(ct_path))
     for pair in pairs:

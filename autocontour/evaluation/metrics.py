@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from autocontour.overlap import dice
+
 DEFAULT_TOLERANCES_MM = (1.0, 2.0, 3.0)
 
 
@@ -64,16 +66,6 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[fl
     ref_to_pred = (d_ref.double().numpy(), a_ref[edges_ref].double().numpy())
     pred_to_ref = (d_pred.double().numpy(), a_pred[edges_pred].double().numpy())
     return ref_to_pred, pred_to_ref
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two masks (nonzero = inside); two empty masks agree perfectly (1.0).
-
-    The one Dice of the project: metrics, engine agreement, precision checks and training validation.
-    """
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
 
 
 def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float],

@@ -28,7 +28,7 @@ RTSTRUCT with the ROI named by one of the clinic's names for it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from autocontour.catalogue import StructureDefinition, default_definition
 from autocontour.errors import InputImageError, SupportSetError
 from autocontour.io import CanonicalCT, fingerprint, read_image
 from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
-from autocontour.support.localize import bone_profile
+from autocontour.support.localise import bone_profile
 from autocontour.support.recipes import Recipe
 from autocontour.support.registration import AtlasCase, make_atlas_case
 from autocontour.support.store import (
@@ -255,6 +255,42 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
     `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks;
     `atlas` keeps each case's small copy for the registration prior; `crop` stores structure-centred crops.
     """
+    definition = _checked_request(structure, cases, size, negative_fraction, symmetric, definition)
+    spec = spec or PreprocessSpec()
+    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois, atlas)
+              for i, (ct, mask) in enumerate(cases)]
+    for case in loaded:
+        if case.atlas is not None:
+            case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
+    picks = select_slices(loaded, size, negative_fraction, symmetric)
+    crop_spec = crop_for(loaded) if crop else None
+    crops = [case_crops(case, spec, crop_spec.side_mm) for case in loaded] if crop_spec else None
+
+    picked = _picked_slices(loaded, picks, crops)
+    slices, warnings = picked.slices, []
+    if len(picks) < size:
+        warnings.append(f"asked for {size} slices, the cases supply {len(picks)}")
+    if any(s.flipped for s in slices):
+        warnings.append(f"{sum(s.flipped for s in slices)} slices are left-right mirrored copies")
+
+    manifest = SupportManifest(
+        name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
+        preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
+        crop=crop_spec,
+        source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)
+    support = save_support_set(manifest, np.stack(picked.images), np.stack(picked.labels), out,
+                               (np.stack(picked.crop_images), np.stack(picked.crop_labels)) if crops else None)
+    if preview:
+        from autocontour.preview import support_set_preview  # matplotlib: only when a preview is drawn
+
+        support_set_preview(support, Path(out) / "preview.png")
+    return support
+
+
+def _checked_request(structure: str, cases: list[tuple[Path, Path]], size: int, negative_fraction: float,
+                     symmetric: bool, definition: StructureDefinition | None) -> StructureDefinition:
+    """Refuse a request that cannot make a sound set; returns the structure's definition."""
     if not cases:
         raise SupportSetError("give at least one --case CT MASK")
     if size < 2:
@@ -267,44 +303,34 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
     if symmetric and definition.lateral:
         raise SupportSetError(f"{structure!r} is {definition.laterality}-sided: a mirrored copy would show the other "
                               "side, so a lateral structure cannot be declared symmetric")
-    spec = spec or PreprocessSpec()
-    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois, atlas)
-              for i, (ct, mask) in enumerate(cases)]
-    for case in loaded:
-        if case.atlas is not None:
-            case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
-    picks = select_slices(loaded, size, negative_fraction, symmetric)
-    crop_spec = crop_for(loaded) if crop else None
-    crops = [case_crops(case, spec, crop_spec.side_mm) for case in loaded] if crop_spec else None
+    return definition
 
-    images, labels, crop_images, crop_labels, slices, warnings = [], [], [], [], [], []
+
+@dataclass
+class _PickedSlices:
+    """The chosen slices' arrays (mirrored where picked so) and their manifest entries, in pick order, so the
+    set's arrays and its manifest stay aligned."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    crop_images: list[np.ndarray] = field(default_factory=list)
+    crop_labels: list[np.ndarray] = field(default_factory=list)
+    slices: list[SupportSlice] = field(default_factory=list)
+
+
+def _picked_slices(loaded: list[LabelledCase], picks: list[tuple[int, int, bool]],
+                   crops: list[tuple[np.ndarray, np.ndarray]] | None) -> _PickedSlices:
+    picked = _PickedSlices()
     for i, z, flipped in picks:
         case = loaded[i]
         lo, hi = case.case.extent_slices
         flip = (slice(None), slice(None, None, -1) if flipped else slice(None))
-        images.append(case.images[z][flip])
-        labels.append(lab := case.labels[z][flip])
+        picked.images.append(case.images[z][flip])
+        picked.labels.append(lab := case.labels[z][flip])
         if crops:
-            crop_images.append(crops[i][0][z][flip])
-            crop_labels.append(crops[i][1][z][flip])
-        slices.append(SupportSlice(
+            picked.crop_images.append(crops[i][0][z][flip])
+            picked.crop_labels.append(crops[i][1][z][flip])
+        picked.slices.append(SupportSlice(
             case=case.case.case, slice_index=z, z_mm=float(case.z_mm[z]),
             level=float((z - lo) / max(hi - lo, 1)), foreground_pixels=int(lab.sum()), flipped=flipped))
-    if len(picks) < size:
-        warnings.append(f"asked for {size} slices, the cases supply {len(picks)}")
-    if any(s.flipped for s in slices):
-        warnings.append(f"{sum(s.flipped for s in slices)} slices are left-right mirrored copies")
-
-    manifest = SupportManifest(
-        name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), source=source,
-        preprocessing=spec, recipe=recipe.to_dict() if recipe else None,
-        crop=crop_spec,
-        source_cases=[c.case for c in loaded], slices=slices, warnings=warnings)
-    support = save_support_set(manifest, np.stack(images), np.stack(labels), out,
-                               (np.stack(crop_images), np.stack(crop_labels)) if crops else None)
-    if preview:
-        from autocontour.preview import support_set_preview
-
-        support_set_preview(support, Path(out) / "preview.png")
-    return support
+    return picked

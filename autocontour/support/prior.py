@@ -9,7 +9,7 @@ give the mean of their warped masks: a multi-atlas prior.
 
 The engine reads the prior three ways: which slices to search (where it is
 above PRESENT, plus a margin), the structure's axial extent for level-matched
-supports, and a probability fused with the network's (`autocontour.engine.plan`).
+supports, and a probability fused with the network's (`autocontour.engine.fusion`).
 A prior knows nothing beyond its source scan's field of view: where a
 structure runs off the end of a source scan (the iliopsoas of a chest-abdomen
 scan that stops at L3), the slices beyond are searched by the network alone.

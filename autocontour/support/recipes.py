@@ -81,6 +81,7 @@ class Recipe:
 
 
 def _walk(expr, found: list) -> None:
+    """Append every label the expression names, in order; raises SupportSetError where it is malformed."""
     if isinstance(expr, (str, int)):
         found.append(expr)
         return
@@ -92,25 +93,28 @@ def _walk(expr, found: list) -> None:
         if not isinstance(arg, (str, int)):
             raise SupportSetError(f"'label' takes a name or a value, got {arg!r}")
         found.append(arg)
-    elif op in ("union", "intersection", "subtract"):
+        return
+    for operand in _operands(op, arg, expr):
+        _walk(operand, found)
+
+
+def _operands(op: str, arg, expr: dict) -> list:
+    """The sub-expressions of a compound operator, once its own arguments are checked."""
+    if op in ("union", "intersection", "subtract"):
         if not isinstance(arg, list) or not arg:
             raise SupportSetError(f"'{op}' takes a non-empty list, got {arg!r}")
-        for item in arg:
-            _walk(item, found)
-    elif op == "track_from_inferior":
-        _walk(arg, found)
-    elif op in ("expand", "shrink"):
+        return arg
+    if op in ("expand", "shrink"):
         if not isinstance(expr.get("mm"), (int, float)) or expr["mm"] < 0:
             raise SupportSetError(f"'{op}' needs a non-negative 'mm', got {expr.get('mm')!r}")
-        _walk(arg, found)
     elif op == "axial_limit":
         if "reference" not in expr:
             raise SupportSetError("'axial_limit' needs a 'reference' expression")
         lo, hi = expr.get("from_fraction", -np.inf), expr.get("to_fraction", np.inf)
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= hi):
             raise SupportSetError(f"'axial_limit' needs from_fraction <= to_fraction, got {lo!r}, {hi!r}")
-        _walk(arg, found)
-        _walk(expr["reference"], found)
+        return [arg, expr["reference"]]
+    return [arg]  # track_from_inferior, expand, shrink
 
 
 class _Context:

@@ -17,7 +17,7 @@ axial slab the source case covers.
 Scans rarely cover the same part of the body (a pelvis against a chest-
 abdomen scan share only the upper abdomen, about 100 mm), so the centre of
 body mass would pull them hundreds of millimetres apart, and the bone-area
-profile (`autocontour.support.localize`) is dominated by contrast in an enhanced scan.
+profile (`autocontour.support.localise`) is dominated by contrast in an enhanced scan.
 The start is found by `axial_search`: every axial shift that leaves enough
 overlap, scored by mutual information at 8 mm, in-plane centres of the body
 aligned over the overlapping slab. The affine and B-spline stages then refine

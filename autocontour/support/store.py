@@ -83,7 +83,7 @@ class SourceCase(BaseModel):
     extent_slices: list[int]  # first and last slice showing the structure
     label: str  # how the mask was made: "label 104", "binary mask", or "recipe ctvn"
     extent_mm: list[float] | None = None  # z (patient superior, mm) of the first and last slice showing it
-    bone_profile: dict | None = None  # autocontour.support.localize.Profile: where along z the skeleton is
+    bone_profile: dict | None = None  # autocontour.support.localise.Profile: where along z the skeleton is
     atlas: AtlasCopy | None = None  # format 2: the small copy for the registration prior
     crop_centre_mm: list[float] | None = None  # format 2: (x, y) centre of the structure, where its crops are
 

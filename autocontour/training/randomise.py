@@ -7,7 +7,7 @@ patient's shape, one scanner's noise or one contrast phase. Each draw (one
 seed) makes a virtual patient:
 
 - anatomy: body-habitus scaling and a smooth 3D deformation
-  (`autocontour.support.virtual.warp`, the benchmark's generator with wider ranges);
+  (`autocontour.training.virtual.warp`, the benchmark's generator with wider ranges);
 - acquisition: pixel size and slice thickness from 0.6-5 mm, with the
   partial-volume blur of that resolution;
 - intensities: a scanner gain and offset, a per-label offset (organs differ
@@ -33,7 +33,8 @@ from pydantic import BaseModel
 from scipy import ndimage
 
 from autocontour.io import CANONICAL_ORIENTATION
-from autocontour.support.virtual import (
+from autocontour.training.hu_tasks import TASK_BITS, TASKS, hu_task_bits
+from autocontour.training.virtual import (
     AIR_HU,
     ENHANCEMENT_HU,
     RECONSTRUCTION_CIRCLE_HU,
@@ -43,7 +44,6 @@ from autocontour.support.virtual import (
     to_images,
     warp,
 )
-from autocontour.training.hu_tasks import TASK_BITS, TASKS, hu_task_bits
 
 MIN_GRID_PIXEL_MM = 1.0  # finer pixels are drawn as blur and noise only: the model sees ~2.7 mm pixels
 MIN_GRID_SLICE_MM = 2.5  # thinner reconstructions keep every k-th slice: each axial slice is segmented alone
@@ -148,13 +148,34 @@ def random_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], se
     ct = _partial_volume(sitk.Cast(sitk.DICOMOrient(ct, CANONICAL_ORIENTATION), sitk.sitkFloat32),
                          (pixel, pixel, thickness))
     warped = warp(ct, labels, rng, spacing, float(rng.uniform(*r.deformation_mm)), r.habitus, r.height)
-    hu, label_map = warped.hu, warped.labels
-    spacing_zyx = spacing[::-1]
+    label_map, spacing_zyx = warped.labels, spacing[::-1]
 
     gain, offset = 1 + rng.normal(0, r.scanner_gain), rng.normal(0, r.scanner_offset_hu)
     shifts = rng.normal(0, r.label_shift_hu, int(label_map.max()) + 1)
     shifts[0] = 0.0
-    hu = hu * gain + offset + shifts[label_map]
+    hu = warped.hu * gain + offset + shifts[label_map]
+    bits, enhancement = _contrast_and_tasks(hu, label_map, names, spacing_zyx, hu_tasks, r, rng)
+    parameters: dict = {"seed": seed, "pixel_mm": round(pixel, 2), "slice_mm": round(thickness, 2),
+                        "grid_mm": [round(s, 2) for s in spacing], "habitus_scale": np.round(warped.scale, 3).tolist(),
+                        "gain": round(float(gain), 3), "offset_hu": round(float(offset), 1),
+                        "enhancement_hu": enhancement}
+    _artefacts(hu, label_map, bits, spacing_zyx, hu_tasks, r, rng, parameters)
+
+    modes = list(r.fov_probabilities)
+    weights = np.array([r.fov_probabilities[m] for m in modes])
+    mode = str(rng.choice(modes, p=weights / weights.sum()))
+    first, last = _fov_rows(label_map, names, warped.z_mm, mode, rng)
+    parameters |= {"fov": mode, "slices": last - first}
+    out_ct, out_labels = to_images(hu, label_map, warped.grid, first, last)
+    out_bits = sitk.GetImageFromArray(bits[first:last])
+    out_bits.CopyInformation(out_ct)
+    return RandomPatient(out_ct, out_labels, out_bits, parameters)
+
+
+def _contrast_and_tasks(hu: np.ndarray, label_map: np.ndarray, names: dict[str, int], spacing_zyx: tuple,
+                        hu_tasks, r: DomainRandomisation, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Contrast in the vessels and organs (perhaps), the HU tasks, then contrast in the bladder (perhaps), in
+    place; returns the HU task bits and the enhancement drawn."""
     enhancement: dict = {}
     contrast = bool(rng.random() < r.contrast_probability)
     if contrast:
@@ -167,11 +188,13 @@ def random_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], se
     if bladder is not None and rng.random() < r.bladder_contrast_probability:
         enhancement["urinary_bladder"] = round(float(rng.uniform(*r.bladder_contrast_hu)), 1)
         hu[label_map == bladder] += enhancement["urinary_bladder"]
+    return bits, enhancement
 
-    parameters: dict = {"seed": seed, "pixel_mm": round(pixel, 2), "slice_mm": round(thickness, 2),
-                        "grid_mm": [round(s, 2) for s in spacing], "habitus_scale": np.round(warped.scale, 3).tolist(),
-                        "gain": round(float(gain), 3), "offset_hu": round(float(offset), 1),
-                        "enhancement_hu": enhancement}
+
+def _artefacts(hu: np.ndarray, label_map: np.ndarray, bits: np.ndarray, spacing_zyx: tuple, hu_tasks,
+               r: DomainRandomisation, rng: np.random.Generator, parameters: dict) -> None:
+    """Noise and bias field, then perhaps metal, a reconstruction circle and a lateral truncation, in place;
+    what was drawn goes into `parameters`."""
     hu += rng.normal(0, rng.uniform(*r.noise_hu), hu.shape) + _bias_field(hu.shape, r.bias_hu, rng)
     if rng.random() < r.metal_probability:
         host = TASK_BITS["bone"] if "bone" in hu_tasks else TASK_BITS["body"]
@@ -191,13 +214,3 @@ def random_patient(ct: sitk.Image, labels: sitk.Image, names: dict[str, int], se
     hu[:, outside] = RECONSTRUCTION_CIRCLE_HU if parameters.get("circle") else AIR_HU
     label_map[:, outside] = 0
     bits[:, outside] = 0
-
-    modes = list(r.fov_probabilities)
-    weights = np.array([r.fov_probabilities[m] for m in modes])
-    mode = str(rng.choice(modes, p=weights / weights.sum()))
-    first, last = _fov_rows(label_map, names, warped.z_mm, mode, rng)
-    parameters |= {"fov": mode, "slices": last - first}
-    out_ct, out_labels = to_images(hu, label_map, warped.grid, first, last)
-    out_bits = sitk.GetImageFromArray(bits[first:last])
-    out_bits.CopyInformation(out_ct)
-    return RandomPatient(out_ct, out_labels, out_bits, parameters)

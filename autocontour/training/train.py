@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from autocontour.engine.network import SplitUniverSeg
 from autocontour.engine.runner import keep_freed_memory, resolve_device
-from autocontour.evaluation.metrics import dice
 from autocontour.model import UniverSeg
 from autocontour.model.weights import ModelCard, load_model, save_checkpoint
+from autocontour.overlap import dice
 from autocontour.training.dataset import TrainingData, load_training_data
 from autocontour.training.episodes import NEGATIVE_REACH, NEGATIVE_SHARE, TaskSampler, augment
 
@@ -216,57 +216,81 @@ class Trainer:
                 writer.writerow(names)
             bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not progress)
             started, running = time.perf_counter(), []
-            scores: dict[str, float] = {}
-            if self.step == 0 and self.init_card is not None:
-                # the starting weights on the same episodes: what the run has to beat (step 0 of the log)
-                scores = self.validate()
-                self.best = float(np.mean(list(scores.values())))
-                self.export(self.out / "best.safetensors", scores)
-                writer.writerow([{"step": 0, **{k: round(v, 4) for k, v in scores.items()}}.get(n, "")
-                                 for n in names])
+            scores = self._starting_scores(writer, names)
             while self.step < c.steps:
-                size = c.low_res_size if self.step < c.low_res_steps else self.data.images.shape[-1]
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.learning_rate(self.step)
-                batch = augment(*_batch(self.sampler, c.batch_size, c.support_size), self.generator)
-                q, ql, si, sl = (t.to(self.device) for t in _resize(*batch, size))
-                with self._autocast():
-                    logits = self.net(q, si, sl)
-                loss = soft_dice_bce(logits.float(), ql)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
-                self.step += 1
-                running.append(loss.item())
+                size, loss = self._train_step()
+                running.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-50:]):.3f}")
-                row = {"step": self.step, "loss": round(loss.item(), 5),
+                row = {"step": self.step, "loss": round(loss, 5),
                        "lr": f"{self.learning_rate(self.step - 1):.2e}",
                        "size": size, "seconds": round(time.perf_counter() - started, 1)}
                 if self.step % c.validate_every == 0 or self.step == c.steps:
-                    scores = self.validate()
+                    scores = self._validate_and_keep_best()
                     row |= {k: round(v, 4) for k, v in scores.items()}
-                    target = float(np.mean(list(scores.values())))
-                    if target > self.best:
-                        self.best, self.stale = target, 0
-                        self.export(self.out / "best.safetensors", scores)
-                    else:
-                        self.stale += 1
                 writer.writerow([row.get(n, "") for n in names])
                 f.flush()
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     self.save()
-                if c.patience is not None and self.stale >= c.patience:
-                    bar.write(f"early stop at step {self.step}: no improvement in {c.patience} validations")
-                    break
-                if c.max_seconds is not None and time.perf_counter() - started > c.max_seconds:
-                    bar.write(f"time budget of {c.max_seconds:.0f} s reached at step {self.step}")
+                if (stop := self._stop_reason(started)) is not None:
+                    bar.write(stop)
                     break
             bar.close()
         self.save()
         plot_curves(log_path, self.out / CURVES)
         return scores or self.validate()
+
+    def _starting_scores(self, writer, names: list[str]) -> dict[str, float]:
+        """When fine-tuning from step 0: the starting weights on the same episodes, what the run has to beat
+        (step 0 of the log, and the first best.safetensors); otherwise none."""
+        if self.step != 0 or self.init_card is None:
+            return {}
+        scores = self.validate()
+        self.best = float(np.mean(list(scores.values())))
+        self.export(self.out / "best.safetensors", scores)
+        writer.writerow([{"step": 0, **{k: round(v, 4) for k, v in scores.items()}}.get(n, "") for n in names])
+        return scores
+
+    def _train_step(self) -> tuple[int, float]:
+        """One optimiser step on a fresh batch (at low resolution for the first steps); returns the image size
+        and the loss."""
+        c = self.config
+        size = c.low_res_size if self.step < c.low_res_steps else self.data.images.shape[-1]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        batch = augment(*_batch(self.sampler, c.batch_size, c.support_size), self.generator)
+        q, ql, si, sl = (t.to(self.device) for t in _resize(*batch, size))
+        with self._autocast():
+            logits = self.net(q, si, sl)
+        loss = soft_dice_bce(logits.float(), ql)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return size, loss.item()
+
+    def _validate_and_keep_best(self) -> dict[str, float]:
+        """The validation scores; a better mean than before becomes best.safetensors, a worse one counts
+        towards early stopping."""
+        scores = self.validate()
+        target = float(np.mean(list(scores.values())))
+        if target > self.best:
+            self.best, self.stale = target, 0
+            self.export(self.out / "best.safetensors", scores)
+        else:
+            self.stale += 1
+        return scores
+
+    def _stop_reason(self, started: float) -> str | None:
+        """Why to stop before `config.steps` (no improvement for `patience` validations, or the time budget
+        spent), or None."""
+        c = self.config
+        if c.patience is not None and self.stale >= c.patience:
+            return f"early stop at step {self.step}: no improvement in {c.patience} validations"
+        if c.max_seconds is not None and time.perf_counter() - started > c.max_seconds:
+            return f"time budget of {c.max_seconds:.0f} s reached at step {self.step}"
+        return None
 
     def export(self, path: Path, scores: dict[str, float]) -> str:
         """The weights as a project checkpoint with its model card."""

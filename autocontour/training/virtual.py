@@ -12,7 +12,7 @@ with the same transform, so every virtual patient has exact ground truth.
 
 Everything is drawn from `numpy.random.default_rng(seed)`: the same seed
 gives the same patient, so a benchmark can name its cases by seed and
-training (issue 14) can draw others from a disjoint seed range.
+training (autocontour.training) can draw others from a disjoint seed range.
 """
 
 from __future__ import annotations

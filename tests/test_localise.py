@@ -7,7 +7,7 @@ from conftest import EXAMPLE_CT, ROOT
 
 from autocontour.io import CanonicalCT, read_ct
 from autocontour.support import discover
-from autocontour.support.localize import Profile, bone_profile, locate, match
+from autocontour.support.localise import Profile, bone_profile, localise, match
 
 
 def _profile(ct: CanonicalCT) -> Profile:
@@ -21,7 +21,7 @@ def test_a_cropped_scan_matches_and_the_window_covers_the_bladder():
     found = match(Profile.from_dict(source.bone_profile), _profile(cropped))
     assert found.score > 0.95 and abs(found.scale - 1) < 0.03 and abs(found.shift_mm) < 6
     z = cropped.slice_positions_mm()
-    located = locate([(Profile.from_dict(source.bone_profile), tuple(source.extent_mm))], _profile(cropped),
+    located = localise([(Profile.from_dict(source.bone_profile), tuple(source.extent_mm))], _profile(cropped),
                      (z[0], z[-1]))
     assert located.verdict == "window"
     lo, hi = located.window_mm
@@ -32,7 +32,7 @@ def test_a_cropped_scan_matches_and_the_window_covers_the_bladder():
 def test_a_scan_without_matching_skeleton_gives_no_window():
     flat = Profile(0.0, tuple(np.random.default_rng(0).random(80)))
     source = Profile(0.0, tuple(float(v) for v in np.sin(np.linspace(0, 6, 60)) * 100 + 200))
-    located = locate([(source, (30.0, 60.0))], flat, (0.0, 240.0))
+    located = localise([(source, (30.0, 60.0))], flat, (0.0, 240.0))
     assert located.verdict == "whole_body" and located.window_mm is None and "whole body" in located.reason
 
 
@@ -60,7 +60,7 @@ def test_a_confident_match_outside_the_scan_means_not_in_scan():
     upper = CanonicalCT(full.image[:, :, 60:])  # the upper abdomen only: no pelvis
     source = discover([ROOT / "support_sets"])["bladder"].manifest.source_cases[0]
     z = upper.slice_positions_mm()
-    located = locate([(Profile.from_dict(source.bone_profile), tuple(source.extent_mm))], _profile(upper),
+    located = localise([(Profile.from_dict(source.bone_profile), tuple(source.extent_mm))], _profile(upper),
                      (z[0], z[-1]))
     assert located.verdict == "not_in_scan" and located.score > 0.85
     assert located.expected_mm[1] < z[0] and "the scan spans" in located.reason
@@ -73,7 +73,7 @@ def test_a_doubtful_match_outside_the_scan_searches_the_whole_body():
     query = Profile(0.0, tuple(float(v) for v in shape[20:80] + rng.normal(0, 60, 60)))  # a noisy part of it
     found = match(source, query)
     assert found is not None and 0.6 <= found.score < 0.85
-    located = locate([(source, (262.0, 268.0))], query, (0.0, 177.0))  # the structure lies above the scan
+    located = localise([(source, (262.0, 268.0))], query, (0.0, 177.0))  # the structure lies above the scan
     assert located.verdict == "whole_body" and "not trusted" in located.reason
 
 

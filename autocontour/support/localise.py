@@ -21,7 +21,7 @@ chest and never the pelvis. Profiles carry both channels, and a match that
 puts lung against no lung (LUNG_PRESENT_MM2 against under LUNG_ABSENT_MM2)
 on more than MAX_LUNG_MISMATCH of its overlap is no match.
 
-`locate` turns a match into a verdict the engine acts on and the summary
+`localise` turns a match into a verdict the engine acts on and the summary
 reports: search a window; the structure lies outside the scan (`not_in_scan`,
 only when the match is confident); search the whole body (no match, or a
 match whose window barely touches the scan); or, for a scan shorter than
@@ -174,8 +174,8 @@ class Localisation:
     score: float | None = None
 
 
-def locate(cases: list[tuple[Profile, tuple[float, float]]], query: Profile,
-           scan_mm: tuple[float, float], margin_mm: float = MARGIN_MM) -> Localisation:
+def localise(cases: list[tuple[Profile, tuple[float, float]]], query: Profile,
+             scan_mm: tuple[float, float], margin_mm: float = MARGIN_MM) -> Localisation:
     """Decide where to search: see `Localisation`.
 
     Each source case's structure extent is mapped through its match; the cases that match join.
