@@ -31,6 +31,7 @@ CANONICAL_ORIENTATION = "LPS"
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 MIN_AXIAL_SLICES = 3
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 1024  # 1 Gi voxels: larger than any planning CT
+QFORM_SFORM_TOLERANCE_MM = 0.5  # rounding in either transform stays far below this
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -174,6 +175,34 @@ def check_header_geometry(header, ndim: int) -> None:
         rows = np.array([header[k] for k in ("srow_x", "srow_y", "srow_z")], dtype=np.float64)
         if not np.isfinite(rows).all() or abs(np.linalg.det(rows[:, :3])) < 1e-9:
             raise InputImageError("the header's sform is degenerate (srow_x/y/z not finite, or a singular matrix)")
+        _check_sform_agrees(header, rows, pixdim[1:4], qform_code > 0)
+
+
+def _check_sform_agrees(header, rows: np.ndarray, pixdim: np.ndarray, has_qform: bool) -> None:
+    """Refuse a header whose two descriptions of the grid disagree, naming both.
+
+    ITK takes the voxel size from pixdim and the orientation from the sform (with only a warning about
+    "unexpected scales"), so a pixdim of 1 mm beside an sform of 3 mm voxels reads the scan at a third of
+    its size (a bladder of 259 instead of 566 mL); and when qform and sform place the volume differently,
+    one of them silently wins. Neither can be resolved without knowing which one the writer meant.
+    """
+    sform_spacing = np.linalg.norm(rows[:, :3], axis=0)
+    if not np.allclose(sform_spacing, pixdim, rtol=1e-3, atol=1e-4):
+        raise InputImageError(
+            f"the header's voxel size disagrees with itself: pixdim says {_mm(pixdim)} mm, the sform "
+            f"{_mm(sform_spacing)} mm; rewrite the file with one geometry (e.g. nibabel's img.set_sform / set_qform)")
+    if has_qform:
+        shape = np.array([int(header["dim"][axis]) for axis in (1, 2, 3)])
+        corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * np.r_[shape - 1, 1]
+        apart = np.linalg.norm((corners @ header.get_qform().T - corners @ np.r_[rows, [[0, 0, 0, 1]]].T)[:, :3],
+                               axis=1).max()
+        if apart > QFORM_SFORM_TOLERANCE_MM:
+            raise InputImageError(f"the header's qform and sform place the scan up to {apart:.1f} mm apart; "
+                                  "rewrite the file with one geometry (e.g. nibabel's img.set_sform / set_qform)")
+
+
+def _mm(values: np.ndarray) -> str:
+    return " x ".join(f"{v:g}" for v in np.round(values, 4))
 
 
 class _Scan:

@@ -101,6 +101,14 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     cases["negative pixdim"] = (edited("pixdim_negative.nii.gz", pixdim=negative_spacing), "pixdim[2]")
     cases["no qform or sform"] = (edited("no_xform.nii.gz", qform_code=0, sform_code=0), "neither a qform nor")
     cases["singular sform"] = (edited("sform0.nii.gz", sform_code=1, srow_x=[0, 0, 0, 0]), "sform")
+    one_mm = pixdim.copy()
+    one_mm[1] = 1.0  # what nibabel writes for a zero pixdim, beside an sform of 8 mm voxels
+    cases["pixdim disagrees with the sform"] = (edited("pixdim_vs_sform.nii.gz", pixdim=one_mm, sform_code=1),
+                                                "pixdim says 1 x 8 x 6 mm, the sform 8 x 8 x 6")
+    shifted = np.frombuffer(raw[280:296], dtype="<f4").copy()
+    shifted[3] += 50
+    cases["qform and sform 50 mm apart"] = (edited("qform_vs_sform.nii.gz", qform_code=1, sform_code=1,
+                                                   srow_x=shifted), "qform and sform place the scan up to 50")
 
     not_zip = folder / "fake.zip"
     not_zip.write_bytes(b"PK\x03\x04" + b"not really a zip " * 40)
