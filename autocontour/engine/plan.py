@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, Field
 from scipy import ndimage
 
 from autocontour.engine.planes import (
@@ -75,6 +74,7 @@ from autocontour.engine.planes import (
 from autocontour.engine.runner import Engine
 from autocontour.errors import OptionError
 from autocontour.evaluation.metrics import dice
+from autocontour.options import ResolvedOptions, SegmentOptions
 from autocontour.preprocess import ModelInput, mask_centre_mm
 from autocontour.support.localize import Localisation, Profile, locate
 from autocontour.support.prior import PRESENT, StructurePrior
@@ -92,7 +92,6 @@ PRIOR_MARGIN_MM = 15.0  # searched beyond the prior's slices: registration errs 
 # prior draws wherever it reaches 0.56 and the network moves its edges.
 METRIC_POOR, METRIC_GOOD = -0.25, -0.40
 PRIOR_WEIGHT_POOR, PRIOR_WEIGHT_GOOD = 0.4, 0.9
-PRIOR_GATE_MM: float | None = 40.0
 # Below this share of the prior's likely volume (prior >= 0.5), the network counts as silent and the prior is
 # drawn alone (`network_silent`). Only the network's voxels inside the prior's likely region count ("prior"), not
 # all inside the gate ("gate"): a network that draws its own pieces beside the structure is silent on it. Both
@@ -105,36 +104,6 @@ NETWORK_SILENT_WITHIN: SilentWithin = "prior"
 ProgressCallback = Callable[[str, dict[str, int], dict[str, int]], None]
 # crop_view(structure, centre (x, y) mm, side mm): the scan prepared on a structure-centred crop
 CropView = Callable[[str, tuple[float, float], float], ModelInput]
-
-
-class InferenceOptions(BaseModel):
-    """How hard to look. Defaults per device come from `autocontour.config`."""
-
-    support_size: int = Field(16, ge=1, le=256, description="support slices per ensemble member (S)")
-    ensemble: int = Field(1, ge=1, le=16, description="support subsets averaged per slice (K)")
-    axial_search: str = Field("coarse", pattern="^(coarse|all)$",
-                              description="coarse: find the structure's extent first; all: every body slice")
-    coarse_step_mm: float = Field(9.0, gt=0, le=50)
-    coarse_support_size: int = Field(4, ge=1, le=256, description="support slices for the coarse pass "
-                                                                  "(it only has to find the structure)")
-    support_selection: str = Field("level", pattern="^(level|spread)$",
-                                   description="level: examples from the query's relative level; "
-                                               "spread: from the whole extent")
-    registration: bool = Field(True, description="register the support sets' source cases to the scan and "
-                                                 "use their warped masks (the registration prior)")
-    prior_weight: float | None = Field(None, ge=0, le=1,
-                                       description="weight of the registration prior in the fused probability "
-                                                   "(None: from the registration's quality, `prior_weight_for`, "
-                                                   "and 1 where the network is silent, `network_silent`)")
-    prior_gate_mm: float | None = Field(PRIOR_GATE_MM, gt=0, description="keep the network's probability only this "
-                                        "close to the prior's likely region (None: everywhere)")
-    crops: bool = Field(False, description="fine pass on the sets' structure-centred crops (format 2); off by "
-                                           "default: the shipped checkpoint segments worse on them "
-                                           "(bench/RESULTS.md)")
-    planes: str = Field("axial", pattern="^(axial|three)$",
-                        description="axial: the fine pass on axial slices; three: also on coronal and sagittal "
-                                    "cuts from the sets' atlas copies, averaged (autocontour.engine.planes)")
-    seed: int = 0
 
 
 @dataclass
@@ -277,7 +246,7 @@ class _StructurePlan:
     batches stay full); each plan says what it needs and takes its answers.
     """
 
-    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: InferenceOptions,
+    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: ResolvedOptions,
                  fingerprint: str | None):
         self.name, self.support, self.input, self.options = name, support, model_input, options
         self.own = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
@@ -434,7 +403,7 @@ class _StructurePlan:
 
 
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
-                       options: InferenceOptions, fingerprint: str | None = None,
+                       options: ResolvedOptions, fingerprint: str | None = None,
                        progress: ProgressCallback | None = None, profile: Profile | None = None,
                        priors: dict[str, StructurePrior] | None = None,
                        crop_view: CropView | None = None) -> dict[str, StructurePrediction]:
@@ -583,7 +552,7 @@ def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | No
     return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
 
 
-def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
+def _fuse(prediction: StructurePrediction, model_input: ModelInput, options: SegmentOptions) -> None:
     """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
     assert prediction.prior is not None and prediction.prior_weight is not None
     spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)
