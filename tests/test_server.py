@@ -402,13 +402,13 @@ def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, mo
     uploads = 5
     ct = small_ct(tmp_path / "in").read_bytes()
     together = threading.Barrier(uploads, timeout=60)
-    validate = segmentations._validate_upload
+    validate = segmentations.read_input
 
     def validate_then_wait(*args):
         validate(*args)
         together.wait()
 
-    monkeypatch.setattr(segmentations, "_validate_upload", validate_then_wait)
+    monkeypatch.setattr(segmentations, "read_input", validate_then_wait)
     with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9, max_concurrent_decodes=uploads) as (
             client, server_app):
         with concurrent.futures.ThreadPoolExecutor(uploads) as pool:
