@@ -1,7 +1,9 @@
 """autocontour: few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT.
 
     import autocontour
-    result = autocontour.segment("ct.nii.gz", "out/", {"structures": ["bladder", "ctvn"]})
+    from autocontour.options import SegmentOptions
+    result = autocontour.segment("ct.nii.gz", "out/", SegmentOptions(structures=["bladder", "ctvn"]))
+    print(result.summary.structures["bladder"].confidence)
 
 `segment` is the function of `autocontour.pipeline`, imported on first use (it loads torch), so
 `import autocontour` stays light and `help(autocontour.segment)` shows its real signature.

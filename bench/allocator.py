@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autocontour.engine.runner import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
+from autocontour.options import SegmentOptions  # noqa: E402
 from autocontour.overlap import dice  # noqa: E402
 from autocontour.pipeline import Segmenter  # noqa: E402
 
@@ -78,7 +79,7 @@ def ratios(best: dict) -> str:
 def timed_run(segmenter: Segmenter, ct: Path, out: Path, structures: str | None) -> Measurement:
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    segmenter.segment(ct, out, structures, preview=False)
+    segmenter.segment(ct, out, SegmentOptions(structures=structures, preview=False))
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     return wall, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt

@@ -74,6 +74,7 @@ from autocontour.engine.fusion import (  # noqa: E402
     prior_weight_for,
 )
 from autocontour.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
+from autocontour.options import SegmentOptions  # noqa: E402
 from autocontour.overlap import dice  # noqa: E402
 from autocontour.phantom import make_phantom  # noqa: E402
 from autocontour.support.registration import make_atlas_ct, make_atlas_mask, register, to_grid  # noqa: E402
@@ -244,7 +245,7 @@ def fov_ceiling(case: Case) -> dict[str, float] | None:
 
 def _read_dicom(folder: Path) -> sitk.Image:
     from autocontour.config import Settings
-    from autocontour.pipeline import read_input
+    from autocontour.dicom.reading import read_input
 
     return read_input(folder, Settings())[0]
 
@@ -323,12 +324,13 @@ def run_product(case: Case, segmenter, structures: list[str], support_size: int,
     arrays, probabilities only if asked for) and each structure's summary entry."""
     masks, summaries = {}, {}
     for first in range(0, len(structures), STRUCTURES_PER_CALL):
-        result = segmenter.segment(case.query.path, None, structures=structures[first:first + STRUCTURES_PER_CALL],
-                                   support_size=support_size, preview=False, **options)
+        chosen = SegmentOptions(structures=structures[first:first + STRUCTURES_PER_CALL],
+                                support_size=support_size, preview=False, **options)
+        result = segmenter.segment(case.query.path, None, chosen)
         for name in result.masks:
             image = result.probabilities.get(name, result.masks[name])
             masks[name] = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
-        summaries |= result.summary["structures"]
+        summaries |= result.summary.structures
     return masks, summaries
 
 
@@ -337,7 +339,7 @@ def score_masks(case: Case, masks: dict[str, np.ndarray], summaries: dict) -> di
     out = {}
     for structure, mask in masks.items():
         drawn = mask > 0
-        status = summaries[structure]["status"]
+        status = summaries[structure].status
         if case.query.labels is None:
             out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False, "status": status}
         else:
@@ -366,7 +368,7 @@ def hybrid_column(case: Case, segmenter, support_size: int, work: Path, only: li
     masks, summaries = run_product(case, segmenter, built, support_size, **fusion)
     case.seconds[column] = round(time.perf_counter() - started, 1)
     case.results[column] = score_masks(case, masks, summaries)
-    priors = {n: s["registration_prior"] for n, s in summaries.items() if s["registration_prior"]}
+    priors = {n: s.registration_prior for n, s in summaries.items() if s.registration_prior}
     if priors:
         first = next(iter(priors.values()))["registrations"]
         case.notes.append("hybrid prior: " + json.dumps(first))
@@ -431,13 +433,13 @@ def fusion_inputs(case: Case, segmenter, support_size: int, work: Path, only: li
     and the prior's (weight 1), both through the product path, with each structure's reference."""
     built = build_sets(case, support_size, work, only)
     network, _ = run_product(case, segmenter, built, support_size, prior_weight=0.0, prior_gate_mm=None,
-                             save_probabilities=True)
-    prior, summaries = run_product(case, segmenter, built, support_size, prior_weight=1.0, save_probabilities=True)
+                             probabilities=True)
+    prior, summaries = run_product(case, segmenter, built, support_size, prior_weight=1.0, probabilities=True)
     spacing = case.query.ct.GetSpacing()[::-1]
     margin = int(np.ceil(max(g or 0 for g in GATES) / min(spacing))) + 1
     out = {}
     for s in built:
-        described = summaries[s]["registration_prior"]
+        described = summaries[s].registration_prior
         if not (group_of(s) == "main" or case.name.startswith("phantom")) or described is None:
             continue
         reference = case.query.mask(s, case.structures[s])

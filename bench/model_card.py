@@ -50,6 +50,7 @@ from autocontour.evaluation.metrics import compute_metrics  # noqa: E402
 from autocontour.io import CanonicalCT, read_ct  # noqa: E402
 from autocontour.model import UniverSeg  # noqa: E402
 from autocontour.model.weights import ModelCard, save_checkpoint  # noqa: E402
+from autocontour.options import SegmentOptions  # noqa: E402
 from autocontour.pipeline import SegmentationResult, Segmenter  # noqa: E402
 from autocontour.support.build import build_support_set  # noqa: E402
 from autocontour.support.recipes import load_recipes  # noqa: E402
@@ -98,20 +99,20 @@ def main() -> None:
             started = time.perf_counter()
             if weights is None:  # the card of an unused file: the baseline runs no network
                 segmenter = Segmenter(settings, weights=untrained, support_dirs=[sets], shipped_support=False,
-                                      load_engine=False)
-                segmenter.engine = AtlasEngine()  # type: ignore[assignment]  # duck-types Engine.predict
+                                      precision="float32")
+                segmenter.model.engine = AtlasEngine()  # type: ignore[assignment]  # duck-types Engine.predict
             else:
                 segmenter = Segmenter(settings, weights=weights, support_dirs=[sets], shipped_support=False,
                                       precision=args.precision)
-            result = segmenter.segment(CT, structures=structures, support_size=args.support_size, ensemble=1,
-                                       preview=False)
+            result = segmenter.segment(CT, None, SegmentOptions(structures=structures, support_size=args.support_size,
+                                                                ensemble=1, preview=False))
             check_left_out(result, structures)
             results[method] = {n: score(ct.to_canonical(result.masks[n]).astype(bool), references[n], ct)
                                for n in structures}
             results[method]["seconds"] = round(time.perf_counter() - started, 1)
-            results[method]["precision"] = result.summary["model"]["precision"]
+            results[method]["precision"] = result.summary.model.precision
             if weights is not None:
-                results[method]["sha256"] = result.summary["model"]["sha256"]
+                results[method]["sha256"] = result.summary.model.sha256
 
     summary = {"entry_point": "Segmenter.segment", "support_set_size": SUPPORT_SET_SIZE,
                "support_size": args.support_size, "ensemble": 1, "threads": args.threads, "heldout": HELDOUT,
@@ -127,7 +128,7 @@ def main() -> None:
 def check_left_out(result: SegmentationResult, structures: list[str]) -> None:
     """The engine must have segmented with leave-slice-out, or the numbers copy the CT's own labels."""
     missing = [n for n in structures
-               if not any(w.startswith(LEFT_OUT) for w in result.summary["structures"][n]["warnings"])]
+               if not any(w.startswith(LEFT_OUT) for w in result.summary.structures[n].warnings)]
     if missing:
         raise SystemExit(f"leave-slice-out did not apply to {', '.join(missing)}: the numbers would be in-sample")
 

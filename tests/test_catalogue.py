@@ -15,6 +15,7 @@ from autocontour.catalogue import BUILTIN, Catalogue, default_definition
 from autocontour.cli import main
 from autocontour.dicom.series import read_series
 from autocontour.errors import OptionError, SupportSetError, UnknownStructureError
+from autocontour.options import SegmentOptions
 from autocontour.rules import load_rules
 from autocontour.support.build import build_support_set
 from autocontour.support.store import load_support_set
@@ -77,22 +78,23 @@ def test_organs_found_in_another_scan_range_and_the_bladder_not_in_it(organ_sets
 
     ct, labels = _upper_abdomen_shifted()
     segmenter = Segmenter(support_dirs=[organ_sets])
-    result = segmenter.segment(ct, None, [*ORGANS, "bladder"], support_size=8, preview=False)
-    structures = result.summary["structures"]
+    result = segmenter.segment(ct, None, SegmentOptions(structures=[*ORGANS, "bladder"], support_size=8,
+                                                        preview=False))
+    structures = result.summary.structures
     for organ in ORGANS:
         mask = sitk.GetArrayFromImage(result.masks[organ]).astype(bool)
-        assert structures[organ]["status"] == "found"
-        assert structures[organ]["localisation"]["verdict"] == "window"
+        assert structures[organ].status == "found"
+        assert structures[organ].localisation.verdict == "window"
         assert _dice(mask, labels == LABEL_VALUES[organ]) >= 0.6, organ
-        assert structures[organ]["definition"]["name"] == organ
+        assert structures[organ].definition.name == organ
     kidney = sitk.GetArrayFromImage(result.masks["kidney_left"])
     centre = ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in np.argwhere(kidney).mean(axis=0)[::-1]])
     body_centre = ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])
     assert centre[0] > body_centre[0] + 30  # LPS: +x is the patient's left
     bladder = structures["bladder"]
-    assert bladder["status"] == "not_in_scan" and bladder["volume_ml"] == 0 and bladder["slices_computed"] == 0
-    assert "outside" not in bladder["status_reason"] and "the scan spans" in bladder["status_reason"]
-    assert result.summary["overlap_rules"]["name"] == "cervix"
+    assert bladder.status == "not_in_scan" and bladder.volume_ml == 0 and bladder.slices_computed == 0
+    assert "outside" not in bladder.status_reason and "the scan spans" in bladder.status_reason
+    assert result.summary.overlap_rules["name"] == "cervix"
 
 
 def test_a_doubtful_window_searches_the_whole_body_and_says_so(phantom_cases, small_weights):
@@ -100,15 +102,16 @@ def test_a_doubtful_window_searches_the_whole_body_and_says_so(phantom_cases, sm
 
     # shipped sets (from the real CT) against a phantom whose skeleton matches nothing there
     segmenter = Segmenter(weights=small_weights, device="cpu")
-    result = segmenter.segment(phantom_cases[0][0], None, "bladder", support_size=2, preview=False)
-    bladder = result.summary["structures"]["bladder"]
-    assert bladder["localisation"]["verdict"] == "whole_body"
-    assert any("whole body was searched" in w for w in result.summary["warnings"])
+    result = segmenter.segment(phantom_cases[0][0], None, SegmentOptions(structures="bladder", support_size=2,
+                                                                         preview=False))
+    bladder = result.summary.structures["bladder"]
+    assert bladder.localisation.verdict == "whole_body"
+    assert any("whole body was searched" in w for w in result.summary.warnings)
     z = read_z_range(phantom_cases[0][0])
-    lo, hi = bladder["searched_z_mm"]
+    lo, hi = bladder.searched_z_mm
     assert lo <= z[0] + 10 and hi >= z[1] - 10
-    if bladder["status"] != "found":
-        assert bladder["status"] in ("not_found_in_searched_range", "below_threshold") and bladder["status_reason"]
+    if bladder.status != "found":
+        assert bladder.status in ("not_found_in_searched_range", "below_threshold") and bladder.status_reason
 
 
 def read_z_range(path: Path) -> tuple[float, float]:
@@ -122,12 +125,12 @@ def test_axial_search_all_searches_every_body_slice(small_weights):
     from autocontour.pipeline import Segmenter
 
     ct, _ = _upper_abdomen_shifted()
-    result = Segmenter(weights=small_weights, device="cpu").segment(ct, None, "bladder", support_size=2,
-                                                                    axial_search="all", preview=False)
-    bladder = result.summary["structures"]["bladder"]
-    assert bladder["localisation"]["verdict"] == "not_in_scan" and not bladder["localisation"]["applied"]
-    assert bladder["slices_computed"] == ct.GetSize()[2]
-    assert any("--axial-search all" in w for w in result.summary["warnings"])
+    result = Segmenter(weights=small_weights, device="cpu").segment(
+        ct, None, SegmentOptions(structures="bladder", support_size=2, axial_search="all", preview=False))
+    bladder = result.summary.structures["bladder"]
+    assert bladder.localisation.verdict == "not_in_scan" and not bladder.localisation.applied
+    assert bladder.slices_computed == ct.GetSize()[2]
+    assert any("--axial-search all" in w for w in result.summary.warnings)
 
 
 def test_rules_files_extend_or_replace_the_shipped_rules(tmp_path):

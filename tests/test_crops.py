@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from autocontour.io import CanonicalCT
+from autocontour.options import SegmentOptions
 from autocontour.phantom import make_phantom
 from autocontour.preprocess import (
     AIR_HU,
@@ -89,8 +90,8 @@ def test_a_built_set_stores_crops_and_the_engine_centres_them(tmp_path, phantom_
     sitk.WriteImage(shifted, str(query))
     segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[tmp_path / "set"],
                           shipped_support=False)
-    assert segmenter.segment(query, None, "urinary_bladder", support_size=4).summary["structures"][
-        "urinary_bladder"]["crop"] is None  # off by default
-    result = segmenter.segment(query, None, "urinary_bladder", support_size=4, crops=True)
-    placed = result.summary["structures"]["urinary_bladder"]["crop"]
+    assert segmenter.segment(query, None, SegmentOptions(structures="urinary_bladder", support_size=4)
+                             ).summary.structures["urinary_bladder"].crop is None  # off by default
+    result = segmenter.segment(query, None, SegmentOptions(structures="urinary_bladder", support_size=4, crops=True))
+    placed = result.summary.structures["urinary_bladder"].crop
     assert placed["placed_by"] == "registration prior" and placed["side_mm"] == crop.side_mm

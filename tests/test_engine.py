@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from autocontour.engine import Engine, InferenceOptions, SplitUniverSeg, predict_structures
+from autocontour.engine import Engine, SplitUniverSeg, predict_structures
 from autocontour.engine.plan import _main_run
 from autocontour.engine.selection import level_members, spread_members
 from autocontour.model import UniverSeg
+from autocontour.options import ResolvedOptions, SegmentOptions
 
 
 def _random_model(blocks, seed=0) -> UniverSeg:
@@ -119,9 +120,14 @@ def test_support_member_selection():
 
 def test_options_are_validated():
     with pytest.raises(ValueError):
-        InferenceOptions(support_size=0)
+        SegmentOptions(support_size=0)
     with pytest.raises(ValueError):
-        InferenceOptions(axial_search="sometimes")
+        SegmentOptions(axial_search="sometimes")
+
+
+def _engine_options(**options) -> ResolvedOptions:
+    """What the engine runs with: the options resolved, ensemble 1 where none is given."""
+    return SegmentOptions(**options).resolved([], support_size=16, ensemble=1, threshold=0.5)
 
 
 def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom_cases, small_weights):
@@ -136,11 +142,11 @@ def test_coarse_search_limits_work_to_the_structure(phantom_support_dir, phantom
     ct = CanonicalCT(read_ct(phantom_cases[0][0]))
     inputs = {n: prepare(ct, s.manifest.preprocessing) for n, s in supports.items()}
     engine = Engine(model, "cpu")
-    full = predict_structures(engine, inputs, supports, InferenceOptions(support_size=4, axial_search="all"))
+    full = predict_structures(engine, inputs, supports, _engine_options(support_size=4, axial_search="all"))
     for name, prediction in full.items():
         assert prediction.computed.sum() == inputs[name].body_slices.sum()
         assert prediction.probability.min() >= 0 and prediction.probability.max() <= 1
-    coarse = predict_structures(engine, inputs, supports, InferenceOptions(support_size=4, ensemble=2))
+    coarse = predict_structures(engine, inputs, supports, _engine_options(support_size=4, ensemble=2))
     for _name, prediction in coarse.items():
         if prediction.extent is not None:
             lo, hi = prediction.extent

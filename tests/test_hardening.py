@@ -80,7 +80,7 @@ def test_numbers_are_finite_and_unhandled_errors_are_counted_problems(server, tm
 
     # and should a bug remain: a problem document with the request id, counted, logged under that id
     with in_process(tmp_path, small_weights) as (client, app):
-        app.state.segmenter.describe_model = lambda: 1 / 0
+        app.state.library.describe_model = lambda: 1 / 0
         response = client.get("/v1/model", headers={"X-Request-ID": "bug-16"})
         assert response.status_code == 500 and response.headers["content-type"] == PROBLEM
         assert response.json()["request_id"] == "bug-16" and response.headers["x-request-id"] == "bug-16"

@@ -10,10 +10,10 @@ from badinputs import bad_inputs
 from conftest import DATA, EXAMPLE_CT
 
 from autocontour.config import Settings
+from autocontour.dicom.reading import read_input
 from autocontour.errors import InputImageError
 from autocontour.io import CanonicalCT, check_looks_like_ct, read_ct, read_image
 from autocontour.phantom import make_phantom
-from autocontour.pipeline import read_input
 
 
 @pytest.fixture(scope="module")

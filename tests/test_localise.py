@@ -6,6 +6,7 @@ import numpy as np
 from conftest import EXAMPLE_CT, ROOT
 
 from autocontour.io import CanonicalCT, read_ct
+from autocontour.options import SegmentOptions
 from autocontour.support import discover
 from autocontour.support.localise import Profile, bone_profile, localise, match
 
@@ -39,12 +40,13 @@ def test_a_scan_without_matching_skeleton_gives_no_window():
 def test_segment_reports_the_searched_range(small_weights):
     from autocontour.pipeline import Segmenter
 
-    result = Segmenter(weights=small_weights, device="cpu").segment(EXAMPLE_CT, structures="bladder", support_size=2)
-    bladder = result.summary["structures"]["bladder"]
-    lo, hi = bladder["searched_z_mm"]
+    result = Segmenter(weights=small_weights, device="cpu").segment(
+        EXAMPLE_CT, options=SegmentOptions(structures="bladder", support_size=2))
+    bladder = result.summary.structures["bladder"]
+    lo, hi = bladder.searched_z_mm
     assert lo < 110 and 180 < hi < 260
-    if bladder["z_range_mm"]:
-        assert lo - 1 <= bladder["z_range_mm"][0] and bladder["z_range_mm"][1] <= hi + 1
+    if bladder.z_range_mm:
+        assert lo - 1 <= bladder.z_range_mm[0] and bladder.z_range_mm[1] <= hi + 1
 
 
 def test_a_profile_of_the_right_shape_but_a_fraction_of_the_bone_is_no_match():

@@ -13,7 +13,9 @@ from conftest import EXAMPLE_CT, ROOT, write_phantom
 from autocontour.cli import main
 from autocontour.config import Settings
 from autocontour.errors import NoSupportSetError, WeightsError
+from autocontour.options import SegmentOptions
 from autocontour.pipeline import Segmenter
+from autocontour.pipeline.library import Library
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -31,8 +33,9 @@ def test_phantom_end_to_end(tmp_path, phantom_segmenter):
                                orientation="RAI")
     ct = sitk.ReadImage(str(ct_path))
     seen = []
-    phantom_segmenter.segment(ct_path, tmp_path / "out", "bladder, CTVn", support_size=4, ensemble=2,
-                                       save_probabilities=True, progress=lambda *a: seen.append(a))
+    phantom_segmenter.segment(ct_path, tmp_path / "out", SegmentOptions(structures="bladder, CTVn", support_size=4,
+                                                                        ensemble=2, probabilities=True),
+                              progress=lambda *a: seen.append(a))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["structures"]) == {"bladder", "ctvn"}
     assert "draft" in summary["disclaimer"].lower() and summary["input"]["orientation"] == "RAI"
@@ -59,8 +62,9 @@ def test_ras_and_lps_copies_give_the_same_masks(tmp_path, small_weights):
     lps = sitk.DICOMOrient(ras, "LPS")
     assert lps.GetDirection() != ras.GetDirection()
     segmenter = Segmenter(weights=small_weights, device="cpu")
-    a = segmenter.segment(ras, structures="bladder,anorectum", support_size=4, save_probabilities=True)
-    b = segmenter.segment(lps, structures="bladder,anorectum", support_size=4, save_probabilities=True)
+    options = SegmentOptions(structures="bladder,anorectum", support_size=4, probabilities=True)
+    a = segmenter.segment(ras, options=options)
+    b = segmenter.segment(lps, options=options)
     for name in ("bladder", "anorectum"):
         assert same_grid(a.masks[name], ras) and same_grid(b.masks[name], lps)
         b_on_a = sitk.DICOMOrient(b.probabilities[name], "RAS")
@@ -69,8 +73,8 @@ def test_ras_and_lps_copies_give_the_same_masks(tmp_path, small_weights):
         assert prob.max() > 0.01  # the comparison is not between two empty maps
         mask_b_on_a = sitk.GetArrayFromImage(sitk.DICOMOrient(b.masks[name], "RAS"))
         assert np.array_equal(mask_b_on_a, sitk.GetArrayFromImage(a.masks[name]))
-    assert a.summary["input"]["fingerprint"] == b.summary["input"]["fingerprint"]  # recognised as one scan
-    assert any("source case" in w for w in b.summary["warnings"])  # so leave-slice-out applies to both
+    assert a.summary.input.fingerprint == b.summary.input.fingerprint  # recognised as one scan
+    assert any("source case" in w for w in b.summary.warnings)  # so leave-slice-out applies to both
 
 
 def test_missing_weights_are_explained(tmp_path):
@@ -78,17 +82,15 @@ def test_missing_weights_are_explained(tmp_path):
         Segmenter(settings=Settings(home=tmp_path))
 
 
-def test_a_segmenter_without_its_engine_says_why_it_cannot_segment(small_weights, phantom_support_dir):
-    describer = Segmenter(weights=small_weights, device="cpu", support_dirs=[phantom_support_dir],
-                          shipped_support=False, load_engine=False)
+def test_an_api_only_library_describes_the_model_and_cannot_segment(small_weights, phantom_support_dir):
+    describer = Library(weights=small_weights, support_dirs=[phantom_support_dir], shipped_support=False)
     assert describer.describe_model()["precision"] == "set by each worker" and describer.supports
-    with pytest.raises(RuntimeError, match="load_engine=False"):
-        describer.segment(EXAMPLE_CT)
+    assert not hasattr(describer, "segment")  # segmenting is a Segmenter's, with its network
 
 
 def test_structures_without_support_explain_how_to_add_one(phantom_segmenter):
     with pytest.raises(NoSupportSetError, match="autocontour support build ctvp"):
-        phantom_segmenter.segment(EXAMPLE_CT, structures="bladder,ctvp")
+        phantom_segmenter.segment(EXAMPLE_CT, options={"structures": "bladder,ctvp"})
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, small_weights):

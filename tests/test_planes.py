@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from autocontour.engine.planes import atlas_examples, cut, plane_mean, uncut, window_rows_mm
+from autocontour.options import SegmentOptions
 from autocontour.pipeline import Segmenter
 from autocontour.support.build import build_support_set
 from autocontour.support.registration import MASK_SCALE
@@ -92,16 +93,17 @@ def test_three_planes_run_through_segment_from_the_other_cases_atlas_copies(smal
                                                                            phantom_cases):
     segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[bladder_set.path], shipped_support=False)
     query = phantom_cases[0][0]  # a source case: only the other case's atlas copy may give examples
-    axial = segmenter.segment(query, None, "urinary_bladder", support_size=4, prior_weight=0.5)
-    three = segmenter.segment(query, None, "urinary_bladder", support_size=4, prior_weight=0.5, planes="three")
-    entry, axial_entry = three.summary["structures"]["urinary_bladder"], axial.summary["structures"]["urinary_bladder"]
-    assert axial_entry["planes"] == {"axial": axial_entry["slices_computed"]}
-    assert set(entry["planes"]) == {"axial", "coronal", "sagittal"} and min(entry["planes"].values()) > 0
-    assert entry["query_support_pairs"] == axial_entry["query_support_pairs"] + 4 * (
-        entry["planes"]["coronal"] + entry["planes"]["sagittal"])
-    assert entry["registration_prior"]["source_cases"] == ["case1"]
-    assert not any("atlas" in w for w in entry["warnings"])
+    bladder = SegmentOptions(structures="urinary_bladder", support_size=4, prior_weight=0.5)
+    axial = segmenter.segment(query, None, bladder)
+    three = segmenter.segment(query, None, bladder.model_copy(update={"planes": "three"}))
+    entry, axial_entry = three.summary.structures["urinary_bladder"], axial.summary.structures["urinary_bladder"]
+    assert axial_entry.planes == {"axial": axial_entry.slices_computed}
+    assert set(entry.planes) == {"axial", "coronal", "sagittal"} and min(entry.planes.values()) > 0
+    assert entry.query_support_pairs == axial_entry.query_support_pairs + 4 * (
+        entry.planes["coronal"] + entry.planes["sagittal"])
+    assert entry.registration_prior["source_cases"] == ["case1"]
+    assert not any("atlas" in w for w in entry.warnings)
 
-    prior_alone = segmenter.segment(query, None, "urinary_bladder", support_size=4, prior_weight=1.0, planes="three")
-    assert prior_alone.summary["structures"]["urinary_bladder"]["planes"] == {
-        "axial": prior_alone.summary["structures"]["urinary_bladder"]["slices_computed"]}
+    prior_alone = segmenter.segment(query, None, bladder.model_copy(update={"prior_weight": 1.0, "planes": "three"}))
+    assert prior_alone.summary.structures["urinary_bladder"].planes == {
+        "axial": prior_alone.summary.structures["urinary_bladder"].slices_computed}

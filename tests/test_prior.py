@@ -23,9 +23,9 @@ from autocontour.engine.fusion import (
     network_silent,
     prior_weight_for,
 )
-from autocontour.engine.options import InferenceOptions
 from autocontour.engine.prediction import StructurePrediction
 from autocontour.errors import SupportSetError
+from autocontour.options import SegmentOptions
 from autocontour.pipeline import Segmenter
 from autocontour.preprocess import ModelInput, PreprocessSpec
 from autocontour.support.build import build_support_set
@@ -88,29 +88,31 @@ def test_the_prior_segments_a_new_patient_and_never_uses_its_own_case(small_weig
     segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[support.path], shipped_support=False)
     query, truth = deformed_query
     # the prior alone (weight 1): what the registered source cases say the bladder is
-    result = segmenter.segment(query, None, "urinary_bladder", support_size=4, prior_weight=1.0)
-    entry = result.summary["structures"]["urinary_bladder"]
-    assert entry["registration_prior"]["source_cases"] == ["case0", "case1"]
-    assert entry["localisation"]["reason"].startswith("registration prior")
-    assert "registration" in result.summary["timings_s"] and entry["registration_prior"]["fusion_weight"] == 1.0
+    result = segmenter.segment(query, None,
+                               SegmentOptions(structures="urinary_bladder", support_size=4, prior_weight=1.0))
+    entry = result.summary.structures["urinary_bladder"]
+    assert entry.registration_prior["source_cases"] == ["case0", "case1"]
+    assert entry.localisation.reason.startswith("registration prior")
+    assert "registration" in result.summary.timings_s and entry.registration_prior["fusion_weight"] == 1.0
     drawn = sitk.GetArrayFromImage(result.masks["urinary_bladder"]) > 0
     assert dice(drawn, sitk.GetArrayFromImage(truth) == names["urinary_bladder"]) >= 0.8
 
     # the fused default runs the network on the prior's window only, weighted by the registration's quality
-    fused = segmenter.segment(query, None, "urinary_bladder", support_size=4)
-    window = fused.summary["structures"]["urinary_bladder"]["searched_z_mm"]
-    described = fused.summary["structures"]["urinary_bladder"]["registration_prior"]
+    fused = segmenter.segment(query, None, SegmentOptions(structures="urinary_bladder", support_size=4))
+    window = fused.summary.structures["urinary_bladder"].searched_z_mm
+    described = fused.summary.structures["urinary_bladder"].registration_prior
     metric = np.mean([described["registrations"][c]["metric"] for c in described["source_cases"]])
     assert described["fusion_weight"] == prior_weight_for(float(metric))
     # the scan was registered once: the second call reused the first's registrations (same diagnostics, timing too)
-    assert described["registrations"] == entry["registration_prior"]["registrations"]
-    off = segmenter.segment(query, None, "urinary_bladder", support_size=4, registration=False)
-    assert off.summary["structures"]["urinary_bladder"]["registration_prior"] is None
-    assert window[1] - window[0] < np.subtract(*off.summary["structures"]["urinary_bladder"]["searched_z_mm"][::-1])
+    assert described["registrations"] == entry.registration_prior["registrations"]
+    off = segmenter.segment(query, None,
+                            SegmentOptions(structures="urinary_bladder", support_size=4, registration=False))
+    assert off.summary.structures["urinary_bladder"].registration_prior is None
+    assert window[1] - window[0] < np.subtract(*off.summary.structures["urinary_bladder"].searched_z_mm[::-1])
 
     # a source case of the set: its own case gives no prior (it would copy its own label)
-    own = segmenter.segment(phantom_cases[0][0], None, "urinary_bladder", support_size=4)
-    assert own.summary["structures"]["urinary_bladder"]["registration_prior"]["source_cases"] == ["case1"]
+    own = segmenter.segment(phantom_cases[0][0], None, SegmentOptions(structures="urinary_bladder", support_size=4))
+    assert own.summary.structures["urinary_bladder"].registration_prior["source_cases"] == ["case1"]
 
 
 def test_the_fusion_weight_follows_the_registration_quality():
@@ -146,7 +148,7 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     silent[2, 10:12, 10:12] = 0.8  # 4 voxels against 576 likely ones: below any share tried
     assert network_silent(silent, prior, None) and 4 < NETWORK_SILENT_SHARE * 576
     prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
-    fuse_prediction(prediction, view, InferenceOptions())
+    fuse_prediction(prediction, view, SegmentOptions())
     assert prediction.prior_weight == 1.0 and "registration prior alone" in prediction.warnings[0]
     assert ((prediction.probability >= 0.5) == (prior >= 0.5)).all()
 
@@ -154,14 +156,14 @@ def test_where_the_network_is_silent_the_prior_is_drawn_alone():
     answering[1:5, 10:22, 10:22] = 0.95
     assert not network_silent(answering, prior, None)
     prediction, view = _prediction_with_prior(answering, prior, metric=-0.15)
-    fuse_prediction(prediction, view, InferenceOptions())
+    fuse_prediction(prediction, view, SegmentOptions())
     assert prediction.prior_weight == PRIOR_WEIGHT_POOR and not prediction.warnings
     assert (prediction.probability[1:5, 10:20, 10:20] >= 0.5).all()  # network and prior agree
     assert not (prediction.probability[1:5, 8:10, 8:10] >= 0.5).any()  # the prior alone at 0.4: not drawn
 
     # a weight the user fixed is kept, silent network or not; a prior with nothing likely has nothing to draw
     prediction, view = _prediction_with_prior(silent, prior, metric=-0.15)
-    fuse_prediction(prediction, view, InferenceOptions(prior_weight=0.4))
+    fuse_prediction(prediction, view, SegmentOptions(prior_weight=0.4))
     assert prediction.prior_weight == 0.4 and (prediction.probability >= 0.5).sum() == 4  # the network's voxels
     assert not network_silent(silent, prior * 0.5, None)
 
@@ -180,7 +182,7 @@ def test_a_silent_network_draws_nothing_beyond_the_sources_field_of_view():
             network[2:5, 8:20, 8:20] = 0.9
         prediction, view = _prediction_with_prior(network, prior, metric=-0.15, covered=np.arange(6) >= 2,
                                                   open_below=True)
-        fuse_prediction(prediction, view, InferenceOptions())
+        fuse_prediction(prediction, view, SegmentOptions())
         assert (prediction.prior_weight == 1.0) is not answers
         drawn = prediction.probability[below] >= 0.5
         assert drawn.all() if answers else not drawn.any()
@@ -212,7 +214,7 @@ def test_a_version_1_set_still_loads_and_segments_without_a_prior(tmp_path, smal
     written = json.loads((folder / MANIFEST).read_text())
     assert written["format_version"] == 1 and not (folder / "atlas").exists()
     segmenter = Segmenter(weights=small_weights, device="cpu", support_dirs=[folder], shipped_support=False)
-    result = segmenter.segment(deformed_query[0], None, "urinary_bladder", support_size=4)
-    entry = result.summary["structures"]["urinary_bladder"]
-    assert entry["registration_prior"] is None and entry["support_set"]["format_version"] == 1
-    assert entry["slices_computed"] > 0
+    result = segmenter.segment(deformed_query[0], None, SegmentOptions(structures="urinary_bladder", support_size=4))
+    entry = result.summary.structures["urinary_bladder"]
+    assert entry.registration_prior is None and entry.support_set["format_version"] == 1
+    assert entry.slices_computed > 0

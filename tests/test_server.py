@@ -25,7 +25,7 @@ from servers import free_port, start_server
 from autocontour.cli import main
 from autocontour.client import Client, ServerError
 from autocontour.phantom import make_phantom
-from autocontour.pipeline import Segmenter
+from autocontour.pipeline.library import Library
 from autocontour.server.auth import hash_key
 from autocontour.server.main import create_app
 from autocontour.server.settings import ServerSettings
@@ -68,21 +68,19 @@ def image_from(data: bytes, tmp_path, name: str) -> sitk.Image:
 def in_process(tmp_path, weights, **settings):
     """The app in this process, for tests that look inside it or hold it at a chosen point.
 
-    No network is loaded (the model card and support sets only), and the embedded worker is stopped at
-    once, so accepted jobs stay queued.
+    No network is loaded (the model card and support sets only), so no worker runs and accepted jobs stay
+    queued.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Using `httpx` with")  # starlette would rather have httpx2; httpx works
         from fastapi.testclient import TestClient
 
     config = ServerSettings(data_dir=tmp_path / "data", weights=weights, device="cpu", warmup=False, **settings)
-    app = create_app(config, Segmenter(config, load_engine=False))
+    app = create_app(config, Library(config))
     logger = logging.getLogger("autocontour")
     saved = logger.handlers[:], logger.level, logger.propagate
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            if app.state.queue.owns_model:
-                app.state.queue.worker.stop()
             yield client, app
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved  # the lifespan configured logging
@@ -404,13 +402,13 @@ def test_concurrent_uploads_never_overfill_the_queue(tmp_path, small_weights, mo
     uploads = 5
     ct = small_ct(tmp_path / "in").read_bytes()
     together = threading.Barrier(uploads, timeout=60)
-    validate = segmentations._validate_upload
+    validate = segmentations.read_input
 
     def validate_then_wait(*args):
         validate(*args)
         together.wait()
 
-    monkeypatch.setattr(segmentations, "_validate_upload", validate_then_wait)
+    monkeypatch.setattr(segmentations, "read_input", validate_then_wait)
     with in_process(tmp_path, small_weights, max_queue=2, retry_after_s=9, max_concurrent_decodes=uploads) as (
             client, server_app):
         with concurrent.futures.ThreadPoolExecutor(uploads) as pool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autocontour.catalogue import DEFAULT_STRUCTURES
+
 
 def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     """`autocontour evaluate`: its arguments, beside its handler."""
@@ -61,7 +63,7 @@ def add_crossval_command(commands: argparse._SubParsersAction) -> None:
                                                "cases (useful with a single real case).")
     crossval.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[])
     crossval.add_argument("--phantoms", type=int, default=0)
-    crossval.add_argument("--structures", default="bladder,anorectum,ctvn")
+    crossval.add_argument("--structures", default=",".join(DEFAULT_STRUCTURES))
     crossval.add_argument("--support-set-size", type=int, default=32)
     crossval.add_argument("--support-size", type=int, default=None)
     crossval.add_argument("--weights", type=Path, default=None)

@@ -58,14 +58,14 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
 
     from autocontour.dicom import pacs
 
+    options = segment_options(args)
     client = pacs.connect(args.url, args.username, pacs_password(args))
     series_uid = pacs.find_ct_series(client, args.study, args.series)
     segmenter = segmenter_from(args)
     with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
         files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
         print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
-        result = segmenter.segment(Path(tmp), args.out, args.structures, **segment_options(args),
-                                   roi_names=args.roi_names)
+        result = segmenter.segment(Path(tmp), args.out, options)
     outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
     if args.push and outputs:
         pacs.store(client, outputs)

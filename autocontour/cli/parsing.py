@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
+
+from autocontour.options import SegmentOptions
 
 EXIT_BAD_INPUT = 2
-
-
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,11 +27,18 @@ def command_group(commands: argparse._SubParsersAction, name: str, help: str) ->
                                                                parser_class=OneLineParser)
 
 
-def structures_help() -> str:
-    from autocontour.catalogue import DEFAULT_STRUCTURES
+def described(option: str) -> str:
+    """An option's help: its description in SegmentOptions, so the CLI and the API say the same."""
+    return SegmentOptions.model_fields[option].description or ""
 
-    return (f"comma-separated names of structures the loaded support sets provide (`autocontour structures`; "
-            f"default: {','.join(DEFAULT_STRUCTURES)} where loaded, else every loaded set)")
+
+def choices(option: str) -> list[str]:
+    """The values an option of SegmentOptions takes (its Literal)."""
+    return list(get_args(SegmentOptions.model_fields[option].annotation))
+
+
+def structures_help() -> str:
+    return f"comma-separated {described('structures')}"
 
 
 def inference_options(parser: argparse.ArgumentParser) -> None:
@@ -43,43 +51,34 @@ def inference_options(parser: argparse.ArgumentParser) -> None:
                         help="default: bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16 and a "
                              "start-up check finds the masks unchanged, else float32")
     parser.add_argument("--support-size", type=int, default=None,
-                        help="support slices per ensemble member (default: 16 on CPU, 64 on GPU)")
+                        help=described("support_size"))
     parser.add_argument("--ensemble", type=int, default=None,
-                        help="support subsets averaged (default: 1 on CPU, 3 on GPU)")
-    parser.add_argument("--threshold", type=float, default=None, help="probability threshold (default 0.5)")
+                        help=described("ensemble"))
+    parser.add_argument("--threshold", type=float, default=None, help=described("threshold"))
     parser.add_argument("--support-dir", type=Path, action="append", default=[],
                         help="folder of support sets (a clinic's own); overrides shipped sets of the same structure; "
                              "repeatable")
     parser.add_argument("--no-shipped-support", action="store_true", help="use only the --support-dir sets")
     parser.add_argument("--rules", type=Path, default=None,
                         help="overlap-rules JSON (default: $AUTOCONTOUR_RULES, else the shipped cervix rules)")
-    parser.add_argument("--axial-search", choices=["coarse", "all"], default="coarse",
-                        help="coarse: find each structure's extent first (default); all: segment every body slice, "
-                             "also of a scan too short to place (under 120 mm)")
-    parser.add_argument("--support-selection", choices=["level", "spread"], default="level",
-                        help="level: examples from the query's relative axial level (default); spread: whole extent")
+    parser.add_argument("--axial-search", choices=choices("axial_search"), default="coarse",
+                        help=described("axial_search"))
+    parser.add_argument("--support-selection", choices=choices("support_selection"), default="level",
+                        help=described("support_selection"))
     parser.add_argument("--no-registration", action="store_true",
                         help="do not register the support sets' source cases to the scan (no registration prior: "
                              "the bone profile and a coarse search find each structure)")
     parser.add_argument("--crops", action="store_true",
-                        help="fine pass on the support sets' structure-centred crops (off by default: the shipped "
-                             "checkpoint, trained on whole-body views, segments worse on them)")
-    parser.add_argument("--planes", choices=["axial", "three"], default="axial",
-                        help="axial: the fine pass on axial slices (default); three: also on coronal and sagittal "
-                             "cuts, with examples cut from the support sets' source cases, averaged (about twice "
-                             "the network's work; see bench/RESULTS.md)")
+                        help=described("crops"))
+    parser.add_argument("--planes", choices=choices("planes"), default="axial",
+                        help=described("planes"))
     parser.add_argument("--prior-weight", type=float, default=None,
-                        help="weight of the registration prior fused with the network, 0-1 (default: follows the "
-                             "registration's quality, and the prior alone where the network draws almost nothing, "
-                             "as chosen on bench/cross_patient.py)")
+                        help=described("prior_weight"))
 
 
 def roi_names_option(parser: argparse.ArgumentParser) -> None:
-    from autocontour.dicom import ROI_NAME_STYLES
-
-    parser.add_argument("--roi-names", choices=ROI_NAME_STYLES, default="display",
-                        help="ROI names in rtstruct.dcm: the catalogue's display names (default) or TG-263 names "
-                             "(the display name where a structure has none)")
+    parser.add_argument("--roi-names", choices=choices("roi_names"), default="display",
+                        help=described("roi_names"))
 
 
 def segmenter_from(args: argparse.Namespace):
@@ -91,12 +90,15 @@ def segmenter_from(args: argparse.Namespace):
                      rules=args.rules)
 
 
-def segment_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of Segmenter.segment that the inference options set."""
-    return {"support_size": args.support_size, "ensemble": args.ensemble, "threshold": args.threshold,
-            "axial_search": args.axial_search, "support_selection": args.support_selection,
-            "registration": not args.no_registration, "prior_weight": args.prior_weight, "crops": args.crops,
-            "planes": args.planes}
+def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    """The one place command-line flags become SegmentOptions (every command that runs the network): each
+    flag's destination is the option's name, but for the negated --no-registration and --no-preview."""
+    given = vars(args)
+    values = {name: given[name] for name in SegmentOptions.model_fields if name in given}
+    values["registration"] = not args.no_registration
+    if "no_preview" in given:
+        values["preview"] = not args.no_preview
+    return SegmentOptions.checked(values)
 
 
 def progress_bar(quiet: bool):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from autocontour.cli.parsing import (
+    described,
     inference_options,
     progress_bar,
     roi_names_option,
@@ -28,10 +29,9 @@ def add_segment_command(commands: argparse._SubParsersAction) -> None:
     seg.add_argument("--out", type=Path, required=True, help="output folder")
     seg.add_argument("--structures", default=None, help=structures_help())
     inference_options(seg)
-    seg.add_argument("--series", default=None, metavar="UID",
-                     help="DICOM input holding several CT series: the Series Instance UID of the one to segment")
+    seg.add_argument("--series", dest="series_uid", default=None, metavar="UID", help=described("series_uid"))
     roi_names_option(seg)
-    seg.add_argument("--probabilities", action="store_true", help="also write <structure>_prob.nii.gz")
+    seg.add_argument("--probabilities", action="store_true", help=described("probabilities"))
     seg.add_argument("--no-preview", action="store_true", help="skip preview.png")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(handler=cmd_segment)
@@ -43,28 +43,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     if args.structures is not None:  # cheap checks before the model loads (the loaded sets decide the rest)
         parse_structures(args.structures)
+    options = segment_options(args)
     if not args.ct.exists():
         raise InputImageError(f"file not found: {args.ct}")
     segmenter = segmenter_from(args)
     update, close = progress_bar(args.quiet)
     try:
-        result = segmenter.segment(
-            args.ct, args.out, args.structures, **segment_options(args),
-            save_probabilities=args.probabilities, preview=not args.no_preview, progress=update,
-            roi_names=args.roi_names, series_uid=args.series)
+        result = segmenter.segment(args.ct, args.out, options, progress=update)
     finally:
         close()
     summary = result.summary
-    for notice in summary["notices"]:
+    for notice in summary.notices:
         print(f"NOTICE: {notice}", file=sys.stderr)
     print(f"DRAFT contours for clinical review, written to {args.out}")
-    for _name, s in summary["structures"].items():
-        conf = "n/a" if s["confidence"] is None else f"{s['confidence']:.2f}"
-        reason = f"  ({s['status_reason']})" if s["status_reason"] else ""
-        print(f"  {s['display_name']:<16} {s['status']:<6} {s['volume_ml']:>9.1f} mL  confidence {conf}  "
-              f"{len(s['flagged_slices'])} flagged slice(s){reason}")
-    print(f"  total {summary['timings_s']['total']:.1f} s on {summary['model']['device']}")
-    for warning in summary["warnings"]:
+    for s in summary.structures.values():
+        conf = "n/a" if s.confidence is None else f"{s.confidence:.2f}"
+        reason = f"  ({s.status_reason})" if s.status_reason else ""
+        print(f"  {s.display_name:<16} {s.status:<6} {s.volume_ml:>9.1f} mL  confidence {conf}  "
+              f"{len(s.flagged_slices)} flagged slice(s){reason}")
+    print(f"  total {summary.timings_s['total']:.1f} s on {summary.model.device}")
+    for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

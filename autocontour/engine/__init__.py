@@ -8,7 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "Engine": "autocontour.engine.runner", "resolve_device": "autocontour.engine.runner",
-    "SplitUniverSeg": "autocontour.engine.network", "InferenceOptions": "autocontour.engine.options",
+    "SplitUniverSeg": "autocontour.engine.network",
     "StructurePrediction": "autocontour.engine.prediction", "predict_structures": "autocontour.engine.plan",
 }
 __all__ = list(_EXPORTS)

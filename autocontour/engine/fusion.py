@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from autocontour.engine.options import InferenceOptions
 from autocontour.engine.prediction import StructurePrediction
+from autocontour.options import SegmentOptions
 from autocontour.preprocess import ModelInput
 from autocontour.support.localise import Localisation
 from autocontour.support.prior import StructurePrior
@@ -100,7 +100,7 @@ def network_silent(network: np.ndarray, prior: np.ndarray, near: np.ndarray | No
     return likely > 0 and int(np.count_nonzero(drawn)) < share * likely
 
 
-def fuse_prediction(prediction: StructurePrediction, model_input: ModelInput, options: InferenceOptions) -> None:
+def fuse_prediction(prediction: StructurePrediction, model_input: ModelInput, options: SegmentOptions) -> None:
     """The fused probability on the searched slices; the network alone beyond the sources' fields of view."""
     assert prediction.prior is not None and prediction.prior_weight is not None
     spacing = (model_input.grid.GetSpacing()[2], model_input.pixel_mm, model_input.pixel_mm)

@@ -63,7 +63,6 @@ from typing import cast
 import numpy as np
 
 from autocontour.engine.fusion import fuse_prediction, prior_weight_for, prior_window
-from autocontour.engine.options import InferenceOptions
 from autocontour.engine.planes import (
     OTHER_PLANES,
     PlaneQuery,
@@ -84,6 +83,7 @@ from autocontour.engine.selection import (
     thumbnails,
 )
 from autocontour.errors import OptionError
+from autocontour.options import ResolvedOptions
 from autocontour.overlap import dice
 from autocontour.preprocess import ModelInput, mask_centre_mm
 from autocontour.support.localise import Localisation, Profile, localise
@@ -127,7 +127,7 @@ class _StructurePlan:
     batches stay full); each plan says what it needs and takes its answers.
     """
 
-    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: InferenceOptions,
+    def __init__(self, name: str, support: SupportSet, model_input: ModelInput, options: ResolvedOptions,
                  fingerprint: str | None):
         self.name, self.support, self.input, self.options = name, support, model_input, options
         self.own = {c.case for c in support.manifest.source_cases if c.fingerprint == fingerprint}
@@ -284,7 +284,7 @@ class _StructurePlan:
 
 
 def predict_structures(engine: Engine, inputs: dict[str, ModelInput], supports: dict[str, SupportSet],
-                       options: InferenceOptions, fingerprint: str | None = None,
+                       options: ResolvedOptions, fingerprint: str | None = None,
                        progress: ProgressCallback | None = None, profile: Profile | None = None,
                        priors: dict[str, StructurePrior] | None = None,
                        crop_view: CropView | None = None) -> dict[str, StructurePrediction]:

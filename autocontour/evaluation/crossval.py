@@ -15,6 +15,7 @@ from pathlib import Path
 from autocontour.catalogue import default_definition
 from autocontour.config import Settings
 from autocontour.evaluation.evaluate import evaluate_pairs, pair_inputs, write_report
+from autocontour.options import SegmentOptions
 from autocontour.phantom import save_phantom
 from autocontour.pipeline import Segmenter
 from autocontour.support.build import build_support_set
@@ -43,7 +44,8 @@ def cross_validate(cases: list[tuple[Path, Path]], structures: list[str], out: P
                               symmetric=not default_definition(structure).lateral,
                               description=f"cross-validation fold without {name}")
         segmenter = Segmenter(weights=weights, device=device, support_dirs=[fold / "support"], shipped_support=False)
-        segmenter.segment(held_ct, fold / "prediction", structures, support_size=support_size, preview=False)
+        segmenter.segment(held_ct, fold / "prediction",
+                          SegmentOptions(structures=structures, support_size=support_size, preview=False))
         records += evaluate_pairs(pair_inputs(fold / "prediction", held_labels, structures, case=name), tolerances_mm)
     notes.append(f"leave-one-case-out over {len(named)} cases ({phantoms} synthetic phantoms); support sets of "
                  f"{support_set_size} slices built with the shipped recipes")

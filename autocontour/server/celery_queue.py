@@ -47,6 +47,8 @@ from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from autocontour.export import SUMMARY
+from autocontour.pipeline import Segmenter
+from autocontour.pipeline.summary import Summary
 from autocontour.server import scratch
 from autocontour.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore, job_request_id
 from autocontour.server.metrics import Metrics
@@ -110,8 +112,8 @@ class CeleryQueue:
         self.without_worker = Counter("autocontour_uploads_without_worker", "jobs accepted while no worker was alive",
                                       registry=metrics.registry)
 
-    def start(self, segmenter) -> None:
-        self._monitor.start()
+    def start(self, segmenter: Segmenter | None) -> None:
+        self._monitor.start()  # the network runs in the workers, never here
 
     def stop(self) -> None:
         self._stop.set()
@@ -357,7 +359,7 @@ class _TaskReporter:
         return bool(self.redis.exists(_key("cancel", self.job_id)))
 
 
-def worker_app(settings: ServerSettings, segmenter) -> Celery:
+def worker_app(settings: ServerSettings, segmenter: Segmenter) -> Celery:
     """The worker side: a Celery app whose one task runs jobs with this process's model."""
     app = make_celery(settings)
     scratch.sweep(settings.data_dir)  # patient data of processes that were killed
@@ -382,7 +384,7 @@ def worker_app(settings: ServerSettings, segmenter) -> Celery:
         if client.exists(_key("cancel", job_id)):
             return Outcome("cancelled").to_dict()
         if results.zip_path(job_id).is_file():  # a redelivery after the result was published: do not redo it
-            summary = json.loads((results.result_dir(job_id) / SUMMARY).read_text())
+            summary = Summary.model_validate_json((results.result_dir(job_id) / SUMMARY).read_text())
             return Outcome("done", result=brief(summary)).to_dict()
         if attempts > settings.max_attempts:
             return Outcome("failed", error=problem_body(

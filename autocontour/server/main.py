@@ -23,7 +23,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocontour import __version__
-from autocontour.pipeline import DRAFT_DISCLAIMER, Segmenter
+from autocontour.pipeline import Segmenter
+from autocontour.pipeline.library import WORKERS, Library
+from autocontour.pipeline.summary import DRAFT_DISCLAIMER
 from autocontour.server import openapi, problems, scratch
 from autocontour.server.context import configure_logging, request_id
 from autocontour.server.jobs import FINAL, JobStore, ResultStore
@@ -78,8 +80,29 @@ class BodySizeLimit:
         await response({"type": "http"}, None, send)  # type: ignore[arg-type]
 
 
-def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, model: Segmenter | Library | None = None) -> FastAPI:
+    """The app. `model`: a loaded Segmenter to run jobs with, or a Library for an app that runs none (jobs wait
+    in the queue; tests); by default the lifespan loads what the queue needs."""
     settings = settings or ServerSettings()
+    app = FastAPI(
+        title="autocontour",
+        version=__version__,
+        description="Few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT. "
+                    f"{DRAFT_DISCLAIMER} Errors are RFC 9457 problem documents (application/problem+json).",
+        lifespan=_lifespan(settings, model),
+    )
+    problems.install(app)
+    openapi.install(app, pacs=bool(settings.pacs_url))
+    for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
+    app.middleware("http")(_observe)
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    return app
+
+
+def _lifespan(settings: ServerSettings, model: Segmenter | Library | None):
+    """Start-up and shut-down: storage, queue, the model where jobs run, the janitor."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,59 +119,55 @@ def create_app(settings: ServerSettings | None = None, segmenter: Segmenter | No
         state.metrics = Metrics(lambda: state.queue.depth(), _gpu_memory_probe())
         state.review = ReviewCache()
         state.queue = make_queue(settings, state.jobs, state.results, state.metrics)
-        # the model is loaded where jobs run: here (local queue) or in the workers (Celery)
-        state.segmenter = segmenter or Segmenter(settings, load_engine=state.queue.owns_model)
-        if settings.warmup and state.queue.owns_model:
+        state.segmenter, state.library = _load(settings, model, state.queue.owns_model)
+        if settings.warmup and state.segmenter:
             state.segmenter.warm_up()
         state.queue.start(state.segmenter)
         janitor = Janitor(state.jobs, state.results, settings.result_ttl_s, refresh=state.queue.refresh)
         janitor.start()
-        log.info("ready: model %s on %s", state.segmenter.card.name, state.segmenter.device_name)
+        log.info("ready: model %s on %s", state.library.card.name,
+                 state.segmenter.model.device_name if state.segmenter else WORKERS)
         yield
         janitor.stop()
         state.queue.stop()
         state.jobs.close()
         state.scratch.close()
 
-    app = FastAPI(
-        title="autocontour",
-        version=__version__,
-        description="Few-shot, in-context draft contours for cervical-cancer radiotherapy planning CT. "
-                    f"{DRAFT_DISCLAIMER} Errors are RFC 9457 problem documents (application/problem+json).",
-        lifespan=lifespan,
-    )
-    problems.install(app)
-    openapi.install(app, pacs=bool(settings.pacs_url))
-    for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
-        app.include_router(router)
-    app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
+    return lifespan
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        incoming = request.headers.get("x-request-id", "")
-        token = request_id.set(incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex)
-        started = time.perf_counter()
+
+def _load(settings: ServerSettings, model: Segmenter | Library | None, owns_model: bool
+          ) -> tuple[Segmenter | None, Library]:
+    """The network loads where jobs run: here (local queue) or in the workers (Celery), where this process
+    keeps only the library (card, support sets, rules) to check and describe."""
+    if model is None:
+        model = Segmenter(settings) if owns_model else Library(settings)
+    return (model, model.library) if isinstance(model, Segmenter) else (None, model)
+
+
+async def _observe(request: Request, call_next):
+    """Request ids, metrics and the access log; an unhandled error becomes a problem document."""
+    incoming = request.headers.get("x-request-id", "")
+    token = request_id.set(incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex)
+    started = time.perf_counter()
+    try:
         try:
-            try:
-                upload = request.method == "POST" and request.url.path == "/v1/segmentations"
-                full = _queue_full(request) if upload else None
-                response = full or await call_next(request)
-            except Exception:  # a bug: answered as a problem document, counted, and logged with the request id
-                log.exception("%s %s failed", request.method, request.url.path)
-                response = problems.internal_error_response()
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            elapsed = time.perf_counter() - started
-            request.app.state.metrics.requests.labels(request.method, template, str(response.status_code)).inc()
-            request.app.state.metrics.latency.labels(template).observe(elapsed)
-            response.headers["X-Request-ID"] = request_id.get()
-            log.info("%s %s -> %d in %.3f s", request.method, template, response.status_code, elapsed)
-            return response
-        finally:
-            request_id.reset(token)
-
-    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
-    return app
+            upload = request.method == "POST" and request.url.path == "/v1/segmentations"
+            full = _queue_full(request) if upload else None
+            response = full or await call_next(request)
+        except Exception:  # a bug: answered as a problem document, counted, and logged with the request id
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = problems.internal_error_response()
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        elapsed = time.perf_counter() - started
+        request.app.state.metrics.requests.labels(request.method, template, str(response.status_code)).inc()
+        request.app.state.metrics.latency.labels(template).observe(elapsed)
+        response.headers["X-Request-ID"] = request_id.get()
+        log.info("%s %s -> %d in %.3f s", request.method, template, response.status_code, elapsed)
+        return response
+    finally:
+        request_id.reset(token)
 
 
 def _queue_full(request: Request):

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 class JobQueue(Protocol):
     owns_model: bool  # whether this process runs the jobs (and so loads the model)
 
-    def start(self, segmenter: Segmenter) -> None: ...
+    def start(self, segmenter: Segmenter | None) -> None:
+        """Start taking jobs; `segmenter`: the network of this process, where it runs jobs."""
     def stop(self) -> None: ...
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
         """Record and queue a job; raises QueueFull when `max_queue` jobs wait already (checked atomically)."""
@@ -38,23 +39,28 @@ class LocalQueue:
     def __init__(self, settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics):
         self.settings, self.jobs, self.results, self.metrics = settings, jobs, results, metrics
         self.worker: LocalWorker | None = None
+        self.started = False
 
-    def start(self, segmenter: Segmenter) -> None:
+    def start(self, segmenter: Segmenter | None) -> None:
+        """Without a segmenter (an app given only a Library) jobs are accepted and wait: nothing runs them."""
         recovered = self.jobs.recover(self.settings.max_attempts)  # jobs that were running when the process stopped
         if recovered:
             log.info("requeued %d interrupted job(s) after a restart", len(recovered))
-        self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings)
-        self.worker.start()
+        self.started = True
+        if segmenter is not None:
+            self.worker = LocalWorker(segmenter, self.jobs, self.results, self.metrics, self.settings)
+            self.worker.start()
 
     def stop(self) -> None:
         if self.worker:
             self.worker.stop()
 
     def submit(self, options: dict, owner: str | None, input_name: str, job_id: str) -> Job:
-        if self.worker is None:
+        if not self.started:
             raise RuntimeError("the local queue takes jobs only after start()")
         job = self.jobs.create(options, owner, input_name, job_id, max_queued=self.settings.max_queue)
-        self.worker.notify()
+        if self.worker:
+            self.worker.notify()
         return job
 
     def cancel(self, job_id: str) -> None:

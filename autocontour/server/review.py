@@ -10,7 +10,6 @@ request; changing the window fetches a new PNG.
 from __future__ import annotations
 
 import io
-import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,24 +20,24 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from autocontour.catalogue import default_definition
 from autocontour.export import SUMMARY
 from autocontour.io import CanonicalCT
+from autocontour.pipeline.outputs import REVIEW_CT
+from autocontour.pipeline.summary import Summary
 from autocontour.preview import window
 
-REVIEW_CT = Path("review") / "ct.nii.gz"
 PLANES = ("axial", "coronal", "sagittal")
 
 
 class ReviewVolume:
     def __init__(self, result_dir: Path):
-        self.summary = json.loads((result_dir / SUMMARY).read_text())
+        self.summary = Summary.model_validate_json((result_dir / SUMMARY).read_text())
         ct = CanonicalCT(sitk.ReadImage(str(result_dir / REVIEW_CT)))
         self.hu = sitk.GetArrayFromImage(ct.image)
         self.spacing_zyx = ct.spacing_zyx
         self.z_mm = ct.slice_positions_mm()
-        self.masks = {name: ct.to_canonical(sitk.ReadImage(str(result_dir / s["mask_file"]))).astype(bool)
-                      for name, s in self.summary["structures"].items()}
+        self.masks = {name: ct.to_canonical(sitk.ReadImage(str(result_dir / s.mask_file))).astype(bool)
+                      for name, s in self.summary.structures.items()}
 
     def count(self, plane: str) -> int:
         return self.hu.shape[PLANES.index(plane)]
@@ -56,17 +55,16 @@ class ReviewVolume:
 
     def info(self) -> dict:
         structures = {}
-        for name, s in self.summary["structures"].items():
-            colour = s.get("definition", {}).get("colour") or default_definition(name).colour
+        for name, s in self.summary.structures.items():
             structures[name] = {
-                "display_name": s["display_name"], "colour": list(colour),
-                "confidence": s["confidence"], "volume_ml": s["volume_ml"], "status": s["status"],
-                "flagged_slices": s["flagged_slices"], "slice_range": s["slice_range"],
+                "display_name": s.display_name, "colour": list(s.definition.colour),
+                "confidence": s.confidence, "volume_ml": s.volume_ml, "status": s.status,
+                "flagged_slices": [f.model_dump() for f in s.flagged_slices], "slice_range": s.slice_range,
             }
-        return {"disclaimer": self.summary["disclaimer"], "notices": self.summary["notices"],
+        return {"disclaimer": self.summary.disclaimer, "notices": self.summary.notices,
                 "planes": {p: {"count": self.count(p), "aspect": self.aspect(p)} for p in PLANES},
                 "z_mm": [round(float(z), 2) for z in self.z_mm], "structures": structures,
-                "warnings": self.summary["warnings"]}
+                "warnings": self.summary.warnings}
 
     def png(self, plane: str, index: int, level: float, width: float) -> bytes:
         hu = self._cut(self.hu, plane, index).astype(np.float32)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 from autocontour.errors import AutocontourError
+from autocontour.options import SegmentOptions
 from autocontour.pipeline import CancelledError, Segmenter
+from autocontour.pipeline.summary import Summary
 from autocontour.server.context import request_id
 from autocontour.server.jobs import Job, JobStore, ResultStore, job_request_id
 from autocontour.server.metrics import Metrics
@@ -29,6 +31,7 @@ from autocontour.server.problems import from_error, problem_body
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
+JOB_ONLY = ("pacs", "request_id")  # what a job stores beside its SegmentOptions
 
 
 class Reporter(Protocol):
@@ -51,16 +54,16 @@ class Outcome:
                 "slices": self.slices, "started_at": self.started_at, "finished_at": self.finished_at}
 
 
-def brief(summary: dict) -> dict:
+def brief(summary: Summary) -> dict:
     """What the job resource shows of a finished result."""
     return {
-        "structures": {n: {k: s[k] for k in ("status", "volume_ml", "confidence", "slice_range", "z_range_mm")}
-                       | {"flagged_slices": len(s["flagged_slices"]), "support_set": s["support_set"]["id"]}
-                       for n, s in summary["structures"].items()},
-        "timings_s": summary["timings_s"], "warnings": summary["warnings"], "notices": summary["notices"],
-        "model": {k: summary["model"][k] for k in ("name", "version", "sha256", "licence", "device", "precision")},
-        "rule_changes": summary["rule_changes"],
-        "files": {k: v for k, v in summary["files"].items() if k in ("rtstruct", "seg")},
+        "structures": {n: s.model_dump(include={"status", "volume_ml", "confidence", "slice_range", "z_range_mm"})
+                       | {"flagged_slices": len(s.flagged_slices), "support_set": s.support_set["id"]}
+                       for n, s in summary.structures.items()},
+        "timings_s": summary.timings_s, "warnings": summary.warnings, "notices": summary.notices,
+        "model": summary.model.model_dump(include={"name", "version", "sha256", "licence", "device", "precision"}),
+        "rule_changes": summary.rule_changes,
+        "files": summary.files.dicom(),
     }
 
 
@@ -101,23 +104,21 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
         reporter.progress({"phase": phase, "slices_done": sum(done.values()), "slices_total": sum(total.values()),
                            "structures": {n: {"done": done.get(n, 0), "total": t} for n, t in total.items()}})
 
-    options = dict(options)
-    pacs_job = options.pop("pacs", None)
     token = request_id.set(job_request_id(job_id, options))
-    options.pop("request_id", None)
+    pacs_job = options.get("pacs")
     staging = results.staging_dir(job_id)
     try:
+        segment_options = SegmentOptions.checked({k: v for k, v in options.items() if k not in JOB_ONLY})
         if pacs_job:
             fetch_from_pacs(settings, pacs_job, results.upload_path(job_id, input_name))
-        result = segmenter.segment(results.upload_path(job_id, input_name), staging, options.pop("structures"),
-                                   save_probabilities=options.pop("probabilities", False), progress=progress,
-                                   cancelled=reporter.cancel_requested, keep_ct=True, **options)
+        result = segmenter.segment(results.upload_path(job_id, input_name), staging, segment_options,
+                                   progress=progress, cancelled=reporter.cancel_requested, keep_ct=True)
         results.publish(job_id, staging)
         summary = brief(result.summary)
         if pacs_job and pacs_job["push"] and summary["files"]:
             push_to_pacs(settings, results.result_dir(job_id), summary["files"])
             summary["pushed_to_pacs"] = sorted(summary["files"].values())
-        slices = sum(s["slices_computed"] for s in result.summary["structures"].values())
+        slices = sum(s.slices_computed for s in result.summary.structures.values())
         outcome = Outcome("done", result=summary, slices=slices)
     except CancelledError:
         outcome = Outcome("cancelled")

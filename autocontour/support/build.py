@@ -34,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from pydantic import ValidationError
 
 from autocontour.catalogue import StructureDefinition, default_definition
 from autocontour.errors import InputImageError, SupportSetError
 from autocontour.io import CanonicalCT, fingerprint, read_image
+from autocontour.pipeline.summary import Summary
 from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
 from autocontour.support.localise import bone_profile
 from autocontour.support.recipes import Recipe
@@ -112,7 +114,7 @@ def is_rtstruct(path: Path) -> bool:
 def read_case_ct(path: Path) -> sitk.Image:
     """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks and limits as segmentation."""
     from autocontour.config import Settings
-    from autocontour.pipeline import read_input
+    from autocontour.dicom.reading import read_input
 
     return read_input(Path(path), Settings())[0]
 
@@ -137,14 +139,17 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
     summary_path = Path(result_dir) / "summary.json"
     if not summary_path.is_file():
         raise SupportSetError(f"{result_dir} is not an autocontour result: no summary.json")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = Summary.model_validate_json(summary_path.read_text())
+    except ValidationError as exc:
+        raise SupportSetError(f"{result_dir} is not an autocontour result: its summary.json does not parse") from exc
     ct_path = Path(ct_path) if ct_path else Path(result_dir) / "review" / "ct.nii.gz"
     if not ct_path.exists():
         raise SupportSetError(f"{result_dir} keeps no copy of its CT: give the CT it segmented with --ct")
-    if fingerprint(CanonicalCT(read_case_ct(ct_path)).image) != summary["input"]["fingerprint"]:
+    if fingerprint(CanonicalCT(read_case_ct(ct_path)).image) != summary.input.fingerprint:
         raise SupportSetError(f"{ct_path.name} is not the CT that {result_dir} segmented (fingerprints differ)")
-    declared = summary.get("structures", {}).get(structure, {}).get("definition")
-    return ct_path, StructureDefinition.model_validate(declared) if declared else None
+    declared = summary.structures.get(structure)
+    return ct_path, declared.definition if declared else None
 
 
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,

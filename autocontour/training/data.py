@@ -109,7 +109,7 @@ class Draw:
 def read_any_ct(path: Path) -> sitk.Image:
     """A CT from a NIfTI file or a DICOM series folder, through the product's reader and its checks."""
     from autocontour.config import Settings
-    from autocontour.pipeline import read_input
+    from autocontour.dicom.reading import read_input
 
     return read_input(Path(path), Settings())[0]
 

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from autocontour.server.auth import require
+from autocontour.server.dependencies import LibraryDep, ModelDep
 from autocontour.server.openapi import AUTH, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["catalogue"], responses=problem_responses(*AUTH))
 
 
 @router.get("/structures")
-def structures(request: Request, _: str | None = require("read")):
+def structures(library: LibraryDep, _: str | None = require("read")):
     """The structures the loaded support sets provide (and the built-in cervix ones that have none),
     each with its definition and support set, and the overlap rules in force."""
-    segmenter = request.app.state.segmenter
     items = []
-    for s in segmenter.catalogue:
-        support = segmenter.supports.get(s.name)
+    for s in library.catalogue:
+        support = library.supports.get(s.name)
         items.append({
             **s.model_dump(mode="json"),
             "support_set": support.describe() if support else None,
@@ -26,10 +26,10 @@ def structures(request: Request, _: str | None = require("read")):
             f"autocontour support build {s.name} --case CT MASK_OR_RTSTRUCT [--roi NAME] [--case ...] --out DIR, "
             "then add the folder to AUTOCONTOUR_SUPPORT_DIRS",
         })
-    return {"structures": items, "overlap_rules": segmenter.rules.describe(segmenter.catalogue.available)}
+    return {"structures": items, "overlap_rules": library.rules.describe(library.catalogue.available)}
 
 
 @router.get("/model")
-def model(request: Request, _: str | None = require("read")):
+def model(described: ModelDep, _: str | None = require("read")):
     """The model card: name, version, SHA-256, licence, device, precision (with Celery: "separate workers")."""
-    return request.app.state.segmenter.describe_model()
+    return described.describe_model()

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from autocontour.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerances
@@ -14,6 +14,7 @@ from autocontour.evaluation.metrics import metric_keys
 from autocontour.io import inspect_nifti
 from autocontour.server.auth import require
 from autocontour.server.decoding import decode_limited
+from autocontour.server.dependencies import DecodesDep, SettingsDep
 from autocontour.server.openapi import AUTH, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["evaluations"], responses=problem_responses(*AUTH))
@@ -39,7 +40,8 @@ def _evaluate(pred: Path, ref: Path, structure: str | None, tolerances, settings
     422: "an unreadable or mismatched mask, an invalid tolerance, or a missing file",
     503: "every decode slot (AUTOCONTOUR_MAX_CONCURRENT_DECODES) stayed busy; retry after Retry-After"}))
 async def evaluate(
-    request: Request,
+    settings: SettingsDep,
+    decodes: DecodesDep,
     prediction: Annotated[UploadFile, File(description="predicted mask or label map (NIfTI)")],
     reference: Annotated[UploadFile, File(description="reference mask or label map on a comparable grid")],
     structure: Annotated[str | None, Form(description="name for a single binary pair")] = None,
@@ -48,10 +50,9 @@ async def evaluate(
 ):
     """The metrics of `autocontour evaluate` (same code): one record per structure or label value."""
     tolerances = parse_tolerances(tolerance_mm)
-    state = request.app.state
-    with tempfile.TemporaryDirectory(dir=state.settings.scratch_dir) as tmp:  # under the data folder, swept
+    with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as tmp:  # under the data folder, swept
         pred = await _save(prediction, Path(tmp), "prediction")
         ref = await _save(reference, Path(tmp), "reference")
-        records = await run_in_threadpool(decode_limited, state, _evaluate, pred, ref, structure, tolerances,
-                                          state.settings)
+        records = await run_in_threadpool(decode_limited, decodes, settings, _evaluate, pred, ref, structure,
+                                          tolerances, settings)
     return {"tolerances_mm": list(tolerances), "metric_keys": metric_keys(tolerances), "records": records}

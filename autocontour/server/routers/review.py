@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
+from autocontour.pipeline.outputs import REVIEW_CT
 from autocontour.server.auth import require
+from autocontour.server.dependencies import QueueDep, ResultsDep, ReviewDep
 from autocontour.server.openapi import AUTH, problem_responses
 from autocontour.server.problems import Problem
-from autocontour.server.review import REVIEW_CT, ReviewVolume
-from autocontour.server.routers.segmentations import _finished
+from autocontour.server.review import ReviewVolume
+from autocontour.server.routers.segmentations import finished
 
 router = APIRouter(tags=["review"])
 REVIEW_ERRORS = problem_responses(*AUTH, 404, 409, described={
@@ -28,12 +30,17 @@ def page():
     return HTMLResponse((STATIC / "index.html").read_text())
 
 
-async def _volume(request: Request, job_id: str, owner: str | None) -> ReviewVolume:
-    job = _finished(request, job_id, owner)
-    result_dir = request.app.state.results.result_dir(job.id)
+async def _volume(queue: QueueDep, results: ResultsDep, review: ReviewDep, job_id: str,
+                  owner: str | None = require("read")) -> ReviewVolume:
+    """The finished job's volume for review (a dependency of the review routes)."""
+    job = finished(queue, job_id, owner)
+    result_dir = results.result_dir(job.id)
     if not (result_dir / REVIEW_CT).is_file():
         raise Problem(404, "not-found", "Not found", "this job kept no CT for review")
-    return await run_in_threadpool(request.app.state.review.get, job.id, result_dir)
+    return await run_in_threadpool(review.get, job.id, result_dir)
+
+
+Volume = Annotated[ReviewVolume, Depends(_volume)]
 
 
 def _check(volume: ReviewVolume, plane: str, index: int) -> None:
@@ -42,18 +49,16 @@ def _check(volume: ReviewVolume, plane: str, index: int) -> None:
 
 
 @router.get("/v1/segmentations/{job_id}/review", responses=REVIEW_ERRORS)
-async def review_info(request: Request, job_id: str, owner: str | None = require("read")):
+async def review_info(volume: Volume):
     """What the viewer needs: planes, slice positions, structures with colours, confidence and flagged slices."""
-    return (await _volume(request, job_id, owner)).info()
+    return volume.info()
 
 
 @router.get("/v1/segmentations/{job_id}/review/{plane}/{index}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **REVIEW_ERRORS, **problem_responses(422)})
-async def review_slice(request: Request, job_id: str, plane: Plane, index: int,
-                       level: float = Query(40.0, ge=-2000, le=4000), width: float = Query(400.0, gt=1, le=6000),
-                       owner: str | None = require("read")):
+async def review_slice(volume: Volume, plane: Plane, index: int,
+                       level: float = Query(40.0, ge=-2000, le=4000), width: float = Query(400.0, gt=1, le=6000)):
     """One CT slice in the given window (grey PNG)."""
-    volume = await _volume(request, job_id, owner)
     _check(volume, plane, index)
     png = await run_in_threadpool(volume.png, plane, index, level, width)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
@@ -61,9 +66,7 @@ async def review_slice(request: Request, job_id: str, plane: Plane, index: int,
 
 @router.get("/v1/segmentations/{job_id}/review/{plane}/{index}/contours",
             responses={**REVIEW_ERRORS, **problem_responses(422)})
-async def review_contours(request: Request, job_id: str, plane: Plane, index: int,
-                          owner: str | None = require("read")):
+async def review_contours(volume: Volume, plane: Plane, index: int):
     """Each structure's contour on that slice: polylines of [column, row] pixel coordinates."""
-    volume = await _volume(request, job_id, owner)
     _check(volume, plane, index)
     return await run_in_threadpool(volume.contours, plane, index)
