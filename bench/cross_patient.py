@@ -637,7 +637,7 @@ def write_results(text: str, command: str) -> None:
     RESULTS.write_text(body[:start] + section + (body[end + 1:] if end >= 0 else ""))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="real,virtual,phantom,dicom")
     parser.add_argument("--structures", default=None, help="comma-separated benchmark structures (default: all)")
@@ -668,27 +668,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args(argv)
-    if args.fusion_from:
-        print("### Choosing the fusion\n\n" + choose_fusion(pickle.loads(args.fusion_from.read_bytes())))
-        return
+    return parser.parse_args(argv), parser
 
-    os.environ["AUTOCONTOUR_THREADS"] = str(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    import torch
 
-    torch.set_num_threads(args.threads)
+def chosen_structures(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, tuple[str, ...]]:
     every = {**MAIN, **SMALL, **BONES}
-    if args.structures:
-        wanted = [s.strip() for s in args.structures.split(",") if s.strip()]
-        unknown = [s for s in wanted if s not in every]
-        if unknown:
-            parser.error(f"unknown structures {unknown}; choose from {', '.join(every)}")
-        structures = {s: every[s] for s in wanted}
-    else:
-        structures = {s: every[s] for s in QUICK} if args.quick else every
-    columns = [c.strip() for c in args.columns.split(",")]
+    if not args.structures:
+        return {s: every[s] for s in QUICK} if args.quick else every
+    wanted = [s.strip() for s in args.structures.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in every]
+    if unknown:
+        parser.error(f"unknown structures {unknown}; choose from {', '.join(every)}")
+    return {s: every[s] for s in wanted}
 
+
+def run_case(case: Case, case_work: Path, args: argparse.Namespace, columns: list[str], fusion: dict,
+             fusion_cases: list[tuple[str, dict]]) -> None:
+    """One case's columns (each run only where its --*-cases lets it), timings printed as they finish."""
     from autocontour.config import Settings
     from autocontour.pipeline import Segmenter
 
@@ -696,44 +692,40 @@ def main(argv: list[str] | None = None) -> None:
         return Segmenter(settings=Settings(threads=args.threads), weights=weights, support_dirs=[support_dir],
                          shipped_support=False)
 
-    fusion = ({} if args.prior_weight is None else {"prior_weight": args.prior_weight}) | {"crops": args.crops}
-    fusion_cases: list[tuple[str, dict]] = []
-    with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:
-        work = Path(tmp)
-        cases = build_cases([k.strip() for k in args.cases.split(",")], structures, work, args.quick)
-        for number, case in enumerate(cases):
-            print(f"== {case.name}: {len(case.structures)} structures", flush=True)
-            if "registration" in columns:
-                registration_column(case)
-                print(f"   registration {case.seconds['registration']} s", flush=True)
-            kind = case.name.split(":")[0]
-            runs_network = kind in args.network_cases.split(",") and "network" in columns
-            runs_hybrid = kind in args.hybrid_cases.split(",") and "hybrid" in columns
-            runs_planes = kind in args.hybrid_cases.split(",") and "hybrid+planes" in columns
-            runs_fusion = kind in args.network_cases.split(",") and args.choose_fusion
-            only = args.network_structures.split(",") if args.network_structures else None
-            case_work = work / f"case{number}"
-            if not (runs_network or runs_hybrid or runs_planes or runs_fusion):
-                continue
-            build_sets(case, args.support_size, case_work, only)
-            segmenter = segmenter_for(case_work / "sets", args.weights)
-            baseline = segmenter_for(case_work / "sets", args.baseline_weights) if args.baseline_weights else None
-            for column, chosen in (("network", baseline), ("network", segmenter), ("hybrid", baseline),
-                                   ("hybrid", segmenter), ("hybrid+planes", segmenter)):
-                name = column + (BASELINE if chosen is baseline else "")
-                if chosen is None or not {"network": runs_network, "hybrid": runs_hybrid,
-                                          "hybrid+planes": runs_planes}[column]:
-                    continue
-                if chosen is baseline and column not in args.baseline_columns.split(","):
-                    continue
-                if column == "network":
-                    network_column(case, chosen, args.support_size, case_work, only, column=name)
-                else:
-                    planes = {"planes": "three"} if column == "hybrid+planes" else {}
-                    hybrid_column(case, chosen, args.support_size, case_work, only, fusion | planes, column=name)
-                print(f"   {name} {case.seconds[name]} s", flush=True)
-            if runs_fusion and case.query.labels is not None:
-                fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
+    print(f"== {case.name}: {len(case.structures)} structures", flush=True)
+    if "registration" in columns:
+        registration_column(case)
+        print(f"   registration {case.seconds['registration']} s", flush=True)
+    kind = case.name.split(":")[0]
+    runs = {"network": kind in args.network_cases.split(",") and "network" in columns,
+            "hybrid": kind in args.hybrid_cases.split(",") and "hybrid" in columns,
+            "hybrid+planes": kind in args.hybrid_cases.split(",") and "hybrid+planes" in columns}
+    runs_fusion = kind in args.network_cases.split(",") and args.choose_fusion
+    only = args.network_structures.split(",") if args.network_structures else None
+    if not (any(runs.values()) or runs_fusion):
+        return
+    build_sets(case, args.support_size, case_work, only)
+    segmenter = segmenter_for(case_work / "sets", args.weights)
+    baseline = segmenter_for(case_work / "sets", args.baseline_weights) if args.baseline_weights else None
+    for column, chosen in (("network", baseline), ("network", segmenter), ("hybrid", baseline),
+                           ("hybrid", segmenter), ("hybrid+planes", segmenter)):
+        if chosen is None or not runs[column] or (chosen is baseline and
+                                                  column not in args.baseline_columns.split(",")):
+            continue
+        name = column + (BASELINE if chosen is baseline else "")
+        if column == "network":
+            network_column(case, chosen, args.support_size, case_work, only, column=name)
+        else:
+            planes = {"planes": "three"} if column == "hybrid+planes" else {}
+            hybrid_column(case, chosen, args.support_size, case_work, only, fusion | planes, column=name)
+        print(f"   {name} {case.seconds[name]} s", flush=True)
+    if runs_fusion and case.query.labels is not None:
+        fusion_cases.append((case.name, fusion_inputs(case, segmenter, args.support_size, case_work, only)))
+
+
+def finish(cases: list[Case], args: argparse.Namespace, fusion_cases: list[tuple[str, dict]],
+           argv: list[str] | None) -> None:
+    """The report: printed, and with --write-results written into bench/RESULTS.md."""
     if args.baseline_results:
         merge_baseline(cases, json.loads(args.baseline_results.read_text()))
     if args.json_out:
@@ -747,6 +739,28 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.write_results:
         write_results(text, "python bench/cross_patient.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, parser = parse_args(argv)
+    if args.fusion_from:
+        print("### Choosing the fusion\n\n" + choose_fusion(pickle.loads(args.fusion_from.read_bytes())))
+        return
+    os.environ["AUTOCONTOUR_THREADS"] = str(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    structures = chosen_structures(args, parser)
+    columns = [c.strip() for c in args.columns.split(",")]
+    fusion = ({} if args.prior_weight is None else {"prior_weight": args.prior_weight}) | {"crops": args.crops}
+    fusion_cases: list[tuple[str, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="cross_patient_") as tmp:
+        work = Path(tmp)
+        cases = build_cases([k.strip() for k in args.cases.split(",")], structures, work, args.quick)
+        for number, case in enumerate(cases):
+            run_case(case, work / f"case{number}", args, columns, fusion, fusion_cases)
+    finish(cases, args, fusion_cases, argv)
 
 
 if __name__ == "__main__":
