@@ -61,6 +61,8 @@ class PropagationOptions:
 
     ends_drawn: bool = True  # the drawn slices include both ends: nothing beyond them
     crop: bool = True  # look at a crop centred on the drawn contours, not the whole-body view
+    whole_view: bool = False  # also the whole-body view, averaged with the crop's (an ensemble of two scales)
+    crop_min_voxels: float = 32.0  # the crop spans at least this many CT voxels: context on coarse grids
     support_size: int = 16  # most examples per query: drawn slices nearest the query first, then mirrored ones
     flips: bool = True  # left-right mirrored drawn slices as extra examples (more support for small k)
     prior_weight: float = 0.5  # weight of the shape-interpolation prior between drawn slices (0: network only)
@@ -105,22 +107,32 @@ class _View:
     labels: np.ndarray  # (Z, size, size) uint8, only drawn slices filled
 
 
-def crop_side_mm(mask: np.ndarray, drawn: Sequence[int], spacing_yx: Sequence[float]) -> float:
-    """Square side around the drawn contours: their in-plane extent plus the support crops' margin."""
+def crop_side_mm(mask: np.ndarray, drawn: Sequence[int], spacing_yx: Sequence[float], min_voxels: float) -> float:
+    """Square side around the drawn contours: their in-plane extent plus the support crops' margin, and
+    at least `min_voxels` CT voxels (a 4.7 mm grid blown up 15 times shows the network nothing but blur)."""
     _, ys, xs = np.nonzero(mask[list(drawn)])
     extent = max((ys.max() - ys.min() + 1) * spacing_yx[0], (xs.max() - xs.min() + 1) * spacing_yx[1])
-    return float(extent + 2 * max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent))
+    side = extent + 2 * max(CROP_MIN_MARGIN_MM, CROP_MARGIN_FRACTION * extent)
+    return float(max(side, min_voxels * max(spacing_yx)))
 
 
-def network_view(ct: CanonicalCT, mask: np.ndarray, drawn: Sequence[int], options: PropagationOptions,
+def network_views(ct: CanonicalCT, mask: np.ndarray, drawn: Sequence[int], options: PropagationOptions,
+                  spec: PreprocessSpec) -> list[_View]:
+    """The views the network looks through: the crop around the drawn contours, the whole view, or both."""
+    crops = [True] if options.crop else []
+    crops += [False] if options.whole_view or not options.crop else []
+    return [network_view(ct, mask, drawn, crop, options, spec) for crop in crops]
+
+
+def network_view(ct: CanonicalCT, mask: np.ndarray, drawn: Sequence[int], crop: bool, options: PropagationOptions,
                  spec: PreprocessSpec) -> _View:
     """Prepare the scan on the crop around the drawn contours (or the whole view) with the drawn labels."""
     drawn_only = np.zeros(mask.shape, dtype=np.uint8)
     drawn_only[list(drawn)] = mask[list(drawn)]
-    if options.crop:
+    if crop:
         spacing_yx = ct.spacing_zyx[1:]
         centre = mask_centre_mm(drawn_only, ct.image)
-        view = prepare_crop(ct, spec, centre, crop_side_mm(mask, drawn, spacing_yx),
+        view = prepare_crop(ct, spec, centre, crop_side_mm(mask, drawn, spacing_yx, options.crop_min_voxels),
                             np.ones(mask.shape[0], dtype=bool))
     else:
         view = prepare(ct, spec, body_mask(ct, spec.body_threshold_hu))
@@ -295,9 +307,9 @@ def propagate(engine: Engine, ct: CanonicalCT, mask: np.ndarray, drawn: Sequence
     mask = np.asarray(mask, dtype=bool)
     index = _check(mask, drawn, ct, options)
     dz, spacing_yx = ct.spacing_zyx[0], ct.spacing_zyx[1:]
-    view = network_view(ct, mask, index, options, spec)
     queries = query_slices(index, mask.shape[0], dz, options)
-    network = network_probability(engine, ct, view, index, queries, options)
+    views = network_views(ct, mask, index, options, spec)
+    network = np.mean([network_probability(engine, ct, view, index, queries, options) for view in views], axis=0)
     prior = interpolation_prior(mask, index, spacing_yx, options.prior_scale_mm)
     fused = fuse(network, prior, index, options.prior_weight)
     fused[index] = mask[index]
