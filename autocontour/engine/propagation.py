@@ -71,6 +71,8 @@ class PropagationOptions:
     max_extension_mm: float = 60.0  # beyond an undrawn end the network goes at most this far
     stop_area_fraction: float = 0.05  # an extension slice smaller than this share of the end's area ends it
     next_rule: str = "disagreement"  # how `next_slice` is chosen: a key of NEXT_RULES
+    refine: int = 0  # second pass: this many of the first pass's nearest propagated slices join each query's
+    # support as pseudo-labels (0: one pass). Drawn examples always stay in the support.
 
 
 @dataclass(frozen=True)
@@ -162,20 +164,34 @@ def support_pool(view: _View, drawn: Sequence[int], flips: bool) -> tuple[np.nda
 
 
 def support_index(queries: np.ndarray, pool_z: np.ndarray, size: int) -> np.ndarray:
-    """Per query, the `size` examples whose slices lie nearest it (originals before mirrors at a tie)."""
-    size = min(size, len(pool_z))
+    """Per query, the `size` examples whose slices lie nearest it (originals before mirrors at a tie),
+    never the query's own slice."""
+    size = min(size, len(pool_z) - int(np.isin(queries, pool_z).any()))
     distance = np.abs(queries[:, None] - pool_z[None, :]) + np.arange(len(pool_z))[None, :] * 1e-3
+    distance[distance < 0.5] = np.inf
     return np.argsort(distance, axis=1, kind="stable")[:, :size]
 
 
 def network_probability(engine: Engine, ct: CanonicalCT, view: _View, drawn: Sequence[int], queries: np.ndarray,
-                        options: PropagationOptions) -> np.ndarray:
-    """The network's canonical (z, y, x) probability on the query slices (zero elsewhere)."""
+                        options: PropagationOptions, pseudo: np.ndarray | None = None) -> np.ndarray:
+    """The network's canonical (z, y, x) probability on the query slices (zero elsewhere).
+
+    `pseudo`: a first pass's canonical mask; its propagated slices nearest each query join the drawn ones
+    in the support (`options.refine` of them).
+    """
     stack = np.zeros(view.input.images.shape, dtype=np.float32)
-    if len(queries):
-        pool, pool_z = support_pool(view, drawn, options.flips)
-        index = support_index(queries, pool_z, options.support_size)
-        stack[queries] = engine.predict(view.input.images[queries], pool, index)
+    if not len(queries):
+        return grid_to_canonical(stack, view.input, ct)
+    pool, pool_z = support_pool(view, drawn, options.flips)
+    index = support_index(queries, pool_z, options.support_size)
+    if pseudo is not None and options.refine:
+        slices = np.setdiff1d(np.nonzero(pseudo.any(axis=(1, 2)))[0], drawn)
+        if len(slices) > options.refine:
+            labels = mask_to_grid(pseudo, ct, view.input.grid).astype(np.float32)
+            extra = np.stack([view.input.images[slices], labels[slices]], axis=1)
+            near = support_index(queries, slices, options.refine) + len(pool)
+            pool, index = np.concatenate([pool, extra]), np.concatenate([index, near], axis=1)
+    stack[queries] = engine.predict(view.input.images[queries], np.ascontiguousarray(pool), index)
     return grid_to_canonical(stack, view.input, ct)
 
 
@@ -248,6 +264,19 @@ def fill_holes(mask: np.ndarray, slices: np.ndarray) -> np.ndarray:
     return out
 
 
+def decide(network: np.ndarray, prior: np.ndarray, mask: np.ndarray, drawn: list[int], queries: np.ndarray,
+           options: PropagationOptions, dz_mm: float) -> tuple[np.ndarray, np.ndarray, tuple[EndStop, EndStop]]:
+    """Fused probability, mask and ends from the network's probability and the interpolation prior."""
+    fused = fuse(network, prior, drawn, options.prior_weight)
+    fused[drawn] = mask[drawn]
+    result = fill_holes(fused > options.threshold, queries)
+    result[drawn] = mask[drawn]
+    ends = bound_ends(result, drawn, options, dz_mm)
+    result = keep_connected_to_drawn(result, drawn)
+    result[drawn] = mask[drawn]
+    return fused, result, ends
+
+
 def _uncertainty(z: int, network: np.ndarray, fused: np.ndarray, prior_mask: np.ndarray, nearest: int) -> float:
     """How undecided the fused probability is on the slice, per voxel of the structure there."""
     p = fused[z]
@@ -309,15 +338,13 @@ def propagate(engine: Engine, ct: CanonicalCT, mask: np.ndarray, drawn: Sequence
     dz, spacing_yx = ct.spacing_zyx[0], ct.spacing_zyx[1:]
     queries = query_slices(index, mask.shape[0], dz, options)
     views = network_views(ct, mask, index, options, spec)
-    network = np.mean([network_probability(engine, ct, view, index, queries, options) for view in views], axis=0)
     prior = interpolation_prior(mask, index, spacing_yx, options.prior_scale_mm)
-    fused = fuse(network, prior, index, options.prior_weight)
-    fused[index] = mask[index]
-    result = fill_holes(fused > options.threshold, queries)
-    result[index] = mask[index]
-    ends = bound_ends(result, index, options, dz)
-    result = keep_connected_to_drawn(result, index)
-    result[index] = mask[index]
+    pseudo = None
+    for _ in range(2 if options.refine else 1):
+        network = np.mean([network_probability(engine, ct, view, index, queries, options, pseudo)
+                           for view in views], axis=0)
+        fused, result, ends = decide(network, prior, mask, index, queries, options, dz)
+        pseudo = result
     fused[:ends[0].last_slice] = 0.0
     fused[ends[1].last_slice + 1:] = 0.0
     provenance = np.zeros(mask.shape[0], dtype=np.uint8)
