@@ -179,6 +179,7 @@ def run_structure(engine: CachedEngine, case: Case, name: str, k: int, ends: boo
             pred = result.mask
             row["ends_found"] = [(e.last_slice, e.reason) for e in result.ends]
             row["next_slice_dice"] = next_slice_dice(result, ref)
+            row["prior_weight"] = result.prior_weight
             row["network_only"] = undrawn_metrics(result.network > 0.5, ref, drawn, spacing, tolerance)["dice"]
         elif method == "sdf":
             pred = sdf_interpolate(ref, drawn, spacing[1:])

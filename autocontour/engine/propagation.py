@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -71,6 +71,7 @@ class PropagationOptions:
     max_extension_mm: float = 60.0  # beyond an undrawn end the network goes at most this far
     stop_area_fraction: float = 0.05  # an extension slice smaller than this share of the end's area ends it
     next_rule: str = "disagreement"  # how `next_slice` is chosen: a key of NEXT_RULES
+    auto_weight: bool = False  # choose prior_weight per structure by leaving out each inner drawn slice
     refine: int = 0  # second pass: this many of the first pass's nearest propagated slices join each query's
     # support as pseudo-labels (0: one pass). Drawn examples always stay in the support.
 
@@ -95,6 +96,7 @@ class Propagation:
     next_slice: int | None  # where a drawn correction would help most next (None: nothing propagated)
     seconds: float = 0.0
     network: np.ndarray | None = field(default=None, repr=False)  # the network's own probability (canonical)
+    prior_weight: float | None = None  # the interpolation prior's weight used (chosen, with auto_weight)
 
     @property
     def propagated_slices(self) -> np.ndarray:
@@ -264,6 +266,34 @@ def fill_holes(mask: np.ndarray, slices: np.ndarray) -> np.ndarray:
     return out
 
 
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # prior weights the leave-one-out check chooses from
+
+
+def leave_one_out_weight(engine: Engine, ct: CanonicalCT, views: list[_View], mask: np.ndarray, drawn: list[int],
+                         options: PropagationOptions) -> float:
+    """The prior weight that best redraws the inner drawn slices from the others.
+
+    Each inner drawn slice is segmented by the network from the other drawn
+    slices and interpolated between its drawn neighbours; the weight whose fusion
+    matches the drawn contours best wins. The truth used is only what the planner
+    drew, so the choice is the patient's and the structure's own. With no inner
+    drawn slice (k <= 2) the default weight stays.
+    """
+    inner = drawn[1:-1]
+    if not inner:
+        return options.prior_weight
+    scores = np.zeros(len(WEIGHTS))
+    spacing_yx = ct.spacing_zyx[1:]
+    for z in inner:
+        others = [d for d in drawn if d != z]
+        query = np.array([z])
+        network = np.mean([network_probability(engine, ct, view, others, query, options)[z] for view in views], 0)
+        prior = interpolation_prior(mask, others, spacing_yx, options.prior_scale_mm)[z]
+        scores += [dice((1 - w) * network + w * prior > options.threshold, mask[z]) for w in WEIGHTS]
+    best = np.flatnonzero(scores >= scores.max() - 1e-9)
+    return float(WEIGHTS[best[np.argmin(np.abs(np.asarray(WEIGHTS)[best] - options.prior_weight))]])
+
+
 def decide(network: np.ndarray, prior: np.ndarray, mask: np.ndarray, drawn: list[int], queries: np.ndarray,
            options: PropagationOptions, dz_mm: float) -> tuple[np.ndarray, np.ndarray, tuple[EndStop, EndStop]]:
     """Fused probability, mask and ends from the network's probability and the interpolation prior."""
@@ -339,6 +369,8 @@ def propagate(engine: Engine, ct: CanonicalCT, mask: np.ndarray, drawn: Sequence
     queries = query_slices(index, mask.shape[0], dz, options)
     views = network_views(ct, mask, index, options, spec)
     prior = interpolation_prior(mask, index, spacing_yx, options.prior_scale_mm)
+    if options.auto_weight:
+        options = replace(options, prior_weight=leave_one_out_weight(engine, ct, views, mask, index, options))
     pseudo = None
     for _ in range(2 if options.refine else 1):
         network = np.mean([network_probability(engine, ct, view, index, queries, options, pseudo)
@@ -352,4 +384,5 @@ def propagate(engine: Engine, ct: CanonicalCT, mask: np.ndarray, drawn: Sequence
     provenance[index] = DRAWN
     propagated = np.nonzero(provenance == PROPAGATED)[0]
     upcoming = next_slice(options.next_rule, propagated, index, network, fused, prior > 0.5)
-    return Propagation(fused, result, provenance, ends, upcoming, time.perf_counter() - start, network)
+    return Propagation(fused, result, provenance, ends, upcoming, time.perf_counter() - start, network,
+                       options.prior_weight)
