@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autocontour.engine.propagation import DRAWN, PROPAGATED, Propagation, PropagationOptions, propagate
+from autocontour.engine.propagation import DRAWN, PROPAGATED, WEIGHTS, Propagation, PropagationOptions, propagate
 from autocontour.engine.runner import Engine
 from autocontour.evaluation.interpolation import mci_interpolate, sdf_interpolate, signed_distance
 from autocontour.evaluation.metrics import dice
@@ -123,3 +123,11 @@ def test_sdf_interpolates_a_cone_and_nothing_beyond_the_drawn_ends():
         radius = np.sqrt(out[z].sum() / np.pi)
         assert abs(radius - (3 + 0.5 * z)) < 0.6, z
         assert dice(out[z], cone[z]) > 0.8, z
+
+
+def test_auto_weight_and_refine_keep_the_contract(engine, bladder_case):
+    ct, mask, drawn = bladder_case
+    result = propagate(engine, ct, mask, drawn, PropagationOptions(auto_weight=True, refine=2, whole_view=True))
+    assert result.prior_weight in WEIGHTS
+    assert np.array_equal(result.mask[drawn], mask[drawn])
+    assert set(np.nonzero(result.mask.any(axis=(1, 2)))[0]) <= set(range(drawn[0], drawn[-1] + 1))
