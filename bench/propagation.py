@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autocontour.catalogue import default_definition  # noqa: E402
-from autocontour.engine.propagation import PropagationOptions, propagate  # noqa: E402
+from autocontour.engine.propagation import NEXT_RULES, PropagationOptions, next_slice, propagate  # noqa: E402
 from autocontour.engine.runner import Engine  # noqa: E402
 from autocontour.evaluation.interpolation import mci_interpolate, sdf_interpolate  # noqa: E402
 from autocontour.evaluation.metrics import compute_metrics, dice, nsd_key  # noqa: E402
@@ -155,11 +155,17 @@ def undrawn_metrics(pred: np.ndarray, ref: np.ndarray, drawn: list[int], spacing
     return {"dice": m["dice"], "nsd": m[nsd_key(tolerance)], "hd95_mm": m["hd95_mm"]}
 
 
-def next_slice_dice(result, ref: np.ndarray) -> float | None:
-    """Dice of the network's own result on the slice it proposes for the next correction (low = good pick)."""
-    if result.next_slice is None:
-        return None
-    return dice(result.mask[result.next_slice], ref[result.next_slice])
+def next_slice_dice(result, ref: np.ndarray, drawn: list[int], spacing_yx: tuple) -> dict:
+    """Per rule of NEXT_RULES, the result's Dice on the slice the rule proposes for the next correction
+    (low = a good pick), beside the mean per-slice Dice over the propagated slices."""
+    propagated = result.propagated_slices
+    if not len(propagated):
+        return {}
+    interpolated = sdf_interpolate(ref, drawn, spacing_yx)  # the prior's own mask (prior > 0.5)
+    picks = {rule: next_slice(rule, propagated, drawn, result.network, result.probability, interpolated)
+             for rule in NEXT_RULES}
+    out = {rule: dice(result.mask[z], ref[z]) for rule, z in picks.items() if z is not None}
+    return out | {"mean_slice": float(np.mean([dice(result.mask[z], ref[z]) for z in propagated]))}
 
 
 def run_structure(engine: CachedEngine, case: Case, name: str, k: int, ends: bool, options: PropagationOptions,
@@ -178,7 +184,7 @@ def run_structure(engine: CachedEngine, case: Case, name: str, k: int, ends: boo
             start -= engine.saved  # a cached forward costs what it cost the first time
             pred = result.mask
             row["ends_found"] = [(e.last_slice, e.reason) for e in result.ends]
-            row["next_slice_dice"] = next_slice_dice(result, ref)
+            row["next_slice_dice"] = next_slice_dice(result, ref, drawn, spacing[1:])
             row["prior_weight"] = result.prior_weight
             row["network_only"] = undrawn_metrics(result.network > 0.5, ref, drawn, spacing, tolerance)["dice"]
         elif method == "sdf":
@@ -219,6 +225,18 @@ def table(rows: list[dict], methods: tuple[str, ...]) -> str:
         seconds = f"{_mean(group, 'network', 'seconds'):.1f}" if "network" in methods else ""
         lines.append(f"| {variant} | {dataset} | {structure} | {k} | {'yes' if ends else 'no'} | " + " | ".join(cells)
                      + f" | {gap} | {seconds} |")
+    return "\n".join(lines)
+
+
+def next_rule_summary(rows: list[dict]) -> str:
+    """Mean Dice of the slice each rule proposes for the next correction (lower: the rule finds the worst
+    slices), against the mean propagated slice."""
+    keys = sorted({k for r in rows for k in r.get("next_slice_dice", {})})
+    lines = ["| variant | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for variant in sorted({r["variant"] for r in rows}):
+        found = [r["next_slice_dice"] for r in rows if r["variant"] == variant and r.get("next_slice_dice")]
+        lines.append(f"| {variant} | " + " | ".join(f"{np.mean([f[k] for f in found if k in f]):.3f}"
+                                                    for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -267,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{variant} {case.dataset} {case.patient} {name} k={k} ends={e}: "
                           + ", ".join(f"{m} {row[m]['dice']:.3f}" for m in methods), flush=True)
     print(table(rows, methods))
+    if "network" in methods:
+        print("\nNext correction: Dice of the proposed slice per rule (lower = finds the worst slice)\n")
+        print(next_rule_summary(rows))
     if args.json:
         args.json.write_text(json.dumps({"options": vars(args) | {"json": str(args.json)}, "rows": rows},
                                         indent=1, default=str))
