@@ -70,8 +70,8 @@ class PropagationOptions:
     threshold: float = 0.5
     max_extension_mm: float = 60.0  # beyond an undrawn end the network goes at most this far
     stop_area_fraction: float = 0.05  # an extension slice smaller than this share of the end's area ends it
-    next_rule: str = "disagreement"  # how `next_slice` is chosen: a key of NEXT_RULES
-    auto_weight: bool = False  # choose prior_weight per structure by leaving out each inner drawn slice
+    next_rule: str = "uncertainty"  # how `next_slice` is chosen: a key of NEXT_RULES (bench: finds the worst slices)
+    auto_weight: bool = True  # choose prior_weight per structure by leaving out each inner drawn slice
     refine: int = 0  # second pass: this many of the first pass's nearest propagated slices join each query's
     # support as pseudo-labels (0: one pass). Drawn examples always stay in the support.
 
