@@ -87,8 +87,8 @@ class DicomSeries:
 
 
 def is_dicom_input(path: Path) -> bool:
-    path = Path(path)
     """A folder, or a file named .zip (whether it truly is a zip is `safe_extract`'s to say)."""
+    path = Path(path)
     return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 
@@ -410,7 +410,8 @@ def _check_decoded_size(first: pydicom.Dataset, count: int, max_voxels: int | No
 def _read_pixels(slices: list[tuple[Path, pydicom.Dataset]], spacing: float) -> sitk.Image:
     """The pixels read by SimpleITK/GDCM, checked against the geometry the headers gave: in one series read
     where every slice shares one rescale, else slice by slice so that each slice's own rescale is applied
-    (a series read may apply one slice's to all: legal series off by thousands of HU)."""
+    (a series read was seen applying one slice's to all, legal series coming out off by thousands of HU; the
+    per-slice read does not depend on which ITK/GDCM version does or does not do that)."""
     files = [str(f) for f, _ in slices]
     try:
         if len({_rescale(ds) for _, ds in slices}) == 1:
