@@ -431,9 +431,12 @@ def _read_pixels(slices: list[tuple[Path, pydicom.Dataset]], spacing: float) -> 
 
 def _read_slice_by_slice(files: list[str], spacing: float) -> sitk.Image:
     """Each file decoded on its own (GDCM applies its own rescale), stacked on the first slice's geometry;
-    int16 where every value is a whole number in its range, else float32."""
+    int16 where every value is a whole number in its range, else float32 (filled slice by slice, so the
+    volume is never held as float64)."""
     first = sitk.ReadImage(files[0], sitk.sitkFloat64)
-    hu = np.concatenate([sitk.GetArrayFromImage(sitk.ReadImage(f, sitk.sitkFloat64)) for f in files])
+    hu = np.empty((len(files), *sitk.GetArrayViewFromImage(first).shape[1:]), np.float32)
+    for i, file in enumerate(files):
+        hu[i] = sitk.GetArrayFromImage(sitk.ReadImage(file, sitk.sitkFloat64))[0]
     exact = np.array_equal(hu, np.round(hu)) and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(
         np.int16).max
     image = sitk.GetImageFromArray(hu.astype(np.int16 if exact else np.float32))
