@@ -6,9 +6,16 @@ series (a mixture is refused with its series listed, unless a series UID
 picks one), takes blank SOP Instance/Class UIDs from the file meta (where a
 PACS indexes them), sorts slices along the
 slice normal, checks that they are evenly spaced (a missing slice would
-silently stretch the anatomy), and reads pixels with SimpleITK/GDCM, which
-applies each slice's rescale slope and intercept and decodes compressed
-transfer syntaxes. The headers (without pixel data) stay with the image so
+silently stretch the anatomy) and stacked straight along that normal (a
+gantry-tilted or sheared stack would put the image grid millimetres away from
+the slices' own positions, which RTSTRUCT contours use), and reads pixels with
+SimpleITK/GDCM, which decodes compressed transfer syntaxes; each slice's own
+rescale slope and intercept is applied (slice by slice where they differ).
+Headers that would decode to wrong values are refused naming the slice: a
+missing position or orientation, orientation vectors that are not unit and
+orthogonal, pixel spacings that differ between slices, a RescaleSlope of 0,
+PixelData shorter than Rows x Columns needs. Lossy-compressed slices are
+decoded with a warning. The headers (without pixel data) stay with the image so
 that RTSTRUCT and SEG outputs can reference every source instance.
 
 Zip uploads are checked before extraction: no absolute paths, no `..`, no
@@ -34,7 +41,16 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    UID,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    generate_uid,
+)
 
 from autocontour.errors import InputImageError
 from autocontour.io import decoded_bytes
@@ -43,6 +59,8 @@ MAX_FILES = 5000
 MAX_BYTES = 4 << 30
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, JPEG2000MC, HTJ2K}
+DRIFT_TOLERANCE_MM = 0.1  # far above the rounding of positions written as DS, far below a voxel
 
 
 @dataclass
@@ -69,8 +87,8 @@ class DicomSeries:
 
 
 def is_dicom_input(path: Path) -> bool:
-    path = Path(path)
     """A folder, or a file named .zip (whether it truly is a zip is `safe_extract`'s to say)."""
+    path = Path(path)
     return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 
@@ -169,10 +187,10 @@ def read_series(path: Path, max_files: int = MAX_FILES, max_bytes: int = MAX_BYT
     first = slices[0][1]  # in the files' order: its header gives the size checks
     slices, spacing = _sorted_evenly_spaced(slices)
     _check_decoded_size(first, len(slices), max_voxels, max_decoded_bytes)
+    _check_pixel_data_lengths(slices)
     _ensure_uids(slices, warnings)
-    files = [str(f) for f, _ in slices]
-    image = _read_pixels(files, slices[0][1], spacing)
-    return DicomSeries(image, [ds for _, ds in slices], [Path(f) for f in files], warnings, workdir)
+    image = _read_pixels(slices, spacing)
+    return DicomSeries(image, [ds for _, ds in slices], [f for f, _ in slices], warnings, workdir)
 
 
 def _input_folder(path: Path, max_files: int, max_bytes: int, max_ratio: float | None,
@@ -188,9 +206,10 @@ def _input_folder(path: Path, max_files: int, max_bytes: int, max_ratio: float |
 
 
 def _is_ct_slice(ds: pydicom.Dataset) -> bool:
-    """A classic CT image slice with a position (a blank SOP class counts as CT Image Storage)."""
+    """A CT image, classic or enhanced (a blank SOP class counts as CT Image Storage); one without a position
+    stays in its series, to be refused naming the missing attribute rather than leaving a silent gap."""
     return getattr(ds, "Modality", "") == "CT" and str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE) in (
-        CT_IMAGE_STORAGE, ENHANCED_CT) and "ImagePositionPatient" in ds
+        CT_IMAGE_STORAGE, ENHANCED_CT)
 
 
 def _pick_ct_series(headers: list[tuple[Path, pydicom.Dataset]], skipped: int,
@@ -224,38 +243,127 @@ def _pick_ct_series(headers: list[tuple[Path, pydicom.Dataset]], skipped: int,
 
 
 def _check_slice_headers(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:
-    """UIDs from the file meta, a SOP class where it was blanked, and one orientation and size throughout."""
+    """UIDs from the file meta, a SOP class where it was blanked, then the geometry and rescale every slice
+    must agree on before any pixel is decoded."""
     _uids_from_file_meta(slices, warnings)
     first = slices[0][1]
     if not str(getattr(first, "SOPClassUID", "")):
         for _, ds in slices:  # anonymisers sometimes blank it; outputs must reference a class
             ds.SOPClassUID = CT_IMAGE_STORAGE
         warnings.append("the slices have no SOP Class UID; CT Image Storage assumed")
-    if str(first.SOPClassUID) == ENHANCED_CT:
+    if any(str(ds.SOPClassUID) == ENHANCED_CT for _, ds in slices):
         raise InputImageError("enhanced (multi-frame) CT is not supported; export classic CT image storage")
-    for _, ds in slices:
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient],
-                           [float(v) for v in first.ImageOrientationPatient], atol=1e-4):
+    _check_geometry_attributes(slices)
+    _check_rescale_slopes(slices)
+    _warn_lossy(slices, warnings)
+
+
+def _slice_name(file: Path, ds: pydicom.Dataset) -> str:
+    """How a refusal names a slice: its file, and its instance number where it has one."""
+    number = getattr(ds, "InstanceNumber", None)
+    return f"{file.name}" + (f" (instance {number})" if number not in (None, "") else "")
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int, file: Path) -> np.ndarray:
+    """A multi-valued header as floats; refuses it missing, blank or with the wrong number of values, since
+    SimpleITK would otherwise fail with a traceback or read a default."""
+    value = getattr(ds, keyword, None)
+    if value is None or value == "" or (isinstance(value, (list, pydicom.multival.MultiValue)) and not value):
+        raise InputImageError(f"slice {_slice_name(file, ds)} has no {keyword}; the series cannot be placed")
+    values = list(value) if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+    if len(values) != count:
+        raise InputImageError(f"slice {_slice_name(file, ds)} has {len(values)} {keyword} values, not {count}")
+    return np.array([float(v) for v in values])
+
+
+def _check_geometry_attributes(slices: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """Every slice placed (position, orientation: two unit vectors at right angles) and sampled alike
+    (orientation, size, pixel spacing): the image has one grid, so a slice that differs would be drawn on
+    the wrong one."""
+    first_file, first = slices[0]
+    orientation = _floats(first, "ImageOrientationPatient", 6, first_file)
+    spacing = _floats(first, "PixelSpacing", 2, first_file)
+    for file, ds in slices:
+        _floats(ds, "ImagePositionPatient", 3, file)
+        own = _floats(ds, "ImageOrientationPatient", 6, file)
+        row, column = own[:3], own[3:]
+        if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3
+                or abs(np.dot(row, column)) > 1e-3):
+            raise InputImageError(f"the ImageOrientationPatient of slice {_slice_name(file, ds)} is not two unit "
+                                  f"vectors at right angles: {', '.join(f'{v:g}' for v in own)}")
+        if not np.allclose(own, orientation, atol=1e-4):
             raise InputImageError("slices of the series have different orientations (a gantry-tilted or mixed series)")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
             raise InputImageError("slices of the series have different sizes")
+        own_spacing = _floats(ds, "PixelSpacing", 2, file)
+        if not np.allclose(own_spacing, spacing, atol=1e-4):
+            raise InputImageError(f"slices of the series have different pixel spacings: {spacing[0]:g} x "
+                                  f"{spacing[1]:g} mm in {_slice_name(first_file, first)}, {own_spacing[0]:g} x "
+                                  f"{own_spacing[1]:g} mm in {_slice_name(file, ds)}")
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    """A slice's (RescaleSlope, RescaleIntercept); absent or blank ones are the identity, as GDCM reads them."""
+    slope, intercept = getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)
+    return (1.0 if slope in (None, "") else float(slope)), (0.0 if intercept in (None, "") else float(intercept))
+
+
+def _check_rescale_slopes(slices: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """Refuse a RescaleSlope of 0: every pixel would be the intercept, and GDCM silently decodes it as 1."""
+    zero = [_slice_name(f, ds) for f, ds in slices if _rescale(ds)[0] == 0]
+    if zero:
+        raise InputImageError(f"RescaleSlope is 0 in {len(zero)} slice(s) (e.g. {zero[0]}): their Hounsfield "
+                              "units cannot be decoded")
+
+
+def _warn_lossy(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]) -> None:
+    """Say when pixels were lossy-compressed (a lossy transfer syntax, or LossyImageCompression "01"): they
+    decode, but to approximations of the scanner's Hounsfield units."""
+    reasons = set()
+    for _, ds in slices:
+        syntax = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
+        if syntax in LOSSY_SYNTAXES:
+            reasons.add(f"transfer syntax {syntax.name}")
+        if str(getattr(ds, "LossyImageCompression", "")) == "01":
+            reasons.add('LossyImageCompression "01"')
+    if reasons:
+        warnings.append(f"the pixels are or may be lossy-compressed ({'; '.join(sorted(reasons))}): the Hounsfield "
+                        "units carry compression error; check the contours")
+
+
+def _check_pixel_data_lengths(slices: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """Refuse a natively encoded slice whose PixelData is shorter than Rows x Columns x BitsAllocated/8: GDCM
+    fills the missing part in, off by up to the whole HU range. (Compressed slices fail in the decoder.)"""
+    for file, ds in slices:
+        syntax = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
+        if not syntax or syntax.is_compressed:
+            continue
+        needed = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+                  * int(getattr(ds, "BitsAllocated", 16)) // 8)
+        held = len(pydicom.dcmread(file).get("PixelData", b"") or b"")
+        if held < needed:
+            raise InputImageError(f"the PixelData of slice {_slice_name(file, ds)} holds {held:,} bytes, fewer than "
+                                  f"the {needed:,} its Rows x Columns x BitsAllocated/8 need: a truncated slice")
 
 
 def _sorted_evenly_spaced(slices: list[tuple[Path, pydicom.Dataset]]) -> tuple[list[tuple[Path, pydicom.Dataset]],
                                                                                 float]:
     """The slices sorted along the slice normal, and their (median) spacing; refuses fewer than 3 slices,
-    duplicate positions and uneven spacing (a missing slice would silently stretch the anatomy)."""
+    duplicate positions, a stack that is not straight along the normal, and uneven spacing (a missing slice
+    would silently stretch the anatomy)."""
     normal = _normal(slices[0][1])
-    positions = np.array([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in slices])
+    points = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+    positions = points @ normal
     order = np.argsort(positions, kind="stable")
     slices = [slices[i] for i in order]
-    positions = positions[order]
+    positions, points = positions[order], points[order]
     if len(slices) < 3:
         raise InputImageError(f"the series has {len(slices)} slice(s); at least 3 are needed")
     steps = np.diff(positions)
     if np.any(steps < 1e-3):
         duplicated = positions[1:][steps < 1e-3]
         raise InputImageError(f"duplicate slice positions at {', '.join(f'{p:.2f}' for p in duplicated[:5])} mm")
+    _check_straight_stack(points, normal)
     median = float(np.median(steps))
     irregular = np.abs(steps - median) > max(0.01 * median, 0.01)
     if irregular.any():
@@ -263,6 +371,28 @@ def _sorted_evenly_spaced(slices: list[tuple[Path, pydicom.Dataset]]) -> tuple[l
         raise InputImageError(f"irregular slice spacing (median {median:.2f} mm): gaps at {', '.join(gaps)}; "
                               "a slice may be missing")
     return slices, median
+
+
+def _check_straight_stack(points: np.ndarray, normal: np.ndarray) -> None:
+    """Refuse slices (sorted, positions `points`) that do not lie on the line through the first one along
+    the normal: the image grid is that line, while RTSTRUCT contours sit on each slice's own position.
+
+    In-plane offsets growing linearly along the stack are a gantry tilt or shear; others are slices
+    shifted out of one stack."""
+    along = (points - points[0]) @ normal
+    offsets = (points - points[0]) - np.outer(along, normal)
+    drift = np.linalg.norm(offsets, axis=1)
+    if drift.max() <= DRIFT_TOLERANCE_MM:
+        return
+    slope = along @ offsets / (along @ along)
+    residual = np.linalg.norm(offsets - np.outer(along, slope), axis=1)
+    if residual.max() <= DRIFT_TOLERANCE_MM:
+        raise InputImageError(f"the slices drift in-plane by up to {drift.max():.2f} mm along the stack: a "
+                              "gantry-tilted or sheared series; reconstruct it without tilt")
+    worst = int(np.argmax(residual))
+    raise InputImageError(f"the slices are shifted in-plane by up to {drift.max():.2f} mm from one another (e.g. "
+                          f"the slice at {points[worst] @ normal:.2f} mm along the normal): they do not form one "
+                          "straight stack")
 
 
 def _check_decoded_size(first: pydicom.Dataset, count: int, max_voxels: int | None,
@@ -277,17 +407,42 @@ def _check_decoded_size(first: pydicom.Dataset, count: int, max_voxels: int | No
                               f"limit of {max_decoded_bytes:,}")
 
 
-def _read_pixels(files: list[str], first: pydicom.Dataset, spacing: float) -> sitk.Image:
-    """The pixels read by SimpleITK/GDCM, checked against the geometry the headers gave."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+def _read_pixels(slices: list[tuple[Path, pydicom.Dataset]], spacing: float) -> sitk.Image:
+    """The pixels read by SimpleITK/GDCM, checked against the geometry the headers gave: in one series read
+    where every slice shares one rescale, else slice by slice so that each slice's own rescale is applied
+    (a series read was seen applying one slice's to all, legal series coming out off by thousands of HU; the
+    per-slice read does not depend on which ITK/GDCM version does or does not do that)."""
+    files = [str(f) for f, _ in slices]
     try:
-        image = reader.Execute()
+        if len({_rescale(ds) for _, ds in slices}) == 1:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = _read_slice_by_slice(files, spacing)
     except RuntimeError as exc:
         raise InputImageError(f"cannot read the series' pixels: {str(exc).splitlines()[-1]}") from exc
+    first = slices[0][1]
     expected_origin = [float(v) for v in first.ImagePositionPatient]
     if not np.allclose(image.GetOrigin(), expected_origin, atol=1e-3) or abs(image.GetSpacing()[2] - spacing) > 1e-3:
         raise InputImageError("the series' geometry is inconsistent (origin or slice spacing)")
+    return image
+
+
+def _read_slice_by_slice(files: list[str], spacing: float) -> sitk.Image:
+    """Each file decoded on its own (GDCM applies its own rescale), stacked on the first slice's geometry;
+    int16 where every value is a whole number in its range, else float32 (filled slice by slice, so the
+    volume is never held as float64)."""
+    first = sitk.ReadImage(files[0], sitk.sitkFloat64)
+    hu = np.empty((len(files), *sitk.GetArrayViewFromImage(first).shape[1:]), np.float32)
+    for i, file in enumerate(files):
+        hu[i] = sitk.GetArrayFromImage(sitk.ReadImage(file, sitk.sitkFloat64))[0]
+    exact = np.array_equal(hu, np.round(hu)) and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(
+        np.int16).max
+    image = sitk.GetImageFromArray(hu.astype(np.int16 if exact else np.float32))
+    image.SetOrigin(first.GetOrigin())
+    image.SetDirection(first.GetDirection())
+    image.SetSpacing((*first.GetSpacing()[:2], spacing))
     return image
 
 
@@ -314,16 +469,22 @@ def _ensure_uids(slices: list[tuple[Path, pydicom.Dataset]], warnings: list[str]
     """
     missing = [key for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
                if not str(getattr(slices[0][1], key, ""))]
-    missing_sop = any(not str(getattr(ds, "SOPInstanceUID", "")) for _, ds in slices)
-    if not missing and not missing_sop:
+    sop_uids = [str(getattr(ds, "SOPInstanceUID", "")) for _, ds in slices]
+    missing_sop = not all(sop_uids)
+    shared_sop = not missing_sop and len(set(sop_uids)) < len(sop_uids)  # outputs would reference one for several
+    if not missing and not missing_sop and not shared_sop:
         return
     digest = hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f, _ in slices)).hexdigest()
     for key in missing:
         uid = generate_uid(entropy_srcs=[digest, key])
         for _, ds in slices:
             setattr(ds, key, uid)
-    if missing_sop:
+    if missing_sop or shared_sop:
         for i, (_, ds) in enumerate(slices):
             ds.SOPInstanceUID = generate_uid(entropy_srcs=[digest, "sop", str(i)])
-    warnings.append(f"the series lacks {', '.join(missing + (['SOPInstanceUID'] if missing_sop else []))}; "
-                    "deterministic UIDs derived from its contents were assigned and the outputs reference those")
+    lacking = missing + (["SOPInstanceUID"] if missing_sop else [])
+    reasons = ([f"the series lacks {', '.join(lacking)}"] if lacking else []) + (
+        [f"the slices' SOP Instance UIDs are not unique ({len(set(sop_uids))} distinct for {len(sop_uids)} slices)"]
+        if shared_sop else [])
+    warnings.append(f"{' and '.join(reasons)}; deterministic UIDs derived from its contents were assigned and the "
+                    "outputs reference those")
