@@ -1,4 +1,4 @@
-"""Propagation from a patient's own drawn slices against the interpolations planning systems offer (issue 30).
+"""Propagation from a patient's own drawn slices against the interpolations planning systems offer.
 
 For each structure a planner "draws" k slices (evenly spread over the
 structure's axial extent, both ends included; or, with --ends-undrawn, k slices
@@ -23,7 +23,7 @@ crop around the drawn contours (at least 32 CT voxels wide), drawn slices plus t
 the interpolation prior's weight chosen per structure by redrawing the inner drawn slice (auto_weight), the
 next correction where the fused probability is least decided ("uncertainty": its proposed slices had Dice
 0.48 against 0.80 for the mean slice; "disagreement" 0.56, "farthest" 0.74). Variants tried: prior weight
-0 / 0.25 / 0.5, whole view, crop + whole view ensemble, auto weight; see the issue-30 report.
+0 / 0.25 / 0.5, whole view, crop + whole view ensemble, auto weight; the table is in bench/RESULTS.md.
 
 Run (2 cores: one k, one dataset at a time is minutes):
     PYTHONPATH=. python bench/propagation.py --k 3 --datasets pelvis openkbp --limit 3 --json out.json
