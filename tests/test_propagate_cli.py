@@ -170,3 +170,50 @@ def test_bad_input_exits_2_with_one_line(small_weights, drawn, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _flipped_case(folder, labels: sitk.Image) -> tuple[str, sitk.Image]:
+    """The example CT and its labels stored with k running from superior to inferior."""
+    ct = sitk.Flip(sitk.ReadImage(str(EXAMPLE_CT)), [False, False, True])
+    sitk.WriteImage(ct, str(folder / "flipped_ct.nii.gz"))
+    return str(folder / "flipped_ct.nii.gz"), sitk.Flip(labels, [False, False, True])
+
+
+def _dicom_case(folder, labels: sitk.Image) -> tuple[str, sitk.Image]:
+    """The example CT as a DICOM series; the labels on the grid the series is read onto."""
+    from autocontour.config import Settings
+    from autocontour.dicom.reading import read_input
+    from tests.dicom_tools import write_ct_series
+
+    series = write_ct_series(EXAMPLE_CT, folder / "series")
+    image, _ = read_input(series, Settings())
+    return str(series), sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+
+
+@pytest.mark.parametrize("storage", ["flipped", "dicom"])
+def test_slices_count_along_the_input_as_stored(small_weights, tmp_path, storage):
+    """--slices are the input's own k indices whichever way it runs; the drawn ones come back in place, and
+    a DICOM input's patient identifiers stay out of the summary."""
+    labels = sitk.ReadImage(str(EXAMPLE_LABELS))
+    ct_path, stored = (_flipped_case if storage == "flipped" else _dicom_case)(tmp_path, labels)
+    bladder = (sitk.GetArrayFromImage(stored) == BLADDER).astype(np.uint8)
+    ks = np.nonzero(bladder.any(axis=(1, 2)))[0]
+    slices = [int(ks.min()) + 3, (int(ks.min()) + int(ks.max())) // 2, int(ks.max()) - 3]
+    image = sitk.GetImageFromArray(bladder)
+    image.CopyInformation(stored)
+    sitk.WriteImage(image, str(tmp_path / "drawn.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["propagate", ct_path, "--structure", "bladder", "--drawn", str(tmp_path / "drawn.nii.gz"),
+                 "--slices", ",".join(map(str, slices)), "--ends", "drawn", "--out", str(out),
+                 "--weights", str(small_weights), "--device", "cpu", "--quiet"]) == 0
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "bladder.nii.gz")))
+    assert result.shape == bladder.shape and np.array_equal(result[slices], bladder[slices])
+    filled = np.nonzero(result.any(axis=(1, 2)))[0]
+    assert filled.min() >= slices[0] and filled.max() <= slices[-1]
+    text = (out / "summary.json").read_text()
+    summary = json.loads(text)
+    listed = summary["drawn_slices"]  # inferior first
+    expected = [len(bladder) - 1 - k for k in slices] if storage == "flipped" else slices
+    assert [s["canonical_slice"] for s in listed] == sorted(expected)
+    assert sorted(s["input_slice"] for s in listed) == slices
+    assert "Yamada" not in text and "AC-0042" not in text

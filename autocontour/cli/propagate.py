@@ -83,5 +83,5 @@ def report(summary: dict, out: Path) -> None:
     if nxt is None:
         print("  nothing propagated: no slice to suggest")
     else:
-        print(f"  draw next: slice {nxt['input_slice']} (most {nxt['rule']} among the propagated slices)")
+        print(f"  draw next: slice {nxt['input_slice']} (rule: {nxt['rule']}, the least decided propagated slice)")
     print(f"  total {summary['seconds']:.1f} s on {summary['model']['device']}", file=sys.stdout)

@@ -28,7 +28,7 @@ NEXT_RULE = "uncertainty"
 SLICE_CONVENTION = ("input_slice = index along the input file's third axis, from 0 (NIfTI k; a DICOM series: its "
                     "slices in order of position, as the outputs are written); canonical_slice = axial index "
                     "counted from the most inferior slice (as segment's summary counts); z_mm = patient superior "
-                    "coordinate (DICOM/LPS) of that slice")
+                    "coordinate (DICOM/LPS) of that slice; lists run from inferior to superior")
 GRID_TOLERANCE = {"spacing": 1e-5, "origin": 1e-3, "direction": 1e-5}  # as evaluation's same-grid check
 
 
