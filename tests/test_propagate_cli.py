@@ -126,11 +126,11 @@ def test_slice_map_matches_canonical_orientation():
         assert all(slice_map.canonical(int(k)) == z for z, k in enumerate(by_z))
 
 
-def _write(tmp_path, array: np.ndarray, like: sitk.Image, name: str = "bad.nii.gz", **geometry) -> str:
+def _write(tmp_path, array: np.ndarray, like: sitk.Image, name: str, **geometry) -> str:
+    """A mask with `like`'s geometry but for the `geometry` given (Spacing=..., Origin=..., Direction=...)."""
     image = sitk.GetImageFromArray(array)
-    image.CopyInformation(like) if array.shape == sitk.GetArrayViewFromImage(like).shape else None
-    for key, value in geometry.items():
-        getattr(image, f"Set{key}")(value)
+    for key in ("Spacing", "Origin", "Direction"):
+        getattr(image, f"Set{key}")(geometry.get(key, getattr(like, f"Get{key}")()))
     path = tmp_path / name
     sitk.WriteImage(image, str(path))
     return str(path)
@@ -148,19 +148,27 @@ def bad_inputs(drawn, tmp_path) -> dict[str, tuple[list[str], str]]:
         "empty mask": (["--drawn", _write(tmp_path, np.zeros_like(given), image, "empty.nii.gz")], "empty"),
         "bad name": (["--drawn", path, "--structure", "Bad-Name!"], "invalid structure name"),
         "two names": (["--drawn", path, "--structure", "bladder,rectum"], "one structure"),
-        "other size": (["--drawn", _write(tmp_path, given[:-1], image, "small.nii.gz",
-                                          Spacing=image.GetSpacing(), Origin=image.GetOrigin(),
-                                          Direction=image.GetDirection())], "size"),
+        "other size": (["--drawn", _write(tmp_path, given[:-1], image, "small.nii.gz")], "size"),
         "other origin": (["--drawn", _write(tmp_path, given, image, "moved.nii.gz", Origin=origin)], "origin"),
         "bad slice list": (["--drawn", path, "--slices", "a,b"], "slice numbers"),
+        "sagittal k": _sagittal(tmp_path, image),
     }
 
 
+def _sagittal(tmp_path, drawn: sitk.Image) -> tuple[list[str], str]:
+    """The CT and the mask stored with the left-right axis third: k slices are not axial slices."""
+    ct = sitk.PermuteAxes(sitk.ReadImage(str(EXAMPLE_CT)), [1, 2, 0])
+    sitk.WriteImage(ct, str(tmp_path / "sagittal_ct.nii.gz"))
+    sitk.WriteImage(sitk.PermuteAxes(drawn, [1, 2, 0]), str(tmp_path / "sagittal_drawn.nii.gz"))
+    return [str(tmp_path / "sagittal_ct.nii.gz"), "--drawn", str(tmp_path / "sagittal_drawn.nii.gz")], "not axial"
+
+
 @pytest.mark.parametrize("case", ["out of range", "empty listed slice", "empty mask", "bad name", "two names",
-                                  "other size", "other origin", "bad slice list"])
+                                  "other size", "other origin", "bad slice list", "sagittal k"])
 def test_bad_input_exits_2_with_one_line(small_weights, drawn, tmp_path, capsys, case):
     extra, expected = bad_inputs(drawn, tmp_path)[case]
-    args = ["propagate", str(EXAMPLE_CT), "--structure", "bladder", "--out", str(tmp_path / "out"),
+    ct = [] if case == "sagittal k" else [str(EXAMPLE_CT)]  # that case names its own CT
+    args = ["propagate", *ct, "--structure", "bladder", "--out", str(tmp_path / "out"),
             "--weights", str(small_weights), "--device", "cpu", "--quiet", *extra]
     try:
         code = main(args)

@@ -62,10 +62,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     settings = Settings()
     ct, _ = read_input(args.ct, settings)
     mask = propagation.read_drawn_mask(args.drawn, ct, settings)
-    propagation.drawn_input_slices(mask, args.slices)  # a bad slice list fails before the model loads
+    case = propagation.DrawnCase.of(ct, mask, args.slices)  # every input checked before the model loads
     model = propagation.load_model(settings, args.weights, args.device, args.precision)
-    outcome = propagation.propagate_structure(model.engine, ct, mask, names[0], args.slices, args.ends == "drawn",
-                                              model.describe())
+    outcome = propagation.propagate_structure(model.engine, case, names[0], args.ends == "drawn", model.describe())
     propagation.write_propagation(args.out, outcome)
     if not args.quiet:
         report(outcome.summary, args.out)

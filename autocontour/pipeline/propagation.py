@@ -106,6 +106,28 @@ def drawn_input_slices(mask: sitk.Image, slices: list[int] | None) -> list[int]:
 
 
 @dataclass
+class DrawnCase:
+    """A CT and what was drawn on it, checked: everything a propagation needs but the network."""
+
+    ct: CanonicalCT
+    slice_map: SliceMap
+    drawn: list[int]  # canonical axial indices, inferior first
+    mask: np.ndarray  # canonical (z, y, x) bool, only the drawn slices filled
+
+    @classmethod
+    def of(cls, ct_image: sitk.Image, mask: sitk.Image, slices: list[int] | None) -> DrawnCase:
+        """Checked before the model loads, so a wrong slice or orientation costs no start-up. Slices of the
+        mask not listed as drawn are cleared: the planner said they are not part of the drawing."""
+        ct = CanonicalCT(ct_image)
+        slice_map = SliceMap.of(ct)
+        drawn = sorted(slice_map.canonical(k) for k in drawn_input_slices(mask, slices))
+        canonical = ct.to_canonical(mask) != 0
+        only = np.zeros_like(canonical)
+        only[drawn] = canonical[drawn]
+        return cls(ct, slice_map, drawn, only)
+
+
+@dataclass
 class PropagationOutcome:
     """The propagated structure on the input's grid and what summary.json says about it."""
 
@@ -115,21 +137,16 @@ class PropagationOutcome:
     result: Propagation
 
 
-def propagate_structure(engine, ct_image: sitk.Image, mask: sitk.Image, structure: str, slices: list[int] | None,
-                        ends_drawn: bool, model: dict[str, Any]) -> PropagationOutcome:
-    """Propagate the structure drawn on `slices` (input k indices) of `mask` over the CT.
+def propagate_structure(engine, case: DrawnCase, structure: str, ends_drawn: bool,
+                        model: dict[str, Any]) -> PropagationOutcome:
+    """Propagate the drawn structure over the CT; back on the input's grid with its summary.
 
     `model` is the card with device and precision (`LoadedModel.describe()`): the summary names the weights.
     """
-    ct = CanonicalCT(ct_image)
-    slice_map = SliceMap.of(ct)
-    drawn_k = drawn_input_slices(mask, slices)
-    canonical_mask = ct.to_canonical(mask) != 0
-    drawn = sorted(slice_map.canonical(k) for k in drawn_k)
-    result = propagate(engine, ct, canonical_mask, drawn, PropagationOptions(ends_drawn=ends_drawn,
-                                                                             next_rule=NEXT_RULE))
-    out = ct.to_input_grid(result.mask.astype(np.uint8))
-    summary = propagation_summary(structure, ct, slice_map, result, ends_drawn, model)
+    options = PropagationOptions(ends_drawn=ends_drawn, next_rule=NEXT_RULE)
+    result = propagate(engine, case.ct, case.mask, case.drawn, options)
+    out = case.ct.to_input_grid(result.mask.astype(np.uint8))
+    summary = propagation_summary(structure, case.ct, case.slice_map, result, ends_drawn, model)
     return PropagationOutcome(structure, out, summary, result)
 
 
