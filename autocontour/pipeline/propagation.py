@@ -19,10 +19,14 @@ import SimpleITK as sitk
 from autocontour import __version__
 from autocontour.config import Settings
 from autocontour.engine.propagation import DRAWN, PROPAGATED, Propagation, PropagationOptions, propagate
+from autocontour.engine.runner import Engine, cpu_has_native_bf16, resolve_device
 from autocontour.errors import InputImageError
 from autocontour.export import mask_file, write_summary
 from autocontour.io import CanonicalCT, read_image, write_image
+from autocontour.pipeline.library import weights_path
+from autocontour.pipeline.model import LoadedModel
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
+from autocontour.support.store import discover
 
 NEXT_RULE = "uncertainty"
 SLICE_CONVENTION = ("input_slice = index along the input file's third axis, from 0 (NIfTI k; a DICOM series: its "
@@ -137,7 +141,7 @@ class PropagationOutcome:
     result: Propagation
 
 
-def propagate_structure(engine, case: DrawnCase, structure: str, ends_drawn: bool,
+def propagate_structure(engine: Engine, case: DrawnCase, structure: str, ends_drawn: bool,
                         model: dict[str, Any]) -> PropagationOutcome:
     """Propagate the drawn structure over the CT; back on the input's grid with its summary.
 
@@ -195,15 +199,10 @@ def write_propagation(out_dir: Path, outcome: PropagationOutcome) -> dict[str, P
     return files
 
 
-def load_model(settings: Settings, weights: Path | None, device: str | None, precision: str | None):
+def load_model(settings: Settings, weights: Path | None, device: str | None, precision: str | None) -> LoadedModel:
     """The network as `segment` loads it (same weights, device defaults and precision choice), without the
     support sets, catalogue and registration a segmentation needs; the shipped sets are read only where a
     CPU's bfloat16 has to be checked against real slices."""
-    from autocontour.engine.runner import cpu_has_native_bf16, resolve_device
-    from autocontour.pipeline.library import weights_path
-    from autocontour.pipeline.model import LoadedModel
-    from autocontour.support.store import discover
-
     engine_device = device or settings.device
     _, _, default_precision = settings.device_defaults(resolve_device(engine_device).type)
     chosen = precision or default_precision
