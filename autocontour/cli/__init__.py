@@ -12,14 +12,15 @@ import argparse
 import sys
 
 from autocontour import __version__
-from autocontour.cli import evaluate, pacs, segment, service, settings, support, training, weights
+from autocontour.cli import evaluate, pacs, propagate, segment, service, settings, support, training, weights
 from autocontour.cli.parsing import EXIT_BAD_INPUT, OneLineParser
 from autocontour.errors import AutocontourError
 
 # in the order `autocontour --help` lists them
-COMMANDS = (segment.add_segment_command, support.add_support_commands, weights.add_weights_commands,
-            evaluate.add_evaluate_command, evaluate.add_crossval_command, training.add_train_command,
-            training.add_finetune_command, service.add_serve_command, service.add_worker_command,
+COMMANDS = (segment.add_segment_command, propagate.add_propagate_command, support.add_support_commands,
+            weights.add_weights_commands, evaluate.add_evaluate_command, evaluate.add_crossval_command,
+            training.add_train_command, training.add_finetune_command, service.add_serve_command,
+            service.add_worker_command,
             service.add_submit_command, pacs.add_pacs_commands, service.add_keys_commands,
             service.add_health_command, segment.add_structures_command, settings.add_settings_command)
 
