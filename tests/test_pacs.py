@@ -62,3 +62,12 @@ def test_pacs_find_prints_the_study_uid_to_pull(orthanc, study, capsys):
     out, err = capsys.readouterr()
     assert out.split()[0] == study and "1 study found" in err
     assert main(["pacs", "find", "--url", orthanc.dicomweb]) == 2  # no criterion: one line, exit 2
+
+
+def test_pull_with_push_that_draws_nothing_says_nothing_was_pushed(orthanc, study, tmp_path, small_weights, capsys):
+    """The 20-slice upper-abdomen slab is too short to place: nothing is drawn, so there is nothing to store."""
+    code = main(["pacs", "pull", "--url", orthanc.dicomweb, "--study", study, "--out", str(tmp_path / "out"),
+                 "--push", "--weights", str(small_weights), "--support-size", "2", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "DRAFT contours" in out and "Bladder" in out  # the per-structure table
+    assert "nothing pushed: no structure has any voxel" in err

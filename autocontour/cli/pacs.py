@@ -10,6 +10,8 @@ from autocontour.cli.parsing import (
     command_group,
     inference_options,
     pacs_password,
+    print_report,
+    progress_bar,
     roi_names_option,
     segment_options,
     segmenter_from,
@@ -34,6 +36,7 @@ def add_pacs_commands(commands: argparse._SubParsersAction) -> None:
     roi_names_option(pull)
     pull.add_argument("--username", default=None)
     pull.add_argument("--password", default=None, help="default: $AUTOCONTOUR_PACS_PASSWORD")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
     pull.set_defaults(handler=cmd_pacs_pull)
     push = pacs.add_parser("push", help="store DICOM files (an RTSTRUCT, a SEG) into a DICOMweb PACS")
     push.add_argument("--url", required=True)
@@ -65,12 +68,18 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="autocontour-pacs-") as tmp:
         files = pacs.fetch_series(client, args.study, series_uid, Path(tmp))
         print(f"fetched {len(files)} slices of series {series_uid}", file=sys.stderr)
-        result = segmenter.segment(Path(tmp), args.out, options)
+        update, close = progress_bar(args.quiet)
+        try:
+            result = segmenter.segment(Path(tmp), args.out, options, progress=update)
+        finally:
+            close()
+    print_report(result.summary, args.out)
     outputs = [result.files[k] for k in ("rtstruct", "seg") if k in result.files]
     if args.push and outputs:
         pacs.store(client, outputs)
         print(f"stored {', '.join(p.name for p in outputs)} in study {args.study}")
-    print(f"DRAFT contours for clinical review, written to {args.out}")
+    elif args.push:
+        print("nothing pushed: no structure has any voxel, so no RTSTRUCT or SEG was written", file=sys.stderr)
     return 0
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from autocontour.options import SegmentOptions
+
+if TYPE_CHECKING:
+    from autocontour.pipeline.summary import Summary
 
 EXIT_BAD_INPUT = 2
 
@@ -129,3 +132,18 @@ def pacs_password(args: argparse.Namespace) -> str | None:
     import os
 
     return args.password or os.environ.get("AUTOCONTOUR_PACS_PASSWORD")
+
+
+def print_report(summary: Summary, out: Path) -> None:
+    """What `segment` and `pacs pull` print at the end: the draft notice and one line per structure."""
+    for notice in summary.notices:
+        print(f"NOTICE: {notice}", file=sys.stderr)
+    print(f"DRAFT contours for clinical review, written to {out}")
+    for s in summary.structures.values():
+        conf = "n/a" if s.confidence is None else f"{s.confidence:.2f}"
+        reason = f"  ({s.status_reason})" if s.status_reason else ""
+        print(f"  {s.display_name:<16} {s.status:<6} {s.volume_ml:>9.1f} mL  confidence {conf}  "
+              f"{len(s.flagged_slices)} flagged slice(s){reason}")
+    print(f"  total {summary.timings_s['total']:.1f} s on {summary.model.device}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)

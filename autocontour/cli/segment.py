@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from autocontour.cli.parsing import (
     described,
     inference_options,
+    print_report,
     progress_bar,
     roi_names_option,
     segment_options,
@@ -52,18 +52,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         result = segmenter.segment(args.ct, args.out, options, progress=update)
     finally:
         close()
-    summary = result.summary
-    for notice in summary.notices:
-        print(f"NOTICE: {notice}", file=sys.stderr)
-    print(f"DRAFT contours for clinical review, written to {args.out}")
-    for s in summary.structures.values():
-        conf = "n/a" if s.confidence is None else f"{s.confidence:.2f}"
-        reason = f"  ({s.status_reason})" if s.status_reason else ""
-        print(f"  {s.display_name:<16} {s.status:<6} {s.volume_ml:>9.1f} mL  confidence {conf}  "
-              f"{len(s.flagged_slices)} flagged slice(s){reason}")
-    print(f"  total {summary.timings_s['total']:.1f} s on {summary.model.device}")
-    for warning in summary.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_report(result.summary, args.out)
     return 0
 
 
