@@ -30,8 +30,11 @@ from conftest import DATA, EXAMPLE_CT
 from servers import start_server
 from test_server import PROBLEM, in_process, small_ct, upload, wait_done
 
+from autocontour.server.auth import hash_key
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMATHESIS_S = 60
+FUZZER_KEY = "fuzzer-key"
 
 
 def dicom_zip() -> bytes:
@@ -240,10 +243,26 @@ def test_soak_mixed_requests_while_two_jobs_run(server, tmp_path):
     assert grown < 0.15 * after_first  # allocator noise measured +13 to +73 MiB on about 1 GB; a leak grows per round
 
 
-def test_schemathesis_against_the_live_schema(server, tmp_path):
-    """schemathesis (its standard checks, tests/schemathesis.toml) for a bounded time: no failure."""
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, small_weights):
+    keys = {"fuzzer": {"sha256": hash_key(FUZZER_KEY), "scopes": ["segment", "read", "evaluate"]}}
+    s = start_server(tmp_path_factory.mktemp("keyed"), small_weights, max_upload_bytes=20_000_000, api_keys=keys)
+    yield s
+    s.stop()
+
+
+def test_schemathesis_against_the_live_schema(keyed_server, tmp_path):
+    """schemathesis (its standard checks, tests/schemathesis.toml) for a bounded time: no failure. The server
+    requires keys and its schema says so, so schemathesis also sends requests without the key and checks that
+    they are refused (its ignored_auth check)."""
+    server = keyed_server
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    assert "security" in schema["paths"]["/v1/segmentations"]["post"]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
     command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file",
                str(ROOT / "tests" / "schemathesis.toml"), "run", f"{server.url}/openapi.json",
+               "--header", f"Authorization: Bearer {FUZZER_KEY}",
                "--max-time", str(SCHEMATHESIS_S), "--workers", "1", "--seed", "16"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=SCHEMATHESIS_S + 120,
                          cwd=tmp_path)  # its cache folder goes there, not into the repository
@@ -252,3 +271,7 @@ def test_schemathesis_against_the_live_schema(server, tmp_path):
     assert run.returncode == 0, summary
     assert "passed" in summary and 'status="500"' not in httpx.get(f"{server.url}/metrics").text
     assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
+
+
+def test_an_open_server_declares_no_key(server):
+    assert "securitySchemes" not in httpx.get(f"{server.url}/openapi.json").json()["components"]

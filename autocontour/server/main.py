@@ -92,7 +92,7 @@ def create_app(settings: ServerSettings | None = None, model: Segmenter | Librar
         lifespan=_lifespan(settings, model),
     )
     problems.install(app)
-    openapi.install(app, pacs=bool(settings.pacs_url))
+    openapi.install(app, pacs=bool(settings.pacs_url), keys=bool(settings.api_keys))
     for router in (health.router, catalogue.router, segmentations.router, evaluations.router, review.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=review.STATIC), name="static")

@@ -83,9 +83,10 @@ def problem_responses(*codes: int, described: dict[int, str] | None = None) -> d
     return {code: problem_response(code, described.get(code)) for code in codes}
 
 
-def install(app: FastAPI, pacs: bool) -> None:
-    """Make `app.openapi()` describe errors as they are sent (see the module docstring), and the upload
-    form as this server takes it (`pacs`: whether a PACS is configured)."""
+def install(app: FastAPI, pacs: bool, keys: bool) -> None:
+    """Make `app.openapi()` describe errors as they are sent (see the module docstring), the upload
+    form as this server takes it (`pacs`: whether a PACS is configured), and how to authenticate
+    (`keys`: whether API keys are configured; an open server asks for none)."""
     generate = app.openapi
 
     def openapi() -> dict:
@@ -93,9 +94,29 @@ def install(app: FastAPI, pacs: bool) -> None:
             schema = generate()
             _use_problems(schema)
             _upload_form(schema, pacs)
+            if keys:
+                _security(schema)
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer",
+                   "description": "an API key: `Authorization: Bearer KEY` (`autocontour keys hash KEY` gives the "
+                                  "SHA-256 the server is configured with)"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same key"},
+}
+
+
+def _security(schema: dict) -> None:
+    """Declare the key schemes, and require one on every operation that answers 401 without a key (the
+    health, readiness and metrics probes stay open): clients and fuzzers then know keys are needed."""
+    schema["components"]["securitySchemes"] = SECURITY_SCHEMES
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
 
 
 def _upload_form(schema: dict, pacs: bool) -> None:
