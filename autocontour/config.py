@@ -51,9 +51,11 @@ class Settings(BaseSettings):
     max_compression_ratio: float = Field(100.0, ge=1, description="most a CT's .nii.gz or DICOM zip may inflate "
                                                                   "per compressed byte (CTs: 2-10)")
     scratch_dir: Path | None = Field(None, description="where temporary copies of patient data go (an extracted "
-                                                        "DICOM zip); default: the system's temporary folder. The "
-                                                        "server and its workers use a folder of their own under "
-                                                        "AUTOCONTOUR_DATA_DIR/tmp instead")
+                                                        "DICOM zip, a PACS download); default: the system's "
+                                                        "temporary folder. Each CLI run works in a locked folder of "
+                                                        "its own under autocontour-cli/ there, removed when it ends "
+                                                        "and swept by the next run if it was killed; the server and "
+                                                        "its workers use AUTOCONTOUR_DATA_DIR/tmp instead")
     weights_cache: Path = Field(default_factory=default_cache_dir,
                                 description="where `autocontour weights download` stores checkpoints; default: "
                                             "$XDG_CACHE_HOME/autocontour/weights, else ~/.cache/autocontour/weights")

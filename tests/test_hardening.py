@@ -14,6 +14,7 @@ import concurrent.futures
 import gzip
 import io
 import json
+import os
 import random
 import signal
 import subprocess
@@ -44,6 +45,46 @@ def dicom_zip() -> bytes:
         for path in sorted((DATA / "dicom_ct").glob("CT.*")):
             archive.write(path, path.name)
     return buffer.getvalue()
+
+
+def _cli_segment(zip_path: Path, out: Path, weights: Path, environment: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "autocontour.cli", "segment", str(zip_path), "--out", str(out),
+                             "--weights", str(weights), "--support-size", "2", "--structures", "bladder",
+                             "--axial-search", "all", "--quiet"], env=environment, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _extracted_slices(folder: Path, process: subprocess.Popen) -> list[Path]:
+    deadline = time.monotonic() + 120
+    while not (found := list(folder.rglob("*.dcm"))):
+        assert time.monotonic() < deadline and process.poll() is None, "no slice was extracted"
+        time.sleep(0.02)
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_the_cli_leaves_no_extracted_patient_data_behind(tmp_path, small_weights, stop):
+    """SIGTERM: the CLI removes its scratch folder on the way out; SIGKILL: the next run sweeps it."""
+    system_tmp = tmp_path / "systemtmp"
+    system_tmp.mkdir()
+    zip_path = tmp_path / "ct.zip"
+    zip_path.write_bytes(dicom_zip())
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCONTOUR_")} | {
+        "TMPDIR": str(system_tmp)}
+    process = _cli_segment(zip_path, tmp_path / "out", small_weights, environment)
+    extracted = _extracted_slices(system_tmp, process)
+    assert all("autocontour-cli" in p.parts for p in extracted)  # under the folder the CLI owns
+    process.send_signal(stop)
+    process.wait(timeout=60)
+    if stop == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM
+        assert not any(p.exists() for p in extracted)
+    else:
+        assert any(p.exists() for p in extracted)  # nothing could run on kill -9 ...
+        again = _cli_segment(zip_path, tmp_path / "out2", small_weights, environment)
+        assert again.wait(timeout=600) == 0
+        assert not any(p.exists() for p in extracted)  # ... the next run swept it
+    assert not [p for p in system_tmp.rglob("*") if p.is_file() and p.name != ".owner.lock"]
 
 
 def peak_memory(pid: int) -> int:

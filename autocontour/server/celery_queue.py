@@ -46,10 +46,10 @@ from kombu.exceptions import OperationalError
 from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from autocontour import scratch
 from autocontour.export import SUMMARY
 from autocontour.pipeline import Segmenter
 from autocontour.pipeline.summary import Summary
-from autocontour.server import scratch
 from autocontour.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore, job_request_id
 from autocontour.server.metrics import Metrics
 from autocontour.server.problems import problem_body

@@ -22,11 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from autocontour import __version__
+from autocontour import __version__, scratch
 from autocontour.pipeline import Segmenter
 from autocontour.pipeline.library import WORKERS, Library
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
-from autocontour.server import openapi, problems, scratch
+from autocontour.server import openapi, problems
 from autocontour.server.context import configure_logging, request_id
 from autocontour.server.jobs import FINAL, JobStore, ResultStore
 from autocontour.server.metrics import Metrics
