@@ -51,7 +51,10 @@ def test_phantom_end_to_end(tmp_path, phantom_segmenter):
         assert set(s["postprocessing"]) == {"threshold", "holes_filled", "overlap_rules", "components_removed"}
     assert summary["model"]["name"] == "test-small" and len(summary["model"]["sha256"]) == 64
     assert (tmp_path / "out" / "preview.png").stat().st_size > 20_000
-    assert seen and seen[-1][0] == "fine"
+    phases = list(dict.fromkeys(phase for phase, *_ in seen))  # every stage named, in order, passes with counts
+    stages = ["reading", "preprocessing", "registration", "fine", "post-processing", "writing outputs"]
+    assert [p for p in phases if p in stages] == stages and set(phases) <= {*stages, "coarse"}
+    assert all(total for phase, _, total in seen if phase == "fine")
     assert "ct.nii.gz" not in json.dumps(summary)  # no file names (they can carry patient identifiers)
     assert summary["timings_s"]["total"] > 0
 

@@ -155,6 +155,7 @@ def test_async_job_lifecycle(server, tmp_path):
     assert job["status"] == "done" and job["started"] and job["finished"]
     assert seen_progress or job["progress"]["slices_done"] == job["progress"]["slices_total"]
     assert set(job["progress"]["structures"]) <= {"bladder", "anorectum", "ctvn"}
+    assert job["progress"]["phase"] == "writing outputs"  # every stage is named, the last one too
     assert set(job["result"]["structures"]) == {"bladder", "anorectum", "ctvn"}
     assert job["result"]["timings_s"]["total"] > 0 and job["result"]["model"]["name"] == "test-small"
     base = f"{server.url}/v1/segmentations/{job['id']}"

@@ -88,6 +88,8 @@ def segmenter_from(args: argparse.Namespace):
     """The Segmenter the inference options ask for."""
     from autocontour.pipeline import Segmenter
 
+    if not getattr(args, "quiet", False):
+        print("loading the model and support sets", file=sys.stderr)
     return Segmenter(weights=args.weights, device=args.device, precision=args.precision,
                      support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None,
                      rules=args.rules)
@@ -105,7 +107,7 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
 
 
 def progress_bar(quiet: bool):
-    """A tqdm bar per phase; returns (callback, close)."""
+    """A line per stage and a tqdm bar per network pass, on stderr; returns (callback, close)."""
     if quiet:
         return None, lambda: None
     from tqdm import tqdm
@@ -116,6 +118,9 @@ def progress_bar(quiet: bool):
         if phase not in bars:
             for bar in bars.values():
                 bar.close()
+            if not total:  # a stage with nothing to count: its name, and how long it took once the next begins
+                bars[phase] = tqdm(desc=phase, bar_format="{desc} ({elapsed})", file=sys.stderr)
+                return
             bars[phase] = tqdm(total=sum(total.values()), desc=f"{phase} pass", unit="slice", file=sys.stderr)
         bar = bars[phase]
         bar.update(sum(done.values()) - bar.n)

@@ -139,20 +139,25 @@ class Segmenter:
                 options: SegmentOptions | Mapping[str, Any] | None = None, *,
                 progress: ProgressCallback | None = None, cancelled: Callable[[], bool] | None = None,
                 keep_ct: bool = False) -> SegmentationResult:
-        """Segment one CT volume (see the module docstring and `SegmentOptions`). `progress` hears the
-        network's passes, `cancelled` is asked between batches (CancelledError), `keep_ct` also writes the CT
-        for the server's review page."""
+        """Segment one CT volume (see the module docstring and `SegmentOptions`). `progress` hears each stage
+        by name (with no slice counts) and the network's passes (with them), `cancelled` is asked between
+        stages and batches (CancelledError), `keep_ct` also writes the CT for the server's review page."""
         resolved = self.resolve(SegmentOptions.checked(options))
         supports = self.library.support_for(resolved.structures)
+        report = _reporter(progress, cancelled)
         clock = Clock()
+        report("reading", {}, {})  # a stage without slices to count: named, so no step runs in silence
         scan = self._read(ct, resolved.series_uid)
         clock.lap("read")
+        report("preprocessing", {}, {})
         inputs = self._model_inputs(scan.canonical, supports)
         clock.lap("preprocess")
+        report("registration", {}, {})
         priors, prior_notes = self._register(scan, supports, inputs, resolved)
         clock.lap("registration")
-        predictions = self._infer(scan, supports, inputs, priors, resolved, _reporter(progress, cancelled))
+        predictions = self._infer(scan, supports, inputs, priors, resolved, report)
         clock.lap("inference")
+        report("post-processing", {}, {})
         drawn = self._postprocess(scan, supports, inputs, predictions, resolved)
         summary = self._summarise(scan, supports, predictions, drawn, resolved, prior_notes, clock,
                                   out_dir is not None)
@@ -160,6 +165,7 @@ class Segmenter:
         drawing = self._drawing(scan, supports, drawn, resolved)
         result = SegmentationResult(drawing.masks, drawing.probabilities, summary)
         if out_dir is not None:
+            report("writing outputs", {}, {})
             result.files = write_outputs(Path(out_dir), summary, drawing, scan.canonical, scan.series,
                                          resolved.roi_names, keep_ct)
         clock.lap("export")

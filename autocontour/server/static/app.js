@@ -84,7 +84,8 @@ async function follow(jobId) {
     const p = job.progress || {};
     if (p.slices_total) { bar.max = p.slices_total; bar.value = p.slices_done; }
     setStatus("Job " + job.id.slice(0, 8) + ": " + job.status +
-              (p.phase ? " (" + p.phase + " pass, " + p.slices_done + "/" + p.slices_total + " slices)" : ""));
+              (p.slices_total ? " (" + p.phase + " pass, " + p.slices_done + "/" + p.slices_total + " slices)"
+                              : p.phase ? " (" + p.phase + ")" : ""));
     if (job.status === "done") { bar.hidden = true; await openReview(job); return; }
     if (job.status === "failed" || job.status === "cancelled") {
       bar.hidden = true;
