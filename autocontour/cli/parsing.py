@@ -88,8 +88,6 @@ def segmenter_from(args: argparse.Namespace):
     """The Segmenter the inference options ask for."""
     from autocontour.pipeline import Segmenter
 
-    if not getattr(args, "quiet", False):
-        print("loading the model and support sets", file=sys.stderr)
     return Segmenter(weights=args.weights, device=args.device, precision=args.precision,
                      support_dirs=args.support_dir, shipped_support=False if args.no_shipped_support else None,
                      rules=args.rules)
