@@ -6,16 +6,11 @@ import argparse
 from pathlib import Path
 
 from autocontour.catalogue import DEFAULT_STRUCTURES
+from autocontour.cli.parsing import add_command
 
 
 def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour evaluate`: its arguments, beside its handler."""
-    evaluate = commands.add_parser("evaluate", help="measure predicted masks against reference masks",
-                                   description="Dice, Jaccard, precision, recall, RVD, volumes, HD, HD95, ASD and "
-                                               "surface Dice (DeepMind definitions, true spacing). Pairs by structure "
-                                               "name, or by label value for label maps; accepts the output folder of "
-                                               "`autocontour segment`. Writes metrics.json, metrics.csv, metrics.md "
-                                               "and plots/.")
+    evaluate = add_command(commands, "evaluate", cmd_evaluate, help="measure predicted masks against reference masks")
     evaluate.add_argument("--pred", type=Path, required=True, help="mask file, label map, or folder of <name>.nii.gz")
     evaluate.add_argument("--ref", type=Path, required=True, help="mask file, label map, or folder of <name>.nii.gz")
     evaluate.add_argument("--structures", default=None, help="comma-separated subset (default: all predicted)")
@@ -27,10 +22,12 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
                           help="JSON {value: name} for a reference label map (default: labels.json beside it)")
     evaluate.add_argument("--ct", type=Path, default=None, help="the CT, for comparison pictures (preview.png)")
     evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.set_defaults(handler=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Dice, Jaccard, precision, recall, RVD, volumes, HD, HD95, ASD and surface Dice (DeepMind definitions, true
+    spacing). Pairs by structure name, or by label value for label maps; accepts the output folder of `autocontour
+    segment`. Writes metrics.json, metrics.csv, metrics.md and plots/."""
     from autocontour.evaluation.evaluate import (
         evaluate_pairs,
         pair_inputs,
@@ -56,11 +53,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_crossval_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour crossval`: its arguments, beside its handler."""
-    crossval = commands.add_parser("crossval", help="leave-one-case-out cross-validation of support sets",
-                                   description="For each labelled case, build support sets from the others with the "
-                                               "shipped recipes, segment it, and measure. --phantoms adds synthetic "
-                                               "cases (useful with a single real case).")
+    crossval = add_command(commands, "crossval", cmd_crossval,
+                           help="leave-one-case-out cross-validation of support sets")
     crossval.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[])
     crossval.add_argument("--phantoms", type=int, default=0)
     crossval.add_argument("--structures", default=",".join(DEFAULT_STRUCTURES))
@@ -70,10 +64,11 @@ def add_crossval_command(commands: argparse._SubParsersAction) -> None:
     crossval.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     crossval.add_argument("--tolerance-mm", default=None)
     crossval.add_argument("--out", type=Path, required=True)
-    crossval.set_defaults(handler=cmd_crossval)
 
 
 def cmd_crossval(args: argparse.Namespace) -> int:
+    """For each labelled case, build support sets from the others with the shipped recipes, segment it, and
+    measure. --phantoms adds synthetic cases (useful with a single real case)."""
     from autocontour.catalogue import parse_structures
     from autocontour.evaluation.crossval import cross_validate
     from autocontour.evaluation.evaluate import parse_tolerances

@@ -4,7 +4,9 @@ the network, and the progress bar."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -28,6 +30,17 @@ def command_group(commands: argparse._SubParsersAction, name: str, help: str) ->
     """A command with subcommands of its own (`autocontour NAME SUBCOMMAND`); one is required."""
     return commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True,
                                                                parser_class=OneLineParser)
+
+
+def add_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
+                help: str) -> argparse.ArgumentParser:
+    """A command (or a group's subcommand) run by `handler`, whose docstring is its --help description: what a
+    command does is said once, beside the code that does it. The docstring's lines are joined into one
+    paragraph (argparse wraps it again; docs/cli.md prints it as one line)."""
+    doc = inspect.getdoc(handler)
+    parser = commands.add_parser(name, help=help, description=" ".join(doc.split()) if doc else None)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def described(option: str) -> str:

@@ -6,16 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from autocontour.cli.parsing import add_command
+
 
 def add_propagate_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour propagate`: its arguments, beside its handler."""
-    cmd = commands.add_parser(
-        "propagate", help="propagate a structure from a few drawn slices to the rest of the CT",
-        description="Draw a structure on a few axial slices of a CT, and the network segments the other slices "
-                    "the way those drawn slices show (the drawn slices are the whole support set and come back "
-                    "exactly as drawn). Writes <structure>.nii.gz on the CT's grid and summary.json (each slice's "
-                    "provenance, where each end stopped and why, the slice to draw next). Results are drafts for "
-                    "clinical review.")
+    cmd = add_command(commands, "propagate", cmd_propagate,
+                      help="propagate a structure from a few drawn slices to the rest of the CT")
     cmd.add_argument("ct", type=Path, help="CT volume in Hounsfield units (.nii or .nii.gz), or a DICOM CT series "
                                            "(a folder or a .zip)")
     cmd.add_argument("--structure", required=True, metavar="NAME",
@@ -36,7 +32,6 @@ def add_propagate_command(commands: argparse._SubParsersAction) -> None:
                      help="default: as segment (bfloat16 on GPU; on CPU bfloat16 only where it is native and "
                           "leaves the masks unchanged, else float32)")
     cmd.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    cmd.set_defaults(handler=cmd_propagate)
 
 
 def _slice_list(text: str) -> list[int]:
@@ -47,6 +42,10 @@ def _slice_list(text: str) -> list[int]:
 
 
 def cmd_propagate(args: argparse.Namespace) -> int:
+    """Draw a structure on a few axial slices of a CT, and the network segments the other slices the way those
+    drawn slices show (the drawn slices are the whole support set and come back exactly as drawn). Writes
+    <structure>.nii.gz on the CT's grid and summary.json (each slice's provenance, where each end stopped and why,
+    the slice to draw next). Results are drafts for clinical review."""
     from autocontour.catalogue import parse_structures
     from autocontour.config import Settings
     from autocontour.dicom.reading import read_input

@@ -6,20 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from autocontour.cli.parsing import command_group
+from autocontour.cli.parsing import add_command, command_group
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour serve`: its arguments, beside its handler."""
-    serve = commands.add_parser("serve", help="run the HTTP service",
-                                description="Start the FastAPI server (uvicorn). Settings: AUTOCONTOUR_* variables "
-                                            "and the TOML file named by AUTOCONTOUR_CONFIG (see README).")
+    serve = add_command(commands, "serve", cmd_serve, help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the FastAPI server (uvicorn). Settings: AUTOCONTOUR_* variables and the TOML file named by
+    AUTOCONTOUR_CONFIG (see README)."""
     import uvicorn
 
     from autocontour.server.main import create_app
@@ -29,16 +27,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_worker_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour worker`: its arguments, beside its handler."""
-    worker = commands.add_parser("worker", help="run a Celery worker that owns one model (AUTOCONTOUR_QUEUE=celery)",
-                                 description="Load the model once and run segmentation tasks from the Redis broker "
-                                             "(AUTOCONTOUR_BROKER_URL). Start one per GPU; the API runs with "
-                                             "AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared).")
+    worker = add_command(commands, "worker", cmd_worker,
+                         help="run a Celery worker that owns one model (AUTOCONTOUR_QUEUE=celery)")
     worker.add_argument("--name", default=None, help="worker node name (default: autocontour-PID@HOST)")
-    worker.set_defaults(handler=cmd_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Load the model once and run segmentation tasks from the Redis broker (AUTOCONTOUR_BROKER_URL). Start one
+    per GPU; the API runs with AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared)."""
     import os
     import socket
 
@@ -60,11 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def add_submit_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour submit`: its arguments, beside its handler."""
-    submit = commands.add_parser("submit", help="send a CT to a server and download the draft contours",
-                                 description="Upload a CT to an autocontour server, follow its progress, and unpack "
-                                             "the result (masks, summary.json, preview.png) into --out. Retries on "
-                                             "connection errors and a full queue.")
+    submit = add_command(commands, "submit", cmd_submit, help="send a CT to a server and download the draft contours")
     submit.add_argument("ct", type=Path)
     submit.add_argument("--server", required=True, help="base URL, e.g. http://autocontour:8000")
     submit.add_argument("--out", type=Path, required=True)
@@ -76,10 +68,11 @@ def add_submit_command(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--api-key", default=None, help="default: $AUTOCONTOUR_API_KEY")
     submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result")
     submit.add_argument("--quiet", action="store_true")
-    submit.set_defaults(handler=cmd_submit)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    """Upload a CT to an autocontour server, follow its progress, and unpack the result (masks, summary.json,
+    preview.png) into --out. Retries on connection errors and a full queue."""
     import os
 
     import httpx
@@ -118,11 +111,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def add_keys_commands(commands: argparse._SubParsersAction) -> None:
-    """`autocontour keys hash`: its arguments, beside its handler."""
     keys = command_group(commands, "keys", "API-key helpers")
-    key_hash = keys.add_parser("hash", help="print the SHA-256 to configure for an API key")
+    key_hash = add_command(keys, "hash", cmd_keys_hash, help="print the SHA-256 to configure for an API key")
     key_hash.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
-    key_hash.set_defaults(handler=cmd_keys_hash)
 
 
 def cmd_keys_hash(args: argparse.Namespace) -> int:
@@ -142,18 +133,15 @@ def _pid1_is_worker() -> bool:
 
 
 def add_health_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour health`: its arguments, beside its handler."""
-    health = commands.add_parser("health", help="container health check: the API answers, or a worker reaches "
-                                                "its broker",
-                                 description="Exit 0 when healthy, 1 with one line otherwise. A worker container "
-                                             "(PID 1 runs `autocontour worker`, or --worker) is healthy when it "
-                                             "reaches its Redis broker; otherwise the API must answer --url.")
+    health = add_command(commands, "health", cmd_health,
+                         help="container health check: the API answers, or a worker reaches its broker")
     health.add_argument("--url", default="http://127.0.0.1:8000/healthz")
     health.add_argument("--worker", action="store_true", help="check the broker (default: when PID 1 is a worker)")
-    health.set_defaults(handler=cmd_health)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 with one line otherwise. A worker container (PID 1 runs `autocontour worker`, or
+    --worker) is healthy when it reaches its Redis broker; otherwise the API must answer --url."""
     try:
         if args.worker or _pid1_is_worker():
             from kombu import Connection

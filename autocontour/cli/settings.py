@@ -13,21 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autocontour.cli.parsing import add_command
+
 PREFIX = "AUTOCONTOUR_"
 
 
 def add_settings_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour settings`: its arguments, beside its handler."""
-    settings = commands.add_parser("settings", help="list every AUTOCONTOUR_* setting: type, default, meaning",
-                                   description="Print every setting: its AUTOCONTOUR_* environment variable, type, "
-                                               "default and description, from the settings' field descriptions. "
-                                               "Current values are not shown (some are secrets).")
+    settings = add_command(commands, "settings", cmd_settings,
+                           help="list every AUTOCONTOUR_* setting: type, default, meaning")
     settings.add_argument("--markdown", action="store_true",
                           help="print the reference page docs/configuration.md instead")
-    settings.set_defaults(handler=cmd_settings)
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
+    """Print every setting: its AUTOCONTOUR_* environment variable, type, default and description, from the
+    settings' field descriptions. Current values are not shown (some are secrets)."""
     if args.markdown:
         print(settings_markdown(), end="")
         return 0

@@ -6,18 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from autocontour.cli.parsing import command_group, pacs_password
+from autocontour.cli.parsing import add_command, command_group, pacs_password
 
 
 def add_support_commands(commands: argparse._SubParsersAction) -> None:
-    """`autocontour support build` and `support list`: their arguments, beside their handlers."""
     support = command_group(commands, "support", "build and list support sets")
-    build = support.add_parser("build", help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)",
-                               description="Pick informative slices of one structure from contoured CTs, spread "
-                                           "over its axial extent, and save them as a hash-addressed support set "
-                                           "with a manifest (declaring the structure) and preview.png. Cases come "
-                                           "from files (--case), a PACS (--pacs-url/--study) or a reviewed, "
-                                           "corrected result (--from-result/--mask).")
+    build = add_command(support, "build", cmd_support_build,
+                        help="build a support set from contoured CTs (NIfTI or DICOM + RTSTRUCT)")
     build.add_argument("name", help="support-set name (also the structure it segments, unless --structure)")
     build.add_argument("--case", nargs=2, metavar=("CT", "MASK"), type=Path, action="append", default=[],
                        help="a CT (.nii.gz, or a DICOM series folder or zip) and its mask: a NIfTI mask or label map "
@@ -63,11 +58,9 @@ def add_support_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--description", default="", help="free text stored in the manifest")
     build.add_argument("--source", default="", help="where the cases come from and their licence")
     build.add_argument("--out", type=Path, required=True, help="output folder of the support set")
-    build.set_defaults(handler=cmd_support_build)
-    listing = support.add_parser("list", help="list the support sets that segment would use")
+    listing = add_command(support, "list", cmd_support_list, help="list the support sets that segment would use")
     listing.add_argument("--support-dir", type=Path, action="append", default=[])
     listing.add_argument("--no-shipped-support", action="store_true")
-    listing.set_defaults(handler=cmd_support_list)
 
 
 def _definition_from_args(args: argparse.Namespace, structure: str, base=None):
@@ -97,6 +90,9 @@ def _definition_from_args(args: argparse.Namespace, structure: str, base=None):
 
 
 def cmd_support_build(args: argparse.Namespace) -> int:
+    """Pick informative slices of one structure from contoured CTs, spread over its axial extent, and save them as
+    a hash-addressed support set with a manifest (declaring the structure) and preview.png. Cases come from files
+    (--case), a PACS (--pacs-url/--study) or a reviewed, corrected result (--from-result/--mask)."""
     import tempfile
 
     from autocontour.catalogue import parse_structures

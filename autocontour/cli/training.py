@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from autocontour.cli.parsing import add_command
+
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, patience: int | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, log, curves, weights")
@@ -43,12 +45,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour train`: its arguments, beside its handler."""
-    train = commands.add_parser("train", help="train the in-context network (episodic)",
-                                description="Episodic in-context training (see autocontour/training): cross-patient "
-                                            "episodes on the labels and HU tasks of the given CTs, their virtual "
-                                            "patients (--recipe) and synthetic phantoms. With --from, the starting "
-                                            "weights are validated first (step 0). Resumes from OUT/checkpoint.pt.")
+    train = add_command(commands, "train", cmd_train, help="train the in-context network (episodic)")
     train.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", default=[],
                        help="a CT and its label map (labels.json beside it names the values); repeatable")
     train.add_argument("--phantoms", type=int, default=12, help="synthetic phantom volumes to add (default 12)")
@@ -65,10 +62,12 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
                        help="licence of the weights, which follows the training data's (default: says so); "
                             "weights from research-only --from weights stay research-only whatever this says")
     _training_options(train, steps=6000)
-    train.set_defaults(handler=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Episodic in-context training (see autocontour/training): cross-patient episodes on the labels and HU tasks
+    of the given CTs, their virtual patients (--recipe) and synthetic phantoms. With --from, the starting weights
+    are validated first (step 0). Resumes from OUT/checkpoint.pt."""
     from autocontour.errors import OptionError
     from autocontour.training.train import train
 
@@ -112,11 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_finetune_command(commands: argparse._SubParsersAction) -> None:
-    """`autocontour finetune`: its arguments, beside its handler."""
-    finetune = commands.add_parser("finetune", help="adapt a checkpoint to a clinic's labelled cases",
-                                   description="Transfer learning: start from a compatible checkpoint (the project's, "
-                                               "the official one or your own) and fine-tune on your cases' "
-                                               "structures, with early stopping on a held-out case.")
+    finetune = add_command(commands, "finetune", cmd_finetune, help="adapt a checkpoint to a clinic's labelled cases")
     finetune.add_argument("--from", dest="init", type=Path, required=True, help="starting checkpoint")
     finetune.add_argument("--case", nargs=2, metavar=("CT", "LABELS"), type=Path, action="append", required=True,
                           help="a CT and its label map or mask; at least two cases")
@@ -126,10 +121,11 @@ def add_finetune_command(commands: argparse._SubParsersAction) -> None:
     finetune.add_argument("--holdout-case", type=int, default=-1, help="index of the case kept for early stopping "
                                                                          "(default: the last)")
     _training_options(finetune, steps=1000, patience=5)
-    finetune.set_defaults(handler=cmd_finetune)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """Transfer learning: start from a compatible checkpoint (the project's, the official one or your own) and
+    fine-tune on your cases' structures, with early stopping on a held-out case."""
     from autocontour.catalogue import parse_structures
     from autocontour.errors import OptionError
     from autocontour.training.finetune import finetune

@@ -6,30 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from autocontour.cli.parsing import command_group
+from autocontour.cli.parsing import add_command, command_group
 
 
 def add_weights_commands(commands: argparse._SubParsersAction) -> None:
-    """`autocontour weights download`, `info` and `interpolate`: their arguments, beside their handlers."""
     weights = command_group(commands, "weights", "download or inspect checkpoints")
-    download = weights.add_parser("download", help="fetch a known checkpoint into the cache",
-                                  description="Download a known checkpoint, verify its SHA-256 and that it loads, "
-                                              "and store it in the cache folder. universeg-v1 is the official "
-                                              "UniverSeg checkpoint: research use only (OpenRAIL++-M).")
+    download = add_command(weights, "download", cmd_weights_download, help="fetch a known checkpoint into the cache")
     download.add_argument("name", choices=["universeg-v1"])
     download.add_argument("--sha256", default=None, help="expected SHA-256 (pins the download)")
     download.add_argument("--url", default=None, help="alternative URL (a mirror)")
     download.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/autocontour/weights")
     download.add_argument("--quiet", action="store_true")
-    download.set_defaults(handler=cmd_weights_download)
-    info = weights.add_parser("info", help="show a checkpoint's model card")
+    info = add_command(weights, "info", cmd_weights_info, help="show a checkpoint's model card")
     info.add_argument("file", type=Path, nargs="?", default=None, help="default: the shipped checkpoint")
-    info.set_defaults(handler=cmd_weights_info)
-    mix = weights.add_parser("interpolate", help="blend two checkpoints of one architecture (WiSE-FT)",
-                             description="Write (1 - SHARE) x START + SHARE x END, weight by weight: a fine-tuned "
-                                         "checkpoint blended with its starting point keeps much of both (how the "
-                                         "shipped v2 was made, see models/MODEL_CARD.md). Research-only inputs give "
-                                         "research-only output.")
+    mix = add_command(weights, "interpolate", cmd_weights_interpolate,
+                      help="blend two checkpoints of one architecture (WiSE-FT)")
     mix.add_argument("start", type=Path)
     mix.add_argument("end", type=Path)
     mix.add_argument("--share", type=float, required=True, help="weight of END, 0 to 1")
@@ -37,10 +28,11 @@ def add_weights_commands(commands: argparse._SubParsersAction) -> None:
     mix.add_argument("--name", default=None, help="model name in the card")
     mix.add_argument("--version", default=None, help="version in the card")
     mix.add_argument("--description", default=None, help="description in the card")
-    mix.set_defaults(handler=cmd_weights_interpolate)
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
+    """Download a known checkpoint, verify its SHA-256 and that it loads, and store it in the cache folder.
+    universeg-v1 is the official UniverSeg checkpoint: research use only (OpenRAIL++-M)."""
     from autocontour.config import Settings
     from autocontour.model.weights import KNOWN_WEIGHTS, RESEARCH_ONLY_NOTICE, download
 
@@ -65,6 +57,9 @@ def cmd_weights_info(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_interpolate(args: argparse.Namespace) -> int:
+    """Write (1 - SHARE) x START + SHARE x END, weight by weight: a fine-tuned checkpoint blended with its starting
+    point keeps much of both (how the shipped v2 was made, see models/MODEL_CARD.md). Research-only inputs give
+    research-only output."""
     from autocontour.errors import OptionError
     from autocontour.model.weights import interpolate, save_checkpoint
 
