@@ -82,7 +82,8 @@ class StructurePrior:
                                                                  ("superior", self.open_above)) if flag]}
 
 
-RegistrationCache = dict[tuple[str, str, float], Registration]  # (scan, source case, spacing) -> registration
+# (scan, source case, spacing) -> its registration, or why it failed
+RegistrationCache = dict[tuple[str, str, float], Registration | str]
 
 
 def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet], inputs: dict[str, ModelInput],
@@ -111,13 +112,12 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
             if key not in registrations:
                 if spacing not in query_atlas:
                     query_atlas[spacing] = make_atlas_ct(canonical.image, spacing)
-                try:
-                    registrations[key] = register(atlas.ct, query_atlas[spacing])
-                except RuntimeError as exc:  # ITK gave up (e.g. too little body in common): no prior from it
-                    notes.append(f"{name}: source case {case.case} did not register to the scan "
-                                 f"({_first_line(exc)}); it adds no registration prior")
-                    continue
+                registrations[key] = _register_or_reason(atlas.ct, query_atlas[spacing])
             registration = registrations[key]
+            if isinstance(registration, str):
+                notes.append(f"{name}: source case {case.case} did not register to the scan ({registration}); "
+                             "it adds no registration prior")
+                continue
             diagnostics[case.case] = registration.diagnostics
             if registration.reliable:
                 grid = inputs[name].grid
@@ -137,7 +137,11 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
     return priors, notes
 
 
-def _first_line(error: Exception) -> str:
-    """The message of an ITK error without its source-file preamble: the last non-empty line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _register_or_reason(source: sitk.Image, query: sitk.Image) -> Registration | str:
+    """The registration, or why ITK gave up (e.g. too little body in common), kept in the cache like a
+    registration so the sets that share the source case do not try again."""
+    try:
+        return register(source, query)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # ITK's last line says why
+        return lines[-1] if lines else type(exc).__name__
