@@ -94,3 +94,18 @@ def definition(display_name: str, colour: tuple[int, int, int], interpreted_type
 
 
 DEFINITIONS = {n: BUILTIN[n] for n in ("bladder", "anorectum", "ctvn")}
+
+
+def assert_segment_refuses(cases: dict[str, tuple[Path, str]], out: Path, weights: Path, capsys,
+                           ignore_case: bool = False) -> None:
+    """`autocontour segment` refuses each input with exit 2 and one line naming the words, writing no RTSTRUCT."""
+    from autocontour.cli import main
+
+    for name, (path, words) in cases.items():
+        code = main(["segment", str(path), "--out", str(out), "--weights", str(weights), "--support-size", "2",
+                     "--quiet", "--no-preview"])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("autocontour: error: "), (name, err)
+        assert (words.lower() in err.lower()) if ignore_case else (words in err), (name, err)
+    assert not (out / "rtstruct.dcm").exists()

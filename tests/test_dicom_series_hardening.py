@@ -13,9 +13,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import DATA
+from dicom_tools import assert_segment_refuses
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSNearLossless
 
-from autocontour.cli import main
 from autocontour.dicom.series import ENHANCED_CT, read_series
 from autocontour.errors import InputImageError
 
@@ -174,14 +174,7 @@ def test_enhanced_ct_is_named(tmp_path):
 
 
 def test_cli_refuses_each_with_exit_2_and_one_line(refused, tmp_path, capsys, small_weights):
-    for name, (folder, words) in refused.items():
-        code = main(["segment", str(folder), "--out", str(tmp_path / "out"), "--weights", str(small_weights),
-                     "--support-size", "2", "--quiet", "--no-preview"])
-        err = capsys.readouterr().err
-        assert code == 2, (name, err)
-        assert err.count("\n") == 1 and err.startswith("autocontour: error: "), (name, err)
-        assert words in err, (name, err)
-    assert not (tmp_path / "out" / "rtstruct.dcm").exists()
+    assert_segment_refuses(refused, tmp_path / "out", small_weights, capsys)
 
 
 def test_lossy_pixels_are_decoded_with_a_warning(tmp_path, reference_hu):
