@@ -75,7 +75,7 @@ def mci_interpolate(mask: np.ndarray, drawn: Sequence[int], spacing_zyx: Sequenc
     Only the drawn slices of `mask` are shown to ITK. Needs the `bench` extra
     (itk-morphologicalcontourinterpolation); imported here so nothing else does.
     """
-    import itk  # type: ignore[import-untyped]  # optional, heavy: only the benchmark calls this
+    import itk  # optional, heavy: only the benchmark calls this
 
     index = sorted({int(z) for z in drawn})
     out = np.zeros(mask.shape, dtype=bool)
