@@ -19,12 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from autocontour import __version__, scratch
-from autocontour.cli import evaluate, pacs, propagate, segment, service, settings, support, training, weights
+from autocontour.cli import evaluate, pacs, propagate, refine, segment, service, settings, support, training, weights
 from autocontour.cli.parsing import EXIT_BAD_INPUT, OneLineParser
 from autocontour.errors import AutocontourError
 
 # in the order `autocontour --help` lists them
-COMMANDS = (segment.add_segment_command, propagate.add_propagate_command, support.add_support_commands,
+COMMANDS = (segment.add_segment_command, propagate.add_propagate_command, refine.add_refine_command,
+            support.add_support_commands,
             weights.add_weights_commands, evaluate.add_evaluate_command, evaluate.add_crossval_command,
             training.add_train_command, training.add_finetune_command, service.add_serve_command,
             service.add_worker_command,

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autocontour.cli.parsing import add_command
+
+if TYPE_CHECKING:
+    from autocontour.config import Settings
+    from autocontour.pipeline.propagation import DrawnCase
 
 
 def add_propagate_command(commands: argparse._SubParsersAction) -> None:
@@ -19,13 +25,18 @@ def add_propagate_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
                      help="NIfTI mask on the CT's grid (same size, spacing, origin, direction) holding the drawn "
                           "contours")
-    cmd.add_argument("--slices", type=_slice_list, default=None, metavar="K,K,...",
+    cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
                      help="the drawn slices, as indices along the CT file's third axis from 0 (NIfTI k; a DICOM "
                           "series: its slices in order of position); default: every slice where MASK holds any")
     cmd.add_argument("--ends", choices=["continue", "drawn"], default="continue",
                      help="continue (default): beyond the outermost drawn slices the structure goes on while it "
                           "shows; drawn: the outermost drawn slices are its ends")
     cmd.add_argument("--out", type=Path, required=True, help="output folder")
+    add_model_arguments(cmd)
+
+
+def add_model_arguments(cmd: argparse.ArgumentParser) -> None:
+    """The network's flags, as segment has them."""
     cmd.add_argument("--weights", type=Path, default=None, help="checkpoint (.safetensors or .pt); default: shipped")
     cmd.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     cmd.add_argument("--precision", default=None, choices=["float32", "bfloat16", "float16"],
@@ -34,7 +45,7 @@ def add_propagate_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
-def _slice_list(text: str) -> list[int]:
+def slice_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -46,28 +57,39 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     drawn slices show (the drawn slices are the whole support set and come back exactly as drawn). Writes
     <structure>.nii.gz on the CT's grid and summary.json (each slice's provenance, where each end stopped and why,
     the slice to draw next). Results are drafts for clinical review."""
-    from autocontour.catalogue import parse_structures
     from autocontour.config import Settings
+    from autocontour.pipeline import propagation
+    from autocontour.pipeline.editing import Edit, record
+
+    settings = Settings()
+    structure, case = read_case(settings, args.ct, args.structure, args.drawn, args.slices)
+    model = propagation.load_model(settings, args.weights, args.device, args.precision)
+    start = time.perf_counter()
+    outcome = propagation.propagate_structure(model.engine, case, structure, args.ends == "drawn", model.describe())
+    propagation.write_propagation(args.out, outcome)
+    record(args.out, Edit(structure, case, args.ends == "drawn"), outcome.result, None, start)
+    if not args.quiet:
+        report(outcome.summary, args.out)
+    return 0
+
+
+def read_case(settings: Settings, ct_path: Path, structure: str, drawn: Path, slices: list[int] | None,
+              erasing: bool = False) -> tuple[str, DrawnCase]:
+    """The structure's name, the CT and the drawn mask, all checked before the model loads."""
+    from autocontour.catalogue import parse_structures
     from autocontour.dicom.reading import read_input
     from autocontour.errors import InputImageError, UnknownStructureError
     from autocontour.pipeline import propagation
 
-    names = parse_structures(args.structure)  # cheap checks before anything is read or loaded
+    names = parse_structures(structure)  # cheap checks before anything is read or loaded
     if len(names) != 1:
-        raise UnknownStructureError(f"propagate draws one structure; got {len(names)}: {', '.join(names)}")
-    for role, path in (("CT", args.ct), ("drawn mask", args.drawn)):
+        raise UnknownStructureError(f"one structure at a time; got {len(names)}: {', '.join(names)}")
+    for role, path in (("CT", ct_path), ("drawn mask", drawn)):
         if not path.exists():
             raise InputImageError(f"{role} not found: {path}")
-    settings = Settings()
-    ct, _ = read_input(args.ct, settings)
-    mask = propagation.read_drawn_mask(args.drawn, ct, settings)
-    case = propagation.DrawnCase.of(ct, mask, args.slices)  # every input checked before the model loads
-    model = propagation.load_model(settings, args.weights, args.device, args.precision)
-    outcome = propagation.propagate_structure(model.engine, case, names[0], args.ends == "drawn", model.describe())
-    propagation.write_propagation(args.out, outcome)
-    if not args.quiet:
-        report(outcome.summary, args.out)
-    return 0
+    ct, _ = read_input(ct_path, settings)
+    mask = propagation.read_drawn_mask(drawn, ct, settings)
+    return names[0], propagation.DrawnCase.of(ct, mask, slices, erasing)
 
 
 def report(summary: dict, out: Path) -> None:

@@ -90,9 +90,10 @@ def grid_mismatch(mask: sitk.Image, ct: sitk.Image) -> str | None:
     return None
 
 
-def drawn_input_slices(mask: sitk.Image, slices: list[int] | None) -> list[int]:
-    """The drawn slices as input k indices: the listed ones (each inside the scan and holding the structure),
-    else every slice of the mask that holds any; at least one."""
+def drawn_input_slices(mask: sitk.Image, slices: list[int] | None, erasing: bool = False) -> list[int]:
+    """The drawn slices as input k indices: the listed ones (each inside the scan and holding the structure,
+    unless `erasing`: a correction may empty a slice), else every slice of the mask that holds any; at least
+    one."""
     filled = np.asarray(np.asarray(sitk.GetArrayViewFromImage(mask)).any(axis=(1, 2)))  # array axis 0 is the file's k
     if slices is None:
         found = [int(k) for k in np.nonzero(filled)[0]]
@@ -104,7 +105,7 @@ def drawn_input_slices(mask: sitk.Image, slices: list[int] | None) -> list[int]:
     for k in slices:
         if not 0 <= k < len(filled):
             raise InputImageError(f"slice {k} is outside the scan (slices 0..{len(filled) - 1} along its third axis)")
-        if not filled[k]:
+        if not filled[k] and not erasing:
             raise InputImageError(f"slice {k} is listed as drawn but the mask holds nothing there")
     return sorted(set(slices))
 
@@ -119,12 +120,14 @@ class DrawnCase:
     mask: np.ndarray  # canonical (z, y, x) bool, only the drawn slices filled
 
     @classmethod
-    def of(cls, ct_image: sitk.Image, mask: sitk.Image, slices: list[int] | None) -> DrawnCase:
+    def of(cls, ct_image: sitk.Image, mask: sitk.Image, slices: list[int] | None,
+           erasing: bool = False) -> DrawnCase:
         """Checked before the model loads, so a wrong slice or orientation costs no start-up. Slices of the
-        mask not listed as drawn are cleared: the planner said they are not part of the drawing."""
+        mask not listed as drawn are cleared: the planner said they are not part of the drawing. `erasing`:
+        a listed slice may hold nothing (a correction that removes the structure there)."""
         ct = CanonicalCT(ct_image)
         slice_map = SliceMap.of(ct)
-        drawn = sorted(slice_map.canonical(k) for k in drawn_input_slices(mask, slices))
+        drawn = sorted(slice_map.canonical(k) for k in drawn_input_slices(mask, slices, erasing))
         canonical = ct.to_canonical(mask) != 0
         only = np.zeros_like(canonical)
         only[drawn] = canonical[drawn]
