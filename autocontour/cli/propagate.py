@@ -24,7 +24,9 @@ def add_propagate_command(commands: argparse._SubParsersAction) -> None:
                      help="the structure's name (lowercase letters, digits and _); it need not have a support set")
     cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
                      help="NIfTI mask on the CT's grid (same size, spacing, origin, direction) holding the drawn "
-                          "contours")
+                          "contours, or an RTSTRUCT file (with --roi) whose ROI is contoured on the drawn slices")
+    cmd.add_argument("--roi", default=None, metavar="ROI_NAME",
+                     help="with an RTSTRUCT as --drawn: the ROI that holds the drawn contours (case-insensitive)")
     cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
                      help="the drawn slices, as indices along the CT file's third axis from 0 (NIfTI k; a DICOM "
                           "series: its slices in order of position); default: every slice where MASK holds any")
@@ -62,7 +64,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from autocontour.pipeline.editing import Edit, record
 
     settings = Settings()
-    structure, case = read_case(settings, args.ct, args.structure, args.drawn, args.slices)
+    structure, case = read_case(settings, args.ct, args.structure, args.drawn, args.slices, args.roi)
     model = propagation.load_model(settings, args.weights, args.device, args.precision)
     start = time.perf_counter()
     outcome = propagation.propagate_structure(model.engine, case, structure, args.ends == "drawn", model.describe())
@@ -74,7 +76,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def read_case(settings: Settings, ct_path: Path, structure: str, drawn: Path, slices: list[int] | None,
-              erasing: bool = False) -> tuple[str, DrawnCase]:
+              roi: str | None = None, erasing: bool = False) -> tuple[str, DrawnCase]:
     """The structure's name, the CT and the drawn mask, all checked before the model loads."""
     from autocontour.catalogue import parse_structures
     from autocontour.dicom.reading import read_input
@@ -88,7 +90,7 @@ def read_case(settings: Settings, ct_path: Path, structure: str, drawn: Path, sl
         if not path.exists():
             raise InputImageError(f"{role} not found: {path}")
     ct, _ = read_input(ct_path, settings)
-    mask = propagation.read_drawn_mask(drawn, ct, settings)
+    mask = propagation.read_drawn(drawn, ct, settings, roi)
     return names[0], propagation.DrawnCase.of(ct, mask, slices, erasing)
 
 

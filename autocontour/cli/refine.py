@@ -19,7 +19,10 @@ def add_refine_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--structure", required=True, metavar="NAME", help="the structure corrected; one the result "
                                                                         "does not hold starts from the drawn slices")
     cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
-                     help="NIfTI mask on the CT's grid holding the corrected contours")
+                     help="NIfTI mask on the CT's grid holding the corrected contours, or an RTSTRUCT file (with "
+                          "--roi)")
+    cmd.add_argument("--roi", default=None, metavar="ROI_NAME",
+                     help="with an RTSTRUCT as --drawn: the ROI that holds the corrected contours")
     cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
                      help="the corrected slices (input file's third axis from 0); a listed slice where MASK holds "
                           "nothing erases the structure there; default: every slice where MASK holds any")
@@ -48,7 +51,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if args.ct is None and not ct_path.is_file():
         raise InputImageError(f"{args.result} holds no copy of the CT: give it with --ct")
     settings = Settings()
-    structure, case = read_case(settings, ct_path, args.structure, args.drawn, args.slices, erasing=True)
+    structure, case = read_case(settings, ct_path, args.structure, args.drawn, args.slices, args.roi,
+                                erasing=True)
     model = propagation.load_model(settings, args.weights, args.device, args.precision)
     version = apply_edit(model.engine, args.result, Edit(structure, case, args.ends == "drawn"))
     note_in_summary(args.result, structure, version)

@@ -60,6 +60,23 @@ class SliceMap:
         return self.size - 1 - z if self.flipped else z
 
 
+def read_drawn(path: Path, ct: sitk.Image, settings: Settings, roi: str | None = None) -> sitk.Image:
+    """What was drawn: a NIfTI mask on the CT's grid, or (with `roi`) one ROI of an RTSTRUCT, rasterised onto the
+    CT's grid as support build does: a planning system's partial contour, drawn on a few slices and exported."""
+    if roi is not None:
+        from autocontour.dicom.roi import rtstruct_mask
+
+        return rtstruct_mask(path, ct, [roi])[0]
+    if _is_dicom_file(path):
+        raise InputImageError(f"{Path(path).name} is a DICOM file: for an RTSTRUCT give the ROI's name with --roi")
+    return read_drawn_mask(path, ct, settings)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
 def read_drawn_mask(path: Path, ct: sitk.Image, settings: Settings) -> sitk.Image:
     """The planner's mask, on the CT's own grid or refused: resampling would change what was drawn.
 
