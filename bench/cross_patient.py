@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -339,13 +340,35 @@ def score_masks(case: Case, masks: dict[str, np.ndarray], summaries: dict) -> di
     out = {}
     for structure, mask in masks.items():
         drawn = mask > 0
-        status = summaries[structure].status
+        entry = summaries[structure]
+        noted = {"status": entry.status, "confidence": entry.confidence,
+                 "network_confidence": entry.network_confidence}
         if case.query.labels is None:
-            out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False, "status": status}
+            out[structure] = {"drawn_voxels": int(drawn.sum()), "present": False} | noted
         else:
             out[structure] = evaluate(drawn, case.query.mask(structure, case.structures[structure]), spacing,
-                                      tolerance(structure)) | {"status": status}
+                                      tolerance(structure)) | noted
     return out
+
+
+def confidence_table(cases: list[Case], columns: list[str]) -> list[str]:
+    """How well the structure confidence ranks the true quality, per column: Spearman's rho against Dice and
+    surface Dice over every drawn structure present in its query, and the mean absolute error of the confidence
+    read as an estimate of surface Dice; the network's own confidence beside the discounted one."""
+    lines = ["| column | n | confidence | rho vs Dice | rho vs surface Dice | mean abs. error vs surface Dice |",
+             "|---|---|---|---|---|---|"]
+    for column in columns:
+        rows = [r for case in cases for r in case.results.get(column, {}).values()
+                if r.get("present") and r.get("confidence") is not None]
+        if len(rows) < 3:
+            continue
+        truth = {"dice": [r["dice"] for r in rows], "nsd": [r["nsd"] for r in rows]}
+        for key in ("network_confidence", "confidence"):
+            values = [r[key] for r in rows]
+            rho = {m: stats.spearmanr(values, truth[m]).statistic for m in truth}
+            error = float(np.mean(np.abs(np.asarray(values) - np.asarray(truth["nsd"]))))
+            lines.append(f"| {column} | {len(rows)} | {key} | {rho['dice']:.3f} | {rho['nsd']:.3f} | {error:.3f} |")
+    return lines
 
 
 def network_column(case: Case, segmenter, support_size: int, work: Path, only: list[str] | None,
@@ -593,6 +616,7 @@ def report(cases: list[Case], args) -> str:
                   f"{args.baseline_weights or f'from {args.baseline_results}'}.",
                   "", "Mean Dice of each case's headline group (in brackets: minus the baseline checkpoint's):", ""]
         lines += summary(cases, columns) + [""]
+    lines += ["Confidence against quality:", ""] + confidence_table(cases, columns) + [""]
     for case in cases:
         lines += [f"### {case.name}", "",
                   "| structure | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]

@@ -140,3 +140,19 @@ def test_help_texts_name_the_draft_status(capsys):
         main(["segment", "--help"])
     assert "drafts for clinical review" in capsys.readouterr().out
     assert (ROOT / "support_sets" / "recipes" / "ctvn.json").is_file()
+
+
+def test_weak_evidence_lowers_the_confidence_and_says_why(tmp_path, phantom_segmenter):
+    """Searching every body slice (no skeleton match placed the structure) is weak evidence: the confidence is
+    the network's own times the discount, and the summary names the reason."""
+    ct_path, _ = write_phantom(tmp_path / "new", seed=21, size=(70, 60, 30), spacing=(5.0, 5.0, 5.0))
+    options = {"structures": "bladder", "support_size": 4}
+    placed = phantom_segmenter.segment(ct_path, options=SegmentOptions(**options)).summary.structures["bladder"]
+    searched = phantom_segmenter.segment(ct_path, options=SegmentOptions(**options, axial_search="all"))
+    unplaced = searched.summary.structures["bladder"]
+    assert unplaced.network_confidence is not None and unplaced.confidence is not None
+    assert any("every body slice was searched" in reason for reason in unplaced.confidence_discounts)
+    assert not any("every body slice" in reason for reason in placed.confidence_discounts)
+    factors = [float(reason.rsplit("(x", 1)[1].rstrip(")")) for reason in unplaced.confidence_discounts]
+    assert unplaced.confidence == pytest.approx(unplaced.network_confidence * float(np.prod(factors)), abs=2e-3)
+    assert unplaced.confidence < unplaced.network_confidence

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
-from pydantic import BaseModel, model_serializer
+from pydantic import BaseModel, Field, model_serializer
 
 from autocontour import __version__
 from autocontour.catalogue import StructureDefinition
@@ -19,6 +19,7 @@ from autocontour.engine.prediction import StructurePrediction
 from autocontour.export import mask_file
 from autocontour.io import CanonicalCT
 from autocontour.model.weights import ModelCard
+from autocontour.pipeline.evidence import discounted, discounts
 from autocontour.postprocess import StructureMask, confidence, laterality_warning
 from autocontour.support.store import SupportSet
 
@@ -68,7 +69,11 @@ class StructureSummary(BaseModel):
     voxels: int
     slice_range: list[int] | None
     z_range_mm: list[float] | None
-    confidence: float | None
+    confidence: float | None = Field(description="network_confidence times the factor of each reason in "
+                                                  "confidence_discounts: what to trust, from 0 to 1")
+    network_confidence: float | None = Field(description="certainty x agreement of the network's map, "
+                                                          "area-weighted over the slices")
+    confidence_discounts: list[str] = Field(description="weak evidence behind the structure, each with its factor")
     slice_confidence: dict[str, float]
     flagged_slices: list[FlaggedSlice]
     postprocessing: dict[str, int]
@@ -160,6 +165,7 @@ def structure_summary(name: str, m: StructureMask, prediction: StructurePredicti
         warnings.append(crossing["warning"])
         flagged = sorted(flagged + [{"slice": z, "reason": "crosses the body midline"} for z in crossing["slices"]],
                          key=lambda f: f["slice"])
+    weak = discounts(prediction, m.mask, support, axial_search) if m.mask.any() else []
     voxels = int(m.mask.sum())
     zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
     status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
@@ -168,7 +174,9 @@ def structure_summary(name: str, m: StructureMask, prediction: StructurePredicti
         mask_file=mask_file(name), volume_ml=round(voxels * float(np.prod(spacing)) / 1000, 3), voxels=voxels,
         slice_range=[int(zs.min()), int(zs.max())] if voxels else None,
         z_range_mm=[round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
-        confidence=conf.structure, slice_confidence={str(z): c for z, c in conf.per_slice.items()},
+        confidence=discounted(conf.structure, weak), network_confidence=conf.structure,
+        confidence_discounts=[f"{d.reason} (x{d.factor:.2f})" for d in weak],
+        slice_confidence={str(z): c for z, c in conf.per_slice.items()},
         flagged_slices=[FlaggedSlice(**f, z_mm=round(float(z_mm[f["slice"]]), 2)) for f in flagged],
         postprocessing=m.changes, support_set=support.describe(), support_size=prediction.support_size,
         ensemble=prediction.ensemble, slices_computed=prediction.queries,
