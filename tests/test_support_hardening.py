@@ -7,15 +7,123 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+import SimpleITK as sitk
 from conftest import RECIPES
+from pydicom.uid import generate_uid
 from safetensors.numpy import load_file
 
+from autocontour.catalogue import BUILTIN
 from autocontour.cli import main
+from autocontour.dicom.outputs import write_rtstruct
+from autocontour.dicom.series import read_series
 from autocontour.errors import SupportSetError
 from autocontour.support.build import build_support_set
 from autocontour.support.recipes import load_recipes
 from autocontour.support.store import MANIFEST, TENSORS, SupportManifest, content_hash, load_support_set
+
+SERIES = Path(__file__).resolve().parent / "data" / "dicom_ct"  # 20 slices, 2 mm apart
+
+
+@pytest.fixture(scope="module")
+def contoured_case(tmp_path_factory) -> tuple[Path, Path]:
+    """The 20-slice series' own contours of a blob: its RTSTRUCT (the project's writer) and the NIfTI mask."""
+    folder = tmp_path_factory.mktemp("case")
+    series = read_series(SERIES)
+    z, y, x = np.ogrid[:20, :512, :512]
+    blob = ((y - 250) / 70.0) ** 2 + ((x - 300) / 55.0) ** 2 + ((z - 9) / 7.0) ** 2 <= 1
+    mask = sitk.GetImageFromArray(blob.astype(np.uint8))
+    mask.CopyInformation(series.image)
+    sitk.WriteImage(mask, str(folder / "mask.nii.gz"))
+    return write_rtstruct(series, {"bladder": blob}, folder / "rtstruct.dcm", {}, BUILTIN), folder / "mask.nii.gz"
+
+
+def assert_build_refuses(mask: Path, words: str, out: Path, capsys) -> None:
+    """`autocontour support build` on the series with this mask: exit 2, one line naming the words, no set."""
+    code = main(["support", "build", "bladder", "--case", str(SERIES), str(mask), "--roi", "bladder", "--size", "8",
+                 "--symmetric", "--no-atlas", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("autocontour: error: case case0: "), err
+    assert words in err, err
+    assert not (out / MANIFEST).exists()
+
+
+def edited_rtstruct(source: Path, target: Path, edit: Callable[[pydicom.Dataset], None]) -> Path:
+    ds = pydicom.dcmread(source)
+    edit(ds)
+    ds.save_as(target)
+    return target
+
+
+def _contours(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    return list(ds.ROIContourSequence[0].ContourSequence)
+
+
+def _another_scan(ds: pydicom.Dataset) -> None:
+    """The same contours 40 mm to the left, on the Frame of Reference of another scan."""
+    frame = generate_uid()
+    ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = frame
+    ds.StructureSetROISequence[0].ReferencedFrameOfReferenceUID = frame
+    for contour in _contours(ds):
+        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + (40, 0, 0)
+        contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
+
+
+def _another_series(ds: pydicom.Dataset) -> None:
+    """The Frame of Reference kept, the contours' images another series' (a re-export under new UIDs, say)."""
+    for contour in _contours(ds):
+        for image in contour.ContourImageSequence:
+            image.ReferencedSOPInstanceUID = generate_uid()
+
+
+def _between_slices(ds: pydicom.Dataset) -> None:
+    """Every contour half a slice (1 mm) up: exactly between two slices."""
+    for contour in _contours(ds):
+        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + (0, 0, 1.0)
+        contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
+
+
+def _nan(ds: pydicom.Dataset) -> None:
+    contour = _contours(ds)[3]
+    contour.ContourData = ["NaN", *list(contour.ContourData)[1:]]
+
+
+RTSTRUCT_EDITS = {
+    "another Frame of Reference": (_another_scan, "ROI 'Bladder' lies on another Frame of Reference than the CT "
+                                                  "series"),
+    "another series' images": (_another_series, "references 15 image(s) that are not in the CT series"),
+    "between slices": (_between_slices, "a contour lies 1.00 mm from the nearest CT slice"),
+    "NaN": (_nan, "a contour's ContourData holds a value that is not a finite number (NaN or infinite)"),
+}
+
+
+@pytest.mark.parametrize("kind", RTSTRUCT_EDITS)
+def test_an_rtstruct_of_another_scan_or_off_its_slices_is_refused(contoured_case, tmp_path, capsys, kind):
+    edit, words = RTSTRUCT_EDITS[kind]
+    rtstruct = edited_rtstruct(contoured_case[0], tmp_path / "rtstruct.dcm", edit)
+    assert_build_refuses(rtstruct, words, tmp_path / "set", capsys)
+
+
+def test_the_series_own_rtstruct_and_mask_build(contoured_case, tmp_path):
+    """The refusals above come from the edits: the case as written builds, from the RTSTRUCT and from the mask."""
+    for i, mask in enumerate(contoured_case):
+        build = ["support", "build", "bladder", "--case", str(SERIES), str(mask), "--roi", "bladder", "--size", "8",
+                 "--symmetric", "--no-atlas", "--out", str(tmp_path / f"set{i}")]
+        assert main(build) == 0
+        assert load_support_set(tmp_path / f"set{i}").manifest.source_cases[0].extent_slices == [3, 15]
+
+
+def test_a_mask_flipped_on_the_same_grid_is_refused(contoured_case, tmp_path, capsys):
+    """Same size, spacing and origin, the x axis reversed: its structure would land mirrored."""
+    mask = sitk.ReadImage(str(contoured_case[1]))
+    direction = np.array(mask.GetDirection()).reshape(3, 3)
+    direction[:, 0] *= -1
+    mask.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(mask, str(tmp_path / "flipped.nii.gz"))
+    assert_build_refuses(tmp_path / "flipped.nii.gz", "the mask's grid differs from the CT's: direction (-1.0,",
+                         tmp_path / "set", capsys)
 
 
 @pytest.fixture(scope="module")
