@@ -39,6 +39,19 @@ class RedisServer:
                 time.sleep(0.1)
         raise RuntimeError("redis-server did not start")
 
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final write (the append-only file has every write already)."""
+        if self.process:
+            self.process.kill()
+            self.process.wait(timeout=20)
+
+    def shutdown(self) -> None:
+        """A clean `redis-cli shutdown`, as an operator would."""
+        binary = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        subprocess.run([binary, "-p", str(self.port), "shutdown"], check=False, capture_output=True, timeout=20)
+        if self.process:
+            self.process.wait(timeout=20)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

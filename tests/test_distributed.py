@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 import signal
 import time
 from datetime import datetime
@@ -176,3 +177,58 @@ def test_redis_restart_loses_no_accepted_job(cluster):
     for job in jobs.values():  # when the jobs ran, not when the API learnt of it
         started, finished = datetime.fromisoformat(job["started"]), datetime.fromisoformat(job["finished"])
         assert started <= finished < restarted, job
+
+
+REDIS_OUTAGE_S = 10
+
+
+def wait_running(url: str, ids: list[str], timeout: float = 180) -> dict[str, dict]:
+    """The jobs once all of them are running, each on its own worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = {i: httpx.get(f"{url}/v1/segmentations/{i}").json() for i in ids}
+        workers = {j["progress"].get("worker") for j in jobs.values() if j["status"] == "running"}
+        if len(workers - {None}) == len(ids):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError("the jobs never ran together")
+
+
+@pytest.mark.parametrize("outage", ["kill -9", "redis-cli shutdown"])
+def test_a_redis_restart_under_two_running_jobs_leaves_none_running(cluster, outage):
+    """Both jobs end, done or failed with a reason that says what happened, and none is shown running after."""
+    url = cluster["api"].url
+    ids = [upload(url, EXAMPLE_CT, {"structures": "bladder,anorectum,ctvn"}).json()["id"] for _ in range(2)]
+    wait_running(url, ids)
+    redis = cluster["redis"]
+    redis.kill() if outage == "kill -9" else redis.shutdown()
+    time.sleep(REDIS_OUTAGE_S)
+    redis.start()
+    back = time.monotonic()
+    jobs = wait_all(url, ids, timeout=300)
+    ended_s = time.monotonic() - back
+    print(f"after {outage} and {REDIS_OUTAGE_S} s without Redis: "
+          f"{ {i[:8]: j['status'] for i, j in jobs.items()} } {ended_s:.1f} s after Redis returned")
+    for job in jobs.values():
+        assert job["status"] == "done" or "broker" in job["error"]["detail"], job
+        if job["status"] == "done":
+            assert set(read_zip(httpx.get(f"{url}/v1/segmentations/{job['id']}/result").content)) >= {
+                "bladder.nii.gz", "anorectum.nii.gz", "ctvn.nii.gz"}
+    listed = httpx.get(f"{url}/v1/segmentations", params={"limit": 500}).json()
+    assert not [j["id"] for j in listed if j["status"] in ("running", "queued")]
+
+
+def test_a_redelivered_job_whose_upload_is_gone_fails_saying_why(cluster):
+    """What a worker finds when an earlier attempt ended (removing the upload) but its outcome never reached
+    Redis: no upload, no result. It says so, rather than "file not found"."""
+    url = cluster["api"].url
+    for w in cluster["workers"]:
+        w.kill(signal.SIGTERM)
+    job_id = upload(url, EXAMPLE_CT, {"structures": "bladder"}).json()["id"]
+    uploads = cluster["data"] / "uploads" / job_id
+    assert any(uploads.iterdir())
+    shutil.rmtree(uploads)
+    cluster["workers"] = [start_worker(cluster["env"], "w3@test", cluster["data"])]
+    job = wait_all(url, [job_id], timeout=120)[job_id]
+    assert job["status"] == "failed" and job["error"]["title"] == "Outcome lost", job
+    assert "broker was unreachable" in job["error"]["detail"] and "submit the CT again" in job["error"]["detail"]

@@ -23,7 +23,11 @@ it. Nothing is lost:
   while it held a job, the API hands that job's message back to the queue
   at once rather than at the visibility timeout's next sweep, and says so in
   the job record;
-- with Redis persistence (AOF), a Redis restart keeps every queued task.
+- with Redis persistence (AOF), a Redis restart keeps every queued task,
+  and running jobs go on through it: a worker skips progress writes and
+  cancel checks while Redis is away, keeps the upload until the job has
+  ended, and retries storing the outcome until Redis is back (10 minutes at
+  most); a job redelivered after its outcome was lost fails saying so.
 
 Job records catch up with task states whenever jobs are read (one job or the
 list) and at every janitor sweep, so finished jobs expire even if nobody
@@ -65,6 +69,7 @@ QUEUE = "autocontour"
 WORKERS = "autocontour:workers"  # the set of worker names; each has a heartbeat key that expires
 HEARTBEAT_S = 2.0
 UNACKED = "unacked"  # kombu's Redis hash of delivered, unacknowledged messages (its default name)
+OUTCOME_RETRIES = 300  # how often a worker retries storing an outcome while the broker is away
 
 
 def _key(kind: str, job_id: str) -> str:
@@ -82,6 +87,9 @@ def make_celery(settings: ServerSettings, api: bool = False) -> Celery:
     if api:
         backend_transport["retry_policy"] = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                              "interval_max": 1}
+    else:  # a worker waits for a restarting broker to store its outcome (every 2 s at most, for 10 minutes)
+        app.conf.update(result_backend_always_retry=True, result_backend_max_retries=OUTCOME_RETRIES,
+                        result_backend_max_sleep_between_retries_ms=2000)
     app.conf.update(
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_track_started=True, task_default_queue=QUEUE, task_serializer="json", result_serializer="json",
@@ -301,6 +309,7 @@ class Heartbeat:
         self.jobs: dict[str, int] = {}
         self.busy_s = 0.0
         self._since = 0.0
+        self._lock = threading.RLock()  # a beat between a job's start and its `running` key would clear that key
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autocontour-heartbeat", daemon=True)
 
@@ -322,22 +331,33 @@ class Heartbeat:
             self.client.srem(WORKERS, self.name)
 
     def running(self, job_id: str, attempt: int) -> None:
-        self.job, self.attempt, self._since = job_id, attempt, time.monotonic()
-        self.client.set(self._own("running"), json.dumps({"job": job_id, "attempt": attempt}))
-        self.beat()
+        with self._lock:
+            self.job, self.attempt, self._since = job_id, attempt, time.monotonic()
+            self.client.set(self._own("running"), json.dumps({"job": job_id, "attempt": attempt}))
+            self.beat()
 
     def finished(self, status: str) -> None:
         self.jobs[status] = self.jobs.get(status, 0) + 1
         self.busy_s += time.monotonic() - self._since
         self.job = self.attempt = None
-        self.client.delete(self._own("running"))
-        self.beat()
+        try:
+            self.beat()
+        except (redis.RedisError, OSError) as exc:  # the broker is away: the next beat says it
+            log.warning("heartbeat not written: %s", type(exc).__name__)
 
     def beat(self) -> None:
-        figures = {"pid": os.getpid(), "job": self.job, "attempt": self.attempt, "jobs": dict(self.jobs),
-                   "busy_s": round(self.busy_s + (time.monotonic() - self._since if self.job else 0), 3),
-                   "beat": time.time()}
-        self.client.set(self._own("worker"), json.dumps(figures), ex=self.timeout_s)
+        """The figures, and (between jobs) no job in hand: a beat also clears a `running` key that could not be
+        cleared when the job ended, with the broker away, so the API never hands back a finished job; and it
+        names the worker again in the set of workers, which a Redis restarted without its data has lost."""
+        with self._lock, self.client.pipeline() as pipe:
+            figures = {"pid": os.getpid(), "job": self.job, "attempt": self.attempt, "jobs": dict(self.jobs),
+                       "busy_s": round(self.busy_s + (time.monotonic() - self._since if self.job else 0), 3),
+                       "beat": time.time()}
+            pipe.set(self._own("worker"), json.dumps(figures), ex=self.timeout_s)
+            pipe.sadd(WORKERS, self.name or "unnamed")
+            if self.job is None:
+                pipe.delete(self._own("running"))
+            pipe.execute()
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -348,15 +368,53 @@ class Heartbeat:
 
 
 class _TaskReporter:
+    """Progress and cancellation through Redis, which may restart while the job runs: the job goes on.
+
+    A progress write is skipped while the broker is away (the next one says more anyway), and a cancel
+    that cannot be read is not one; the job's outcome then waits for the broker (OUTCOME_RETRIES).
+    """
+
     def __init__(self, task, client: redis.Redis, job_id: str, attempt: int):
         self.task, self.redis, self.job_id, self.attempt = task, client, job_id, attempt
+        self.broker_away = False
 
     def progress(self, progress: dict) -> None:
-        self.task.update_state(state="PROGRESS", meta={"progress": progress | {"worker": self.task.request.hostname,
-                                                                               "attempt": self.attempt}})
+        if self._broker_reachable():  # the backend's own write would wait for the broker, holding the job
+            self.task.update_state(state="PROGRESS", meta={
+                "progress": progress | {"worker": self.task.request.hostname, "attempt": self.attempt}})
 
     def cancel_requested(self) -> bool:
-        return bool(self.redis.exists(_key("cancel", self.job_id)))
+        try:
+            return bool(self.redis.exists(_key("cancel", self.job_id)))
+        except BROKER_ERRORS as exc:
+            self._away(exc)
+            return False
+
+    def _broker_reachable(self) -> bool:
+        try:
+            self.redis.ping()
+        except BROKER_ERRORS as exc:
+            self._away(exc)
+            return False
+        if self.broker_away:
+            log.warning("job %s: the broker is back", self.job_id)
+            self.broker_away = False
+        return True
+
+    def _away(self, exc: Exception) -> None:
+        if not self.broker_away:  # once per outage, not at every progress step
+            log.warning("job %s goes on while the broker is unreachable (%s)", self.job_id, type(exc).__name__)
+            self.broker_away = True
+
+
+def _outcome_lost(job_id: str, options: dict) -> dict:
+    """A redelivered job whose upload is gone: an earlier attempt ended (which removes the upload) but its outcome
+    never reached the broker, which was away then; say so rather than "file not found"."""
+    return Outcome("failed", error=problem_body(
+        500, "interrupted", "Outcome lost",
+        "an earlier attempt of this job ended while the job queue's broker was unreachable, and its outcome was "
+        "lost with it; the upload is no longer kept: submit the CT again",
+        request_id=job_request_id(job_id, options))).to_dict()
 
 
 def worker_app(settings: ServerSettings, segmenter: Segmenter) -> Celery:
@@ -386,6 +444,8 @@ def worker_app(settings: ServerSettings, segmenter: Segmenter) -> Celery:
         if results.zip_path(job_id).is_file():  # a redelivery after the result was published: do not redo it
             summary = Summary.model_validate_json((results.result_dir(job_id) / SUMMARY).read_text())
             return Outcome("done", result=brief(summary)).to_dict()
+        if not options.get("pacs") and not results.upload_path(job_id, input_name).exists():
+            return _outcome_lost(job_id, options)
         if attempts > settings.max_attempts:
             return Outcome("failed", error=problem_body(
                 500, "interrupted", "Interrupted too often",

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -53,6 +54,9 @@ from autocontour.support.store import (
     save_atlas_copy,
     save_support_set,
 )
+
+if TYPE_CHECKING:
+    from autocontour.dicom.series import DicomSeries
 
 MIN_FOREGROUND_PIXELS = 4
 NEGATIVE_MARGIN_SLICES = 4
@@ -111,23 +115,40 @@ def is_rtstruct(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def read_case_ct(path: Path) -> sitk.Image:
-    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks and limits as segmentation."""
+def read_case_ct(path: Path) -> tuple[sitk.Image, DicomSeries | None]:
+    """A case's CT from NIfTI or a DICOM series (folder or zip), with the same checks and limits as segmentation;
+    the series too when it is DICOM (an RTSTRUCT is checked against it)."""
     from autocontour.config import Settings
     from autocontour.dicom.reading import read_input
 
-    return read_input(Path(path), Settings())[0]
+    return read_input(Path(path), Settings())
 
 
-def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None) -> tuple[sitk.Image, str | None]:
+def read_case_mask(mask_path: Path, ct_image: sitk.Image, rois: list[str] | None,
+                   series: DicomSeries | None = None) -> tuple[sitk.Image, str | None]:
     """The case's mask image on the CT's grid, and the RTSTRUCT ROI it came from (None for NIfTI)."""
     if is_rtstruct(mask_path):
         from autocontour.dicom.roi import rtstruct_mask
 
         if not rois:
             raise SupportSetError(f"{Path(mask_path).name} is an RTSTRUCT: name the ROI with --roi NAME")
-        return rtstruct_mask(mask_path, ct_image, rois)
+        return rtstruct_mask(mask_path, ct_image, rois, series)
     return read_image(mask_path), None
+
+
+def grid_mismatch(mask: sitk.Image, ct: sitk.Image) -> str | None:
+    """What differs between a mask's voxel grid and the CT's ("size", "spacing", "origin", "direction"), if anything.
+
+    The direction counts as much as the rest: a mask flipped along an axis on the same size, spacing and origin
+    would otherwise be read as if it were not, its structure mirrored onto the wrong side.
+    """
+    checks = (("size", mask.GetSize(), ct.GetSize(), 0), ("spacing", mask.GetSpacing(), ct.GetSpacing(), 1e-4),
+              ("origin", mask.GetOrigin(), ct.GetOrigin(), 1e-3),
+              ("direction", mask.GetDirection(), ct.GetDirection(), 1e-4))
+    for what, ours, theirs, tolerance in checks:
+        if len(ours) != len(theirs) or not np.allclose(ours, theirs, atol=tolerance):
+            return f"{what} {tuple(round(float(v), 4) for v in ours)} vs {tuple(round(float(v), 4) for v in theirs)}"
+    return None
 
 
 def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
@@ -146,7 +167,7 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
     ct_path = Path(ct_path) if ct_path else Path(result_dir) / "review" / "ct.nii.gz"
     if not ct_path.exists():
         raise SupportSetError(f"{result_dir} keeps no copy of its CT: give the CT it segmented with --ct")
-    if fingerprint(CanonicalCT(read_case_ct(ct_path)).image) != summary.input.fingerprint:
+    if fingerprint(CanonicalCT(read_case_ct(ct_path)[0]).image) != summary.input.fingerprint:
         raise SupportSetError(f"{ct_path.name} is not the CT that {result_dir} segmented (fingerprints differ)")
     declared = summary.structures.get(structure)
     return ct_path, declared.definition if declared else None
@@ -155,13 +176,16 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
               recipe: Recipe | None = None, names: dict[str, int] | None = None,
               rois: list[str] | None = None, atlas: bool = True) -> LabelledCase:
-    ct = CanonicalCT(read_case_ct(ct_path))
-    mask_image, roi = read_case_mask(mask_path, ct.input, rois)
-    if mask_image.GetSize() != ct.input.GetSize() or not np.allclose(
-            mask_image.GetOrigin(), ct.input.GetOrigin(), atol=1e-3) or not np.allclose(
-            mask_image.GetSpacing(), ct.input.GetSpacing(), atol=1e-4):
-        raise InputImageError(f"case {case_id}: the mask's grid differs from the CT's (size, spacing or origin)")
-    mask_image.CopyInformation(ct.input)
+    ct_image, series = read_case_ct(ct_path)
+    ct = CanonicalCT(ct_image)
+    try:
+        mask_image, roi = read_case_mask(mask_path, ct.input, rois, series)
+    except InputImageError as exc:
+        raise InputImageError(f"case {case_id}: {exc}") from exc
+    mismatch = grid_mismatch(mask_image, ct.input)
+    if mismatch:
+        raise InputImageError(f"case {case_id}: the mask's grid differs from the CT's: {mismatch}")
+    mask_image.CopyInformation(ct.input)  # within the tolerances: the CT's own values, to the last digit
     mask, how = structure_mask(sitk.Cast(mask_image, sitk.sitkInt32), ct, label, recipe, names or {})
     if roi is not None:
         how = f"RTSTRUCT ROI {roi!r}"

@@ -15,20 +15,21 @@ must be as traceable as the weights: each one is a folder
                         at about 4 mm (autocontour.support.registration.AtlasCase), for the
                         registration prior; its size is in the manifest
 
-and is addressed by a content hash over the tensors and everything that
-decides how they are used (structure, preprocessing, slice levels). Results
-name the `id` (`<name>-<hash12>`), so a contour can always be traced to the
-exact examples that shaped it. Loading verifies the hash.
+and is addressed by a content hash over the tensors and the whole manifest
+(all but its build date). Results name the `id` (`<name>-<hash12>`), so a
+contour can always be traced to the exact examples that shaped it. Loading
+verifies the hash, and refuses a path in the manifest that leaves the set's
+folder (`..`, an absolute path, a symbolic link out): a set is one folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
@@ -62,6 +63,14 @@ class AtlasCopy(BaseModel):
     bytes: int
     sha256: str  # over the CT file then the mask file
     spacing_mm: float
+
+    @field_validator("folder")
+    @classmethod
+    def _inside_the_set(cls, folder: str) -> str:
+        """A relative path that stays in the set's folder (links are checked on load, where the folder is known)."""
+        if PurePosixPath(folder).is_absolute() or PureWindowsPath(folder).is_absolute() or ".." in Path(folder).parts:
+            raise ValueError(f"atlas folder {folder!r} leaves the support set's folder")
+        return folder
 
 
 class SupportCrop(BaseModel):
@@ -184,21 +193,21 @@ class SupportSet:
         }
 
 
+# The hash covers the whole manifest but these: the hash itself, and the build date (so that a rebuild from the
+# same cases with the same code keeps its id). Every other field can change what a set draws or what it claims.
+UNHASHED_FIELDS = {"content_hash", "created"}
+
+
 def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray,
                  crops: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+    """SHA-256 over the manifest (all but UNHASHED_FIELDS) and the tensors.
+
+    Every field is covered, not a chosen few: an uncovered field (a source case's fingerprint, the slices'
+    extents, `symmetric`, the name) could be edited under the same id and change what the set draws, and a
+    field added later is covered without anyone having to remember it.
+    """
     digest = hashlib.sha256()
-    identity: dict[str, object] = {
-        "structure": manifest.structure,
-        "preprocessing": manifest.preprocessing.model_dump(),
-        "slices": [s.model_dump() for s in manifest.slices],
-        "localisation": [[c.extent_mm, c.bone_profile] for c in manifest.source_cases],
-    }
-    if manifest.definition is not None:  # sets without one keep the hash they were built with
-        identity["definition"] = manifest.definition.model_dump(mode="json")
-    if any(c.atlas for c in manifest.source_cases):  # likewise sets without atlas copies
-        identity["atlas"] = [c.atlas.sha256 if c.atlas else None for c in manifest.source_cases]
-    if manifest.crop is not None:
-        identity["crop"] = [manifest.crop.model_dump(), [c.crop_centre_mm for c in manifest.source_cases]]
+    identity = manifest.model_dump(mode="json", exclude=UNHASHED_FIELDS)
     digest.update(json.dumps(identity, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images, dtype=np.float16).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
@@ -267,9 +276,24 @@ def load_support_set(folder: Path) -> SupportSet:
         raise SupportSetError(f"{folder}: content hash mismatch (manifest {manifest.content_hash[:12]}, "
                               f"data {actual[:12]}): the set was modified after it was built")
     for case in manifest.source_cases:
-        if case.atlas is not None and atlas_sha256(folder / case.atlas.folder) != case.atlas.sha256:
+        if case.atlas is None:
+            continue
+        atlas = _inside(folder, case.atlas.folder)
+        for name in (ATLAS_CT_FILE, ATLAS_MASK_FILE):
+            _inside(folder, atlas / name)
+        if atlas_sha256(atlas) != case.atlas.sha256:
             raise SupportSetError(f"{folder}: the atlas copy of {case.case} was modified or is missing")
     return SupportSet(manifest, images, labels, folder, *(crops or (None, None)))
+
+
+def _inside(folder: Path, relative: str | Path) -> Path:
+    """`folder / relative` with links resolved, refused unless it stays in the set's folder: a set is one folder,
+    and its manifest must not make autocontour read files anywhere else the process can read."""
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise SupportSetError(f"{folder}: {relative} leads outside the support set's folder")
+    return path
 
 
 def discover(folders: list[Path]) -> dict[str, SupportSet]:
