@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
@@ -234,3 +235,38 @@ def test_an_approved_dicom_job_has_an_approved_rtstruct_with_the_drawn_contours(
     assert pydicom.dcmread(io.BytesIO(files["rtstruct.dcm"])).ApprovalStatus == "APPROVED"
     assert "source" not in " ".join(files)  # the kept series is not part of the result
     assert httpx.delete(f"{server.url}/v1/segmentations/{job_id}", headers=PLANNER).status_code == 204
+
+
+def test_with_celery_a_worker_runs_the_edit_and_without_one_it_is_503(tmp_path, small_weights):
+    """Distributed mode: the API holds no network, so the edit is a task a worker answers (from the shared data
+    folder); with no live worker the edit is refused with 503 + Retry-After, naming why."""
+    from redis_server import start_redis
+    from servers import service_env, start_worker
+
+    redis = start_redis(tmp_path / "redis")
+    data = tmp_path / "shared"
+    data.mkdir()
+    settings = dict(queue="celery", broker_url=redis.url, threads=1, worker_timeout_s=6)
+    worker = start_worker(service_env(data, small_weights, **settings), "editor@test", data)
+    api = start_server(data, small_weights, **settings)
+    try:
+        done = upload(api.url, EXAMPLE_CT, {"structures": "bladder"}, params={"wait": "true"})
+        assert done.status_code == 200, done.text
+        job_id = done.headers["x-job-id"]
+        vertebra = labels() == VERTEBRA_L4
+        drawn = np.zeros_like(vertebra)
+        drawn[[56, 61, 66]] = vertebra[[56, 61, 66]]
+        response = edit(api, job_id, "vertebra_l4", nifti(drawn, ct_grid()), headers={}, ends="drawn")
+        assert response.status_code == 200, response.text
+        assert response.json()["drawn_slices"] == [56, 61, 66] and response.json()["author"] is None
+        fetched = mask(api, job_id, "vertebra_l4", tmp_path)
+        assert np.array_equal(fetched[[56, 61, 66]], drawn[[56, 61, 66]])
+        worker.kill(signal.SIGTERM)
+        unanswered = edit(api, job_id, "vertebra_l4", nifti(drawn, ct_grid()), headers={})
+        refused(unanswered, 503, "no worker is alive")
+        assert int(unanswered.headers["retry-after"]) > 0
+        assert not list((data / "uploads").rglob("drawn-*"))  # no drawn mask left behind
+    finally:
+        api.stop()
+        worker.kill(signal.SIGTERM)
+        redis.stop()
