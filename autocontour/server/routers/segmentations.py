@@ -83,10 +83,14 @@ def _owned(queue: JobQueue, job_id: str, owner: str | None) -> Job:
     return job
 
 
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # a member first; an empty zip; a spanned one
+
+
 def _input_name(head: bytes) -> str:
+    """The upload's name by its first bytes (the client's file name is not trusted, nor logged)."""
     if head[:2] == b"\x1f\x8b":
         return "ct.nii.gz"
-    if head[:4] == b"PK\x03\x04":
+    if head[:4] in ZIP_SIGNATURES:
         return "ct.zip"  # a DICOM series
     return "ct.nii"
 
