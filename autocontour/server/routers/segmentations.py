@@ -19,7 +19,7 @@ from autocontour.errors import InputImageError
 from autocontour.export import PREVIEW, SUMMARY, mask_file
 from autocontour.options import SegmentOptions
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.context import request_id
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, JobsDep, LibraryDep, QueueDep, ResultsDep, SettingsDep
@@ -29,7 +29,8 @@ from autocontour.server.problems import Problem, queue_full
 from autocontour.server.queue import JobQueue
 from autocontour.server.settings import ServerSettings
 
-router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], responses=problem_responses(*AUTH))
+router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1/segmentations", tags=["segmentations"],
+                   responses=problem_responses(*AUTH))
 COPY_CHUNK = 1 << 20
 
 
