@@ -33,6 +33,9 @@ MIN_AXIAL_SLICES = 3
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 1024  # 1 Gi voxels: larger than any planning CT
 QFORM_SFORM_TOLERANCE_MM = 0.5  # rounding in either transform stays far below this
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# header class -> (offset, bytes) of the magic string of a single-file image
+MAGIC = {nib.Nifti1Header: (344, b"n+1\0"), nib.Nifti2Header: (4, b"n+2\0\r\n\x1a\n")}
+VERSION = {nib.Nifti1Header: "NIfTI-1", nib.Nifti2Header: "NIfTI-2"}
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,11 @@ def inspect_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_
     header, compressed, size = _read_header(path)
     info = _header_info(header, compressed, max_voxels)
     needed = _check_cost(info, size, max_decoded_bytes, max_ratio)
+    _check_extensions(path, header, info)
     scan = _Scan(info)
     read = _stream_data(path, info, limit=needed + (1 << 20), consume=scan.add)
     if read < needed:
-        raise InputImageError(f"the file is truncated: it holds {read:,} of the {needed:,} bytes its header promises")
+        raise InputImageError(_truncated(read, info))
     if not scan.finite:
         raise InputImageError("the image contains NaN or infinite values")
     return dataclasses.replace(info, decode_dtype=scan.smallest_dtype())
@@ -88,9 +92,14 @@ def _read_header(path: Path) -> tuple[nib.Nifti1Header, bool, int]:
             head = f.read(4)
             if len(head) < 4:
                 raise InputImageError("not a NIfTI file: too short for a header")
-            header_class = _header_class(head)
-            f.seek(0)
-            header = header_class.from_fileobj(f, check=False)  # as stored: nibabel would repair pixdim
+            header_class, endianness = _header_class(head)
+            block = head + f.read(header_class.template_dtype.itemsize - 4)
+            if len(block) < header_class.template_dtype.itemsize:
+                raise InputImageError("not a NIfTI file: too short for a header")
+            _check_magic(header_class, block)
+            # as stored (nibabel would repair pixdim), in the byte order sizeof_hdr gave (nibabel guesses it
+            # from dim[0]), without the extensions (checked once the file's cost is known: `_check_extensions`)
+            header = header_class(block, endianness, check=False)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputImageError(f"not a readable NIfTI file: {_gzip_reason(exc)}") from exc
     except InputImageError:
@@ -102,13 +111,16 @@ def _read_header(path: Path) -> tuple[nib.Nifti1Header, bool, int]:
 
 def _header_info(header: nib.Nifti1Header, compressed: bool, max_voxels: int) -> NiftiInfo:
     """What the header says, checked: a sane shape within `max_voxels`, geometry, one number per voxel."""
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise InputImageError(f"the header's dim[0] (the number of dimensions) is {ndim}; it must be 1 to 7")
     try:  # read unchecked, so a nonsensical dim, datatype or offset is found here
         shape = tuple(int(d) for d in header.get_data_shape())
         dtype, data_offset = header.get_data_dtype(), int(header.get_data_offset())
     except Exception as exc:
         raise InputImageError(f"corrupt NIfTI header: {exc}") from exc
     if any(d <= 0 for d in shape) or not shape:
-        raise InputImageError(f"the image has a zero-size dimension: {shape}")
+        raise InputImageError(f"the image has a zero or negative dimension: {shape}")
     n_voxels = int(np.prod(shape, dtype=np.int64))
     if n_voxels > max_voxels:
         raise InputImageError(f"the image has {n_voxels:,} voxels, more than the limit of {max_voxels:,}")
@@ -135,8 +147,44 @@ def _check_cost(info: NiftiInfo, size: int, max_decoded_bytes: int | None, max_r
         raise InputImageError(f"the file would inflate {needed / size:,.0f} times its size ({size:,} to {needed:,} "
                               f"bytes), more than the limit of {max_ratio:g} times")
     if not info.compressed and size < needed:
-        raise InputImageError(f"the file is truncated: it holds {size:,} of the {needed:,} bytes its header promises")
+        raise InputImageError(_truncated(size, info))
     return needed
+
+
+def _truncated(held: int, info: NiftiInfo) -> str:
+    """A truncated file, and where its header says the voxels lie (a corrupt vox_offset also ends here)."""
+    return (f"the file is truncated: it holds {held:,} of the {info.data_offset + info.data_bytes:,} bytes its header "
+            f"promises ({info.data_bytes:,} bytes of voxels from byte {info.data_offset:,}, its vox_offset)")
+
+
+def _check_extensions(path: Path, header: nib.Nifti1Header, info: NiftiInfo) -> None:
+    """Refuse voxels placed inside the header, and header extensions that run past the voxels' start.
+
+    Readers disagree on a broken extension chain (nibabel stops with a read error, ITK skips the rest), and
+    either way the file was damaged or written wrong: which of its bytes are voxels is uncertain. Only the
+    extensions' sizes are read, after `_check_cost` has bounded what skipping their contents inflates.
+    """
+    start = header.single_vox_offset  # the header, then 4 bytes saying whether extensions follow
+    if info.data_offset < start:
+        raise InputImageError(f"the header's vox_offset ({info.data_offset}) places the voxels inside the header; "
+                              f"a single-file image stores them from byte {start} on")
+    opener = gzip.open if info.compressed else open
+    with opener(path, "rb") as f:
+        f.seek(start - 4)
+        if f.read(1) in (b"", b"\0"):
+            return
+        position = start
+        while info.data_offset - position >= 16:  # each extension takes a multiple of 16 bytes
+            f.seek(position)
+            if len(raw := f.read(4)) < 4:
+                raise InputImageError("the file is truncated inside its header extensions")
+            esize = struct.unpack(header.endianness + "i", raw)[0]
+            if esize < 16 or position + esize > info.data_offset:
+                raise InputImageError(
+                    f"the header extension at byte {position:,} claims {esize:,} bytes, but "
+                    + ("an extension takes at least 16" if esize < 16 else
+                       f"the voxels start at byte {info.data_offset:,} (vox_offset)") + ": a corrupt header extension")
+            position += esize
 
 
 def decoded_bytes(voxels: int, stored_bytes_per_voxel: int) -> int:
@@ -283,12 +331,29 @@ def _decode(path: Path, info: NiftiInfo) -> np.ndarray:
     return out
 
 
-def _header_class(first4: bytes):
+def _header_class(first4: bytes) -> tuple[type[nib.Nifti1Header], str]:
+    """The header's class and byte order, from sizeof_hdr (348: NIfTI-1, 540: NIfTI-2)."""
     for cls, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
         for order in "<>":
             if struct.unpack(order + "i", first4)[0] == size:
-                return cls
+                return cls, order
     raise InputImageError("not a NIfTI file (its first bytes are not a NIfTI-1 or NIfTI-2 header)")
+
+
+def _check_magic(header_class: type[nib.Nifti1Header], block: bytes) -> None:
+    """Refuse a header whose magic is not that of a single-file NIfTI.
+
+    ITK reads a header without the magic as Analyze 7.5, ignoring its qform and sform: origin (0, 0, 0)
+    and x flipped (a bladder of 326 instead of 566 mL), with no word said. "ni1" is the header of a
+    .hdr/.img pair, whose voxels lie in another file.
+    """
+    offset, expected = MAGIC[header_class]
+    found = block[offset:offset + len(expected)]
+    if found != expected:
+        raise InputImageError(
+            f"the header's magic string is {found!r}, not the {expected[:3].decode()!r} of a single-file "
+            f"{VERSION[header_class]} file: a corrupted header, or an Analyze or two-file (.hdr/.img) image, "
+            "whose orientation and origin readers would make up")
 
 
 def _gzip_reason(exc: Exception) -> str:
@@ -308,7 +373,25 @@ def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_byt
         raise InputImageError(f"the image is 2D {info.shape}; a CT volume is 3D")
     if len(info.shape) > 3 and any(d > 1 for d in info.shape[3:]):
         raise InputImageError(f"the image is {len(info.shape)}D {info.shape}; give one 3D CT volume")
-    reader = sitk.ImageFileReader()  # the geometry as ITK reads it (qform or sform, LPS); the voxels are ours
+    header = _read_header(path)[0]
+    if isinstance(header, nib.Nifti2Header):
+        spacing, origin, direction = _nifti2_geometry(header)
+    else:
+        spacing, origin, direction = _itk_geometry(path)
+    x, y, z = info.shape[:3]
+    image = sitk.GetImageFromArray(_decode(path, info).reshape(z, y, x))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # spacing, origin, direction (LPS)
+
+
+def _itk_geometry(path: Path) -> Geometry:
+    """The geometry of a NIfTI-1 file as ITK reads it (qform or sform, in LPS); the voxels are ours."""
+    reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -317,12 +400,18 @@ def read_image(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_byt
     if reader.GetNumberOfComponents() != 1:
         raise InputImageError("the image has vector (multi-component) voxels; a CT has one value per voxel")
     dim = reader.GetDimension()
-    x, y, z = info.shape[:3]
-    image = sitk.GetImageFromArray(_decode(path, info).reshape(z, y, x))
-    image.SetSpacing(reader.GetSpacing()[:3])
-    image.SetOrigin(reader.GetOrigin()[:3])
-    image.SetDirection(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].ravel().tolist())
-    return image
+    return (reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+            tuple(np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3].ravel().tolist()))
+
+
+def _nifti2_geometry(header: nib.Nifti2Header) -> Geometry:
+    """The geometry of a NIfTI-2 file, which ITK cannot read, from nibabel's affine: the sform where set, else
+    the qform (`check_header_geometry` has made sure that the two agree and that pixdim agrees with the sform).
+    NIfTI's world is RAS, ITK's LPS: the first two rows change sign."""
+    lps = np.diag([-1.0, -1.0, 1.0]) @ header.get_best_affine()[:3]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    direction = lps[:, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:, 3].tolist()), tuple(direction.ravel().tolist())
 
 
 def read_ct(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS, max_decoded_bytes: int | None = None,

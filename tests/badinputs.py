@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -77,8 +78,9 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
 
     def edited(name: str, **fields) -> Path:
         """The good CT with header fields overwritten as stored (offsets of the NIfTI-1 header)."""
-        offsets = {"pixdim": (76, "<f4"), "qform_code": (252, "<i2"), "sform_code": (254, "<i2"),
-                   "srow_x": (280, "<f4")}
+        offsets = {"dim": (40, "<i2"), "datatype": (70, "<i2"), "bitpix": (72, "<i2"), "pixdim": (76, "<f4"),
+                   "vox_offset": (108, "<f4"), "qform_code": (252, "<i2"), "sform_code": (254, "<i2"),
+                   "srow_x": (280, "<f4"), "magic": (344, "S4"), "extension": (348, "S4")}
         header = bytearray(raw[:352])
         for field_name, value in fields.items():
             offset, dtype = offsets[field_name]
@@ -87,6 +89,35 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
         path = folder / name
         path.write_bytes(gzip.compress(bytes(header) + raw[352:]))
         return path
+
+    def with_extension(name: str, esize: int) -> Path:
+        """The good CT with one 16-byte header extension whose size field says `esize`."""
+        header = bytearray(raw[:352])
+        header[108:112] = np.float32(368).tobytes()  # vox_offset: after the header and the extension
+        header[348:352] = b"\x01\0\0\0"
+        extension = np.array([esize, 6], dtype="<i4").tobytes() + b"comment\0"  # ecode 6: a comment
+        path = folder / name
+        path.write_bytes(gzip.compress(bytes(header) + extension + raw[352:]))
+        return path
+
+    dim = np.frombuffer(raw[40:56], dtype="<i2").copy()
+    for magic, words in ((b"xxxx", "magic string is b'xxxx', not the 'n+1'"), (b"\0\0\0\0", "Analyze"),
+                         (b"ni1\0", "two-file (.hdr/.img)"), (b"n+2\0", "magic string is b'n+2\\x00'")):
+        cases[f"magic {magic!r}"] = (edited(f"magic_{magic[:3].hex()}.nii.gz", magic=magic), words)
+    for ndim in (9, 0):
+        cases[f"dim[0] = {ndim}"] = (edited(f"dim0_{ndim}.nii.gz", dim=[ndim, *dim[1:]]),
+                                     f"dim[0] (the number of dimensions) is {ndim}")
+    cases["negative dimension"] = (edited("dim_negative.nii.gz", dim=[3, dim[1], -40, *dim[3:]]),
+                                   "zero or negative dimension: (48, -40, 16)")
+    cases["300 MB header extension"] = (with_extension("extension_300mb.nii.gz", 300_000_016),
+                                        "header extension at byte 352 claims 300,000,016 bytes")
+    cases["8-byte header extension"] = (with_extension("extension_8.nii.gz", 8), "an extension takes at least 16")
+    cases["vox_offset inside the header"] = (edited("vox_offset_0.nii.gz", vox_offset=0), "inside the header")
+    vox_offset = edited("vox_offset_300mb.nii.gz", vox_offset=300e6)
+    uncompressed = vox_offset.with_name("vox_offset_300mb.nii")
+    uncompressed.write_bytes(gzip.decompress(vox_offset.read_bytes()))
+    cases["vox_offset 300 MB"] = (uncompressed, "from byte 300,000,000, its vox_offset")
+    cases["complex voxels"] = (edited("complex.nii.gz", datatype=32, bitpix=64), "complex")
 
     pixdim = np.frombuffer(raw[76:108], dtype="<f4").copy()
     no_spacing = pixdim.copy()
@@ -122,3 +153,24 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     huge.write_bytes(gzip.compress(bytes(huge_header) + raw[352:352 + 4096]))
     cases["gzip bomb header"] = (huge, "voxels")
     return cases
+
+
+def accepted_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
+    """A phantom CT as NIfTI-1 (little-endian, as most writers store it), and the same CT stored as the other
+    forms a reader must read as the very same image: name -> file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = _write(make_phantom(5, size=(48, 40, 16), spacing=(8.0, 8.0, 6.0)).ct, folder / "good.nii.gz")
+    image = nib.load(good)
+    voxels, affine = np.asanyarray(image.dataobj), image.affine
+    forms: dict[str, Path] = {}
+    for suffix in (".nii.gz", ".nii"):
+        forms[f"NIfTI-2 {suffix}"] = folder / f"nifti2{suffix}"
+        nib.save(nib.Nifti2Image(voxels, affine), forms[f"NIfTI-2 {suffix}"])
+    big_endian = nib.Nifti1Header(endianness=">")
+    forms["big-endian NIfTI-1"] = folder / "big_endian.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, affine, big_endian), forms["big-endian NIfTI-1"])
+    commented = nib.Nifti1Image(voxels, affine)
+    commented.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"an honest header extension"))
+    forms["NIfTI-1 with a header extension"] = folder / "extension.nii.gz"
+    nib.save(commented, forms["NIfTI-1 with a header extension"])
+    return good, forms

@@ -5,7 +5,8 @@
 3. no patient data left behind by a kill -9, in the system's temporary folder or in staging folders;
 4. an upload costs what the limits say: decoded bytes, compression ratio, concurrent decodes;
 5. 413 for chunked bodies, empty structures, Allow headers, the schema;
-and a bounded soak of mixed requests while jobs run, and schemathesis against the live schema.
+and a bounded soak of mixed requests while jobs run, and schemathesis against the live schema; from the second
+probe (issue 34): a keyless or read-only upload is refused before its body is read.
 """
 
 from __future__ import annotations
@@ -312,6 +313,53 @@ def test_schemathesis_against_the_live_schema(keyed_server, tmp_path):
     assert run.returncode == 0, summary
     assert "passed" in summary and 'status="500"' not in httpx.get(f"{server.url}/metrics").text
     assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
+
+
+def _written(pid: int) -> int:
+    """Bytes the process has passed to write() so far (files, sockets, logs): /proc/PID/io wchar."""
+    return int(dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())["wchar"])
+
+
+def _zeros_form(mebibytes: int, streamed: list[int]):
+    """A multipart body of `mebibytes` MiB of zeros, streamed; counts in `streamed[0]` the bytes handed out."""
+    yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="ct.nii.gz"\r\n\r\n'
+    for _ in range(mebibytes):
+        streamed[0] += 1 << 20
+        yield bytes(1 << 20)
+
+
+def test_keyless_and_read_only_uploads_are_refused_before_the_body_is_read(tmp_path, small_weights):
+    """Issue 34, item 8: a 200 MiB multipart body streamed by a caller without a key (or with a wrong or
+    read-only one) is answered 401/403 at once; the server closes the connection instead of reading on, and
+    writes nothing of it (no temporary file of the form, no upload)."""
+    keys = {"planner": {"sha256": hash_key(FUZZER_KEY), "scopes": ["segment", "read", "evaluate"]},
+            "viewer": {"sha256": hash_key("viewer-key"), "scopes": ["read"]}}
+    system_tmp = tmp_path / "systemtmp"
+    system_tmp.mkdir()
+    s = start_server(tmp_path / "data", small_weights, api_keys=keys, max_upload_bytes=1 << 30,
+                     environment={"TMPDIR": str(system_tmp)})
+    try:
+        for route, headers, status in (("/v1/segmentations", {}, 401),
+                                       ("/v1/segmentations", {"Authorization": "Bearer wrong"}, 401),
+                                       ("/v1/segmentations", {"X-API-Key": "viewer-key"}, 403),
+                                       ("/v1/evaluations", {"X-API-Key": "viewer-key"}, 403)):
+            streamed = [0]
+            written, started = _written(s.process.pid), time.monotonic()
+            response = httpx.post(f"{s.url}{route}", content=_zeros_form(200, streamed), timeout=60,
+                                  headers={"Content-Type": "multipart/form-data; boundary=x"} | headers)
+            elapsed = time.monotonic() - started
+            assert response.status_code == status and response.headers["content-type"] == PROBLEM, response.text
+            assert response.headers["connection"] == "close"
+            print(f"{route} {status}: answered after {streamed[0] >> 20} MiB of 200 were sent, in {elapsed:.2f} s")
+            assert streamed[0] < 32 << 20 and elapsed < 5  # socket buffers take a few MiB before the answer
+            assert _written(s.process.pid) - written < 64 << 10  # the answer and a log line, no body
+            assert httpx.get(f"{s.url}/healthz").status_code == 200
+        assert not list(system_tmp.rglob("*"))
+        assert not (tmp_path / "data" / "uploads").exists() or not list((tmp_path / "data" / "uploads").iterdir())
+        ok = upload(s.url, EXAMPLE_CT, {"structures": "bladder"}, headers={"Authorization": f"Bearer {FUZZER_KEY}"})
+        assert ok.status_code == 202, ok.text  # a key with the scope still uploads
+    finally:
+        s.stop()
 
 
 def test_an_open_server_declares_no_key(server):

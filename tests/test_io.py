@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from badinputs import bad_inputs
+from badinputs import accepted_inputs, bad_inputs
 from conftest import DATA, EXAMPLE_CT
 
 from autocontour.config import Settings
@@ -27,6 +27,40 @@ def test_every_bad_input_is_named(corpus):
             read_input(path, Settings(max_voxels=50_000_000))
         assert words.lower() in str(err.value).lower(), f"{name}: {err.value}"
         assert "\n" not in str(err.value)
+
+
+def _same_image(a: sitk.Image, b: sitk.Image) -> bool:
+    return (np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+            and all(np.allclose(x, y, atol=1e-4) for x, y in ((a.GetSpacing(), b.GetSpacing()),
+                                                               (a.GetOrigin(), b.GetOrigin()),
+                                                               (a.GetDirection(), b.GetDirection()))))
+
+
+def test_nifti2_big_endian_and_header_extensions_read_as_the_same_image(tmp_path):
+    good, forms = accepted_inputs(tmp_path)
+    reference = read_ct(good)
+    for name, path in forms.items():
+        assert _same_image(read_ct(path), reference), name
+
+
+def test_an_oblique_nifti2_is_placed_as_its_nifti1_twin(tmp_path):
+    """NIfTI-2's geometry comes from nibabel's affine (ITK cannot read NIfTI-2), NIfTI-1's from ITK: a rotated,
+    flipped, shifted grid must come out the same from both."""
+    angle = np.radians(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-2.0, 3.0, 5.0])  # x flipped, anisotropic voxels
+    affine[:3, 3] = [120.0, -80.5, 33.25]
+    voxels = sitk.GetArrayFromImage(make_phantom(2, size=(40, 32, 12), spacing=(8, 8, 8)).ct).T.astype(np.int16)
+    twins = {}
+    for version, image_class in ((1, nib.Nifti1Image), (2, nib.Nifti2Image)):
+        image = image_class(voxels, affine)
+        image.set_qform(affine, code=1)
+        twins[version] = tmp_path / f"oblique{version}.nii.gz"
+        nib.save(image, twins[version])
+    one, two = read_image(twins[1]), read_image(twins[2])
+    assert _same_image(one, two)
+    assert np.allclose(two.GetSpacing(), (2, 3, 5)) and np.allclose(two.GetOrigin(), (-120, 80.5, 33.25))
 
 
 def test_good_phantom_reads(tmp_path):

@@ -52,7 +52,14 @@ def find_roi(rtstruct: pydicom.Dataset, wanted: list[str]) -> int:
         if name.strip().lower() in by_name:
             return by_name[name.strip().lower()]
     raise InputImageError(f"no ROI named {' or '.join(repr(w) for w in wanted)} in the RTSTRUCT; it has: "
-                          + (", ".join(sorted(names.values())) or "no ROI"))
+                          + _listing(names))
+
+
+def _listing(names: dict[int, str]) -> str:
+    """The ROIs of a refusal: their names, and by number those whose name is blank (not "no ROI")."""
+    if not names:
+        return "no ROI"
+    return ", ".join(sorted(name.strip() or f"ROI {number} (its name is blank)" for number, name in names.items()))
 
 
 def roi_contours(rtstruct: pydicom.Dataset, roi_number: int) -> list[pydicom.Dataset]:

@@ -102,6 +102,8 @@ def safe_extract(archive: Path, target: Path, max_files: int = MAX_FILES, max_by
         raise InputImageError(f"not a readable zip file: {exc}") from exc
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
+        if not members:
+            raise InputImageError("the zip is empty: it holds no files")
         max_bytes = _checked_size(members, archive, max_files, max_bytes, max_ratio)
         _check_member_names(members)
         _extract_members(zf, members, target, max_bytes)

@@ -106,13 +106,14 @@ def structure_mask(mask_image: sitk.Image, ct: CanonicalCT, label: int | None, r
 
 
 def is_rtstruct(path: Path) -> bool:
-    """A DICOM file (by its preamble) rather than a NIfTI mask."""
+    """A DICOM file (by its preamble) rather than a NIfTI mask; or a file named .dcm, which is then read (and
+    refused if it is not DICOM) as the RTSTRUCT it claims to be, not as a NIfTI with the wrong extension."""
     path = Path(path)
     if not path.is_file():
         return False
     with path.open("rb") as f:
         head = f.read(132)
-    return head[128:132] == b"DICM"
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
 
 
 def read_case_ct(path: Path) -> tuple[sitk.Image, DicomSeries | None]:

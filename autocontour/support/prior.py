@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from autocontour.io import CanonicalCT
 from autocontour.preprocess import ModelInput
-from autocontour.support.registration import MASK_SCALE, Registration, make_atlas_ct, register, to_grid
+from autocontour.support.registration import MASK_SCALE, MIN_OVERLAP_MM, Registration, make_atlas_ct, register, to_grid
 from autocontour.support.store import SupportSet
 
 PRESENT = 0.05  # a slice whose prior peaks below this is taken not to show the structure
@@ -95,6 +95,8 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
     `registrations` keeps them across calls (a scan segmented again, or in several calls, is registered
     once per source case); by default they last this call.
     """
+    if (too_short := _too_short_to_register(canonical, supports)) is not None:
+        return {}, [too_short]
     query_atlas: dict[float, sitk.Image] = {}
     registrations = {} if registrations is None else registrations
     priors: dict[str, StructurePrior] = {}
@@ -135,6 +137,17 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
             notes.append(f"{name}: no registration prior: the scan shares too little length with the source "
                          "case(s) to register reliably")
     return priors, notes
+
+
+def _too_short_to_register(canonical: CanonicalCT, supports: dict[str, SupportSet]) -> str | None:
+    """Why no source case is registered to a scan shorter than MIN_OVERLAP_MM (such a registration is never
+    `reliable`, and ITK cannot even smooth a scan of 3 slices), when some set has source cases to register."""
+    length = float(np.ptp(canonical.slice_positions_mm()))
+    if length >= MIN_OVERLAP_MM or not any(case.atlas is not None for support in supports.values()
+                                           for case in support.manifest.source_cases):
+        return None
+    return (f"the scan is {length:.0f} mm long, shorter than the {MIN_OVERLAP_MM:.0f} mm a registration prior needs: "
+            "no source case was registered to it")
 
 
 def _register_or_reason(source: sitk.Image, query: sitk.Image) -> Registration | str:

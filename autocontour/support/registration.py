@@ -47,6 +47,7 @@ METRIC_HU_RANGE = (-1000.0, 1500.0)  # contrast boli up to 1300+ HU and metal wo
 MASK_SCALE = 255  # uint8 occupancy: 255 = the voxel lies wholly inside the structure
 SEARCH_SHRINK = 2  # the axial search runs at twice the atlas spacing
 MIN_METRIC_VOXELS = 64  # fewer body voxels in an overlap than this give no similarity to compare
+MIN_SMOOTHED_VOXELS = 4  # ITK's recursive Gaussian needs at least this many voxels along an axis
 SEARCH_COARSE_STEP_MM, SEARCH_FINE_STEP_MM = 8.0, 2.0
 MIN_OVERLAP_MM = 60.0  # shifts leaving less common length are not tried; a shorter scan is not `reliable`
 OVERLAP_MARGIN_MM = 12.0  # the fixed mask stops this far inside the slab the source covers
@@ -83,9 +84,11 @@ def _smooth_for(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Gaussian anti-aliasing before downsampling to `spacing_mm` (sigma per axis from the spacing ratio).
 
     An axis already as coarse as `spacing_mm` (the 4-5 mm in-plane grids of some planning CTs) needs no
-    smoothing, and ITK's smoothing filter refuses a zero sigma: such grids are smoothed axis by axis.
+    smoothing, and ITK's smoothing filter refuses a zero sigma: such grids are smoothed axis by axis. ITK
+    also refuses to smooth an axis of fewer than 4 voxels (a 3-slice scan): such an axis is left as it is.
     """
-    sigmas = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in image.GetSpacing()]
+    sigmas = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 if n >= MIN_SMOOTHED_VOXELS else 0.0
+              for s, n in zip(image.GetSpacing(), image.GetSize(), strict=True)]
     if min(sigmas) > 0:
         return sitk.SmoothingRecursiveGaussian(image, sigmas)
     for axis, sigma in enumerate(sigmas):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.dependencies import LibraryDep, ModelDep
 from autocontour.server.openapi import AUTH, problem_responses
 
-router = APIRouter(prefix="/v1", tags=["catalogue"], responses=problem_responses(*AUTH))
+router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1", tags=["catalogue"], responses=problem_responses(*AUTH))
 
 
 @router.get("/structures")

@@ -12,12 +12,13 @@ from fastapi.concurrency import run_in_threadpool
 from autocontour.evaluation.evaluate import evaluate_pairs, pair_inputs, parse_tolerances
 from autocontour.evaluation.metrics import metric_keys
 from autocontour.io import inspect_nifti
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, SettingsDep
 from autocontour.server.openapi import AUTH, problem_responses
 
-router = APIRouter(prefix="/v1", tags=["evaluations"], responses=problem_responses(*AUTH))
+router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1", tags=["evaluations"],
+                   responses=problem_responses(*AUTH))
 
 
 async def _save(upload: UploadFile, folder: Path, stem: str) -> Path:

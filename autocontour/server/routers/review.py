@@ -10,14 +10,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from autocontour.pipeline.outputs import REVIEW_CT
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.dependencies import QueueDep, ResultsDep, ReviewDep
 from autocontour.server.openapi import AUTH, problem_responses
 from autocontour.server.problems import Problem
 from autocontour.server.review import ReviewVolume
 from autocontour.server.routers.segmentations import finished
 
-router = APIRouter(tags=["review"])
+router = APIRouter(route_class=AuthenticatedFirst, tags=["review"])
 REVIEW_ERRORS = problem_responses(*AUTH, 404, 409, described={
     404: "no such job (or another key's), a job that kept no CT for review, or a slice outside the volume"})
 STATIC = Path(__file__).resolve().parent.parent / "static"

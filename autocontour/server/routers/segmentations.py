@@ -19,7 +19,7 @@ from autocontour.errors import InputImageError
 from autocontour.export import PREVIEW, SUMMARY
 from autocontour.options import SegmentOptions
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.context import request_id
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, JobsDep, LibraryDep, QueueDep, ResultsDep, SettingsDep
@@ -30,7 +30,8 @@ from autocontour.server.problems import Problem, queue_full
 from autocontour.server.queue import JobQueue
 from autocontour.server.settings import ServerSettings
 
-router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"], responses=problem_responses(*AUTH))
+router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1/segmentations", tags=["segmentations"],
+                   responses=problem_responses(*AUTH))
 COPY_CHUNK = 1 << 20
 
 
@@ -84,10 +85,14 @@ def _owned(queue: JobQueue, job_id: str, owner: str | None) -> Job:
     return job
 
 
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # a member first; an empty zip; a spanned one
+
+
 def _input_name(head: bytes) -> str:
+    """The upload's name by its first bytes (the client's file name is not trusted, nor logged)."""
     if head[:2] == b"\x1f\x8b":
         return "ct.nii.gz"
-    if head[:4] == b"PK\x03\x04":
+    if head[:4] in ZIP_SIGNATURES:
         return "ct.zip"  # a DICOM series
     return "ct.nii"
 
