@@ -16,7 +16,7 @@ from autocontour.errors import UnknownStructureError
 from autocontour.pipeline.approval import Approval, approve
 from autocontour.pipeline.editing import Edit, current_version
 from autocontour.pipeline.versions import StructureVersions, Version, versions_of
-from autocontour.server.auth import require
+from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, JobsDep, QueueDep, ResultsDep, SettingsDep
 from autocontour.server.editing import (
@@ -34,7 +34,8 @@ from autocontour.server.queue import JobQueue
 from autocontour.server.routers.segmentations import COPY_CHUNK, finished
 from autocontour.server.settings import ServerSettings
 
-router = APIRouter(prefix="/v1/segmentations", tags=["editing"], responses=problem_responses(*AUTH))
+router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1/segmentations", tags=["editing"],
+                   responses=problem_responses(*AUTH))
 EDIT_ERRORS = problem_responses(404, 409, 413, 422, 503, described={
     404: "no such job (or another key's, or expired)",
     409: "the job is not done (queued or running: with Retry-After; failed or cancelled), or kept no CT to edit on",
