@@ -9,8 +9,12 @@ has one ROI per structure with its name (display or TG-263), colour and RT ROI
 Interpreted Type, and contours on the input's own slices along the voxel
 boundaries (`autocontour.dicom.contours`), so a planning system rasterises exactly our
 masks. Decimal strings have at most 16 characters (longer ones are a known
-cause of rejected RTSTRUCTs), approval status is UNAPPROVED, and the series
-description says "autocontour draft".
+cause of rejected RTSTRUCTs). Its RT Approval module says what it is: a draft
+is UNAPPROVED and its series description says "autocontour draft"; only a
+result a named clinician approved (`approved_by`) is written APPROVED, with
+the reviewer's name, date and time. `autocontour support build` refuses
+drafts as support cases (`autocontour.dicom.roi.approval_refusal`), so the
+network never learns from its own unreviewed output.
 
 DICOM-SEG (highdicom): one binary segment per structure, each carrying the
 algorithm identification (name, version, model SHA-256, support-set ids).
@@ -36,12 +40,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from autocontour import __version__
-from autocontour.dicom import ROI_NAME_STYLES
+from autocontour.dicom import DRAFT_DESCRIPTION, ROI_NAME_STYLES
 from autocontour.dicom.contours import rasterise, slice_polygons
 from autocontour.dicom.series import DicomSeries
 from autocontour.errors import OptionError
 
-DRAFT_DESCRIPTION = "autocontour draft - not approved"
+APPROVED_DESCRIPTION = "autocontour - clinician approved"
 RTSTRUCT_FILE = "rtstruct.dcm"
 SEG_FILE = "seg.dcm"
 # Contour Data is one DS value list; in explicit VR its length field has 16 bits. 3 values of at most 16
@@ -139,18 +143,26 @@ def _contours(series: DicomSeries, mask: np.ndarray) -> list[pydicom.Dataset]:
 
 
 def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, descriptions: dict[str, str],
-                   definitions: dict[str, Any], roi_names: str = "display") -> Path:
+                   definitions: dict[str, Any], roi_names: str = "display", *, approved_by: str | None = None,
+                   approved_at: datetime | None = None) -> Path:
     """masks: structure -> (slice, row, column) array on the series' grid; empty ones are left out
-    (an ROI without contours is rejected by several planning systems)."""
-    ds = _structure_set(series.datasets[0])
+    (an ROI without contours is rejected by several planning systems).
+
+    Without `approved_by` the structure set is an UNAPPROVED draft. With it (the reviewer's name, as a
+    DICOM person name such as "Sato^Hanako") it is APPROVED by that reviewer at `approved_at` (default: now):
+    only a caller that knows a clinician approved these contours may say so."""
+    if approved_by is not None and not approved_by.strip():
+        raise OptionError("approved_by must name the reviewer who approved the contours")
+    ds = _structure_set(series.datasets[0], approved_by is not None)
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
     for number, name in enumerate((n for n, m in masks.items() if m.any()), start=1):
         _add_roi(ds, series, number, masks[name], definitions[name], roi_name(definitions[name], roi_names),
-                 descriptions.get(name, ""))
-    ds.ApprovalStatus = "UNAPPROVED"
+                 descriptions.get(name, ""), approved_by)
+    _set_approval(ds, approved_by, approved_at)
 
-    if "SpecificCharacterSet" not in ds and not all(r.ROIName.isascii() for r in ds.StructureSetROISequence):
+    names = [str(r.ROIName) for r in ds.StructureSetROISequence] + [approved_by or ""]
+    if "SpecificCharacterSet" not in ds and not all(name.isascii() for name in names):
         ds.SpecificCharacterSet = "ISO_IR 192"  # the input needed none, our names need UTF-8
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -162,8 +174,19 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
     return out
 
 
-def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:
-    """A new, unapproved draft structure set of the input's patient and study, in a series of its own."""
+def _set_approval(ds: pydicom.Dataset, approved_by: str | None, approved_at: datetime | None) -> None:
+    """The RT Approval module: UNAPPROVED, or APPROVED with the reviewer's name, date and time (required then)."""
+    if approved_by is None:
+        ds.ApprovalStatus = "UNAPPROVED"
+        return
+    when = approved_at or datetime.now()
+    ds.ApprovalStatus = "APPROVED"
+    ds.ReviewerName = approved_by.strip()
+    ds.ReviewDate, ds.ReviewTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+
+
+def _structure_set(source: pydicom.Dataset, approved: bool = False) -> pydicom.Dataset:
+    """A new structure set of the input's patient and study, in a series of its own: a draft unless approved."""
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = pydicom.Dataset()
@@ -175,14 +198,15 @@ def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = "901"
     ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = DRAFT_DESCRIPTION
+    ds.SeriesDescription = APPROVED_DESCRIPTION if approved else DRAFT_DESCRIPTION
     ds.OperatorsName = ""
     ds.Manufacturer = "autocontour"
     ds.ManufacturerModelName = "autocontour"
     ds.SoftwareVersions = __version__
     ds.StructureSetLabel = "autocontour"  # SH: at most 16 characters
-    ds.StructureSetName = DRAFT_DESCRIPTION
-    ds.StructureSetDescription = ("Automatic draft contours for review by a qualified clinician; "
+    ds.StructureSetName = ds.SeriesDescription
+    ds.StructureSetDescription = ("Automatic contours, reviewed and approved by a clinician." if approved else
+                                  "Automatic draft contours for review by a qualified clinician; "
                                   "not approved for treatment planning.")
     ds.InstanceNumber = "1"
     ds.StructureSetDate, ds.StructureSetTime = date, time
@@ -205,7 +229,7 @@ def _referenced_frame(series: DicomSeries) -> pydicom.Dataset:
 
 
 def _add_roi(ds: pydicom.Dataset, series: DicomSeries, number: int, mask: np.ndarray, definition: Any, name: str,
-             description: str) -> None:
+             description: str, approved_by: str | None = None) -> None:
     """One structure's ROI, its contours and its observation, appended to the structure set's sequences."""
     roi = pydicom.Dataset()
     roi.ROINumber = number
@@ -223,9 +247,10 @@ def _add_roi(ds: pydicom.Dataset, series: DicomSeries, number: int, mask: np.nda
     observation = pydicom.Dataset()
     observation.ObservationNumber = number
     observation.ReferencedROINumber = number
-    observation.ROIObservationDescription = "automatic draft, not reviewed"
+    observation.ROIObservationDescription = ("automatic, reviewed and approved" if approved_by else
+                                             "automatic draft, not reviewed")
     observation.RTROIInterpretedType = definition.interpreted_type
-    observation.ROIInterpreter = ""
+    observation.ROIInterpreter = approved_by or ""
     ds.RTROIObservationsSequence.append(observation)
 
 

@@ -4,6 +4,12 @@ ROIs are found by name (case-insensitive, with the clinic's synonyms) and
 rasterised as planning systems do (autocontour.dicom.contours.rasterise: voxel
 centres inside, a slice's contours combined by XOR), in physical
 coordinates onto whatever grid the CT has (a DICOM series or a NIfTI file).
+
+A support case teaches the network what the clinic draws, so only contours a
+clinician stands behind may become one: `approval_refusal` says why an
+RTSTRUCT must not (its RT Approval status is UNAPPROVED or REJECTED, or it is
+an autocontour draft). An RTSTRUCT without the optional RT Approval module is
+taken as the clinic's own export.
 """
 
 from __future__ import annotations
@@ -14,8 +20,23 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from autocontour.dicom import DRAFT_DESCRIPTION
 from autocontour.dicom.contours import rasterise as rasterise_slice
 from autocontour.errors import InputImageError
+
+ALLOW_UNAPPROVED_FLAG = "--allow-unapproved"
+
+
+def approval_refusal(rtstruct: pydicom.Dataset) -> str | None:
+    """Why this structure set must not become a support case, or None when it may."""
+    status = str(getattr(rtstruct, "ApprovalStatus", "")).strip().upper()
+    if status in ("UNAPPROVED", "REJECTED"):
+        return f"its RT Approval status is {status}: no clinician approved these contours"
+    ours = str(getattr(rtstruct, "Manufacturer", "")) == "autocontour"
+    if ours and status != "APPROVED" and DRAFT_DESCRIPTION in (str(getattr(rtstruct, "StructureSetName", "")),
+                                                               str(getattr(rtstruct, "SeriesDescription", ""))):
+        return "it is an autocontour draft that no clinician approved"
+    return None
 
 
 def roi_names(rtstruct: pydicom.Dataset) -> dict[int, str]:
