@@ -5,18 +5,22 @@ records where it came from."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from dicom_tools import DEFINITIONS, dciodvfy_errors
+from conftest import EXAMPLE_CT, EXAMPLE_LABELS, RECIPES, ROOT
+from dicom_tools import DEFINITIONS, dciodvfy_errors, write_ct_series
 
 from autocontour.cli import main
 from autocontour.dicom.outputs import write_rtstruct
 from autocontour.dicom.series import DicomSeries, read_series
-from autocontour.support.build import build_support_set
+from autocontour.io import CanonicalCT, fingerprint
+from autocontour.support.build import build_support_set, read_case_ct
+from autocontour.support.recipes import load_recipes
 from autocontour.support.store import MANIFEST, load_support_set
 
 SERIES = Path(__file__).resolve().parent / "data" / "dicom_ct"
@@ -131,3 +135,28 @@ def test_drafts_are_refused_and_approved_rtstructs_join_a_set(tmp_path, phantom_
                  "--allow-unapproved", "--size", "8", "--out", str(allowed)]) == 0
     taken = load_support_set(allowed).manifest.source_cases[0].provenance
     assert taken is not None and taken.approval == "UNAPPROVED" and taken.allowed_unapproved
+
+
+def test_the_same_ct_as_nifti_dicom_folder_and_zip_is_one_scan(tmp_path, capsys):
+    folder = write_ct_series(EXAMPLE_CT, tmp_path / "dicom")  # LPS, int16, positions as decimal strings
+    archive = Path(shutil.make_archive(str(tmp_path / "dicom"), "zip", folder))
+    canonical = {path.name: CanonicalCT(read_case_ct(path)).image for path in (EXAMPLE_CT, folder, archive)}
+    prints = {name: fingerprint(image) for name, image in canonical.items()}
+    assert len(set(prints.values())) == 1, prints
+    shipped = load_support_set(ROOT / "support_sets" / "bladder").manifest.source_cases[0]
+    assert shipped.fingerprint == prints["dicom"]  # so a segmentation of the series knows it is the set's own case
+
+    moved = sitk.Image(canonical["dicom"])
+    moved.SetOrigin(tuple(v + 0.5 for v in moved.GetOrigin()))
+    changed = sitk.Image(canonical["dicom"])
+    changed[60, 50, 56] = changed[60, 50, 56] + 1
+    assert len({prints["dicom"], fingerprint(moved), fingerprint(changed)}) == 3  # another scan is another scan
+
+    sets = tmp_path / "bladder"
+    build_support_set("bladder", "bladder", [(EXAMPLE_CT, EXAMPLE_LABELS)], sets, size=8, preview=False,
+                      recipe=load_recipes(RECIPES)["bladder"], atlas=False)
+    capsys.readouterr()
+    for stored in (folder, archive):
+        assert main(["support", "add", str(sets), "--case", str(stored), str(EXAMPLE_LABELS), "--recipe",
+                     "bladder"]) == 2
+        _one_line_error(capsys, "case1 is the same scan as case0, already in the set")

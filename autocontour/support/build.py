@@ -47,7 +47,7 @@ from autocontour.io import CanonicalCT, fingerprint, read_image
 from autocontour.pipeline.summary import Summary
 from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
 from autocontour.support.localise import bone_profile
-from autocontour.support.provenance import CaseFiles, as_case_files, case_provenance, refuse_duplicates
+from autocontour.support.provenance import CaseFiles, as_case_files, case_provenance, known_scans, refuse_known_scan
 from autocontour.support.recipes import Recipe
 from autocontour.support.registration import AtlasCase, make_atlas_case
 from autocontour.support.store import (
@@ -160,8 +160,9 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
 
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
               recipe: Recipe | None = None, names: dict[str, int] | None = None,
-              rois: list[str] | None = None, atlas: bool = True) -> LabelledCase:
-    ct = CanonicalCT(read_case_ct(ct_path))
+              rois: list[str] | None = None, atlas: bool = True, ct: CanonicalCT | None = None) -> LabelledCase:
+    """The case, its CT read from `ct_path` unless given already read (`ct`)."""
+    ct = ct or CanonicalCT(read_case_ct(ct_path))
     mask_image, roi = read_case_mask(mask_path, ct.input, rois)
     if mask_image.GetSize() != ct.input.GetSize() or not np.allclose(
             mask_image.GetOrigin(), ct.input.GetOrigin(), atol=1e-3) or not np.allclose(
@@ -276,12 +277,13 @@ def load_cases(cases: Sequence[tuple[Path, Path] | CaseFiles], spec: PreprocessS
     ids = list(islice((f"case{i}" for i in count() if f"case{i}" not in taken), len(given)))
     provenance = [case_provenance(case, case_id, rules.allow_unapproved) for case, case_id in zip(given, ids,
                                                                                                      strict=True)]
-    loaded = []
+    loaded, known = [], known_scans(existing)
     for case, case_id, origin in zip(given, ids, provenance, strict=True):
+        ct = CanonicalCT(read_case_ct(case.ct))
+        refuse_known_scan(case_id, fingerprint(ct.image), known)
         loaded.append(load_case(case_id, case.ct, case.mask, spec, rules.label, rules.recipe,
-                                label_names_for(case.mask, rules.label_names), rules.rois, rules.atlas))
+                                label_names_for(case.mask, rules.label_names), rules.rois, rules.atlas, ct))
         loaded[-1].case.provenance = origin
-        refuse_duplicates([c.case for c in loaded], existing)
     for labelled in loaded:
         if labelled.atlas is not None:
             labelled.case.atlas = save_atlas_copy(labelled.atlas, Path(out), labelled.case.case)

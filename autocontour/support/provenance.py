@@ -82,11 +82,14 @@ def _approval_fields(rtstruct) -> dict[str, Any]:
     return fields
 
 
-def refuse_duplicates(new: Iterable[SourceCase], existing: Iterable[SourceCase] = ()) -> None:
-    """Refuse a scan that is already a case (of the set, or given twice): the same fingerprint, however stored."""
-    seen = {c.fingerprint: f"{c.case}, already in the set" for c in existing}
-    for case in new:
-        if case.fingerprint in seen:
-            raise SupportSetError(f"{case.case} is the same scan as {seen[case.fingerprint]} (same fingerprint, "
-                                  "however it is stored): a scan can be a support case only once")
-        seen[case.fingerprint] = case.case
+def known_scans(existing: Iterable[SourceCase]) -> dict[str, str]:
+    """Fingerprint -> how to name the case that has it, for `refuse_known_scan`."""
+    return {c.fingerprint: f"{c.case}, already in the set" for c in existing}
+
+
+def refuse_known_scan(case_id: str, scan_fingerprint: str, known: dict[str, str]) -> None:
+    """Refuse a scan that is already a case (of the set, or given twice), however it is stored; else note it."""
+    if scan_fingerprint in known:
+        raise SupportSetError(f"{case_id} is the same scan as {known[scan_fingerprint]} (same fingerprint, however "
+                              "it is stored): a scan can be a support case only once")
+    known[scan_fingerprint] = case_id
