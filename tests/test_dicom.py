@@ -304,6 +304,21 @@ def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     assert np.array_equal(back["CTVn"], known_masks["ctvn"])
 
 
+def test_seg_segments_have_distinct_display_colours(series, known_masks, tmp_path):
+    from autocontour.catalogue import PALETTE
+
+    clash = definition("Bowel", DEFINITIONS["bladder"].colour, "ORGAN")  # declares the bladder's colour
+    masks = known_masks | {"bowel": np.roll(known_masks["bladder"], 40, axis=1)}
+    path = write_seg(series, masks, tmp_path / "seg.dcm", {}, {}, DEFINITIONS | {"bowel": clash})
+    segments = {item.SegmentLabel: item for item in pydicom.dcmread(path).SegmentSequence}
+    colours = {label: hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
+               for label, item in segments.items()}
+    assert colours["Bladder"] == DEFINITIONS["bladder"].colour and colours["CTVn"] == DEFINITIONS["ctvn"].colour
+    assert colours["Bowel"] == PALETTE[0] and len(set(colours.values())) == 3
+    read = hd.seg.segread(str(path))
+    assert all("RecommendedDisplayCIELabValue" in read.get_segment_description(n) for n in read.segment_numbers)
+
+
 def test_segment_a_dicom_folder_and_zip(pelvic_series, tmp_path, small_weights):
     archive = tmp_path / "ct.zip"
     with zipfile.ZipFile(archive, "w") as z:

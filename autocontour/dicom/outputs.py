@@ -17,7 +17,10 @@ drafts as support cases (`autocontour.dicom.roi.approval_refusal`), so the
 network never learns from its own unreviewed output.
 
 DICOM-SEG (highdicom): one binary segment per structure, each carrying the
-algorithm identification (name, version, model SHA-256, support-set ids).
+algorithm identification (name, version, model SHA-256, support-set ids) and
+a Recommended Display CIELab Value (the structure's colour; a second structure
+of the same colour takes the next free one of the catalogue's palette), so
+viewers do not draw every segment alike.
 
 Both writers take the structure definitions as a parameter: objects with
 `display_name`, `colour`, `interpreted_type` and `tg263_name` (None: the
@@ -26,6 +29,7 @@ display name is used).
 
 from __future__ import annotations
 
+import colorsys
 import copy
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +44,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from autocontour import __version__
+from autocontour.catalogue import PALETTE
 from autocontour.dicom import DRAFT_DESCRIPTION, ROI_NAME_STYLES
 from autocontour.dicom.contours import rasterise, slice_polygons
 from autocontour.dicom.series import DicomSeries
@@ -289,6 +294,7 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
 
     Each segment names the exact inputs that drew it: model and support set, by full SHA-256."""
     names = [n for n, m in masks.items() if m.any()]
+    colours = segment_colours([definitions[n].colour for n in names])
     descriptions = []
     for number, name in enumerate(names, start=1):
         definition = definitions[name]
@@ -303,7 +309,7 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=definition.display_name, segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm))
+            algorithm_identification=algorithm, display_color=hd.color.CIELabColor.from_rgb(*colours[number - 1])))
     if not names:
         raise ValueError("no structure has any voxel: nothing to write into a DICOM-SEG")
     pixels = np.stack([masks[n].astype(np.uint8) for n in names], axis=-1)  # (frames, rows, columns, segments)
@@ -317,6 +323,29 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
     out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(str(out))
     return out
+
+
+def segment_colours(wanted: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Each segment's display colour: the one its structure declares, unless an earlier segment has it; then
+    the first colour of the catalogue's palette that no segment has (past the palette, a spread of hues)."""
+    chosen: list[tuple[int, int, int]] = []
+    for r, g, b in wanted:
+        colour = (int(r), int(g), int(b))
+        if colour in chosen:
+            colour = next((c for c in PALETTE if c not in chosen), None) or _spare_colour(chosen)
+        chosen.append(colour)
+    return chosen
+
+
+def _spare_colour(chosen: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """A bright colour no segment has: hues a golden-ratio step apart."""
+    step = 0
+    while True:
+        r, g, b = colorsys.hsv_to_rgb((step * 0.618034) % 1, 0.75, 0.95)
+        colour = (round(r * 255), round(g * 255), round(b * 255))
+        if colour not in chosen:
+            return colour
+        step += 1
 
 
 def read_seg(series: DicomSeries, path: Path) -> dict[str, np.ndarray]:
