@@ -124,7 +124,10 @@ MARKED_ROWS = """() => {
   const rows = state.info.planes.axial.count, marked = [];
   for (let z = 0; z < rows; z++) {
     const y = Math.floor((rows - 1 - z + 0.5) * canvas.height / rows);
-    const red = (x) => { const d = ctx.getImageData(x, y, 1, 1).data; return d[0] === 255 && d[1] === 48 && d[2] === 48; };
+    const red = (x) => {
+      const d = ctx.getImageData(x, y, 1, 1).data;
+      return d[0] === 255 && d[1] === 48 && d[2] === 48;
+    };
     if (red(3) && red(canvas.width - 4)) marked.push(z);
   }
   return marked;
