@@ -180,12 +180,24 @@ def test_series_geometry_and_hu(series):
     assert hu.min() == -1024 and hu.max() > 1000  # rescale intercept applied
     assert [float(ds.ImagePositionPatient[2]) for ds in series.datasets] == sorted(
         float(ds.ImagePositionPatient[2]) for ds in series.datasets)
+    assert not any("UID" in w for w in series.warnings)  # the shipped example has valid UIDs of its own
+    assert [ds.SOPInstanceUID for ds in series.datasets] == [
+        pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in series.files]
+
+
+def test_a_series_whose_anonymiser_blanked_its_uids(tmp_path):
+    """Study, series, SOP class and instance UIDs blanked in the datasets: the file meta's SOP UIDs (what a PACS
+    indexes) are used, not made up, and the study and series get UIDs derived from the contents."""
+    for path in sorted(SERIES.glob("CT.*")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ds.SOPClassUID = ""
+        ds.save_as(tmp_path / path.name)
+    series = read_series(tmp_path)
     assert any("deterministic UIDs" in w for w in series.warnings)
-    # the datasets' SOP Instance UIDs are empty: those of the file meta (the PACS's) are used, not made up
     assert [ds.SOPInstanceUID for ds in series.datasets] == [
         pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in series.files]
     assert any("SOPInstanceUID are empty; those of their file meta are used" in w for w in series.warnings)
-    assert read_series(SERIES).series_uid == series.series_uid  # the same UIDs every time
+    assert read_series(tmp_path).series_uid == series.series_uid  # the same UIDs every time
 
 
 def test_mixed_series_and_gaps_are_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from conftest import EXAMPLE_CT, EXAMPLE_LABELS, RECIPES, ROOT
-from dicom_tools import DEFINITIONS, dciodvfy_errors, write_ct_series
+from dicom_tools import DEFINITIONS, dciodvfy_errors, tool, write_ct_series
 
 from autocontour.cli import main
 from autocontour.dicom.outputs import write_rtstruct
@@ -137,10 +138,14 @@ def test_drafts_are_refused_and_approved_rtstructs_join_a_set(tmp_path, phantom_
     assert taken is not None and taken.approval == "UNAPPROVED" and taken.allowed_unapproved
 
 
-def test_the_same_ct_as_nifti_dicom_folder_and_zip_is_one_scan(tmp_path, capsys):
+def test_the_same_ct_as_nifti_dicom_folder_zip_and_plastimatch_series_is_one_scan(tmp_path, capsys):
     folder = write_ct_series(EXAMPLE_CT, tmp_path / "dicom")  # LPS, int16, positions as decimal strings
     archive = Path(shutil.make_archive(str(tmp_path / "dicom"), "zip", folder))
-    canonical = {path.name: CanonicalCT(read_case_ct(path)).image for path in (EXAMPLE_CT, folder, archive)}
+    converted = tmp_path / "plastimatch"  # the recipe docs/dicom-pacs.md gives
+    subprocess.run([tool("plastimatch"), "convert", "--input", str(EXAMPLE_CT), "--output-dicom", str(converted),
+                    "--patient-id", "DEMO-1"], check=True, capture_output=True, timeout=300)
+    canonical = {path.name: CanonicalCT(read_case_ct(path)).image
+                 for path in (EXAMPLE_CT, folder, archive, converted)}
     prints = {name: fingerprint(image) for name, image in canonical.items()}
     assert len(set(prints.values())) == 1, prints
     shipped = load_support_set(ROOT / "support_sets" / "bladder").manifest.source_cases[0]
