@@ -77,7 +77,7 @@ BUILTIN: dict[str, StructureDefinition] = {
 DEFAULT_STRUCTURES = ("bladder", "anorectum", "ctvn")
 
 # colours for structures whose set declares none: distinct, readable on a grey CT
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
 
 
@@ -88,7 +88,7 @@ def default_definition(name: str, **fields) -> StructureDefinition:
     laterality = fields.get("laterality") or ("left" if name.endswith("_left") else
                                               "right" if name.endswith("_right") else "midline")
     base: dict[str, Any] = {"name": name, "display_name": name.replace("_", " ").capitalize(),
-            "colour": _PALETTE[sum(name.encode()) % len(_PALETTE)], "laterality": laterality}
+            "colour": PALETTE[sum(name.encode()) % len(PALETTE)], "laterality": laterality}
     return StructureDefinition(**(base | {k: v for k, v in fields.items() if v is not None}))
 
 

@@ -467,16 +467,30 @@ def check_looks_like_ct(values: np.ndarray) -> None:
             "a CT shows air near -1000 HU): is it a mask, an MR, or stored without its rescale intercept?")
 
 
-def fingerprint(image: sitk.Image) -> str:
-    """SHA-256 of voxel values and geometry: identifies a scan without naming it.
+# What a fingerprint rounds the geometry to (docs/outputs.md): far finer than any CT voxel, coarser than what
+# storing a scan as NIfTI (float32 header) or as DICOM (decimal strings) changes.
+FINGERPRINT_SPACING_MM = 0.001
+FINGERPRINT_ORIGIN_MM = 0.1
+FINGERPRINT_DIRECTION = 0.001
 
-    Take it of the canonical image (`CanonicalCT.image`) so that the same scan
-    stored in another orientation has the same fingerprint.
+
+def fingerprint(image: sitk.Image) -> str:
+    """SHA-256 of what the scan is: identifies it without naming it, however it is stored.
+
+    The same CT read as NIfTI, as a DICOM folder or as a zip of that folder must have one fingerprint (a
+    support set must see that a scan is its own source case), so the fingerprint covers the HU values as
+    int16 after rescale (rounded: the stored data type does not count) and the size, with spacing, origin and
+    direction taken as float32 and rounded to FINGERPRINT_SPACING_MM, FINGERPRINT_ORIGIN_MM and
+    FINGERPRINT_DIRECTION. Take it of the canonical image (`CanonicalCT.image`), so that the same scan stored
+    in another orientation has the same fingerprint.
     """
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
-    for item in (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()):
-        digest.update(np.asarray(item, dtype=np.float64).tobytes())
+    hu = np.clip(np.rint(sitk.GetArrayViewFromImage(image)), -32768, 32767).astype("<i2")
+    digest = hashlib.sha256(np.ascontiguousarray(hu).tobytes())
+    digest.update(np.asarray(image.GetSize(), dtype="<i8").tobytes())
+    for item, step in ((image.GetSpacing(), FINGERPRINT_SPACING_MM), (image.GetOrigin(), FINGERPRINT_ORIGIN_MM),
+                       (image.GetDirection(), FINGERPRINT_DIRECTION)):
+        steps = np.rint(np.asarray(item, dtype=np.float32).astype(np.float64) / step).astype("<i8")
+        digest.update(steps.tobytes())
     return digest.hexdigest()
 
 

@@ -75,7 +75,8 @@ def start_orthanc() -> Orthanc:
 
 
 def pacs_copy(series_folder: Path, target: Path) -> str:
-    """A copy of the example series as a PACS holds it: the anonymiser blanked its UIDs, a PACS needs them.
+    """A copy of a series with study, series and SOP UIDs of its own, so that a test's study is not the shipped
+    example's (which other tests may store in the same PACS) nor another copy's.
 
     Returns the study UID. UIDs are deterministic (derived from the file names).
     """

@@ -4,9 +4,11 @@ laterality, and support sets from a clinic's own DICOM RT data."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import EXAMPLE_CT, EXAMPLE_LABELS
@@ -188,7 +190,8 @@ def test_support_build_from_dicom_and_rtstruct_matches_the_nifti_mask(tmp_path, 
     nifti_mask, blob = _dicom_case(tmp_path)
     series = read_series(SERIES)
     definition = default_definition("gtv_liver", display_name="GTV liver", interpreted_type="GTV")
-    rtstruct = write_rtstruct(series, {"gtv_liver": blob}, tmp_path / "rtstruct.dcm", {}, {"gtv_liver": definition})
+    rtstruct = write_rtstruct(series, {"gtv_liver": blob}, tmp_path / "rtstruct.dcm", {}, {"gtv_liver": definition},
+                              approved_by="Sato^Hanako")  # a clinic's approved contours
     from_nifti = build_support_set("gtv_liver", "gtv_liver", [(SERIES, nifti_mask)], tmp_path / "a", size=8,
                                    preview=False)
     assert main(["support", "build", "gtv_liver", "--case", str(SERIES), str(rtstruct), "--roi", "Tumour",
@@ -202,7 +205,7 @@ def test_support_build_from_dicom_and_rtstruct_matches_the_nifti_mask(tmp_path, 
     assert "no ROI named 'Rectum'" in capsys.readouterr().err
 
 
-def test_support_build_from_the_pacs(tmp_path):
+def test_support_build_from_the_pacs_takes_the_approved_rtstruct_not_our_newer_draft(tmp_path, capsys):
     from orthanc import pacs_copy, start_orthanc, upload_folder
 
     from autocontour.dicom.outputs import write_rtstruct
@@ -210,18 +213,37 @@ def test_support_build_from_the_pacs(tmp_path):
     study = pacs_copy(SERIES, tmp_path / "pacs")
     series = read_series(tmp_path / "pacs")
     nifti_mask, blob = _dicom_case(tmp_path)
-    rtstruct = write_rtstruct(series, {"bladder": blob}, tmp_path / "rt" / "rtstruct.dcm", {}, BUILTIN)
+    approved = write_rtstruct(series, {"bladder": blob}, tmp_path / "approved" / "rtstruct.dcm", {}, BUILTIN,
+                              approved_by="Sato^Hanako", approved_at=datetime(2024, 3, 12, 9, 30))
+    older = pydicom.dcmread(approved)
+    older.StructureSetDate, older.StructureSetTime = "20240312", "093000"  # approved before the draft was pushed
+    older.save_as(approved)
+    shifted = np.roll(blob, 40, axis=2)  # the draft differs, so taking it would show
+    draft = write_rtstruct(series, {"bladder": shifted}, tmp_path / "draft" / "rtstruct.dcm", {}, BUILTIN)
+    build = ["support", "build", "bladder", "--pacs-url", None, "--study", study, "--roi", "bladder", "--size", "8",
+             "--symmetric", "--out", str(tmp_path / "from_pacs")]
     orthanc = start_orthanc()
     try:
+        build[4] = orthanc.dicomweb
         upload_folder(orthanc, tmp_path / "pacs")
-        upload_folder(orthanc, rtstruct.parent)
-        assert main(["support", "build", "bladder", "--pacs-url", orthanc.dicomweb, "--study", study, "--roi",
-                     "bladder", "--size", "8", "--symmetric", "--out", str(tmp_path / "from_pacs")]) == 0
+        upload_folder(orthanc, draft.parent)
+        capsys.readouterr()
+        assert main(build) == 2  # only autocontour's own draft is there
+        err = capsys.readouterr().err
+        assert "no RTSTRUCT on its CT that a clinician approved" in err and "--allow-unapproved" in err
+        assert err.count("\n") == 1 and not (tmp_path / "from_pacs" / "manifest.json").exists()
+        upload_folder(orthanc, approved.parent)
+        assert main(build) == 0
     finally:
         orthanc.stop()
     from_nifti = build_support_set("bladder", "bladder", [(tmp_path / "pacs", nifti_mask)], tmp_path / "n", size=8,
                                    symmetric=True, preview=False)
-    _assert_same_set(from_nifti, load_support_set(tmp_path / "from_pacs"))
+    from_pacs = load_support_set(tmp_path / "from_pacs")
+    _assert_same_set(from_nifti, from_pacs)
+    provenance = from_pacs.manifest.source_cases[0].provenance
+    assert provenance is not None and provenance.kind == "pacs" and provenance.study_uid == study
+    assert (provenance.approval, provenance.approved_by, provenance.approved_on) == ("APPROVED", "Sato^Hanako",
+                                                                                     "20240312093000")
 
 
 def test_a_corrected_result_becomes_a_support_case(organ_sets, tmp_path, small_weights, capsys):

@@ -180,12 +180,24 @@ def test_series_geometry_and_hu(series):
     assert hu.min() == -1024 and hu.max() > 1000  # rescale intercept applied
     assert [float(ds.ImagePositionPatient[2]) for ds in series.datasets] == sorted(
         float(ds.ImagePositionPatient[2]) for ds in series.datasets)
+    assert not any("UID" in w for w in series.warnings)  # the shipped example has valid UIDs of its own
+    assert [ds.SOPInstanceUID for ds in series.datasets] == [
+        pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in series.files]
+
+
+def test_a_series_whose_anonymiser_blanked_its_uids(tmp_path):
+    """Study, series, SOP class and instance UIDs blanked in the datasets: the file meta's SOP UIDs (what a PACS
+    indexes) are used, not made up, and the study and series get UIDs derived from the contents."""
+    for path in sorted(SERIES.glob("CT.*")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ds.SOPClassUID = ""
+        ds.save_as(tmp_path / path.name)
+    series = read_series(tmp_path)
     assert any("deterministic UIDs" in w for w in series.warnings)
-    # the datasets' SOP Instance UIDs are empty: those of the file meta (the PACS's) are used, not made up
     assert [ds.SOPInstanceUID for ds in series.datasets] == [
         pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in series.files]
     assert any("SOPInstanceUID are empty; those of their file meta are used" in w for w in series.warnings)
-    assert read_series(SERIES).series_uid == series.series_uid  # the same UIDs every time
+    assert read_series(tmp_path).series_uid == series.series_uid  # the same UIDs every time
 
 
 def test_mixed_series_and_gaps_are_refused(tmp_path):
@@ -302,6 +314,21 @@ def test_seg_round_trip_voxel_for_voxel(series, known_masks, tmp_path):
     back = read_seg(series, path)
     assert np.array_equal(back["Bladder"], known_masks["bladder"])
     assert np.array_equal(back["CTVn"], known_masks["ctvn"])
+
+
+def test_seg_segments_have_distinct_display_colours(series, known_masks, tmp_path):
+    from autocontour.catalogue import PALETTE
+
+    clash = definition("Bowel", DEFINITIONS["bladder"].colour, "ORGAN")  # declares the bladder's colour
+    masks = known_masks | {"bowel": np.roll(known_masks["bladder"], 40, axis=1)}
+    path = write_seg(series, masks, tmp_path / "seg.dcm", {}, {}, DEFINITIONS | {"bowel": clash})
+    segments = {item.SegmentLabel: item for item in pydicom.dcmread(path).SegmentSequence}
+    colours = {label: hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
+               for label, item in segments.items()}
+    assert colours["Bladder"] == DEFINITIONS["bladder"].colour and colours["CTVn"] == DEFINITIONS["ctvn"].colour
+    assert colours["Bowel"] == PALETTE[0] and len(set(colours.values())) == 3
+    read = hd.seg.segread(str(path))
+    assert all("RecommendedDisplayCIELabValue" in read.get_segment_description(n) for n in read.segment_numbers)
 
 
 def test_segment_a_dicom_folder_and_zip(pelvic_series, tmp_path, small_weights):

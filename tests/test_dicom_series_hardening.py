@@ -195,7 +195,8 @@ def test_lossy_pixels_are_decoded_with_a_warning(tmp_path, reference_hu):
 
 
 def _same_meta_uid(_: int, ds: pydicom.Dataset) -> None:
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"  # the dataset's own is blank
+    ds.SOPInstanceUID = ""  # blanked by an anonymiser, and the file meta's is the same on every slice
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
 
 
 def _duplicate_uids(i: int, ds: pydicom.Dataset) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pydicom
 import pytest
 from conftest import DATA
@@ -33,6 +34,20 @@ def study(orthanc, tmp_path_factory) -> str:
         ds.save_as(path, enforce_file_format=True)
     upload_folder(orthanc, folder)
     return uid
+
+
+def test_the_shipped_dicom_example_uploads_to_orthanc_as_it_is():
+    own = start_orthanc()  # a PACS of its own: the module's holds one study, which the queries below expect
+    try:
+        for path in sorted(SERIES.glob("CT.*")):  # the slices, as shipped (LICENSE and notes beside them)
+            assert httpx.post(f"{own.url}/instances", content=path.read_bytes()).status_code == 200, path.name
+        first = pydicom.dcmread(next(SERIES.glob("CT.*")), stop_before_pixels=True)
+        client = pacs.connect(own.dicomweb)
+        assert pacs.find_ct_series(client, str(first.StudyInstanceUID)) == str(first.SeriesInstanceUID)
+        instances = client.search_for_instances(str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
+        assert len(instances) == len(list(SERIES.glob("CT.*")))
+    finally:
+        own.stop()
 
 
 def test_a_server_root_instead_of_its_dicomweb_root_is_named_as_such(orthanc, study):

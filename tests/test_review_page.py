@@ -94,8 +94,14 @@ def test_upload_review_toggle_and_download(browser, server, screenshots, tmp_pat
     page.select_option("#window-preset", "400,1800")
     page.wait_for_function("() => document.getElementById('width').value == '1800'")
     page.select_option("#plane", "coronal")
-    page.wait_for_function("() => document.getElementById('slice-label').textContent.includes('coronal')")
+    page.wait_for_function("() => state.shown.startsWith('coronal/')")
     page.screenshot(path=str(screenshots / "review-coronal.png"))
+    _assert_orientation_and_flags(page, "coronal", {"top": "S", "bottom": "I", "left": "R", "right": "L"},
+                                  "top superior, left patient's right")
+    page.select_option("#plane", "sagittal")
+    page.wait_for_function("() => state.shown.startsWith('sagittal/')")
+    _assert_orientation_and_flags(page, "sagittal", {"top": "S", "bottom": "I", "left": "A", "right": "P"},
+                                  "top superior, left anterior")
 
     with page.expect_download() as info:
         page.click("#download-zip")
@@ -110,6 +116,32 @@ def test_upload_review_toggle_and_download(browser, server, screenshots, tmp_pat
 
     assert all(url.startswith(server.url) or url.startswith("blob:") or url.startswith("data:") for url in requests)
     page.close()
+
+
+# The axial slices whose height the canvas marks red at both sides (the flag colour, #ff3030).
+MARKED_ROWS = """() => {
+  const canvas = document.getElementById('canvas'), ctx = canvas.getContext('2d');
+  const rows = state.info.planes.axial.count, marked = [];
+  for (let z = 0; z < rows; z++) {
+    const y = Math.floor((rows - 1 - z + 0.5) * canvas.height / rows);
+    const red = (x) => {
+      const d = ctx.getImageData(x, y, 1, 1).data;
+      return d[0] === 255 && d[1] === 48 && d[2] === 48;
+    };
+    if (red(3) && red(canvas.width - 4)) marked.push(z);
+  }
+  return marked;
+}"""
+
+
+def _assert_orientation_and_flags(page, plane: str, edges: dict[str, str], described: str) -> None:
+    """The view names the direction at each edge, and marks every flagged axial slice, and no other, by red
+    ticks at both sides at its height (superior at the top)."""
+    assert page.evaluate(f"() => state.info.planes.{plane}.edges") == edges
+    assert described in page.get_attribute("#canvas", "aria-label")
+    flagged = sorted(set(page.evaluate("() => state.flagged.map((f) => f.slice)")))
+    assert flagged, "the small weights' drafts flag slices: the markers must show"
+    assert page.evaluate(MARKED_ROWS) == flagged
 
 
 def test_page_is_keyboard_and_label_friendly(browser, server):

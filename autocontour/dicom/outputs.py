@@ -9,11 +9,18 @@ has one ROI per structure with its name (display or TG-263), colour and RT ROI
 Interpreted Type, and contours on the input's own slices along the voxel
 boundaries (`autocontour.dicom.contours`), so a planning system rasterises exactly our
 masks. Decimal strings have at most 16 characters (longer ones are a known
-cause of rejected RTSTRUCTs), approval status is UNAPPROVED, and the series
-description says "autocontour draft".
+cause of rejected RTSTRUCTs). Its RT Approval module says what it is: a draft
+is UNAPPROVED and its series description says "autocontour draft"; only a
+result a named clinician approved (`approved_by`) is written APPROVED, with
+the reviewer's name, date and time. `autocontour support build` refuses
+drafts as support cases (`autocontour.dicom.roi.approval_refusal`), so the
+network never learns from its own unreviewed output.
 
 DICOM-SEG (highdicom): one binary segment per structure, each carrying the
-algorithm identification (name, version, model SHA-256, support-set ids).
+algorithm identification (name, version, model SHA-256, support-set ids) and
+a Recommended Display CIELab Value (the structure's colour; a second structure
+of the same colour takes the next free one of the catalogue's palette), so
+viewers do not draw every segment alike.
 
 Both writers take the structure definitions as a parameter: objects with
 `display_name`, `colour`, `interpreted_type` and `tg263_name` (None: the
@@ -22,6 +29,7 @@ display name is used).
 
 from __future__ import annotations
 
+import colorsys
 import copy
 from datetime import datetime
 from pathlib import Path
@@ -36,13 +44,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from autocontour import __version__
-from autocontour.dicom import ROI_NAME_STYLES
+from autocontour.catalogue import PALETTE
+from autocontour.dicom import DRAFT_DESCRIPTION, ROI_NAME_STYLES
 from autocontour.dicom.contours import rasterise, slice_polygons
 from autocontour.dicom.series import DicomSeries
 from autocontour.errors import OptionError
 
-DRAFT_DESCRIPTION = "autocontour draft - not approved"
-APPROVED_DESCRIPTION = "autocontour - approved"
+APPROVED_DESCRIPTION = "autocontour - clinician approved"
 RTSTRUCT_FILE = "rtstruct.dcm"
 SEG_FILE = "seg.dcm"
 # Contour Data is one DS value list; in explicit VR its length field has 16 bits. 3 values of at most 16
@@ -140,20 +148,26 @@ def _contours(series: DicomSeries, mask: np.ndarray) -> list[pydicom.Dataset]:
 
 
 def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, descriptions: dict[str, str],
-                   definitions: dict[str, Any], roi_names: str = "display", approved_by: str | None = None,
+                   definitions: dict[str, Any], roi_names: str = "display", *, approved_by: str | None = None,
                    approved_at: datetime | None = None) -> Path:
     """masks: structure -> (slice, row, column) array on the series' grid; empty ones are left out
-    (an ROI without contours is rejected by several planning systems). `approved_by`: the reviewer who
-    approved these contours (RT Approval module: APPROVED, ReviewerName, ReviewDate/Time); else UNAPPROVED."""
-    ds = _structure_set(series.datasets[0])
+    (an ROI without contours is rejected by several planning systems).
+
+    Without `approved_by` the structure set is an UNAPPROVED draft. With it (the reviewer's name, as a
+    DICOM person name such as "Sato^Hanako") it is APPROVED by that reviewer at `approved_at` (default: now):
+    only a caller that knows a clinician approved these contours may say so."""
+    if approved_by is not None and not approved_by.strip():
+        raise OptionError("approved_by must name the reviewer who approved the contours")
+    ds = _structure_set(series.datasets[0], approved_by is not None)
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
     for number, name in enumerate((n for n, m in masks.items() if m.any()), start=1):
         _add_roi(ds, series, number, masks[name], definitions[name], roi_name(definitions[name], roi_names),
-                 descriptions.get(name, ""))
-    _approval(ds, approved_by, approved_at or datetime.now())
+                 descriptions.get(name, ""), approved_by)
+    _set_approval(ds, approved_by, approved_at)
 
-    if "SpecificCharacterSet" not in ds and not all(r.ROIName.isascii() for r in ds.StructureSetROISequence):
+    names = [str(r.ROIName) for r in ds.StructureSetROISequence] + [approved_by or ""]
+    if "SpecificCharacterSet" not in ds and not all(name.isascii() for name in names):
         ds.SpecificCharacterSet = "ISO_IR 192"  # the input needed none, our names need UTF-8
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -165,20 +179,19 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
     return out
 
 
-def _approval(ds: pydicom.Dataset, approved_by: str | None, at: datetime) -> None:
-    """RT Approval module: a draft is UNAPPROVED; an approved set names its reviewer and when, and says so
-    where a planning system lists it."""
+def _set_approval(ds: pydicom.Dataset, approved_by: str | None, approved_at: datetime | None) -> None:
+    """The RT Approval module: UNAPPROVED, or APPROVED with the reviewer's name, date and time (required then)."""
     if approved_by is None:
         ds.ApprovalStatus = "UNAPPROVED"
         return
+    when = approved_at or datetime.now()
     ds.ApprovalStatus = "APPROVED"
-    ds.ReviewerName = approved_by
-    ds.ReviewDate, ds.ReviewTime = at.strftime("%Y%m%d"), at.strftime("%H%M%S")
-    ds.SeriesDescription = ds.StructureSetName = APPROVED_DESCRIPTION
+    ds.ReviewerName = approved_by.strip()
+    ds.ReviewDate, ds.ReviewTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
 
 
-def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:
-    """A new, unapproved draft structure set of the input's patient and study, in a series of its own."""
+def _structure_set(source: pydicom.Dataset, approved: bool = False) -> pydicom.Dataset:
+    """A new structure set of the input's patient and study, in a series of its own: a draft unless approved."""
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = pydicom.Dataset()
@@ -190,14 +203,15 @@ def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = "901"
     ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = DRAFT_DESCRIPTION
+    ds.SeriesDescription = APPROVED_DESCRIPTION if approved else DRAFT_DESCRIPTION
     ds.OperatorsName = ""
     ds.Manufacturer = "autocontour"
     ds.ManufacturerModelName = "autocontour"
     ds.SoftwareVersions = __version__
     ds.StructureSetLabel = "autocontour"  # SH: at most 16 characters
-    ds.StructureSetName = DRAFT_DESCRIPTION
-    ds.StructureSetDescription = ("Automatic draft contours for review by a qualified clinician; "
+    ds.StructureSetName = ds.SeriesDescription
+    ds.StructureSetDescription = ("Automatic contours, reviewed and approved by a clinician." if approved else
+                                  "Automatic draft contours for review by a qualified clinician; "
                                   "not approved for treatment planning.")
     ds.InstanceNumber = "1"
     ds.StructureSetDate, ds.StructureSetTime = date, time
@@ -220,7 +234,7 @@ def _referenced_frame(series: DicomSeries) -> pydicom.Dataset:
 
 
 def _add_roi(ds: pydicom.Dataset, series: DicomSeries, number: int, mask: np.ndarray, definition: Any, name: str,
-             description: str) -> None:
+             description: str, approved_by: str | None = None) -> None:
     """One structure's ROI, its contours and its observation, appended to the structure set's sequences."""
     roi = pydicom.Dataset()
     roi.ROINumber = number
@@ -238,9 +252,10 @@ def _add_roi(ds: pydicom.Dataset, series: DicomSeries, number: int, mask: np.nda
     observation = pydicom.Dataset()
     observation.ObservationNumber = number
     observation.ReferencedROINumber = number
-    observation.ROIObservationDescription = "automatic draft, not reviewed"
+    observation.ROIObservationDescription = ("automatic, reviewed and approved" if approved_by else
+                                             "automatic draft, not reviewed")
     observation.RTROIInterpretedType = definition.interpreted_type
-    observation.ROIInterpreter = ""
+    observation.ROIInterpreter = approved_by or ""
     ds.RTROIObservationsSequence.append(observation)
 
 
@@ -279,6 +294,7 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
 
     Each segment names the exact inputs that drew it: model and support set, by full SHA-256."""
     names = [n for n, m in masks.items() if m.any()]
+    colours = segment_colours([definitions[n].colour for n in names])
     descriptions = []
     for number, name in enumerate(names, start=1):
         definition = definitions[name]
@@ -293,7 +309,7 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=definition.display_name, segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm))
+            algorithm_identification=algorithm, display_color=hd.color.CIELabColor.from_rgb(*colours[number - 1])))
     if not names:
         raise ValueError("no structure has any voxel: nothing to write into a DICOM-SEG")
     pixels = np.stack([masks[n].astype(np.uint8) for n in names], axis=-1)  # (frames, rows, columns, segments)
@@ -307,6 +323,29 @@ def write_seg(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, mode
     out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(str(out))
     return out
+
+
+def segment_colours(wanted: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Each segment's display colour: the one its structure declares, unless an earlier segment has it; then
+    the first colour of the catalogue's palette that no segment has (past the palette, a spread of hues)."""
+    chosen: list[tuple[int, int, int]] = []
+    for r, g, b in wanted:
+        colour = (int(r), int(g), int(b))
+        if colour in chosen:
+            colour = next((c for c in PALETTE if c not in chosen), None) or _spare_colour(chosen)
+        chosen.append(colour)
+    return chosen
+
+
+def _spare_colour(chosen: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """A bright colour no segment has: hues a golden-ratio step apart."""
+    step = 0
+    while True:
+        r, g, b = colorsys.hsv_to_rgb((step * 0.618034) % 1, 0.75, 0.95)
+        colour = (round(r * 255), round(g * 255), round(b * 255))
+        if colour not in chosen:
+            return colour
+        step += 1
 
 
 def read_seg(series: DicomSeries, path: Path) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ import pydicom.errors
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from autocontour.errors import AutocontourError, InputImageError
+from autocontour.dicom.roi import ALLOW_UNAPPROVED_FLAG, approval_refusal
+from autocontour.errors import AutocontourError, InputImageError, SupportSetError
 
 
 class PacsError(AutocontourError):
@@ -128,29 +129,43 @@ def store(client: DICOMwebClient, files: list[Path]) -> None:
         raise PacsError(f"the PACS refused to store the results: {exc}") from exc
 
 
-def fetch_contoured_case(client: DICOMwebClient, study_uid: str, folder: Path) -> tuple[Path, Path]:
-    """A contoured planning CT from the PACS, for a support set: (CT series folder, RTSTRUCT file).
+def fetch_contoured_case(client: DICOMwebClient, study_uid: str, folder: Path,
+                         allow_unapproved: bool = False) -> tuple[Path, Path]:
+    """A contoured planning CT from the PACS, for a support case: (CT series folder, RTSTRUCT file).
 
-    The RTSTRUCT must reference the CT series' frame of reference; when the study holds several
-    structure sets, the newest is taken (clinics re-export after review).
+    The RTSTRUCT must reference the CT series' frame of reference. When the study holds several structure
+    sets, the newest that a clinician approved is taken (clinics re-export after review): a draft, such as
+    the one `pacs pull --push` stored, is passed over, and if nothing else is there the study is refused
+    (unless `allow_unapproved`, when the newest of all is taken).
     """
     series_uid = find_ct_series(client, study_uid)
     ct_folder = folder / "ct"
     fetch_series(client, study_uid, series_uid, ct_folder)
     frame = str(pydicom.dcmread(str(next(ct_folder.iterdir())), stop_before_pixels=True).FrameOfReferenceUID)
+    candidates = _structure_sets_on(client, study_uid, frame, folder)
+    if not candidates:
+        raise InputImageError(f"study {study_uid} has no RTSTRUCT on its CT series' frame of reference")
+    approved = [c for c in candidates if c[2] is None]
+    if not approved and not allow_unapproved:
+        raise SupportSetError(f"study {study_uid}: no RTSTRUCT on its CT that a clinician approved (the newest: "
+                              f"{max(candidates)[2]}); {ALLOW_UNAPPROVED_FLAG} takes it anyway")
+    return ct_folder, max(approved or candidates)[1]
+
+
+def _structure_sets_on(client: DICOMwebClient, study_uid: str, frame: str,
+                       folder: Path) -> list[tuple[str, Path, str | None]]:
+    """The study's RTSTRUCTs on the frame of reference, fetched into `folder`: (date and time, file,
+    why it may not be a support case or None)."""
     try:
         found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "RTSTRUCT"})
     except requests.RequestException as exc:
         raise PacsError(f"cannot search the PACS for structure sets: {exc}") from exc
-    candidates: list = []
-    for item in found:
-        rt_folder = folder / f"rtstruct-{len(candidates)}"
-        for path in fetch_series(client, study_uid, _value(item, "0020000E"), rt_folder):
+    candidates: list[tuple[str, Path, str | None]] = []
+    for index, item in enumerate(found):
+        for path in fetch_series(client, study_uid, _value(item, "0020000E"), folder / f"rtstruct-{index}"):
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
             frames = {str(f.FrameOfReferenceUID) for f in getattr(ds, "ReferencedFrameOfReferenceSequence", [])}
             if frame in frames:
-                candidates.append((str(getattr(ds, "StructureSetDate", "")) + str(getattr(ds, "StructureSetTime", "")),
-                                   path))
-    if not candidates:
-        raise InputImageError(f"study {study_uid} has no RTSTRUCT on its CT series' frame of reference")
-    return ct_folder, max(candidates)[1]
+                when = str(getattr(ds, "StructureSetDate", "")) + str(getattr(ds, "StructureSetTime", ""))
+                candidates.append((when, path, approval_refusal(ds)))
+    return candidates

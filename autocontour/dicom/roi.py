@@ -12,6 +12,12 @@ reference must be the series' own. A contour must lie on a slice (within a
 quarter of the slice spacing): one half-way between two slices belongs to
 neither, and rounding it onto one would move it silently. ContourData that
 is not finite numbers in threes is refused.
+
+A support case teaches the network what the clinic draws, so only contours a
+clinician stands behind may become one: `approval_refusal` says why an
+RTSTRUCT must not (its RT Approval status is UNAPPROVED or REJECTED, or it is
+an autocontour draft). An RTSTRUCT without the optional RT Approval module is
+taken as the clinic's own export.
 """
 
 from __future__ import annotations
@@ -22,11 +28,26 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from autocontour.dicom import DRAFT_DESCRIPTION
 from autocontour.dicom.contours import rasterise as rasterise_slice
 from autocontour.dicom.series import DicomSeries
 from autocontour.errors import InputImageError
 
 MAX_OFF_SLICE = 0.25  # how far (in slice spacings) a contour may lie from the slice it is drawn on
+
+ALLOW_UNAPPROVED_FLAG = "--allow-unapproved"
+
+
+def approval_refusal(rtstruct: pydicom.Dataset) -> str | None:
+    """Why this structure set must not become a support case, or None when it may."""
+    status = str(getattr(rtstruct, "ApprovalStatus", "")).strip().upper()
+    if status in ("UNAPPROVED", "REJECTED"):
+        return f"its RT Approval status is {status}: no clinician approved these contours"
+    ours = str(getattr(rtstruct, "Manufacturer", "")) == "autocontour"
+    if ours and status != "APPROVED" and DRAFT_DESCRIPTION in (str(getattr(rtstruct, "StructureSetName", "")),
+                                                               str(getattr(rtstruct, "SeriesDescription", ""))):
+        return "it is an autocontour draft that no clinician approved"
+    return None
 
 
 def roi_names(rtstruct: pydicom.Dataset) -> dict[int, str]:

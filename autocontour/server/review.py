@@ -27,6 +27,13 @@ from autocontour.pipeline.summary import Summary
 from autocontour.preview import window
 
 PLANES = ("axial", "coronal", "sagittal")
+# What lies at each edge of a view as `ReviewVolume._cut` makes it from the canonical (LPS) volume: the page
+# labels the edges with these, so a reader never has to guess the orientation.
+EDGES = {
+    "axial": {"top": "A", "bottom": "P", "left": "R", "right": "L"},
+    "coronal": {"top": "S", "bottom": "I", "left": "R", "right": "L"},
+    "sagittal": {"top": "S", "bottom": "I", "left": "A", "right": "P"},
+}
 
 
 class ReviewVolume:
@@ -62,7 +69,7 @@ class ReviewVolume:
                 "flagged_slices": [f.model_dump() for f in s.flagged_slices], "slice_range": s.slice_range,
             }
         return {"disclaimer": self.summary.disclaimer, "notices": self.summary.notices,
-                "planes": {p: {"count": self.count(p), "aspect": self.aspect(p)} for p in PLANES},
+                "planes": {p: {"count": self.count(p), "aspect": self.aspect(p), "edges": EDGES[p]} for p in PLANES},
                 "z_mm": [round(float(z), 2) for z in self.z_mm], "structures": structures,
                 "warnings": self.summary.warnings}
 

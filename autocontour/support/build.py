@@ -22,14 +22,19 @@ what the structure should roughly be (the registration prior).
 
 A case is a CT (NIfTI, or a DICOM series as a folder or zip) and its mask:
 a binary NIfTI mask, a label map (with a label value or a recipe), or an
-RTSTRUCT with the ROI named by one of the clinic's names for it.
+RTSTRUCT with the ROI named by one of the clinic's names for it. Which cases
+may join a set, and the provenance each leaves in the manifest, are
+`autocontour.support.provenance`'s rules; `autocontour.support.grow` adds
+cases to an existing set.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import count, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +48,7 @@ from autocontour.io import CanonicalCT, fingerprint, read_image
 from autocontour.pipeline.summary import Summary
 from autocontour.preprocess import PreprocessSpec, mask_centre_mm, mask_to_grid, prepare, prepare_crop
 from autocontour.support.localise import bone_profile
+from autocontour.support.provenance import CaseFiles, as_case_files, case_provenance, known_scans, refuse_known_scan
 from autocontour.support.recipes import Recipe
 from autocontour.support.registration import AtlasCase, make_atlas_case
 from autocontour.support.store import (
@@ -176,9 +182,13 @@ def result_case(result_dir: Path, structure: str, ct_path: Path | None = None
 
 def load_case(case_id: str, ct_path: Path, mask_path: Path, spec: PreprocessSpec, label: int | None = None,
               recipe: Recipe | None = None, names: dict[str, int] | None = None,
-              rois: list[str] | None = None, atlas: bool = True) -> LabelledCase:
-    ct_image, series = read_case_ct(ct_path)
-    ct = CanonicalCT(ct_image)
+              rois: list[str] | None = None, atlas: bool = True,
+              scan: tuple[CanonicalCT, DicomSeries | None] | None = None) -> LabelledCase:
+    """The case, its CT read from `ct_path` unless given already read (`scan`: the CT and its DICOM series)."""
+    if scan is None:
+        ct_image, series = read_case_ct(ct_path)
+        scan = CanonicalCT(ct_image), series
+    ct, series = scan
     try:
         mask_image, roi = read_case_mask(mask_path, ct.input, rois, series)
     except InputImageError as exc:
@@ -273,35 +283,69 @@ def select_slices(cases: list[LabelledCase], size: int, negative_fraction: float
     return picks[:size] if len(picks) > size else picks
 
 
-def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]], out: Path, size: int = 64,
-                      label: int | None = None, recipe: Recipe | None = None, label_names: Path | None = None,
-                      spec: PreprocessSpec | None = None, negative_fraction: float = 0.125, symmetric: bool = False,
-                      description: str = "", source: str = "", preview: bool = True,
-                      definition: StructureDefinition | None = None, rois: list[str] | None = None,
-                      atlas: bool = True, crop: bool = True) -> SupportSet:
+@dataclass
+class CaseRules:
+    """How the given cases' masks are read, and what is taken from them."""
+
+    label: int | None = None  # label value, when masks are label maps
+    recipe: Recipe | None = None
+    label_names: Path | None = None  # JSON {value: name} for recipes (default: labels.json beside the mask)
+    rois: list[str] | None = None  # ROI names to take from RTSTRUCT masks
+    atlas: bool = True  # keep each case's small copy for the registration prior
+    allow_unapproved: bool = False  # take RTSTRUCTs that no clinician approved
+
+
+def load_cases(cases: Sequence[tuple[Path, Path] | CaseFiles], spec: PreprocessSpec, rules: CaseRules, out: Path,
+               existing: Sequence[SourceCase] = ()) -> list[LabelledCase]:
+    """Load the cases (ids after the `existing` ones), each with its provenance and its atlas copy saved in
+    `out`. Drafts no clinician approved are refused before any CT is read, and a scan given twice, or
+    already among `existing`, once it is."""
+    given = [as_case_files(c) for c in cases]
+    taken = {c.case for c in existing}
+    ids = list(islice((f"case{i}" for i in count() if f"case{i}" not in taken), len(given)))
+    provenance = [case_provenance(case, case_id, rules.allow_unapproved) for case, case_id in zip(given, ids,
+                                                                                                     strict=True)]
+    loaded, known = [], known_scans(existing)
+    for case, case_id, origin in zip(given, ids, provenance, strict=True):
+        ct_image, series = read_case_ct(case.ct)
+        ct = CanonicalCT(ct_image)
+        refuse_known_scan(case_id, fingerprint(ct.image), known)
+        loaded.append(load_case(case_id, case.ct, case.mask, spec, rules.label, rules.recipe,
+                                label_names_for(case.mask, rules.label_names), rules.rois, rules.atlas,
+                                (ct, series)))
+        loaded[-1].case.provenance = origin
+    for labelled in loaded:
+        if labelled.atlas is not None:
+            labelled.case.atlas = save_atlas_copy(labelled.atlas, Path(out), labelled.case.case)
+    return loaded
+
+
+def build_support_set(name: str, structure: str, cases: Sequence[tuple[Path, Path] | CaseFiles], out: Path,
+                      size: int = 64, label: int | None = None, recipe: Recipe | None = None,
+                      label_names: Path | None = None, spec: PreprocessSpec | None = None,
+                      negative_fraction: float = 0.125, symmetric: bool = False, description: str = "",
+                      source: str = "", preview: bool = True, definition: StructureDefinition | None = None,
+                      rois: list[str] | None = None, atlas: bool = True, crop: bool = True,
+                      allow_unapproved: bool = False) -> SupportSet:
     """Build, save and return a support set (see the module docstring for the choices).
 
     `definition` declares the structure (default: the built-in one of that name, or a plain organ);
     `symmetric` allows mirrored copies; `rois` are the ROI names to take from RTSTRUCT masks;
-    `atlas` keeps each case's small copy for the registration prior; `crop` stores structure-centred crops.
+    `atlas` keeps each case's small copy for the registration prior; `crop` stores structure-centred crops;
+    `allow_unapproved` takes RTSTRUCTs that no clinician approved.
     """
     definition = _checked_request(structure, cases, size, negative_fraction, symmetric, definition)
     spec = spec or PreprocessSpec()
-    loaded = [load_case(f"case{i}", ct, mask, spec, label, recipe, label_names_for(mask, label_names), rois, atlas)
-              for i, (ct, mask) in enumerate(cases)]
-    for case in loaded:
-        if case.atlas is not None:
-            case.case.atlas = save_atlas_copy(case.atlas, Path(out), case.case.case)
+    loaded = load_cases(cases, spec, CaseRules(label, recipe, label_names, rois, atlas, allow_unapproved), out)
     picks = select_slices(loaded, size, negative_fraction, symmetric)
     crop_spec = crop_for(loaded) if crop else None
     crops = [case_crops(case, spec, crop_spec.side_mm) for case in loaded] if crop_spec else None
 
-    picked = _picked_slices(loaded, picks, crops)
+    picked = picked_slices(loaded, picks, crops)
     slices, warnings = picked.slices, []
     if len(picks) < size:
         warnings.append(f"asked for {size} slices, the cases supply {len(picks)}")
-    if any(s.flipped for s in slices):
-        warnings.append(f"{sum(s.flipped for s in slices)} slices are left-right mirrored copies")
+    warnings += [w for w in (mirrored_warning(slices),) if w]
 
     manifest = SupportManifest(
         name=name, structure=structure, definition=definition, symmetric=symmetric, description=description,
@@ -318,7 +362,13 @@ def build_support_set(name: str, structure: str, cases: list[tuple[Path, Path]],
     return support
 
 
-def _checked_request(structure: str, cases: list[tuple[Path, Path]], size: int, negative_fraction: float,
+def mirrored_warning(slices: list[SupportSlice]) -> str | None:
+    """The manifest's warning that some slices are mirrored copies, or None when none is."""
+    flipped = sum(s.flipped for s in slices)
+    return f"{flipped} slices are left-right mirrored copies" if flipped else None
+
+
+def _checked_request(structure: str, cases: Sequence[object], size: int, negative_fraction: float,
                      symmetric: bool, definition: StructureDefinition | None) -> StructureDefinition:
     """Refuse a request that cannot make a sound set; returns the structure's definition."""
     if not cases:
@@ -348,7 +398,7 @@ class _PickedSlices:
     slices: list[SupportSlice] = field(default_factory=list)
 
 
-def _picked_slices(loaded: list[LabelledCase], picks: list[tuple[int, int, bool]],
+def picked_slices(loaded: list[LabelledCase], picks: list[tuple[int, int, bool]],
                    crops: list[tuple[np.ndarray, np.ndarray]] | None) -> _PickedSlices:
     picked = _PickedSlices()
     for i, z, flipped in picks:

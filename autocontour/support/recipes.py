@@ -54,8 +54,13 @@ class Recipe:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SupportSetError(f"cannot read recipe {path}: {exc}") from exc
+        return cls.from_dict(data, f"recipe {path}")
+
+    @classmethod
+    def from_dict(cls, data: object, origin: str = "the recipe") -> Recipe:
+        """A recipe from its JSON form (a recipe file, or the copy a support set's manifest keeps)."""
         if not isinstance(data, dict) or "structure" not in data or "expression" not in data:
-            raise SupportSetError(f"recipe {path} needs 'structure' and 'expression'")
+            raise SupportSetError(f"{origin} needs 'structure' and 'expression'")
         return cls(data["structure"], data["expression"], data.get("description", ""), data.get("optional_labels"))
 
     def to_dict(self) -> dict:

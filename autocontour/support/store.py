@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -84,6 +85,24 @@ class SupportCrop(BaseModel):
     margin_mm: float = Field(ge=0)
 
 
+class CaseProvenance(BaseModel):
+    """Where a source case came from and who stood behind its contours, so a set can be audited.
+
+    It never holds a patient identifier or an input file name (file names often carry the patient's name
+    or record number): the CT is known by its fingerprint, the mask file by its SHA-256.
+    """
+
+    kind: Literal["file", "pacs", "result"]  # --case files, a PACS study, a reviewed and corrected result
+    added: str  # when the case joined the set (ISO 8601, UTC)
+    mask_sha256: str  # the mask file (NIfTI or RTSTRUCT) exactly as given
+    study_uid: str | None = None  # kind "pacs": the Study Instance UID it was taken from
+    rtstruct_uid: str | None = None  # an RTSTRUCT mask: its SOP Instance UID
+    approval: str | None = None  # an RTSTRUCT's ApprovalStatus (APPROVED, UNAPPROVED, ...); None: not stated
+    approved_by: str | None = None  # the RTSTRUCT's ReviewerName, when approved
+    approved_on: str | None = None  # its ReviewDate and ReviewTime (YYYYMMDD[HHMMSS])
+    allowed_unapproved: bool = False  # taken although not approved, because --allow-unapproved said so
+
+
 class SourceCase(BaseModel):
     case: str
     fingerprint: str  # SHA-256 of the canonical CT's voxels and geometry (autocontour.io.fingerprint)
@@ -95,6 +114,7 @@ class SourceCase(BaseModel):
     bone_profile: dict | None = None  # autocontour.support.localise.Profile: where along z the skeleton is
     atlas: AtlasCopy | None = None  # format 2: the small copy for the registration prior
     crop_centre_mm: list[float] | None = None  # format 2: (x, y) centre of the structure, where its crops are
+    provenance: CaseProvenance | None = None  # None in sets built before provenance was recorded
 
 
 class SupportManifest(BaseModel):
@@ -106,6 +126,7 @@ class SupportManifest(BaseModel):
     version: str = "1"
     description: str = ""
     created: str
+    updated: str | None = None  # when cases were last added (`support add`); None: never
     source: str = ""  # where the labelled cases come from, and their licence
     preprocessing: PreprocessSpec
     recipe: dict | None = None

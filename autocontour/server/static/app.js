@@ -4,7 +4,12 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { job: null, info: null, plane: "axial", index: 0, visible: {}, image: null, contours: {},
-                flagged: [], drawToken: 0 };
+                flagged: [], drawToken: 0, shown: "" };  // shown: the plane/index the canvas last drew
+
+// The anatomical directions the server names at the edges of each view (planes[plane].edges).
+const DIRECTIONS = { A: "anterior", P: "posterior", S: "superior", I: "inferior", R: "patient's right",
+                     L: "patient's left" };
+const FLAG_COLOUR = "#ff3030";
 
 function apiKey() { return $("api-key").value || sessionStorage.getItem("autocontour-key") || ""; }
 
@@ -179,8 +184,12 @@ function setSlice(index) {
   const where = state.plane === "axial" ? "z = " + state.info.z_mm[state.index].toFixed(1) + " mm" : state.plane;
   // slices are numbered from 0, as summary.json and the CLI count them
   $("slice-label").textContent = "slice " + state.index + " / " + (count - 1) + "  (" + where + ")";
+  const edges = state.info.planes[state.plane].edges;
   $("canvas").setAttribute("aria-label", state.plane + " slice " + state.index + " of 0 to " + (count - 1) +
-    (state.plane === "axial" ? " at " + where : "") + "; arrow keys change the slice");
+    (state.plane === "axial" ? " at " + where : "") + "; top " + DIRECTIONS[edges.top] + ", left " +
+    DIRECTIONS[edges.left] + (state.plane === "axial" ? "; a flagged slice is framed in red"
+                                                     : "; flagged axial slices are marked red at both sides") +
+    "; arrow keys change the slice");
   load();
 }
 
@@ -227,14 +236,46 @@ function draw() {
   ctx.fillStyle = "#ffb347";
   ctx.font = "bold 13px sans-serif";
   ctx.fillText("DRAFT - review before clinical use", 8, canvas.height - 10);
+  drawEdges(ctx, canvas, state.info.planes[state.plane].edges);
+  drawFlags(ctx, canvas);
+  state.shown = state.plane + "/" + state.index;
+}
+
+function drawEdges(ctx, canvas, edges) {
+  // each edge's direction (A/P, S/I, R/L) at its middle; the bottom one clears the DRAFT line
+  ctx.save();
+  ctx.fillStyle = "#fff";
+  ctx.shadowColor = "#000"; ctx.shadowBlur = 3;  // readable on bone too
+  ctx.font = "bold 14px sans-serif";
+  ctx.textAlign = "center";
+  ctx.fillText(edges.top, canvas.width / 2, 16);
+  ctx.fillText(edges.bottom, canvas.width / 2, canvas.height - 28);
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "left";
+  ctx.fillText(edges.left, 16, canvas.height / 2);
+  ctx.textAlign = "right";
+  ctx.fillText(edges.right, canvas.width - 16, canvas.height / 2);
+  ctx.restore();
+}
+
+function drawFlags(ctx, canvas) {
+  // axial: a red frame round a flagged slice; coronal and sagittal (superior at the top): a red tick at both
+  // sides at the height of every flagged axial slice, so the reader sees where along z to look
+  ctx.save();
+  ctx.strokeStyle = ctx.fillStyle = FLAG_COLOUR;
   if (state.plane === "axial") {
-    ctx.fillStyle = "#fff";
-    ctx.fillText("R", 6, 18);
-    ctx.fillText("L", canvas.width - 16, 18);
     if (state.flagged.some((f) => f.slice === state.index)) {
-      ctx.strokeStyle = "#ff3030"; ctx.lineWidth = 4; ctx.strokeRect(2, 2, canvas.width - 4, canvas.height - 4);
+      ctx.lineWidth = 4; ctx.strokeRect(2, 2, canvas.width - 4, canvas.height - 4);
+    }
+  } else {
+    const rows = state.info.planes.axial.count, row = canvas.height / rows;
+    for (const slice of new Set(state.flagged.map((f) => f.slice))) {
+      const top = (rows - 1 - slice) * row;
+      ctx.fillRect(0, top, 10, Math.max(2, row));
+      ctx.fillRect(canvas.width - 10, top, 10, Math.max(2, row));
     }
   }
+  ctx.restore();
 }
 
 async function download(path, filename) {

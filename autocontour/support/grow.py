@@ -1,0 +1,114 @@
+"""`autocontour support add`: new cases join an existing support set, which keeps every slice it had.
+
+A set's stored slices are what it is (the CTs it was built from may be long gone), so growing it must not
+mean rebuilding it from a restated list of cases, where leaving one out silently replaces the set. The set
+keeps its slices, cases, definition, preprocessing and crop as they are; each new case adds slices chosen
+the way `support build` chooses them (`autocontour.support.build`): spread over the structure's extent, with
+empty slices beyond its ends in the set's own proportion, and cropped at the set's crop side, so every example
+still shows the structure at one scale. By default a new case brings as many slices as the old ones did on
+average, so each case weighs about the same.
+
+The new cases pass the same gates as in a build (`autocontour.support.provenance`): no draft that no clinician
+approved, no scan the set already has. The grown set gets a new content hash, hence a new id. It is
+assembled in a copy beside the set and swapped in at the end, so an interrupted or refused addition leaves
+the old set whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from autocontour.errors import SupportSetError
+from autocontour.support.build import (
+    CROP_MIN_MARGIN_MM,
+    CaseRules,
+    LabelledCase,
+    case_crops,
+    in_plane_extent_mm,
+    load_cases,
+    mirrored_warning,
+    picked_slices,
+    select_slices,
+)
+from autocontour.support.provenance import CaseFiles
+from autocontour.support.store import PREVIEW, SupportManifest, SupportSet, load_support_set, save_support_set
+
+
+def add_cases(folder: Path, cases: Sequence[tuple[Path, Path] | CaseFiles], rules: CaseRules,
+              slices_per_case: int | None = None, out: Path | None = None, preview: bool = True) -> SupportSet:
+    """Add `cases` to the support set in `folder` (written to `out` instead, when given); returns the grown set."""
+    support = load_support_set(folder)
+    if not cases:
+        raise SupportSetError("give at least one case to add")
+    if slices_per_case is not None and slices_per_case < 1:
+        raise SupportSetError(f"slices per case must be at least 1, got {slices_per_case}")
+    target = Path(out or folder)
+    if target.resolve() != Path(folder).resolve() and target.exists() and any(target.iterdir()):
+        raise SupportSetError(f"{target} exists and is not empty: give a new folder, or none to grow the set in place")
+    stage = target.parent / f".{target.name}.adding"
+    shutil.rmtree(stage, ignore_errors=True)  # left by an addition that was killed
+    shutil.copytree(folder, stage)
+    try:
+        grown = _grow(support, cases, rules, slices_per_case, stage)
+        if preview:
+            from autocontour.preview import support_set_preview  # matplotlib: only when a preview is drawn
+
+            support_set_preview(grown, stage / PREVIEW)
+        _swap_in(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return load_support_set(target)
+
+
+def _grow(support: SupportSet, cases: Sequence[tuple[Path, Path] | CaseFiles], rules: CaseRules,
+          slices_per_case: int | None, stage: Path) -> SupportSet:
+    """The set with the new cases' slices appended, saved in `stage` (a copy of the set's folder)."""
+    manifest = support.manifest
+    loaded = load_cases(cases, manifest.preprocessing, rules, stage, manifest.source_cases)
+    per_case = slices_per_case or max(1, round(len(support) / max(len(manifest.source_cases), 1)))
+    empty_share = sum(s.foreground_pixels == 0 for s in manifest.slices) / max(len(manifest.slices), 1)
+    picks = select_slices(loaded, per_case * len(loaded), empty_share, manifest.symmetric)
+    crops = [case_crops(c, manifest.preprocessing, manifest.crop.side_mm) for c in loaded] if manifest.crop else None
+    picked = picked_slices(loaded, picks, crops)
+    slices = manifest.slices + picked.slices
+    warnings = [w for w in manifest.warnings if w != mirrored_warning(manifest.slices)]
+    warnings += [w for w in (mirrored_warning(slices),) if w] + _crop_warnings(loaded, manifest)
+    grown = manifest.model_copy(update={
+        "source_cases": manifest.source_cases + [c.case for c in loaded], "slices": slices, "warnings": warnings,
+        "updated": datetime.now(UTC).isoformat(timespec="seconds")})
+    images = np.concatenate([support.images, np.stack(picked.images)])
+    labels = np.concatenate([support.labels > 0, np.stack(picked.labels) > 0])
+    stored_crops = None
+    if support.crop_images is not None and support.crop_labels is not None:
+        stored_crops = (np.concatenate([support.crop_images, np.stack(picked.crop_images)]),
+                        np.concatenate([support.crop_labels > 0, np.stack(picked.crop_labels) > 0]))
+    return save_support_set(grown, images, labels, stage, stored_crops)
+
+
+def _crop_warnings(loaded: list[LabelledCase], manifest: SupportManifest) -> list[str]:
+    """A new case whose structure is wider than the set's crop leaves it (the crop side is the set's)."""
+    if manifest.crop is None:
+        return []
+    side = manifest.crop.side_mm
+    return [f"{case.case.case}: the structure is {extent:.0f} mm across, too wide for the set's {side:.0f} mm crop "
+            "with its margins; `support build` with every case sizes the crop anew"
+            for case in loaded
+            if (extent := in_plane_extent_mm(case.mask, case.ct.image.GetSpacing()[:2])) + 2 * CROP_MIN_MARGIN_MM
+            > side]
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    """Put the finished set where it belongs; the old one goes only once the new one is in place."""
+    if not target.exists():
+        stage.rename(target)
+        return
+    replaced = target.parent / f".{target.name}.replaced"
+    shutil.rmtree(replaced, ignore_errors=True)
+    target.rename(replaced)
+    stage.rename(target)
+    shutil.rmtree(replaced, ignore_errors=True)
