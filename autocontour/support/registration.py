@@ -273,7 +273,10 @@ def axial_search(source: sitk.Image, query: sitk.Image) -> AxialStart:
         method.SetMetricMovingMask(moving_mask)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetInitialTransform(sitk.TranslationTransform(3, [float(offset[0]), float(offset[1]), -shift]))
-        return replace(start, metric=method.MetricEvaluate(fixed, moving))
+        try:
+            return replace(start, metric=method.MetricEvaluate(fixed, moving))
+        except RuntimeError:  # the query's body there meets only air padding of the source: no evidence either
+            return start
 
     lowest, highest = zq[0] - zs[-1] + min_overlap, zq[-1] - zs[0] - min_overlap
     coarse = [evaluate(shift) for shift in np.arange(lowest, highest + 1e-6, SEARCH_COARSE_STEP_MM)]
