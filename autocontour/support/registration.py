@@ -225,6 +225,13 @@ def _centre_xy(image: sitk.Image, body: np.ndarray, z_range: tuple[float, float]
     return np.array(image.TransformContinuousIndexToPhysicalPoint(index)[:2])
 
 
+def _body_z(image: sitk.Image, body: np.ndarray) -> np.ndarray:
+    """z positions of the slices from the first to the last that show the body (all slices if none does)."""
+    z = _z_positions(image)
+    shown = np.nonzero(body.any(axis=(1, 2)))[0]
+    return z[shown[0]:shown[-1] + 1] if shown.size else z
+
+
 def _coarse(image: sitk.Image) -> sitk.Image:
     """Half resolution (8 mm for a 4 mm atlas): enough to tell a pelvis from a chest, 8x fewer voxels."""
     smoothed = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), image.GetSpacing()[0])
@@ -258,15 +265,19 @@ def axial_search(source: sitk.Image, query: sitk.Image) -> AxialStart:
     source8, query8 = _coarse(source), _coarse(query)
     source_body = body_mask_array(sitk.GetArrayViewFromImage(source8))
     query_body = body_mask_array(sitk.GetArrayViewFromImage(query8))
-    zs, zq = _z_positions(source8), _z_positions(query8)
+    # shifts are tried over the slices that show the body: a scan padded with air slices (the OpenKBP CTs) would
+    # otherwise be tried at shifts where only slivers of the two bodies meet, and a sliver matches by chance
+    zs, zq = _body_z(source8, source_body), _body_z(query8, query_body)
     min_overlap = min(MIN_OVERLAP_MM, 0.8 * (zs[-1] - zs[0]), 0.8 * (zq[-1] - zq[0]))
     fixed, moving = _metric_image(query8), _metric_image(source8)
     moving_mask = _mask_image(source_body, source8)
 
+    z_query = _z_positions(query8)
+
     def evaluate(shift: float) -> AxialStart:
         lo, hi = max(zq[0], zs[0] + shift), min(zq[-1], zs[-1] + shift)
         offset = _centre_xy(source8, source_body, (lo - shift, hi - shift)) - _centre_xy(query8, query_body, (lo, hi))
-        in_slab = query_body & ((zq >= lo) & (zq <= hi))[:, None, None]
+        in_slab = query_body & ((z_query >= lo) & (z_query <= hi))[:, None, None]
         start = AxialStart(float(shift), (float(offset[0]), float(offset[1])), (float(lo), float(hi)), 0.0)
         if np.count_nonzero(in_slab) < MIN_METRIC_VOXELS:  # no body there (a scan padded with air): no evidence
             return start
@@ -276,7 +287,10 @@ def axial_search(source: sitk.Image, query: sitk.Image) -> AxialStart:
         method.SetMetricMovingMask(moving_mask)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetInitialTransform(sitk.TranslationTransform(3, [float(offset[0]), float(offset[1]), -shift]))
-        return replace(start, metric=method.MetricEvaluate(fixed, moving))
+        try:
+            return replace(start, metric=method.MetricEvaluate(fixed, moving))
+        except RuntimeError:  # the query's body there meets only air padding of the source: no evidence either
+            return start
 
     lowest, highest = zq[0] - zs[-1] + min_overlap, zq[-1] - zs[0] - min_overlap
     coarse = [evaluate(shift) for shift in np.arange(lowest, highest + 1e-6, SEARCH_COARSE_STEP_MM)]
