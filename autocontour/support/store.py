@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -216,7 +216,10 @@ class SupportSet:
 
 # The hash covers the whole manifest but these: the hash itself, and the build date (so that a rebuild from the
 # same cases with the same code keeps its id). Every other field can change what a set draws or what it claims.
-UNHASHED_FIELDS = {"content_hash", "created"}
+# Only the hash itself and build times are left out: a set rebuilt from the same cases with the same code keeps
+# its id (support_sets/rebuild.sh), and no time changes what a set draws.
+UNHASHED_FIELDS: dict[str, Any] = {"content_hash": True, "created": True, "updated": True,
+                   "source_cases": {"__all__": {"provenance": {"added"}}}}
 
 
 def content_hash(manifest: SupportManifest, images: np.ndarray, labels: np.ndarray,
