@@ -33,13 +33,13 @@ def add_worker_command(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Load the model once and run segmentation tasks from the Redis broker (AUTOCONTOUR_BROKER_URL). Start one
+    """Load the model once and run segmentation and edit tasks from the Redis broker (AUTOCONTOUR_BROKER_URL). Start one
     per GPU; the API runs with AUTOCONTOUR_QUEUE=celery and the same AUTOCONTOUR_DATA_DIR (shared)."""
     import os
     import socket
 
     from autocontour.pipeline import Segmenter
-    from autocontour.server.celery_queue import worker_app
+    from autocontour.server.celery_queue import EDIT_QUEUE, QUEUE, worker_app
     from autocontour.server.context import configure_logging
     from autocontour.server.settings import ServerSettings
 
@@ -51,7 +51,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = worker_app(settings, segmenter)
     name = args.name or f"autocontour-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", f"--hostname={name}",
-                     "--without-gossip", "--without-mingle"])
+                     f"--queues={QUEUE},{EDIT_QUEUE}", "--without-gossip", "--without-mingle"])
     return 0
 
 

@@ -42,6 +42,7 @@ from autocontour.dicom.series import DicomSeries
 from autocontour.errors import OptionError
 
 DRAFT_DESCRIPTION = "autocontour draft - not approved"
+APPROVED_DESCRIPTION = "autocontour - approved"
 RTSTRUCT_FILE = "rtstruct.dcm"
 SEG_FILE = "seg.dcm"
 # Contour Data is one DS value list; in explicit VR its length field has 16 bits. 3 values of at most 16
@@ -139,16 +140,18 @@ def _contours(series: DicomSeries, mask: np.ndarray) -> list[pydicom.Dataset]:
 
 
 def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path, descriptions: dict[str, str],
-                   definitions: dict[str, Any], roi_names: str = "display") -> Path:
+                   definitions: dict[str, Any], roi_names: str = "display", approved_by: str | None = None,
+                   approved_at: datetime | None = None) -> Path:
     """masks: structure -> (slice, row, column) array on the series' grid; empty ones are left out
-    (an ROI without contours is rejected by several planning systems)."""
+    (an ROI without contours is rejected by several planning systems). `approved_by`: the reviewer who
+    approved these contours (RT Approval module: APPROVED, ReviewerName, ReviewDate/Time); else UNAPPROVED."""
     ds = _structure_set(series.datasets[0])
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(series)]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
     for number, name in enumerate((n for n, m in masks.items() if m.any()), start=1):
         _add_roi(ds, series, number, masks[name], definitions[name], roi_name(definitions[name], roi_names),
                  descriptions.get(name, ""))
-    ds.ApprovalStatus = "UNAPPROVED"
+    _approval(ds, approved_by, approved_at or datetime.now())
 
     if "SpecificCharacterSet" not in ds and not all(r.ROIName.isascii() for r in ds.StructureSetROISequence):
         ds.SpecificCharacterSet = "ISO_IR 192"  # the input needed none, our names need UTF-8
@@ -160,6 +163,18 @@ def write_rtstruct(series: DicomSeries, masks: dict[str, np.ndarray], out: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(out), enforce_file_format=True)
     return out
+
+
+def _approval(ds: pydicom.Dataset, approved_by: str | None, at: datetime) -> None:
+    """RT Approval module: a draft is UNAPPROVED; an approved set names its reviewer and when, and says so
+    where a planning system lists it."""
+    if approved_by is None:
+        ds.ApprovalStatus = "UNAPPROVED"
+        return
+    ds.ApprovalStatus = "APPROVED"
+    ds.ReviewerName = approved_by
+    ds.ReviewDate, ds.ReviewTime = at.strftime("%Y%m%d"), at.strftime("%H%M%S")
+    ds.SeriesDescription = ds.StructureSetName = APPROVED_DESCRIPTION
 
 
 def _structure_set(source: pydicom.Dataset) -> pydicom.Dataset:

@@ -15,6 +15,7 @@ is expensive to load (network, support sets) so a server loads it once.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class Segmenter:
         # the latest scan's registrations to the sets' source cases: segmenting it again (other structures,
         # other options) does not register again
         self._registrations: RegistrationCache = {}
+        # held by whoever runs the network: a server's job worker and its edits share one model, and the
+        # engine and the registration cache are not made for two threads at once
+        self.engine_lock = threading.Lock()
 
     def describe_model(self) -> dict:
         return self.model.describe()

@@ -7,8 +7,9 @@ its JSON does (written last, created exclusively, so two edits racing for one
 number cannot both win). Version 0 of a segmented structure is the draft as
 `segment` wrote it, registered the first time the structure is edited. The
 result's top-level `<structure>.nii.gz` is a copy of the newest version (or of
-the approved one, once a result is approved), so everything that reads a
-result reads the edited contour.
+the approved one, once a result is approved: later edits stay in versions/
+until the next approval), so everything that reads a result reads the edited
+(or approved) contour.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class StructureVersions:
             staging.unlink()
             raise
         staging.replace(self.mask_path(version.version))
-        self.publish(version.version)
+        if approval_of(self.result_dir) is None:  # an approved result's files stay what was approved
+            self.publish(version.version)
         return version
 
     def publish(self, n: int) -> None:
@@ -116,13 +118,18 @@ def changed_slices(before: sitk.Image | None, after: sitk.Image) -> list[int]:
     return [int(k) for k in np.nonzero((old != new).any(axis=(1, 2)))[0]]
 
 
+def approval_of(result_dir: Path) -> dict | None:
+    """summary.json's `approval` entry (who approved which versions, when); None before any approval."""
+    path = Path(result_dir) / SUMMARY
+    return json.loads(path.read_text()).get("approval") if path.is_file() else None
+
+
 def versions_of(result_dir: Path) -> dict[str, list[Version]]:
     """Every edited structure's versions in a result folder."""
     root = Path(result_dir) / VERSIONS
     if not root.is_dir():
         return {}
     return {p.name: StructureVersions(result_dir, p.name).all() for p in sorted(root.iterdir()) if p.is_dir()}
-
 
 
 def note_in_summary(result_dir: Path, structure: str, version: Version) -> None:

@@ -45,6 +45,7 @@ from typing import Any, cast
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from prometheus_client import Counter
@@ -53,7 +54,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from autocontour import scratch
 from autocontour.export import SUMMARY
 from autocontour.pipeline import Segmenter
+from autocontour.pipeline.editing import Edit
 from autocontour.pipeline.summary import Summary
+from autocontour.server.editing import EditRequest, EditTimeout, run_edit
 from autocontour.server.jobs import FINAL, Job, JobStore, QueueFull, QueueUnavailable, ResultStore, job_request_id
 from autocontour.server.metrics import Metrics
 from autocontour.server.problems import problem_body
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError, RuntimeError)
 TASK = "autocontour.segment"
 QUEUE = "autocontour"
+EDIT_TASK = "autocontour.edit"
+EDIT_QUEUE = "autocontour-edits"  # apart from the jobs: an edit does not wait behind queued segmentations
 WORKERS = "autocontour:workers"  # the set of worker names; each has a heartbeat key that expires
 HEARTBEAT_S = 2.0
 UNACKED = "unacked"  # kombu's Redis hash of delivered, unacknowledged messages (its default name)
@@ -223,6 +228,25 @@ class CeleryQueue:
     def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
         return self.refresh([job])[0] if job is not None else None
+
+    def edit(self, request: EditRequest, edit: Edit) -> dict:
+        """A task on the edit queue, answered by the first free worker (the checked `edit` stays here: the
+        worker reads the drawn mask from the shared folder); revoked if no answer comes in time."""
+        try:
+            if not any(self._alive_workers().values()):
+                raise QueueUnavailable("no worker is alive to run the edit")
+            task = self.app.send_task(EDIT_TASK, args=[request.model_dump()], queue=EDIT_QUEUE, retry=True,
+                                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+        except BROKER_ERRORS as exc:
+            raise QueueUnavailable("the job queue's broker cannot be reached") from exc
+        try:
+            answer = task.get(timeout=self.settings.edit_timeout_s, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeout:
+            self.app.control.revoke(task.id)
+            raise EditTimeout(f"no worker answered within {self.settings.edit_timeout_s:g} s") from None
+        if not isinstance(answer, dict):  # the task raised: a bug in the worker, its log has the details
+            raise RuntimeError(f"the edit failed in the worker: {type(answer).__name__}")
+        return answer
 
     def refresh(self, jobs: list[Job]) -> list[Job]:
         """Turn the task states of unfinished jobs into job records (finished ones are left alone).
@@ -434,6 +458,11 @@ def worker_app(settings: ServerSettings, segmenter: Segmenter) -> Celery:
         own_scratch.close()
 
     signals.worker_shutdown.connect(shut_down, weak=False, dispatch_uid="autocontour-worker-shutdown")
+
+    @app.task(name=EDIT_TASK)
+    def edit(request: dict) -> dict:
+        with segmenter.engine_lock:
+            return run_edit(segmenter.model.engine, results, EditRequest.model_validate(request), settings)
 
     @app.task(name=TASK, bind=True)
     def segment(self, job_id: str, options: dict, input_name: str) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 from autocontour.server.problems import problem_body
 
 FINAL = ("done", "failed", "cancelled")
+SOURCE = "source"  # a DICOM job's input series, kept in its result folder: approval rewrites RTSTRUCT and SEG
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -110,16 +111,20 @@ class ResultStore:
     def zip_path(self, job_id: str) -> Path:
         return self.result_dir(job_id) / "result.zip"
 
+    def source_dir(self, job_id: str) -> Path:
+        """Where a finished DICOM job keeps its input series (deleted with the job; not in the zip)."""
+        return self.result_dir(job_id) / SOURCE
+
     def publish(self, job_id: str, staging: Path) -> None:
         """Make a finished result visible in one step (a rename), replacing any earlier attempt."""
         target = self.result_dir(job_id)
         shutil.rmtree(target, ignore_errors=True)
-        with zipfile.ZipFile(staging / "result.zip.tmp", "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(staging.iterdir()):
-                if path.is_file() and not path.name.startswith("result.zip"):
-                    archive.write(path, path.name)
-        (staging / "result.zip.tmp").rename(staging / "result.zip")
+        _zip_top_level(staging)
         staging.rename(target)
+
+    def rezip(self, job_id: str) -> None:
+        """Rebuild a result's zip from its top-level files (after approval), replacing the old one in one step."""
+        _zip_top_level(self.result_dir(job_id))
 
     def staging_dir(self, job_id: str) -> Path:
         path = self.scratch / f"staging-{job_id}-{uuid.uuid4().hex[:8]}"
@@ -150,6 +155,16 @@ class ResultStore:
             return True
         except OSError:
             return False
+
+
+def _zip_top_level(folder: Path) -> None:
+    """result.zip of the folder's top-level files (not review/, versions/ or source/)."""
+    staging = folder / f"result.zip.{uuid.uuid4().hex[:8]}.tmp"
+    with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith(("result.zip", ".")):
+                archive.write(path, path.name)
+    staging.replace(folder / "result.zip")
 
 
 class JobStore:
@@ -253,6 +268,10 @@ class JobStore:
         return bool(self._exec(f"UPDATE jobs SET status = ?, finished = ?, {column} = ?, "  # noqa: S608 - fixed names
                                "started = COALESCE(?, started, ?) WHERE id = ? AND status IN ('queued', 'running')",
                                (status, finished or time.time(), json.dumps(value), started, unknown_start, job_id)))
+
+    def set_result(self, job_id: str, result: dict) -> None:
+        """A finished job's result record, updated after the job (its approval, the files it now holds)."""
+        self._exec("UPDATE jobs SET result = ? WHERE id = ? AND status = 'done'", (json.dumps(result), job_id))
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once, ask a running one to stop; returns the status after."""

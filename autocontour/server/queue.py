@@ -6,7 +6,9 @@ import logging
 from typing import Protocol
 
 from autocontour.pipeline import Segmenter
-from autocontour.server.jobs import Job, JobStore, ResultStore
+from autocontour.pipeline.editing import Edit
+from autocontour.server.editing import EditRequest, EditTimeout, run_edit
+from autocontour.server.jobs import Job, JobStore, QueueUnavailable, ResultStore
 from autocontour.server.metrics import Metrics
 from autocontour.server.settings import ServerSettings
 from autocontour.server.worker import LocalWorker
@@ -29,6 +31,10 @@ class JobQueue(Protocol):
     def get(self, job_id: str) -> Job | None: ...
     def refresh(self, jobs: list[Job]) -> list[Job]:
         """The same jobs, with the unfinished ones brought up to date from wherever jobs run."""
+    def edit(self, request: EditRequest, edit: Edit) -> dict:
+        """Run a checked edit (`edit`; `request` is its portable form) where the network is, within
+        AUTOCONTOUR_EDIT_TIMEOUT_S (EditTimeout), or QueueUnavailable where nothing can run it; returns
+        `run_edit`'s answer."""
 
 
 class LocalQueue:
@@ -77,6 +83,18 @@ class LocalQueue:
 
     def refresh(self, jobs: list[Job]) -> list[Job]:
         return jobs  # the worker writes to the store itself: nothing to fetch
+
+    def edit(self, request: EditRequest, edit: Edit) -> dict:
+        """In this process, once the worker's job (if any) lets go of the network."""
+        if self.worker is None:
+            raise QueueUnavailable("no network is loaded in this process to run the edit")
+        segmenter = self.worker.segmenter
+        if not segmenter.engine_lock.acquire(timeout=self.settings.edit_timeout_s):
+            raise EditTimeout(f"the network stayed busy with a job for {self.settings.edit_timeout_s:g} s")
+        try:
+            return run_edit(segmenter.model.engine, self.results, request, self.settings, edit)
+        finally:
+            segmenter.engine_lock.release()
 
 
 def make_queue(settings: ServerSettings, jobs: JobStore, results: ResultStore, metrics: Metrics) -> JobQueue:

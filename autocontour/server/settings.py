@@ -37,6 +37,9 @@ class ServerSettings(Settings):
                                                     "down, decode slots busy)")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="finished jobs and results are deleted after this")
     wait_timeout_s: float = Field(600.0, gt=0, description="longest ?wait=true before answering 202")
+    edit_timeout_s: float = Field(120.0, gt=0, description="longest an edit (propagate) waits for the network, "
+                                                           "busy with a job, or for a Celery worker to answer, "
+                                                           "before 503 + Retry-After")
     api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
     queue: str = Field("local", pattern="^(local|celery)$",
                        description="local: in-process worker; celery: Redis + workers")

@@ -25,7 +25,7 @@ from autocontour.options import SegmentOptions
 from autocontour.pipeline import CancelledError, Segmenter
 from autocontour.pipeline.summary import Summary
 from autocontour.server.context import request_id
-from autocontour.server.jobs import Job, JobStore, ResultStore, job_request_id
+from autocontour.server.jobs import SOURCE, Job, JobStore, ResultStore, job_request_id
 from autocontour.server.metrics import Metrics
 from autocontour.server.problems import from_error, problem_body
 
@@ -90,6 +90,14 @@ def push_to_pacs(settings, result_dir: Path, files: dict) -> None:
     pacs.store(client, [result_dir / files[k] for k in ("rtstruct", "seg") if k in files])
 
 
+def keep_source(summary: Summary, upload: Path, staging: Path) -> None:
+    """A DICOM job keeps its input series beside its result (not in the zip): approving edits later rewrites the
+    RTSTRUCT and SEG, which reference every slice of it. A NIfTI job needs only the review CT it keeps anyway."""
+    if summary.input.format == "DICOM series":
+        (staging / SOURCE).mkdir()
+        shutil.move(upload, staging / SOURCE / upload.name)
+
+
 def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: dict, input_name: str,
             reporter: Reporter, settings=None) -> Outcome:
     """Execute one job to its final status."""
@@ -111,8 +119,10 @@ def run_job(segmenter: Segmenter, results: ResultStore, job_id: str, options: di
         segment_options = SegmentOptions.checked({k: v for k, v in options.items() if k not in JOB_ONLY})
         if pacs_job:
             fetch_from_pacs(settings, pacs_job, results.upload_path(job_id, input_name))
-        result = segmenter.segment(results.upload_path(job_id, input_name), staging, segment_options,
-                                   progress=progress, cancelled=reporter.cancel_requested, keep_ct=True)
+        with segmenter.engine_lock:
+            result = segmenter.segment(results.upload_path(job_id, input_name), staging, segment_options,
+                                       progress=progress, cancelled=reporter.cancel_requested, keep_ct=True)
+        keep_source(result.summary, results.upload_path(job_id, input_name), staging)
         results.publish(job_id, staging)
         summary = brief(result.summary)
         if pacs_job and pacs_job["push"] and summary["files"]:

@@ -16,13 +16,14 @@ from pydantic import BaseModel, Field
 from autocontour.catalogue import DEFAULT_STRUCTURES
 from autocontour.dicom.reading import read_input
 from autocontour.errors import InputImageError
-from autocontour.export import PREVIEW, SUMMARY, mask_file
+from autocontour.export import PREVIEW, SUMMARY
 from autocontour.options import SegmentOptions
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
 from autocontour.server.auth import require
 from autocontour.server.context import request_id
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, JobsDep, LibraryDep, QueueDep, ResultsDep, SettingsDep
+from autocontour.server.editing import mask_path
 from autocontour.server.jobs import FINAL, Job, QueueFull, QueueUnavailable, ResultStore
 from autocontour.server.openapi import AUTH, problem_responses
 from autocontour.server.problems import Problem, queue_full
@@ -305,13 +306,15 @@ def get_preview(queue: QueueDep, results: ResultsDep, job_id: str, owner: str | 
 
 @router.get("/{job_id}/masks/{structure}", response_class=FileResponse,
             responses={200: {"content": {"application/gzip": {}}}, **FINISHED_ONLY})
-def get_mask(queue: QueueDep, results: ResultsDep, job_id: str, structure: str, owner: str | None = require("read")):
-    """One structure's mask (uint8 NIfTI on the CT's grid)."""
+def get_mask(queue: QueueDep, results: ResultsDep, job_id: str, structure: str,
+             version: Annotated[int | None, Query(ge=0, le=1_000_000, description="an older version (0: the first: "
+                                                  "segment's draft, or the first propagation)")] = None,
+             owner: str | None = require("read")):
+    """One structure's mask (uint8 NIfTI on the CT's grid): its newest version (segment's draft until it is
+    edited), or `?version=N`."""
     job = finished(queue, job_id, owner)
-    if structure not in job.options["structures"]:
-        raise Problem(404, "not-found", "Not found", f"the job has no structure {structure!r}")
-    return FileResponse(results.result_dir(job.id) / mask_file(structure),
-                        media_type="application/gzip", filename=f"{structure}.nii.gz")
+    return FileResponse(mask_path(job, results, structure, version), media_type="application/gzip",
+                        filename=f"{structure}.nii.gz")
 
 
 @router.get("/{job_id}/dicom/{kind}", response_class=FileResponse,
