@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { job: null, info: null, plane: "axial", index: 0, visible: {}, image: null, contours: {},
-                flagged: [], drawToken: 0 };
+                flagged: [], drawToken: 0, sliceTimes: [] };
 
 function apiKey() { return $("api-key").value || sessionStorage.getItem("autocontour-key") || ""; }
 
@@ -111,6 +111,7 @@ async function openReview(job) {
   setStatus("Done. Review every slice before use: these are drafts.");
   const first = Object.values(state.info.structures).find((s) => s.slice_range);
   setPlane("axial", first ? Math.round((first.slice_range[0] + first.slice_range[1]) / 2) : 0);
+  editor.open(state.info);
   $("canvas").focus();
 }
 
@@ -185,7 +186,7 @@ function setSlice(index) {
 }
 
 async function load() {
-  const token = ++state.drawToken;
+  const token = ++state.drawToken, start = performance.now();
   const base = "/v1/segmentations/" + state.job.id + "/review/" + state.plane + "/" + state.index;
   const [png, contours] = await Promise.all([
     api(base + ".png?level=" + $("level").value + "&width=" + $("width").value).then((r) => r.blob()),
@@ -198,6 +199,8 @@ async function load() {
   state.image = image;
   state.contours = contours;
   draw();
+  editor.sliceChanged();
+  state.sliceTimes.push(performance.now() - start);  // slice change to drawn, ms (docs/http-api.md reports it)
 }
 
 function draw() {
@@ -213,7 +216,7 @@ function draw() {
   const sx = canvas.width / image.width, sy = canvas.height / image.height;
   ctx.lineWidth = 2;
   for (const [name, lines] of Object.entries(state.contours)) {
-    if (!state.visible[name]) continue;
+    if (!state.visible[name] || editor.owns(name)) continue;  // the editor draws the structure it edits
     ctx.strokeStyle = rgb(state.info.structures[name].colour);
     for (const line of lines) {
       ctx.beginPath();
@@ -235,6 +238,7 @@ function draw() {
       ctx.strokeStyle = "#ff3030"; ctx.lineWidth = 4; ctx.strokeRect(2, 2, canvas.width - 4, canvas.height - 4);
     }
   }
+  editor.drawOverlay(ctx, canvas);
 }
 
 async function download(path, filename) {
