@@ -106,16 +106,19 @@ def drawn_voxels(page) -> int:
 
 
 def empty_place(page) -> tuple[float, float]:
-    """The centre of a 25 x 11 voxel window of the current slice the structure does not touch, as fractions."""
+    """The centre of a 25 x 11 voxel window of the current slice that the structure does not touch, nearest
+    the image centre (beside the structure), as fractions of the image."""
     return tuple(page.evaluate("""() => {
         const { nx, ny } = editor.layout, o = state.index * nx * ny, v = editor.volume;
+        let best = null, bestDistance = Infinity;
         for (let y = 10; y < ny - 10; y += 2) for (let x = 15; x < nx - 15; x += 2) {
             let empty = true;
             for (let dy = -5; dy <= 5 && empty; dy++) for (let dx = -12; dx <= 12; dx++)
                 if (v[o + (y + dy) * nx + x + dx]) { empty = false; break; }
-            if (empty) return [(x + 0.5) / nx, (y + 0.5) / ny];
+            const distance = Math.hypot(x - nx / 2, y - ny / 2);
+            if (empty && distance < bestDistance) { best = [(x + 0.5) / nx, (y + 0.5) / ny]; bestDistance = distance; }
         }
-        return null; }"""))
+        return best; }"""))
 
 
 def stroke(page, points: list[tuple[float, float]]) -> None:
@@ -157,6 +160,7 @@ def test_brush_erase_propagate_and_undo(page, server, screenshots):
     erased = drawn_voxels(page)
     assert erased < brushed
     page.mouse.move(*centre(page))
+    show_review(page)
     page.screenshot(path=str(screenshots / "edit-brush.png"))
 
     page.click("#propagate")
@@ -169,6 +173,7 @@ def test_brush_erase_propagate_and_undo(page, server, screenshots):
     assert corrected[k].sum() == erased  # the drawn slice came back exactly as drawn
     page.check("#compare-draft")
     page.wait_for_function("() => editor.draft !== null")
+    show_review(page)
     page.screenshot(path=str(screenshots / "edit-propagated.png"))
     page.uncheck("#compare-draft")
 
@@ -178,6 +183,11 @@ def test_brush_erase_propagate_and_undo(page, server, screenshots):
     assert page.evaluate("() => editor.newest().kind") == "revert"
     assert np.array_equal(api_mask(server, job, "bladder"), draft)  # undo: the previous version again
     assert drawn_voxels(page) == before
+
+
+def show_review(page) -> None:
+    """Scroll the review to the top of the window, as a reviewer works (for the screenshots)."""
+    page.evaluate("() => document.getElementById('review-title').scrollIntoView()")
 
 
 def centre(page) -> tuple[float, float]:
@@ -203,6 +213,7 @@ def test_new_structure_from_three_slices_then_approve(page, server, series, scre
     page.keyboard.press("l")
     stroke(page, [(0.44, 0.46), (0.56, 0.46), (0.56, 0.56), (0.44, 0.56), (0.44, 0.47)])
     assert drawn_voxels(page) > 50  # the lasso filled its polygon
+    show_review(page)
     page.screenshot(path=str(screenshots / "edit-new-structure.png"))
     page.select_option("#ends", "drawn")
     page.click("#propagate")
@@ -215,6 +226,7 @@ def test_new_structure_from_three_slices_then_approve(page, server, series, scre
 
     page.click("#approve")
     page.wait_for_selector("text=Approved by planner")
+    show_review(page)
     page.screenshot(path=str(screenshots / "edit-approved.png"))
     with page.expect_download() as info:
         page.click("text=Approved RTSTRUCT")
@@ -236,3 +248,16 @@ def test_slice_changes_stay_fluid(page):
     times = page.evaluate("() => state.sliceTimes")
     print(f"slice change to drawn: median {statistics.median(times):.1f} ms, max {max(times):.1f} ms")
     assert statistics.median(times) < 50
+
+
+def test_revert_refuses_what_does_not_exist(page, server):
+    job = job_id(page)
+    base = f"{server.url}/v1/segmentations/{job}/structures"
+    for path, words in ((f"{base}/bladder/versions/99/revert", "no version 99"),
+                        (f"{base}/liver/versions/0/revert", "liver has no versions"),
+                        (f"{base}/Bad-Name/versions/0/revert", "Bad-Name")):
+        response = httpx.post(path, headers=PLANNER)
+        assert response.status_code in (404, 422), response.text
+        assert response.headers["content-type"] == "application/problem+json" and words in response.json()["detail"]
+    grid = httpx.get(f"{server.url}/v1/segmentations/{job}/review", headers=PLANNER).json()["grid"]
+    assert grid["nifti"]["dim"][1:4] == [122, 101, 112]  # the example CT's input grid

@@ -121,7 +121,7 @@ function buildStructureTable() {
   for (const [name, s] of Object.entries(state.info.structures)) {
     const row = document.createElement("tr");
     const toggle = document.createElement("input");
-    toggle.type = "checkbox"; toggle.checked = true; toggle.id = "show-" + name;
+    toggle.type = "checkbox"; toggle.checked = state.visible[name] !== false; toggle.id = "show-" + name;
     toggle.setAttribute("aria-label", "show " + s.display_name);
     toggle.addEventListener("change", () => { state.visible[name] = toggle.checked; draw(); });
     const label = document.createElement("label");

@@ -47,6 +47,7 @@ const editor = {
     const volume = versions.length ? await this.fetchMask(version) : new Uint8Array(this.voxels());
     if (name !== this.active) return;  // another structure was chosen meanwhile
     this.versions = versions; this.volume = volume; this.refreshFilled();
+    if (versions.length) { state.info.structures[name].volume_ml = this.newest().volume_ml; buildStructureTable(); }
     this.showVersions(); this.sliceChanged(); draw();
   },
 
