@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from autocontour.export import SUMMARY, mask_file
 
 VERSIONS = "versions"
-Kind = Literal["draft", "propagate", "refine"]
+Kind = Literal["draft", "propagate", "refine", "revert"]
 PROVENANCE_NAMES = {0: "none", 1: "drawn", 2: "propagated", 3: "draft"}
 
 
@@ -38,8 +38,9 @@ class Version(BaseModel):
     version: int = Field(description="0: the first (segment's draft, or the first propagation), then 1, 2, ... "
                                       "in the order edits arrived")
     kind: Kind = Field(description="draft: segment's result; propagate: from drawn slices only; refine: "
-                                   "corrections on an earlier version")
-    based_on: int | None = Field(None, description="the version this edit corrected")
+                                   "corrections on an earlier version; revert: a copy of version `based_on` "
+                                   "(an undo)")
+    based_on: int | None = Field(None, description="the version this edit corrected (revert: the one it copies)")
     created: str = Field(description="ISO 8601 time, UTC")
     author: str | None = Field(None, description="the API key's name that made the edit (None: the CLI)")
     drawn_slices: list[int] = Field(description="slices that are a clinician's drawing, exactly as drawn")
@@ -105,6 +106,21 @@ class StructureVersions:
         staging = top.with_name(f".{top.name}.{os.getpid()}")
         shutil.copyfile(self.mask_path(n), staging)
         staging.replace(top)
+
+
+def revert(result_dir: Path, structure: str, n: int, author: str | None) -> Version:
+    """Make version `n` the newest again, as a new version that copies it (an undo that overwrites nothing);
+    its drawn slices and provenance come along, so the next correction refines what was reverted to."""
+    store = StructureVersions(result_dir, structure)
+    latest = store.latest()
+    if latest is None:
+        raise LookupError(f"{structure} has no versions")
+    target, mask = store.get(n), store.read_mask(n)
+    version = target.model_copy(update={
+        "version": latest.version + 1, "kind": "revert", "based_on": n, "created": now_iso(), "author": author,
+        "corrected_slices": [], "changed_slices": changed_slices(store.read_mask(latest.version), mask),
+        "seconds": 0.0})
+    return store.add(mask, version)
 
 
 def now_iso() -> str:

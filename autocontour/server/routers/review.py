@@ -6,15 +6,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from autocontour.pipeline.outputs import REVIEW_CT
+from autocontour.pipeline.versions import Version, note_in_summary, revert
 from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.dependencies import QueueDep, ResultsDep, ReviewDep
 from autocontour.server.openapi import AUTH, problem_responses
 from autocontour.server.problems import Problem
 from autocontour.server.review import ReviewVolume
+from autocontour.server.routers.editing import structure_name
 from autocontour.server.routers.segmentations import finished
 
 router = APIRouter(route_class=AuthenticatedFirst, tags=["review"])
@@ -70,3 +73,25 @@ async def review_contours(volume: Volume, plane: Plane, index: int):
     """Each structure's contour on that slice: polylines of [column, row] pixel coordinates."""
     _check(volume, plane, index)
     return await run_in_threadpool(volume.contours, plane, index)
+
+
+@router.post("/v1/segmentations/{job_id}/structures/{structure}/versions/{version}/revert", response_model=Version,
+             tags=["editing"], responses=problem_responses(*AUTH, 404, 409, 422, described={
+                 404: "no such job (or another key's), no such structure in it, or no such version",
+                 409: "the job is not done, or another edit made a version meanwhile (retry)"}))
+def revert_version(queue: QueueDep, results: ResultsDep, job_id: str, structure: str,
+                   version: Annotated[int, PathParam(ge=0, le=1_000_000)], owner: str | None = require("segment")):
+    """Undo: make an older version the newest again, as a new version (kind `revert`) that copies it, so
+    nothing is overwritten and a later correction refines what was reverted to. The review page's undo of a
+    propagation calls this."""
+    job = finished(queue, job_id, owner)
+    name = structure_name(structure)
+    result_dir = results.result_dir(job.id)
+    try:
+        made = revert(result_dir, name, version, owner)
+    except LookupError as exc:
+        raise Problem(404, "not-found", "Not found", str(exc)) from None
+    except FileExistsError:
+        raise Problem(409, "conflict", "Conflict", "another edit made a version meanwhile; retry") from None
+    note_in_summary(result_dir, name, made)
+    return made

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { job: null, info: null, plane: "axial", index: 0, visible: {}, image: null, contours: {},
-                flagged: [], drawToken: 0, shown: "" };  // shown: the plane/index the canvas last drew
+                flagged: [], drawToken: 0, shown: "", sliceTimes: [] };  // shown: the plane/index the canvas last drew
 
 // The anatomical directions the server names at the edges of each view (planes[plane].edges).
 const DIRECTIONS = { A: "anterior", P: "posterior", S: "superior", I: "inferior", R: "patient's right",
@@ -116,6 +116,7 @@ async function openReview(job) {
   setStatus("Done. Review every slice before use: these are drafts.");
   const first = Object.values(state.info.structures).find((s) => s.slice_range);
   setPlane("axial", first ? Math.round((first.slice_range[0] + first.slice_range[1]) / 2) : 0);
+  editor.open(state.info);
   $("canvas").focus();
 }
 
@@ -125,7 +126,7 @@ function buildStructureTable() {
   for (const [name, s] of Object.entries(state.info.structures)) {
     const row = document.createElement("tr");
     const toggle = document.createElement("input");
-    toggle.type = "checkbox"; toggle.checked = true; toggle.id = "show-" + name;
+    toggle.type = "checkbox"; toggle.checked = state.visible[name] !== false; toggle.id = "show-" + name;
     toggle.setAttribute("aria-label", "show " + s.display_name);
     toggle.addEventListener("change", () => { state.visible[name] = toggle.checked; draw(); });
     const label = document.createElement("label");
@@ -194,7 +195,7 @@ function setSlice(index) {
 }
 
 async function load() {
-  const token = ++state.drawToken;
+  const token = ++state.drawToken, start = performance.now();
   const base = "/v1/segmentations/" + state.job.id + "/review/" + state.plane + "/" + state.index;
   const [png, contours] = await Promise.all([
     api(base + ".png?level=" + $("level").value + "&width=" + $("width").value).then((r) => r.blob()),
@@ -207,6 +208,8 @@ async function load() {
   state.image = image;
   state.contours = contours;
   draw();
+  editor.sliceChanged();
+  state.sliceTimes.push(performance.now() - start);  // slice change to drawn, ms (docs/http-api.md reports it)
 }
 
 function draw() {
@@ -222,7 +225,7 @@ function draw() {
   const sx = canvas.width / image.width, sy = canvas.height / image.height;
   ctx.lineWidth = 2;
   for (const [name, lines] of Object.entries(state.contours)) {
-    if (!state.visible[name]) continue;
+    if (!state.visible[name] || editor.owns(name)) continue;  // the editor draws the structure it edits
     ctx.strokeStyle = rgb(state.info.structures[name].colour);
     for (const line of lines) {
       ctx.beginPath();
@@ -276,6 +279,7 @@ function drawFlags(ctx, canvas) {
     }
   }
   ctx.restore();
+  editor.drawOverlay(ctx, canvas);
 }
 
 async function download(path, filename) {
