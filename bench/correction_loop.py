@@ -26,6 +26,7 @@ Run (small first):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -44,7 +45,15 @@ from propagation import STRUCTURES, Case, cases, drawn_slices  # noqa: E402
 from autocontour.catalogue import default_definition  # noqa: E402
 from autocontour.config import Settings  # noqa: E402
 from autocontour.engine import refinement  # noqa: E402
-from autocontour.engine.propagation import DRAWN, EndStop, Propagation, PropagationOptions, propagate  # noqa: E402
+from autocontour.engine.propagation import (  # noqa: E402
+    DRAWN,
+    PROPAGATED,
+    EndStop,
+    Propagation,
+    PropagationOptions,
+    next_slice,
+    propagate,
+)  # noqa: E402
 from autocontour.engine.refinement import DRAFT, Correction, refine, suggest_next  # noqa: E402
 from autocontour.engine.runner import Engine  # noqa: E402
 from autocontour.evaluation.metrics import compute_metrics, nsd_key  # noqa: E402
@@ -101,6 +110,32 @@ def even_pick(result: Propagation, ref: np.ndarray, with_ends: bool) -> int | No
     return max(gaps)[1] if gaps else None
 
 
+def rule_before(start: Propagation, dz_mm: float) -> Callable[[Propagation], int | None]:
+    """The rule suggest_next had before this benchmark, to measure against: the longest unreached draft run
+    as now, else the propagated slice whose fused probability is least decided ("uncertainty")."""
+
+    def pick(result: Propagation) -> int | None:
+        if result is start:
+            return result.next_slice
+        flags = result.provenance == DRAFT
+        runs = [(b - a + 1, (a + b) // 2) for a, b in refinement._runs(flags)]
+        longest = max(runs, default=None)
+        propagated = np.nonzero(result.provenance == PROPAGATED)[0]
+        drawn = np.nonzero(result.provenance == DRAWN)[0]
+        if longest is not None and (longest[0] * dz_mm > 2 * refinement.DRAFT_WINDOW_MM or not len(propagated)):
+            return longest[1]
+        fused, network = result.probability, result.network
+        return next_slice("uncertainty", propagated, list(drawn), network, fused, fused > 0.5)
+
+    return pick
+
+
+def clinicians(start: Propagation, ref: np.ndarray, dz_mm: float, with_ends: bool
+               ) -> dict[str, Callable[[Propagation], int | None]]:
+    return {"suggestion": lambda r: r.next_slice, "before": rule_before(start, dz_mm),
+            "even": lambda r: even_pick(r, ref, with_ends)}
+
+
 def run_loop(engine: Engine, case: Case, name: str, loop: Loop, start: Propagation,
              pick: Callable[[Propagation], int | None], options: PropagationOptions, cap: int, target: float,
              start_seconds: float) -> Loop:
@@ -135,8 +170,7 @@ def from_nothing(engine: Engine, case: Case, name: str, options: PropagationOpti
     only[drawn] = ref[drawn]
     start = propagate(engine, case.ct, only, drawn, options)
     print(f"  propagate from {drawn}: {start.seconds:.1f} s", flush=True)
-    picks: dict[str, Callable[[Propagation], int | None]] = {
-        "suggestion": lambda r: r.next_slice, "even": lambda r: even_pick(r, ref, False)}
+    picks = clinicians(start, ref, case.ct.spacing_zyx[0], False)
     loops = [run_loop(engine, case, name, Loop("nothing", clinician), start, pick, options, cap, target,
                       start.seconds) for clinician, pick in picks.items()]
     k = 3 + len(loops[0].steps) - 1
@@ -166,14 +200,12 @@ def from_draft(engine: Engine, case: Case, name: str, options: PropagationOption
     print(f"  segment's draft: {seconds:.1f} s", flush=True)
     options = replace(options, ends_drawn=False)
     provenance = np.where(draft.any(axis=(1, 2)), DRAFT, 0).astype(np.uint8)
-    nothing = np.zeros(draft.shape, dtype=np.float32)
-    first = suggest_next(provenance, nothing, nothing, case.ct.spacing_zyx[0], options)
+    first = suggest_next(provenance, draft, case.ct.spacing_zyx[0])
     filled = np.nonzero(provenance)[0]
     ends = (EndStop("inferior", int(filled[0]), "draft"), EndStop("superior", int(filled[-1]), "draft"))
     start = Propagation(draft.astype(np.float32), draft, provenance, ends, first)
     ref = case.masks[name]
-    picks: dict[str, Callable[[Propagation], int | None]] = {
-        "suggestion": lambda r: r.next_slice, "even": lambda r: even_pick(r, ref, True)}
+    picks = clinicians(start, ref, case.ct.spacing_zyx[0], True)
     return [run_loop(engine, case, name, Loop("draft", clinician), start, pick, options, cap, target, 0.0)
             for clinician, pick in picks.items()]
 
@@ -187,22 +219,26 @@ def _needed(loop: Loop, target: float, cap: int) -> str:
     return f">{len(loop.steps) - 1}" if n is None else str(n)
 
 
+CLINICIANS = ("suggestion", "before", "even")
+
+
 def loop_table(rows: list[dict], target: float, cap: int) -> str:
-    """Per structure and start: corrections to the target with the suggestion and evenly spread, the ratio,
-    and the surface-Dice curves (after 0, 1, 2, ... corrections)."""
-    lines = ["| dataset | patient | structure | slices | start | suggestion | even | even / suggestion | drops "
-             "(sugg / even) | NSD curve, suggestion | NSD curve, even |", "|" + " --- |" * 11]
+    """Per structure and start: corrections to the target per clinician, the ratio even / suggestion,
+    corrections that lowered surface Dice, and the surface-Dice curves (after 0, 1, 2, ... corrections)."""
+    lines = ["| dataset | patient | structure | slices | start | " + " | ".join(CLINICIANS)
+             + " | even / suggestion | drops | " + " | ".join(f"NSD curve, {c}" for c in CLINICIANS) + " |",
+             "|" + " --- |" * (7 + 2 * len(CLINICIANS))]
     for row in rows:
         for start in ("nothing", "draft"):
             loops = {lp.clinician: lp for lp in row["loops"] if lp.start == start}
             if not loops:
                 continue
-            s, e = loops["suggestion"], loops["even"]
-            ns, ne = s.needed(target), e.needed(target)
+            ns, ne = loops["suggestion"].needed(target), loops["even"].needed(target)
             ratio = f"{ne / ns:.2f}" if ns and ne else ""
             lines.append(f"| {row['dataset']} | {row['patient']} | {row['structure']} | {row['slices']} | {start} | "
-                         f"{_needed(s, target, cap)} | {_needed(e, target, cap)} | {ratio} | {s.drops()} / "
-                         f"{e.drops()} | {_curve(s)} | {_curve(e)} |")
+                         + " | ".join(_needed(loops[c], target, cap) for c in CLINICIANS) + f" | {ratio} | "
+                         + " / ".join(str(loops[c].drops()) for c in CLINICIANS) + " | "
+                         + " | ".join(_curve(loops[c]) for c in CLINICIANS) + " |")
     return "\n".join(lines)
 
 
@@ -225,20 +261,21 @@ def summary_lines(rows: list[dict], target: float, cap: int) -> list[str]:
     """Per start: on how many structures each clinician needed fewer corrections (not reaching the target
     counts as cap + 1), and the total corrections where both reached it."""
     out = []
-    for start in ("nothing", "draft"):
+    for start, against in itertools.product(("nothing", "draft"), ("before", "even")):
         pairs = []
         for row in rows:
-            loops = {lp.clinician: lp.needed(target) for lp in row["loops"] if lp.start == start}
-            if loops:
-                pairs.append((loops["suggestion"], loops["even"]))
+            needed = {lp.clinician: lp.needed(target) for lp in row["loops"] if lp.start == start}
+            if needed:
+                pairs.append((needed["suggestion"], needed[against]))
         if not pairs:
             continue
         counted = [(cap + 1 if s is None else s, cap + 1 if e is None else e) for s, e in pairs]
         both = [(s, e) for s, e in pairs if s is not None and e is not None]
-        out.append(f"from {start}: {len(pairs)} structures; fewer corrections with the suggestion on "
-                   f"{sum(s < e for s, e in counted)}, evenly spread on {sum(e < s for s, e in counted)}, tied on "
-                   f"{sum(s == e for s, e in counted)}; both reached the target on {len(both)}: "
-                   f"{sum(s for s, _ in both)} corrections (suggestion) vs {sum(e for _, e in both)} (even)")
+        out.append(f"from {start}, suggestion vs {against}: {len(pairs)} structures; fewer corrections with the "
+                   f"suggestion on {sum(s < e for s, e in counted)}, with {against} on "
+                   f"{sum(e < s for s, e in counted)}, "
+                   f"tied on {sum(s == e for s, e in counted)}; both reached the target on {len(both)}: "
+                   f"{sum(s for s, _ in both)} corrections (suggestion) vs {sum(e for _, e in both)} ({against})")
     return out
 
 
