@@ -284,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["pelvis", "chest", "openkbp"], choices=list(STRUCTURES))
     p.add_argument("--structures", nargs="+", help="only these structures (of the dataset's bench list)")
     p.add_argument("--limit", type=int, default=3, help="openkbp validation patients")
+    p.add_argument("--patients", nargs="+", help="only these patients (e.g. pt_202)")
     p.add_argument("--cap", type=int, default=15, help="most corrections per loop")
     p.add_argument("--target", type=float, default=0.95, help="surface Dice at the structure's tolerance")
     p.add_argument("--starts", nargs="+", default=["nothing", "draft"], choices=["nothing", "draft"])
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"engine: {model.describe()['precision']} ({model.precision_note}), threads {settings.threads}; "
           f"draft window {refinement.DRAFT_WINDOW_MM} mm; target NSD {args.target}, cap {args.cap}", flush=True)
     rows = [run_structure(model.engine, case, name, args)
-            for case in cases(args.datasets, args.limit, args.structures) for name in case.masks]
+            for case in cases(args.datasets, args.limit, args.structures)
+            if not args.patients or case.patient in args.patients for name in case.masks]
     print("\n" + loop_table(rows, args.target, args.cap))
     print("\n" + "\n".join(summary_lines(rows, args.target, args.cap)))
     k_even = [r for r in rows if "k_even" in r]
