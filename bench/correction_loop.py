@@ -6,9 +6,11 @@ correction replaces that slice with the reference slice and re-propagates the sl
 with the options `autocontour/pipeline/editing.py` gives it). The loop stops when surface Dice at the
 structure's catalogue tolerance reaches --target on the whole structure, or after --cap corrections.
 
-Two clinicians, in one process on the same engine:
+Three clinicians, in one process on the same engine:
 - suggestion: corrects the slice the product suggests (`Propagation.next_slice`: `suggest_next` after a
   refine, the "uncertainty" rule after a propagate);
+- before: the rule `suggest_next` had before this benchmark (the least decided propagated slice), kept here
+  to measure the change against;
 - even: corrects evenly spread slices, one at a time: the middle of the widest gap between the slices drawn
   or corrected so far (from the draft: and the reference structure's ends), i.e. the slices a planner who
   bisects would draw. From nothing, the k-even-slices propagation at the suggestion's final k is also run.
@@ -71,7 +73,7 @@ class Step:
     dice: float
     nsd: float
     seconds: float  # of the propagate or refine that made this version (0 for segment's draft)
-    changed: int  # slices whose contour changed
+    changed: int  # slices whose contour changed (at step 0: slices holding the structure)
 
 
 @dataclass
