@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from autocontour.engine.propagation import DRAWN, PROPAGATED, WEIGHTS, Propagation, PropagationOptions, propagate
+from autocontour.engine.refinement import DRAFT, DRAFT_WINDOW_MM, Correction, refine, suggest_next
 from autocontour.engine.runner import Engine
 from autocontour.evaluation.interpolation import mci_interpolate, sdf_interpolate, signed_distance
 from autocontour.evaluation.metrics import dice
@@ -131,3 +132,38 @@ def test_auto_weight_and_refine_keep_the_contract(engine, bladder_case):
     assert result.prior_weight in WEIGHTS
     assert np.array_equal(result.mask[drawn], mask[drawn])
     assert set(np.nonzero(result.mask.any(axis=(1, 2)))[0]) <= set(range(drawn[0], drawn[-1] + 1))
+
+
+def _disc(centre: int, radius: int = 3, size: int = 16) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return (y - size // 2) ** 2 + (x - centre) ** 2 <= radius ** 2
+
+
+def test_suggestion_bisects_the_run_bridging_the_most_change():
+    """A short run between contours that differ beats a longer one between equal contours; its middle."""
+    provenance = np.array([0, DRAWN, PROPAGATED, PROPAGATED, PROPAGATED, DRAWN] + [PROPAGATED] * 4 + [DRAWN, 0],
+                          dtype=np.uint8)
+    mask = np.zeros((len(provenance), 16, 16), dtype=bool)
+    mask[1], mask[5], mask[10] = _disc(4), _disc(11), _disc(11)
+    mask[provenance == PROPAGATED] = _disc(8)
+    assert suggest_next(provenance, mask, 3.0) == 3
+    mask[1] = _disc(11)  # now both runs bridge equal contours: the longer one wins
+    assert suggest_next(provenance, mask, 3.0) == 7
+
+
+def test_suggestion_goes_first_to_a_draft_run_no_correction_reached():
+    runs = int(2 * DRAFT_WINDOW_MM / 3.0) + 2
+    provenance = np.array([DRAFT] * runs + [PROPAGATED, DRAWN, PROPAGATED], dtype=np.uint8)
+    mask = np.zeros((len(provenance), 16, 16), dtype=bool)
+    mask[provenance > 0] = _disc(8)
+    assert suggest_next(provenance, mask, 3.0) == (runs - 1) // 2
+    assert suggest_next(np.zeros(4, dtype=np.uint8), np.zeros((4, 16, 16), dtype=bool), 3.0) is None
+
+
+def test_refine_keeps_the_correction_and_suggests_a_propagated_slice(engine, results, bladder_case):
+    ct, mask, _ = bladder_case
+    first = results[True]
+    z = int(first.propagated_slices[len(first.propagated_slices) // 2])
+    out = refine(engine, ct, Correction(first.mask, first.provenance, mask, (z,)), PropagationOptions())
+    assert np.array_equal(out.mask[z], mask[z]) and out.provenance[z] == DRAWN
+    assert out.next_slice is None or out.provenance[out.next_slice] == PROPAGATED

@@ -144,7 +144,7 @@ def test_the_same_ct_as_nifti_dicom_folder_zip_and_plastimatch_series_is_one_sca
     converted = tmp_path / "plastimatch"  # the recipe docs/dicom-pacs.md gives
     subprocess.run([tool("plastimatch"), "convert", "--input", str(EXAMPLE_CT), "--output-dicom", str(converted),
                     "--patient-id", "DEMO-1"], check=True, capture_output=True, timeout=300)
-    canonical = {path.name: CanonicalCT(read_case_ct(path)).image
+    canonical = {path.name: CanonicalCT(read_case_ct(path)[0]).image
                  for path in (EXAMPLE_CT, folder, archive, converted)}
     prints = {name: fingerprint(image) for name, image in canonical.items()}
     assert len(set(prints.values())) == 1, prints

@@ -37,7 +37,8 @@ def contoured_case(tmp_path_factory) -> tuple[Path, Path]:
     mask = sitk.GetImageFromArray(blob.astype(np.uint8))
     mask.CopyInformation(series.image)
     sitk.WriteImage(mask, str(folder / "mask.nii.gz"))
-    return write_rtstruct(series, {"bladder": blob}, folder / "rtstruct.dcm", {}, BUILTIN), folder / "mask.nii.gz"
+    return write_rtstruct(series, {"bladder": blob}, folder / "rtstruct.dcm", {}, BUILTIN,
+                          approved_by="Reviewer^Test"), folder / "mask.nii.gz"
 
 
 def assert_build_refuses(mask: Path, words: str, out: Path, capsys) -> None:

@@ -32,10 +32,10 @@ from autocontour.engine.propagation import (
     keep_connected_to_drawn,
     network_probability,
     network_views,
-    next_slice,
     walk_end,
 )
 from autocontour.engine.runner import Engine
+from autocontour.evaluation.metrics import dice
 from autocontour.io import CanonicalCT
 from autocontour.preprocess import PreprocessSpec
 
@@ -150,7 +150,7 @@ def refine(engine: Engine, ct: CanonicalCT, correction: Correction, options: Pro
     provenance = _provenance_after(provenance, region, result)
     return Propagation(fused, result, provenance,
                        (_end(result, provenance, "inferior"), _end(result, provenance, "superior")),
-                       suggest_next(provenance, network, fused, dz, options), time.perf_counter() - start, network,
+                       suggest_next(provenance, result, dz), time.perf_counter() - start, network,
                        options.prior_weight)
 
 
@@ -166,23 +166,34 @@ def _provenance_after(provenance: np.ndarray, region: np.ndarray, result: np.nda
     return out
 
 
-def suggest_next(provenance: np.ndarray, network: np.ndarray, fused: np.ndarray, dz_mm: float,
-                 options: PropagationOptions) -> int | None:
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive true slices."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return [(int(a), int(b) - 1) for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True)]
+
+
+def _run_change(mask: np.ndarray, run: tuple[int, int]) -> float:
+    """How much the structure changes across a run of propagated slices: 1 - Dice of the contours just
+    outside it (1 where the run is open at an end: nothing bounds it there)."""
+    low, high = run[0] - 1, run[1] + 1
+    if low < 0 or high >= len(mask) or not mask[low].any() or not mask[high].any():
+        return 1.0
+    return 1.0 - dice(mask[low], mask[high])
+
+
+def suggest_next(provenance: np.ndarray, mask: np.ndarray, dz_mm: float) -> int | None:
     """Where to correct next: the middle of the longest run of draft slices no correction has reached
-    (longer than two windows: nobody has looked there), else the least decided propagated slice."""
-    draft = provenance == DRAFT
-    run_start: int | None = None
-    best: tuple[int, int | None] = (0, None)
-    for z in range(len(draft) + 1):
-        if z < len(draft) and draft[z]:
-            run_start = z if run_start is None else run_start
-        elif run_start is not None:
-            best = max(best, (z - run_start, (run_start + z - 1) // 2), key=lambda item: item[0])
-            run_start = None
-    if best[1] is not None and best[0] * dz_mm > 2 * DRAFT_WINDOW_MM:
-        return int(best[1])
-    propagated = np.nonzero(provenance == PROPAGATED)[0]
-    drawn = [int(z) for z in np.nonzero(provenance == DRAWN)[0]]
-    if not len(propagated) or not len(drawn):
-        return int(best[1]) if best[1] is not None else None
-    return next_slice(options.next_rule, propagated, drawn, network, fused, fused > 0.5)
+    (longer than two windows: nobody has looked there), else the middle of the run of propagated slices
+    that the network had to bridge furthest across the most change (length x (1.5 - Dice of the contours
+    bounding it)). A correction re-propagates its whole run and halves every slice's distance to a drawn
+    one; the probability is no guide here, as only the slices the last edit recomputed still have one
+    (the least decided slice always lay next to the last correction: bench/correction_loop.py)."""
+    drafts = _runs(provenance == DRAFT)
+    longest = max(drafts, key=lambda r: r[1] - r[0], default=None)
+    if longest is not None and (longest[1] - longest[0] + 1) * dz_mm > 2 * DRAFT_WINDOW_MM:
+        return (longest[0] + longest[1]) // 2
+    propagated = _runs(provenance == PROPAGATED)
+    if not propagated:
+        return None if longest is None else (longest[0] + longest[1]) // 2
+    best = max(propagated, key=lambda r: (r[1] - r[0] + 1) * (0.5 + _run_change(mask, r)))
+    return (best[0] + best[1]) // 2
