@@ -80,7 +80,7 @@ def test_summary_names_every_filled_slice_in_both_numberings(outputs, ends):
     propagated = {s["input_slice"] for s in summary["propagated_slices"]}
     assert propagated.isdisjoint({s["input_slice"] for s in summary["drawn_slices"]})
     if summary["next_slice"] is not None:
-        assert summary["next_slice"]["input_slice"] in propagated and summary["next_slice"]["rule"] == "uncertainty"
+        assert summary["next_slice"]["input_slice"] in propagated and summary["next_slice"]["rule"] == "bridge"
 
 
 def test_ends_drawn_leaves_nothing_beyond_the_drawn_ends(outputs, drawn):

@@ -105,5 +105,6 @@ def report(summary: dict, out: Path) -> None:
     if nxt is None:
         print("  nothing propagated: no slice to suggest")
     else:
-        print(f"  draw next: slice {nxt['input_slice']} (rule: {nxt['rule']}, the least decided propagated slice)")
+        print(f"  draw next: slice {nxt['input_slice']} "
+              f"(rule: {nxt['rule']}: the middle of the longest propagated run across the most change)")
     print(f"  total {summary['seconds']:.1f} s on {summary['model']['device']}", file=sys.stdout)

@@ -326,8 +326,35 @@ def _farthest(z: int, network: np.ndarray, fused: np.ndarray, prior_mask: np.nda
     return float(nearest)
 
 
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive true slices."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return [(int(a), int(b) - 1) for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True)]
+
+
+def _run_change(mask: np.ndarray, run: tuple[int, int]) -> float:
+    """How much the structure changes across a run of propagated slices: 1 - Dice of the contours just
+    outside it (1 where the run is open at an end: nothing bounds it there)."""
+    low, high = run[0] - 1, run[1] + 1
+    if low < 0 or high >= len(mask) or not mask[low].any() or not mask[high].any():
+        return 1.0
+    return 1.0 - dice(mask[low], mask[high])
+
+
+def bridging_slice(provenance: np.ndarray, mask: np.ndarray) -> int | None:
+    """The middle of the run of propagated slices the network bridged furthest across the most change (length
+    x (1.5 - Dice of the contours bounding it)): a correction there halves the most slices' distance to a drawn
+    one where the shape changes most (bench/correction_loop.py)."""
+    propagated = runs(provenance == PROPAGATED)
+    if not propagated:
+        return None
+    best = max(propagated, key=lambda r: (r[1] - r[0] + 1) * (0.5 + _run_change(mask, r)))
+    return (best[0] + best[1]) // 2
+
+
 NEXT_RULES: dict[str, Callable[[int, np.ndarray, np.ndarray, np.ndarray, int], float]] = {
     "uncertainty": _uncertainty, "disagreement": _disagreement, "farthest": _farthest}
+BRIDGE = "bridge"  # bridging_slice: chosen on the whole result, not scored slice by slice
 
 
 def next_slice(rule: str, propagated: np.ndarray, drawn: Sequence[int], network: np.ndarray, fused: np.ndarray,
@@ -349,8 +376,8 @@ def _check(mask: np.ndarray, drawn: Sequence[int], ct: CanonicalCT, options: Pro
         raise ValueError("drawn slices must be canonical axial indices inside the scan, at least one")
     if not mask[index].any():
         raise ValueError("nothing is drawn on the drawn slices")
-    if options.next_rule not in NEXT_RULES:
-        raise ValueError(f"next_rule must be one of {', '.join(NEXT_RULES)}")
+    if options.next_rule not in {*NEXT_RULES, BRIDGE}:
+        raise ValueError(f"next_rule must be one of {', '.join([*NEXT_RULES, BRIDGE])}")
     return index
 
 
@@ -383,6 +410,7 @@ def propagate(engine: Engine, ct: CanonicalCT, mask: np.ndarray, drawn: Sequence
     provenance[ends[0].last_slice:ends[1].last_slice + 1] = PROPAGATED
     provenance[index] = DRAWN
     propagated = np.nonzero(provenance == PROPAGATED)[0]
-    upcoming = next_slice(options.next_rule, propagated, index, network, fused, prior > 0.5)
+    upcoming = (bridging_slice(provenance, result) if options.next_rule == BRIDGE else
+                next_slice(options.next_rule, propagated, index, network, fused, prior > 0.5))
     return Propagation(fused, result, provenance, ends, upcoming, time.perf_counter() - start, network,
                        options.prior_weight)

@@ -27,15 +27,16 @@ from autocontour.engine.propagation import (
     EndStop,
     Propagation,
     PropagationOptions,
+    bridging_slice,
     fill_holes,
     interpolation_prior,
     keep_connected_to_drawn,
     network_probability,
     network_views,
+    runs,
     walk_end,
 )
 from autocontour.engine.runner import Engine
-from autocontour.evaluation.metrics import dice
 from autocontour.io import CanonicalCT
 from autocontour.preprocess import PreprocessSpec
 
@@ -166,21 +167,6 @@ def _provenance_after(provenance: np.ndarray, region: np.ndarray, result: np.nda
     return out
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) of each run of consecutive true slices."""
-    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
-    return [(int(a), int(b) - 1) for a, b in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True)]
-
-
-def _run_change(mask: np.ndarray, run: tuple[int, int]) -> float:
-    """How much the structure changes across a run of propagated slices: 1 - Dice of the contours just
-    outside it (1 where the run is open at an end: nothing bounds it there)."""
-    low, high = run[0] - 1, run[1] + 1
-    if low < 0 or high >= len(mask) or not mask[low].any() or not mask[high].any():
-        return 1.0
-    return 1.0 - dice(mask[low], mask[high])
-
-
 def suggest_next(provenance: np.ndarray, mask: np.ndarray, dz_mm: float) -> int | None:
     """Where to correct next: the middle of the longest run of draft slices no correction has reached
     (longer than two windows: nobody has looked there), else the middle of the run of propagated slices
@@ -188,12 +174,11 @@ def suggest_next(provenance: np.ndarray, mask: np.ndarray, dz_mm: float) -> int 
     bounding it)). A correction re-propagates its whole run and halves every slice's distance to a drawn
     one; the probability is no guide here, as only the slices the last edit recomputed still have one
     (the least decided slice always lay next to the last correction: bench/correction_loop.py)."""
-    drafts = _runs(provenance == DRAFT)
+    drafts = runs(provenance == DRAFT)
     longest = max(drafts, key=lambda r: r[1] - r[0], default=None)
     if longest is not None and (longest[1] - longest[0] + 1) * dz_mm > 2 * DRAFT_WINDOW_MM:
         return (longest[0] + longest[1]) // 2
-    propagated = _runs(provenance == PROPAGATED)
-    if not propagated:
-        return None if longest is None else (longest[0] + longest[1]) // 2
-    best = max(propagated, key=lambda r: (r[1] - r[0] + 1) * (0.5 + _run_change(mask, r)))
-    return (best[0] + best[1]) // 2
+    bridging = bridging_slice(provenance, mask)
+    if bridging is None and longest is not None:
+        return (longest[0] + longest[1]) // 2
+    return bridging

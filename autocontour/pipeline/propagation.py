@@ -28,7 +28,7 @@ from autocontour.pipeline.model import LoadedModel
 from autocontour.pipeline.summary import DRAFT_DISCLAIMER
 from autocontour.support.store import discover
 
-NEXT_RULE = "uncertainty"
+NEXT_RULE = "bridge"  # engine.propagation.bridging_slice
 SLICE_CONVENTION = ("input_slice = index along the input file's third axis, from 0 (NIfTI k; a DICOM series: its "
                     "slices in order of position, as the outputs are written); canonical_slice = axial index "
                     "counted from the most inferior slice (as segment's summary counts); z_mm = patient superior "
