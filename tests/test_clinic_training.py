@@ -11,10 +11,18 @@ from scipy import ndimage
 
 from autocontour.cli import main
 from autocontour.phantom import make_phantom
-from autocontour.training.data import PatientFolders, TrainingDataRecipe, Volume, merged_masks, prepare_training_data
+from autocontour.training.data import (
+    PatientFolders,
+    TrainingDataRecipe,
+    Volume,
+    load_recipe,
+    merged_masks,
+    prepare_training_data,
+)
 from autocontour.training.dataset import load_training_data
 from autocontour.training.episodes import TaskSampler
 from autocontour.training.train import TrainConfig, Trainer
+from tests.conftest import ROOT
 
 ORGANS = ["urinary_bladder", "sacrum", "femur_left", "femur_right"]
 STRUCTURES = [*ORGANS, "target", "not_contoured"]
@@ -153,3 +161,13 @@ def test_a_recipe_naming_a_missing_patients_folder_is_refused_in_one_line(tmp_pa
     assert main(["train", "--recipe", str(models / "recipe.json"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nowhere/train" in err and "not there" in err
+
+
+@pytest.mark.parametrize("name", ["training_data_openkbp.json", "training_data_openkbp-gpu.json"])
+def test_the_shipped_clinic_recipes_train_on_train_patients_and_validate_on_validation_patients(name):
+    recipe, root = load_recipe(ROOT / "models" / name)
+    assert root == ROOT
+    splits = {folders.split: folders.folder.as_posix() for folders in recipe.patient_folders}
+    assert splits == {"train": "../shared/data/openkbp_hn/train", "validation": "../shared/data/openkbp_hn/validation"}
+    chest = next(c for c in recipe.cases if c.patient == "chest_abdomen_ct_example")
+    assert not {"bone", "enhanced_vessels"} & set(chest.hu_tasks)  # they would trace its held-back aorta
