@@ -361,7 +361,8 @@ class PatientFolders(BaseModel):
             picks = np.sort(np.random.default_rng(self.seed).choice(len(folders), count, replace=False))
             chosen = [folders[i] for i in picks]
         role = "train" if self.split == "train" else "validation_split"
-        return [FolderPatient(p, f"{self.folder.as_posix()}/{p.name}", tuple(self.structures), self.licence, role,
+        split = f"{self.folder.parent.name}/{self.folder.name}"  # e.g. openkbp_hn/train: a name, not a path
+        return [FolderPatient(p, f"{split}/{p.name}", tuple(self.structures), self.licence, role,
                               tuple(self.hu_tasks), self.crops) for p in chosen]
 
 
