@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         from autocontour.training.data import (  # needs SimpleITK
             Draw,
+            FolderPatient,
             Volume,
             load_recipe,
             phantom_volumes,
@@ -84,12 +85,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             volume_from_files,
         )
 
-        volumes: Sequence[Volume | Draw]
+        volumes: Sequence[Volume | Draw | FolderPatient]
         if args.recipe is not None:
             recipe, root = load_recipe(args.recipe)
-            missing = [str(root / c.ct) for c in recipe.cases if not (root / c.ct).exists()]
-            if missing:
-                raise OptionError(f"the recipe's CT {missing[0]} is not there")
+            if (missing := recipe.missing(root)) is not None:
+                raise OptionError(f"the recipe's {missing} is not there")
             volumes = recipe.items(root)
         elif args.case or args.phantoms:
             volumes = [volume_from_files(ct, labels, None, f"case{i}", "user-supplied", "see the data's own licence")

@@ -15,7 +15,8 @@ SimpleITK can load:
     heldout  (N,) bool               axial slices kept out of training for validation
 
 plus metadata (JSON): per volume its source, licence, label names, patient,
-role (train or validation) and, for a virtual patient, its draw. Axial slices
+role (train; validation: a held-out virtual patient; validation_split: a real patient of a validation split)
+and, for a virtual patient, its draw. Axial slices
 come from the model grid of `prepare`; coronal and sagittal slices are cut
 from the same canonical volume and resized to 128x128, for task diversity
 (the UniverSeg paper trains on all three planes); crops come from
@@ -31,11 +32,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from safetensors.numpy import save_file
 
+from autocontour.errors import InputImageError
 from autocontour.io import CanonicalCT, read_ct, read_image
 from autocontour.phantom import make_phantom
 from autocontour.preprocess import ModelInput, PreprocessSpec, mask_centre_mm, prepare, prepare_crop
@@ -72,7 +76,7 @@ class Volume:
     labels: sitk.Image | None
     names: dict[str, int]
     patient: str = ""  # who was scanned: a virtual patient keeps its source's (defaults to the name)
-    role: str = "train"  # "validation": never trained on (held-out virtual patients)
+    role: str = "train"  # never trained on: "validation" (held-out virtual patients), "validation_split" (real)
     hu_tasks: tuple[str, ...] = TASKS  # which HU tasks this scan may give
     hu_bits: sitk.Image | None = None  # precomputed HU tasks (a virtual patient's, from its clean intensities)
     crops: int = 0  # structure-centred crops for up to this many labelled structures
@@ -104,6 +108,48 @@ class Draw:
                       drawn.labels if source.labels is not None else None, source.names,
                       patient=self.patient, role=self.role,
                       hu_tasks=self.hu_tasks, hu_bits=drawn.hu_bits, crops=self.crops, parameters=drawn.parameters)
+
+
+@dataclass
+class FolderPatient:
+    """A real patient stored as a folder: `ct.nii.gz` and one `<structure>.nii.gz` mask (0/1, the CT's grid) per
+    contour, as planning systems export them and OpenKBP publishes them; read (in a worker) when the data is
+    prepared, so a recipe of many patients does not hold them all in memory."""
+
+    folder: Path
+    patient: str
+    structures: tuple[str, ...]
+    licence: str
+    role: str = "train"
+    hu_tasks: tuple[str, ...] = TASKS
+    crops: int = 0
+
+    def volume(self) -> Volume:
+        ct = read_ct(self.folder / "ct.nii.gz")
+        names, label_map = merged_masks(self.folder, self.structures, ct)
+        return Volume(self.patient, str(self.folder), self.licence, ct, label_map, names, patient=self.patient,
+                      role=self.role, hu_tasks=self.hu_tasks, crops=self.crops)
+
+
+def merged_masks(folder: Path, structures: Sequence[str], ct: sitk.Image) -> tuple[dict[str, int], sitk.Image]:
+    """One label map from a folder's per-structure masks: structure i of `structures` is value i + 1 (the same
+    value in every patient), a voxel in two masks keeps the structure listed first (one label map holds one
+    structure per voxel), and a structure without a file, or with an empty mask, is not in the names."""
+    merged = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=np.uint8)
+    names = {}
+    for value, name in enumerate(structures, start=1):
+        path = folder / f"{name}.nii.gz"
+        if not path.is_file():
+            continue
+        mask = sitk.GetArrayFromImage(read_image(path)) > 0
+        if mask.shape != merged.shape:
+            raise InputImageError(f"the mask {name}.nii.gz of a patient folder is not on its CT's grid")
+        merged[mask & (merged == 0)] = value
+        if (merged == value).any():
+            names[name] = value
+    label_map = sitk.GetImageFromArray(merged)
+    label_map.CopyInformation(ct)
+    return names, label_map
 
 
 def read_any_ct(path: Path) -> sitk.Image:
@@ -238,13 +284,13 @@ def _describe(volume: Volume) -> dict:
             "parameters": volume.parameters}
 
 
-def _prepared(item: Volume | Draw, spec: PreprocessSpec) -> tuple[dict, dict[str, np.ndarray]]:
-    volume = item.volume() if isinstance(item, Draw) else item
+def _prepared(item: Volume | Draw | FolderPatient, spec: PreprocessSpec) -> tuple[dict, dict[str, np.ndarray]]:
+    volume = item if isinstance(item, Volume) else item.volume()
     return _describe(volume), volume_slices(volume, spec)
 
 
-def prepare_training_data(volumes: Sequence[Volume | Draw], out: Path, spec: PreprocessSpec | None = None,
-                          workers: int = 1) -> Path:
+def prepare_training_data(volumes: Sequence[Volume | Draw | FolderPatient], out: Path,
+                          spec: PreprocessSpec | None = None, workers: int = 1) -> Path:
     """Write every volume's slices and metadata into one safetensors file (`workers` processes)."""
     spec = spec or PreprocessSpec()
     if workers > 1:  # spawned, not forked: a fork of a process whose torch threads have started can crash
@@ -278,17 +324,65 @@ class CaseSource(BaseModel):
     crops: int = Field(8, ge=0, description="structures given structure-centred crops, per volume")
 
 
+HEAD_AND_NECK_ORGANS = ["brainstem", "spinal_cord", "parotid_left", "parotid_right", "esophagus", "larynx", "mandible"]
+
+
+def natural_order(folder: Path) -> list[Path]:
+    """The patient folders in a folder, pt_2 before pt_10."""
+    def key(path: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+    return sorted((p for p in folder.iterdir() if p.is_dir()), key=key)
+
+
+class PatientFolders(BaseModel):
+    """Real patients of one split, each a folder with `ct.nii.gz` and one `<structure>.nii.gz` per contour
+    (`FolderPatient`), so that a recipe can say "the first N train patients" without listing them.
+
+    A train split's patients give cross-patient episodes; a validation split's are never trained on and are
+    validated among themselves (query and supports from different patients of the split). The targets (PTVs)
+    overlap the organs and each other, which one label map cannot hold, so the default is the organs."""
+
+    folder: Path
+    licence: str
+    split: Literal["train", "validation"] = "train"
+    count: int | None = Field(None, ge=1, description="this many patients (default: all)")
+    seed: int | None = Field(None, description="None: the first `count` in natural order; else a seeded choice")
+    structures: list[str] = Field(default_factory=lambda: list(HEAD_AND_NECK_ORGANS), min_length=1)
+    hu_tasks: list[str] = list(TASKS)
+    crops: int = Field(4, ge=0, description="structures given structure-centred crops, per patient")
+
+    def patients(self, root: Path) -> list[FolderPatient]:
+        folders = [p for p in natural_order(root / self.folder) if (p / "ct.nii.gz").is_file()]
+        count = min(self.count or len(folders), len(folders))
+        if self.seed is None:
+            chosen = folders[:count]
+        else:
+            picks = np.sort(np.random.default_rng(self.seed).choice(len(folders), count, replace=False))
+            chosen = [folders[i] for i in picks]
+        role = "train" if self.split == "train" else "validation_split"
+        split = f"{self.folder.parent.name}/{self.folder.name}"  # e.g. openkbp_hn/train: a name, not a path
+        return [FolderPatient(p, f"{split}/{p.name}", tuple(self.structures), self.licence, role,
+                              tuple(self.hu_tasks), self.crops) for p in chosen]
+
+
 class TrainingDataRecipe(BaseModel):
     """What `autocontour train --recipe` prepares: real cases, their virtual patients and phantoms.
 
     Paths are relative to the recipe file's folder's parent (the repository, for `models/*.json`)."""
 
-    cases: list[CaseSource]
+    cases: list[CaseSource] = []
+    patient_folders: list[PatientFolders] = []
     phantoms: int = Field(0, ge=0)
     phantom_crops: int = Field(4, ge=0)
 
-    def items(self, root: Path) -> list[Volume | Draw]:
-        items: list[Volume | Draw] = []
+    def missing(self, root: Path) -> str | None:
+        """The first CT or patients' folder the recipe names that is not there, or None."""
+        paths = [root / c.ct for c in self.cases] + [root / f.folder for f in self.patient_folders]
+        return next((str(p) for p in paths if not p.exists()), None)
+
+    def items(self, root: Path) -> list[Volume | Draw | FolderPatient]:
+        items: list[Volume | Draw | FolderPatient] = []
         for number, case in enumerate(self.cases):
             ct_path, labels_path = root / case.ct, root / case.labels if case.labels else None
             real = read_case(ct_path, labels_path, case.patient, str(case.ct), case.licence)
@@ -299,6 +393,8 @@ class TrainingDataRecipe(BaseModel):
                            case.licence) for i in range(case.draws)]
             items += [Draw(ct_path, labels_path, case.patient, 8000 + 100 * number + i, "validation", tasks,
                            case.crops, case.licence) for i in range(case.validation_draws)]
+        for folders in self.patient_folders:
+            items += folders.patients(root)
         for volume in phantom_volumes(self.phantoms):
             volume.crops = self.phantom_crops
             items.append(volume)

@@ -14,10 +14,13 @@ a task here is any of:
   its own intensity offset and noise, the same rule for query and supports.
 
 Cross-patient by construction: the supports of an episode all come from one
-volume and the query from another, whenever the task exists in more than one
-(a virtual patient is one volume: one draw of `autocontour.training.randomise`). So
-the network cannot rely on the query's own patient; it has to read the rule
-from someone else's examples, as a clinic's support set is used. About one
+volume and the query from another. Whenever another patient has the task, that
+volume is always another patient's (the `patient` each volume records); only a
+task no other patient has takes its supports from another volume of the query's
+own patient (a virtual patient is one volume: one draw of
+`autocontour.training.randomise`). So the network cannot rely on the query's
+own patient; it has to read the rule from someone else's examples, as a
+clinic's support set is used. About one
 whole-view query in ten is a slice just outside the structure, with an empty
 label, so that "nothing here" is an answer (`negative_share`; `negative_reach` bounds how far beyond the
 structure's extent it lies, None: anywhere in the volume, where a cross-patient query meets other anatomy
@@ -66,15 +69,17 @@ class TaskSampler:
     - `query_slices="heldout"`: labelled tasks of trained structures, queries from held-out slices;
     - `heldout_structures=True`: labelled tasks of the held-out structures only (any slice);
     - `query_volumes`: queries only from these volumes, supports only from the others (held-out virtual
-      patients; fine-tuning's held-out case).
+      patients; fine-tuning's held-out case), or only from `support_volumes` when given (a validation split's
+      patients, validated among themselves).
 
-    Validation roles (all but training) use whole-view axial slices of labelled structures, and take their
-    supports from another patient whenever one has the task (`prefer_other_patient`), as the benchmark does.
+    Validation roles (all but training) use whole-view axial slices of labelled structures. Every role takes its
+    supports from another patient whenever one has the task, as the benchmark and a clinic do.
     """
 
     def __init__(self, data: TrainingData, heldout: set[str], seed: int = 0, heldout_structures: bool = False,
                  query_slices: str = "train", query_volumes: set[int] | None = None,
-                 negative_share: float = NEGATIVE_SHARE, negative_reach: int | None = NEGATIVE_REACH):
+                 negative_share: float = NEGATIVE_SHARE, negative_reach: int | None = NEGATIVE_REACH,
+                 support_volumes: set[int] | None = None):
         self.data = data
         self.negative_share = negative_share
         self.negative_reach = negative_reach
@@ -82,6 +87,7 @@ class TaskSampler:
         self.heldout_structures = heldout_structures
         self.query_slices = query_slices
         self.query_volumes = query_volumes
+        self.support_volumes = support_volumes
         self.validation = heldout_structures or query_slices == "heldout" or query_volumes is not None
         self.value = [info["names"] for info in data.volumes]  # per volume: name -> label value
         self.patient = [info.get("patient", info["name"]) for info in data.volumes]
@@ -107,6 +113,8 @@ class TaskSampler:
         enough = {k for k, by_volume in self.by_task.items() if sum(r.size for r in by_volume.values()) >= 6}
         if self.validation:
             enough = {k for k in enough if k[1] == 0}
+        if query_volumes is not None:  # tasks a query volume has (the others would only be drawn and skipped)
+            enough = {k for k in enough if not query_volumes.isdisjoint(self.by_task[k])}
         self.keys = {"label": sorted(k for k in enough if not k[0].startswith(PREFIX) and k[1] != CROP_PLANE),
                      "hu": sorted(k for k in enough if k[0].startswith(PREFIX)),
                      "crop": sorted(k for k in enough if k[1] == CROP_PLANE)}
@@ -176,15 +184,22 @@ class TaskSampler:
             return rows[held]
         return rows if self.heldout_structures or self.query_volumes is not None else rows[~held]
 
+    def may_support(self, volume: int) -> bool:
+        """Whether the role lets this volume give supports (not a held-out query volume; one of `support_volumes`)."""
+        if self.support_volumes is not None:
+            return volume in self.support_volumes
+        return self.query_volumes is None or volume not in self.query_volumes
+
     def _support_volume(self, task: Task, query_volume: int, support_size: int) -> tuple[int, np.ndarray]:
-        """Another volume with enough of the task's slices (another patient first in validation); the query's own
-        only where no other volume has the task at all; none (-1) when others have it, but too few slices."""
-        candidates = [v for v in (np.unique(self.data.volume) if task.kind == "synthetic"
-                                  else {v for n in task.names[:1] for v in self.by_task[(n, task.plane)]})
-                      if int(v) != query_volume and (self.query_volumes is None or int(v) not in self.query_volumes)]
-        order = [int(v) for v in self.rng.permutation(candidates)]
-        if self.validation:
-            order.sort(key=lambda v: self.patient[v] == self.patient[query_volume])
+        """Another patient's volume with enough of the task's slices whenever another patient has the task at
+        all; another volume of the query's patient only where no other patient has it; the query's own only where
+        no other volume has it; none (-1) when the allowed volumes have too few slices."""
+        candidates = [int(v) for v in (np.unique(self.data.volume) if task.kind == "synthetic"
+                                       else {v for n in task.names[:1] for v in self.by_task[(n, task.plane)]})
+                      if int(v) != query_volume and self.may_support(int(v))]
+        others = [v for v in candidates
+                  if self.patient[v] != self.patient[query_volume] and self.rows_in(task, v).size]
+        order = [int(v) for v in self.rng.permutation(others or candidates)]
         for v in order:
             rows = self._support_slices(self.rows_in(task, v))
             if rows.size >= support_size:

@@ -37,6 +37,7 @@ from autocontour.overlap import dice
 from autocontour.training.dataset import TrainingData, load_training_data
 from autocontour.training.episodes import NEGATIVE_REACH, NEGATIVE_SHARE, TaskSampler, augment
 
+HELD_OUT_ROLES = ("validation", "validation_split")  # volumes validated on, never trained on
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.csv"
 CURVES = "curves.png"
@@ -121,9 +122,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         heldout = set(config.heldout_structures)
-        # held-out virtual patients, or fine-tuning's held-out case, are validated on and never trained on
+        # held-out virtual patients, a validation split's patients, or fine-tuning's held-out case, are validated on
+        # and never trained on
         if query_volumes is None:
-            query_volumes = {i for i, v in enumerate(data.volumes) if v.get("role") == "validation"} or None
+            query_volumes = {i for i, v in enumerate(data.volumes) if v.get("role") in HELD_OUT_ROLES} or None
         train_data = data if query_volumes is None else data.subset(~np.isin(data.volume, list(query_volumes)))
         self.sampler = TaskSampler(train_data, heldout, seed=config.seed, negative_share=config.negative_share,
                                    negative_reach=config.negative_reach)
@@ -137,18 +139,31 @@ class Trainer:
     def _validation_sets(self, heldout: set[str], query_volumes: set[int] | None) -> dict[str, list]:
         """Fixed episodes, sampled once, so every validation compares like with like."""
         sets: dict[str, list] = {}
-        roles: dict[str, dict[str, Any]]
-        virtual = any(v.get("role") == "validation" for v in self.data.volumes)
-        if query_volumes is None:
-            roles = {"seen_structures_heldout_slices": dict(query_slices="heldout")}
-        else:
-            roles = {("heldout_virtual_patients" if virtual else "heldout_case"): dict(query_volumes=query_volumes)}
-        if heldout and (virtual or query_volumes is None):
-            roles["heldout_structures"] = dict(heldout_structures=True)
-        for name, kwargs in roles.items():
+        for name, kwargs in self._validation_roles(heldout, query_volumes).items():
             sampler = TaskSampler(self.data, heldout, seed=10_000 + self.config.seed, **kwargs)
             sets[name] = [sampler.episode(self.config.support_size) for _ in range(self.config.validation_episodes)]
         return sets
+
+    def _validation_roles(self, heldout: set[str], query_volumes: set[int] | None) -> dict[str, dict[str, Any]]:
+        """Which validations a run has: held-out slices of trained volumes (when no volume is held out); held-out
+        virtual patients with supports from the trained volumes; a validation split's patients with supports
+        from each other; fine-tuning's held-out case; and the held-out structures."""
+        role = [v.get("role", "train") for v in self.data.volumes]
+        virtual = {i for i, r in enumerate(role) if r == "validation"}
+        split = {i for i, r in enumerate(role) if r == "validation_split"}
+        roles: dict[str, dict[str, Any]] = {}
+        if query_volumes is None:
+            roles["seen_structures_heldout_slices"] = dict(query_slices="heldout")
+        elif not virtual and not split:
+            roles["heldout_case"] = dict(query_volumes=query_volumes)
+        trained = set(range(len(role))) - (query_volumes or set())
+        if virtual:
+            roles["heldout_virtual_patients"] = dict(query_volumes=virtual, support_volumes=trained)
+        if split:
+            roles["validation_patients"] = dict(query_volumes=split, support_volumes=split)
+        if heldout and (virtual or split or query_volumes is None):
+            roles["heldout_structures"] = dict(heldout_structures=True)
+        return roles
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
