@@ -30,14 +30,16 @@ class Discount:
     factor: float
 
 
-def discounts(prediction: StructurePrediction, mask: np.ndarray, support: SupportSet,
-              axial_search: str) -> list[Discount]:
-    """The weak kinds of evidence behind one drawn structure (`mask`: canonical, as the prediction's slices)."""
+def discounts(prediction: StructurePrediction, mask: np.ndarray, support: SupportSet, axial_search: str,
+              scan_fingerprint: str) -> list[Discount]:
+    """The weak kinds of evidence behind one drawn structure (`mask`: canonical, as the prediction's slices).
+    A set whose only atlas copy is this very scan had nothing to register: no prior is no evidence against."""
     found: list[Discount] = []
     verdict = prediction.localisation.verdict if prediction.localisation else None
     if axial_search == "all" or verdict in ("whole_body", "too_short"):
         found.append(Discount("no skeleton match placed it along z: every body slice was searched", UNPLACED))
-    if prediction.prior is None and any(c.atlas is not None for c in support.manifest.source_cases):
+    others = [c for c in support.manifest.source_cases if c.atlas is not None and c.fingerprint != scan_fingerprint]
+    if prediction.prior is None and others:
         found.append(Discount("no registration prior confirmed the network", NO_PRIOR))
     if prediction.prior is not None and prediction.prior_weight == 1.0:
         found.append(Discount("drawn from the registration prior alone", PRIOR_ALONE))

@@ -241,7 +241,8 @@ class Segmenter:
         canonical, names = scan.canonical, options.structures
         spacing, z_mm = canonical.image.GetSpacing(), canonical.slice_positions_mm()
         structures = {n: structure_summary(n, drawn.masks[n], predictions[n], supports[n], drawn.body, spacing,
-                                           z_mm, options.threshold, options.axial_search) for n in names}
+                                           z_mm, options.threshold, options.axial_search, scan.fingerprint)
+                      for n in names}
         dicom = writes and scan.series is not None
         drawn_any = any(m.mask.any() for m in drawn.masks.values())
         files = OutputFiles(masks={n: mask_file(n) for n in names},

@@ -153,7 +153,7 @@ def input_summary(image: sitk.Image, canonical: CanonicalCT, fingerprint: str, d
 
 def structure_summary(name: str, m: StructureMask, prediction: StructurePrediction, support: SupportSet,
                       body: np.ndarray | None, spacing: tuple[float, ...], z_mm: np.ndarray, threshold: float,
-                      axial_search: str) -> StructureSummary:
+                      axial_search: str, scan_fingerprint: str) -> StructureSummary:
     """One structure's entry, with the midline check for a lateral structure where `body` is given."""
     definition = support.definition
     # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
@@ -165,7 +165,7 @@ def structure_summary(name: str, m: StructureMask, prediction: StructurePredicti
         warnings.append(crossing["warning"])
         flagged = sorted(flagged + [{"slice": z, "reason": "crosses the body midline"} for z in crossing["slices"]],
                          key=lambda f: f["slice"])
-    weak = discounts(prediction, m.mask, support, axial_search) if m.mask.any() else []
+    weak = discounts(prediction, m.mask, support, axial_search, scan_fingerprint) if m.mask.any() else []
     voxels = int(m.mask.sum())
     zs = np.nonzero(m.mask.any(axis=(1, 2)))[0]
     status, reason = _status(voxels, prediction, float(m.probability.max()), threshold)
