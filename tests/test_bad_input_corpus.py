@@ -57,7 +57,8 @@ def _blob_rtstruct(folder: Path) -> Path:
     series = read_series(SERIES)
     z, y, x = np.ogrid[:20, :512, :512]
     blob = ((y - 250) / 70.0) ** 2 + ((x - 300) / 55.0) ** 2 + ((z - 9) / 7.0) ** 2 <= 1
-    return write_rtstruct(series, {"bladder": blob}, folder / "rtstruct.dcm", {}, BUILTIN)
+    return write_rtstruct(series, {"bladder": blob}, folder / "rtstruct.dcm", {}, BUILTIN,
+                          approved_by="Reviewer^Test")
 
 
 def _three_slices(folder: Path) -> Path:

@@ -106,26 +106,34 @@ def drawn_voxels(page) -> int:
 
 
 def empty_place(page) -> tuple[float, float]:
-    """The centre of a 25 x 11 voxel window of the current slice that the structure does not touch, nearest
-    the image centre (beside the structure), as fractions of the image."""
-    return tuple(page.evaluate("""() => {
-        const { nx, ny } = editor.layout, o = state.index * nx * ny, v = editor.volume;
-        let best = null, bestDistance = Infinity;
-        for (let y = 10; y < ny - 10; y += 2) for (let x = 15; x < nx - 15; x += 2) {
-            let empty = true;
-            for (let dy = -5; dy <= 5 && empty; dy++) for (let dx = -12; dx <= 12; dx++)
-                if (v[o + (y + dy) * nx + x + dx]) { empty = false; break; }
-            const distance = Math.hypot(x - nx / 2, y - ny / 2);
-            if (empty && distance < bestDistance) { best = [(x + 0.5) / nx, (y + 0.5) / ny]; bestDistance = distance; }
-        }
-        return best; }"""))
+    """The centre of a window of the current slice that the structure does not touch, nearest the image centre
+    (beside the structure), as fractions of the image: 25 x 11 voxels where there is room, else smaller (a
+    draft of the small test network can fill most of a slice)."""
+    for half_x, half_y in ((12, 5), (4, 2), (1, 1)):
+        found = page.evaluate("""([hx, hy]) => {
+            const { nx, ny } = editor.layout, o = state.index * nx * ny, v = editor.volume;
+            let best = null, bestDistance = Infinity;
+            for (let y = hy + 5; y < ny - hy - 5; y += 1) for (let x = hx + 3; x < nx - hx - 3; x += 1) {
+                let empty = true;
+                for (let dy = -hy; dy <= hy && empty; dy++) for (let dx = -hx; dx <= hx; dx++)
+                    if (v[o + (y + dy) * nx + x + dx]) { empty = false; break; }
+                const distance = Math.hypot(x - nx / 2, y - ny / 2);
+                if (empty && distance < bestDistance) {
+                    best = [(x + 0.5) / nx, (y + 0.5) / ny]; bestDistance = distance;
+                }
+            }
+            return best; }""", [half_x, half_y])
+        if found is not None:
+            return found[0], found[1]
+    raise AssertionError("the structure fills the whole slice: no place to brush")
 
 
 def stroke(page, points: list[tuple[float, float]]) -> None:
     """A mouse stroke on the canvas, points as fractions of its width and height."""
     page.locator("#canvas").scroll_into_view_if_needed()
     box = page.locator("#canvas").bounding_box()
-    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    inside = [(min(max(fx, 0.02), 0.98), min(max(fy, 0.02), 0.98)) for fx, fy in points]
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in inside]
     page.mouse.move(*at[0])
     page.mouse.down()
     for x, y in at[1:]:
