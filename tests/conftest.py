@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,11 @@ def phantom_support_dir(tmp_path_factory, phantom_cases) -> Path:
         build_support_set(name, name, phantom_cases, root / name, size=16, recipe=recipes[name], preview=False,
                           symmetric=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the browser tests save their screenshots: AUTOCONTOUR_SCREENSHOTS (the docs' pictures) or a temp folder."""
+    folder = Path(os.environ.get("AUTOCONTOUR_SCREENSHOTS") or tmp_path_factory.mktemp("screens"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

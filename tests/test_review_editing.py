@@ -9,7 +9,6 @@ AUTOCONTOUR_SCREENSHOTS=docs/screenshots to write the docs' screenshots of each 
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import zipfile
@@ -21,11 +20,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import EXAMPLE_CT
 from dicom_tools import plastimatch_masks, write_ct_series
-from servers import start_server
-from test_review_page import CHROMIUM, FLAGS
-
-from autocontour.config import Settings
-from autocontour.server.auth import hash_key
+from test_review_page import CHROMIUM, FLAGS, review_server
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 PLANNER = {"Authorization": "Bearer planner-key"}
@@ -33,12 +28,7 @@ PLANNER = {"Authorization": "Bearer planner-key"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_weights):
-    if os.environ.get("AUTOCONTOUR_SCREENSHOTS"):
-        weights, speed = Settings().default_weights, {"cpu_support_size": str(Settings().cpu_support_size)}
-    else:
-        weights, speed = small_weights, {}
-    s = start_server(tmp_path_factory.mktemp("editing-page"), weights, **speed,
-                     api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
+    s = review_server(tmp_path_factory.mktemp("editing-page"), small_weights)
     yield s
     s.stop()
     assert "drawn" not in s.logs()  # no uploaded file names in the logs
@@ -76,13 +66,6 @@ def page(server, series):
         page.wait_for_function("() => editor.volume !== null && editor.versions.length === 1")
         yield page
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("AUTOCONTOUR_SCREENSHOTS") or tmp_path_factory.mktemp("screens"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def job_id(page) -> str:

@@ -33,22 +33,20 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("AUTOCONTOUR_SCREENSHOTS") or tmp_path_factory.mktemp("screens"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, small_weights):
-    # Screenshots for the README: the shipped weights and the CPU defaults; tests: small and fast.
+def review_server(folder: Path, small_weights: Path):
+    """A server with the planner's key. Screenshots for the docs: the shipped weights and the CPU defaults;
+    tests: small and fast."""
     if os.environ.get("AUTOCONTOUR_SCREENSHOTS"):
         weights, speed = Settings().default_weights, {"cpu_support_size": str(Settings().cpu_support_size)}
     else:
         weights, speed = small_weights, {}
-    s = start_server(tmp_path_factory.mktemp("page"), weights, **speed,
-                     api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
+    return start_server(folder, weights, **speed,
+                        api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_weights):
+    s = review_server(tmp_path_factory.mktemp("page"), small_weights)
     yield s
     s.stop()
 
