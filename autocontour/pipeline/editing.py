@@ -82,13 +82,15 @@ def apply_edit(engine: Engine, result_dir: Path, edit: Edit) -> Version:
     previous.CopyInformation(case.ct.input)
     correction = Correction(case.ct.to_canonical(previous) != 0, _canonical_provenance(before, case.slice_map),
                             case.mask, tuple(case.drawn))
-    return record(result_dir, edit, refine(engine, case.ct, correction, options), before, start)
+    return record(result_dir, edit, refine(engine, case.ct, correction, options), (before, previous), start)
 
 
-def record(result_dir: Path, edit: Edit, outcome: Propagation, before: Version | None, start: float) -> Version:
-    """The outcome as the structure's next version, in the input file's slice numbering."""
+def record(result_dir: Path, edit: Edit, outcome: Propagation, based_on: tuple[Version, sitk.Image] | None,
+           start: float) -> Version:
+    """The outcome as the structure's next version, in the input file's slice numbering; `based_on`: the version
+    it corrected and that version's mask (None: the first version)."""
     case, versions = edit.case, StructureVersions(result_dir, edit.structure)
-    previous = None if before is None else versions.read_mask(before.version)
+    before, previous = based_on if based_on is not None else (None, None)
     mask = case.ct.to_input_grid(outcome.mask.astype(np.uint8))
     to_input = case.slice_map.input
     provenance = [PROVENANCE_NAMES[int(outcome.provenance[case.slice_map.canonical(k)])]
