@@ -22,19 +22,26 @@ def add_propagate_command(commands: argparse._SubParsersAction) -> None:
                                            "(a folder or a .zip)")
     cmd.add_argument("--structure", required=True, metavar="NAME",
                      help="the structure's name (lowercase letters, digits and _); it need not have a support set")
-    cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
-                     help="NIfTI mask on the CT's grid (same size, spacing, origin, direction) holding the drawn "
-                          "contours, or an RTSTRUCT file (with --roi) whose ROI is contoured on the drawn slices")
-    cmd.add_argument("--roi", default=None, metavar="ROI_NAME",
-                     help="with an RTSTRUCT as --drawn: the ROI that holds the drawn contours (case-insensitive)")
-    cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
-                     help="the drawn slices, as indices along the CT file's third axis from 0 (NIfTI k; a DICOM "
-                          "series: its slices in order of position); default: every slice where MASK holds any")
-    cmd.add_argument("--ends", choices=["continue", "drawn"], default="continue",
-                     help="continue (default): beyond the outermost drawn slices the structure goes on while it "
-                          "shows; drawn: the outermost drawn slices are its ends")
+    add_drawing_arguments(cmd, "drawn")
     cmd.add_argument("--out", type=Path, required=True, help="output folder")
     add_model_arguments(cmd)
+
+
+def add_drawing_arguments(cmd: argparse.ArgumentParser, verb: str) -> None:
+    """The flags that say what a clinician drew (`verb`: drawn or corrected), as propagate and refine share them."""
+    cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
+                     help=f"NIfTI mask on the CT's grid (same size, spacing, origin, direction) holding the {verb} "
+                          f"contours, or an RTSTRUCT file (with --roi) whose ROI is contoured on the {verb} slices")
+    cmd.add_argument("--roi", default=None, metavar="ROI_NAME",
+                     help=f"with an RTSTRUCT as --drawn: the ROI that holds the {verb} contours (case-insensitive)")
+    erasing = "; a listed slice where MASK holds nothing erases the structure there" if verb == "corrected" else ""
+    cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
+                     help=f"the {verb} slices, as indices along the CT file's third axis from 0 (NIfTI k; a DICOM "
+                          f"series: its slices in order of position){erasing}; default: every slice where MASK "
+                          "holds any")
+    cmd.add_argument("--ends", choices=["continue", "drawn"], default="continue",
+                     help=f"continue (default): beyond the outermost {verb} slices the structure goes on while it "
+                          f"shows; drawn: the outermost {verb} slices are its ends")
 
 
 def add_model_arguments(cmd: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from autocontour.cli.parsing import add_command
-from autocontour.cli.propagate import add_model_arguments, slice_list
+from autocontour.cli.propagate import add_drawing_arguments, add_model_arguments
 
 
 def add_refine_command(commands: argparse._SubParsersAction) -> None:
@@ -18,17 +18,7 @@ def add_refine_command(commands: argparse._SubParsersAction) -> None:
                      help="the CT the result was made from (default: RESULT_DIR/review/ct.nii.gz where present)")
     cmd.add_argument("--structure", required=True, metavar="NAME", help="the structure corrected; one the result "
                                                                         "does not hold starts from the drawn slices")
-    cmd.add_argument("--drawn", type=Path, required=True, metavar="MASK",
-                     help="NIfTI mask on the CT's grid holding the corrected contours, or an RTSTRUCT file (with "
-                          "--roi)")
-    cmd.add_argument("--roi", default=None, metavar="ROI_NAME",
-                     help="with an RTSTRUCT as --drawn: the ROI that holds the corrected contours")
-    cmd.add_argument("--slices", type=slice_list, default=None, metavar="K,K,...",
-                     help="the corrected slices (input file's third axis from 0); a listed slice where MASK holds "
-                          "nothing erases the structure there; default: every slice where MASK holds any")
-    cmd.add_argument("--ends", choices=["continue", "drawn"], default="continue",
-                     help="continue (default): a correction past the structure's end extends it while it shows; "
-                          "drawn: it does not")
+    add_drawing_arguments(cmd, "corrected")
     add_model_arguments(cmd)
 
 
