@@ -18,8 +18,9 @@
 #         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions
 #     run(command="bash bench/train_gpu.sh", carry=[".gpu", ".whl"], timeout_s=600)
-# The tool carries 64 MiB (about 4 OpenKBP patients' slices), so RECIPE there has to be a reduced copy
-# (a few patients, one draw per CT, "crops": 2); say so in the model card if it is used.
+# The tool carries 64 MiB with the working tree: pack the prepared file (bench/gpu_pack.py, about 0.85 MB an
+# OpenKBP patient) to .gpu/training_data.safetensors.xz, and prepare a reduced recipe (a few dozen patients);
+# say so in the model card if it is used. STEPS, MAX_SECONDS and VALIDATE_EVERY fit a run to the lease.
 # Results land in $OUT: a checkpoint becomes the default only as docs/training-and-weights.md says.
 OUT="${OUT:-/tmp/autocontour-gpu}"
 RECIPE="${RECIPE:-models/training_data_openkbp-gpu.json}"
@@ -30,14 +31,19 @@ else
     mkdir -p "$OUT"
 fi
 DATA=.gpu/training_data.safetensors
+if [ ! -f "$DATA" ] && [ -f "$DATA.xz" ]; then  # carried packed (bench/gpu_pack.py)
+    python3 bench/gpu_pack.py unpack "$DATA.xz" "$DATA"
+fi
 if [ ! -f "$DATA" ]; then
     mkdir -p .gpu
     python3 -m autocontour.cli train --recipe "$RECIPE" --workers 8 --prepare-only \
         --save-data "$DATA" --out .gpu
 fi
-python3 -m autocontour.cli train --data "$DATA" --out "$OUT/run" --device cuda \
+RUN=/tmp/autocontour-gpu-run  # outside $OUT: the device tool brings back 8 files at most
+python3 -m autocontour.cli train --data "$DATA" --out "$RUN" --device cuda \
     --from models/autocontour-universeg-v2.safetensors \
-    --steps 20000 --max-seconds 1800 --batch-size 16 --support-size 16 --lr 2e-4 \
+    --steps "${STEPS:-20000}" --max-seconds "${MAX_SECONDS:-1800}" --batch-size 16 --support-size 16 --lr 2e-4 \
     --heldout iliopsoas_left,iliopsoas_right,kidney_left,kidney_right,femur_left,femur_right,spleen \
-    --validate-every 500 --checkpoint-every 500 --quiet 2>&1 | tee "$OUT/train.log"
-cp "$OUT/run/training_log.csv" "$OUT/run/curves.png" "$OUT/run/best.safetensors" "$OUT/"
+    --validate-every "${VALIDATE_EVERY:-500}" --checkpoint-every "${VALIDATE_EVERY:-500}" --quiet 2>&1 \
+    | tee "$OUT/train.log"
+cp "$RUN/training_log.csv" "$RUN/config.json" "$RUN/best.safetensors" "$OUT/"
