@@ -16,13 +16,18 @@ from pydantic_settings import PydanticBaseSettingsSource, SettingsConfigDict, To
 from autocontour.config import Settings
 
 SCOPES = ("segment", "read", "evaluate")
+# Adding an approved case to a support set changes what the network draws for every later patient, so no key
+# has it unless the clinic lists it: it is not among the default SCOPES.
+SUPPORT_WRITE = "support:write"
 
 
 class ApiKey(BaseModel):
     """One client's key: its SHA-256 and what it may do."""
 
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the key (`autocontour keys hash`)")
-    scopes: list[str] = Field(list(SCOPES), description="what the key may do: segment, read, evaluate")
+    scopes: list[str] = Field(list(SCOPES), description="what the key may do: segment, read, evaluate (the "
+                                                        "default: all three), and support:write (only when "
+                                                        "listed: add approved cases to the server's support sets)")
 
 
 class ServerSettings(Settings):
