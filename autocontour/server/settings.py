@@ -45,7 +45,9 @@ class ServerSettings(Settings):
     edit_timeout_s: float = Field(120.0, gt=0, description="longest an edit (propagate) waits for the network, "
                                                            "busy with a job, or for a Celery worker to answer, "
                                                            "before 503 + Retry-After")
-    api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes (default: "
+                                        "segment, read, evaluate; support:write, to add approved cases to the "
+                                        "server's support sets, only when listed); empty: no auth")
     queue: str = Field("local", pattern="^(local|celery)$",
                        description="local: in-process worker; celery: Redis + workers")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker and task results)")
