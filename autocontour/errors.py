@@ -38,6 +38,21 @@ class SupportSetError(AutocontourError):
     code = "invalid-support-set"
 
 
+class KnownScanError(SupportSetError):
+    """A case whose scan the support set already has (the same fingerprint, however it is stored): a
+    duplicate would count one patient twice."""
+
+    code = "known-scan"
+    http_status = 409
+
+
+class NotApprovedError(AutocontourError):
+    """A result offered as a support case before a clinician approved it (or approved that structure)."""
+
+    code = "not-approved"
+    http_status = 409
+
+
 class WeightsError(AutocontourError):
     """No checkpoint, or one that does not fit the network (missing, unexpected or mis-shaped keys)."""
 

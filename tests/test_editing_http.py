@@ -188,6 +188,12 @@ def test_bad_edits_are_refused_naming_the_problem(server, job):
     refused(edit(server, job, "prostate", nifti(np.zeros_like(one), like)), 422, "empty")
     refused(edit(server, job, "prostate", good, slices="17"), 422, "slice 17", "holds nothing")
     refused(edit(server, job, "Bad-Name!", good), 422, "invalid structure name")
+    refused(edit(server, job, "prostate", good, colour="red"), 422, "colour", "#rrggbb", "'red'")
+    refused(edit(server, job, "prostate", good, colour="#12ab3"), 422, "colour", "#rrggbb")
+    refused(edit(server, job, "prostate", good, display_name="GTV\\1"), 422, "display_name", "backslash")
+    refused(edit(server, job, "prostate", good, display_name="x" * 65), 422, "display_name", "64")
+    refused(edit(server, job, "prostate", good, display_name="   "), 422, "display_name")
+    refused(edit(server, job, "bladder", good, colour="#ff0000"), 422, "bladder was segmented")
     refused(edit(server, job, "bladder", b"not a nifti at all"), 422)
     refused(edit(server, job, "bladder", good, headers=OTHER), 404, "no segmentation job")
     refused(edit(server, job, "bladder", good, headers=VIEWER), 403, "may not segment")
@@ -219,7 +225,8 @@ def test_an_approved_dicom_job_has_an_approved_rtstruct_with_the_drawn_contours(
     for k in slices:  # a block in the middle of the slice, a little smaller towards the ends
         half = 12 - abs(k - 10)
         drawn[k, shape[1] // 2 - half:shape[1] // 2 + half, shape[2] // 2 - half:shape[2] // 2 + half] = True
-    version = edit(server, job_id, "lesion", nifti(drawn, grid), ends="drawn")
+    version = edit(server, job_id, "lesion", nifti(drawn, grid), ends="drawn", display_name=" GTV lesion 1 ",
+                   colour="#12AB34")
     assert version.status_code == 200, version.text
     approval = httpx.post(f"{server.url}/v1/segmentations/{job_id}/approve", headers=PLANNER, timeout=120).json()
     assert approval["versions"]["lesion"] == 0 and "rtstruct.dcm" in approval["files"]
@@ -230,7 +237,13 @@ def test_an_approved_dicom_job_has_an_approved_rtstruct_with_the_drawn_contours(
     _, series = read_input(DATA / "dicom_ct", Settings())
     assert series is not None
     contours = read_rtstruct(series, rtstruct)
-    assert np.array_equal(contours["Lesion"][slices], drawn[slices])  # the approved version, as drawn
+    assert np.array_equal(contours["GTV lesion 1"][slices], drawn[slices])  # the approved version, as drawn
+    numbers = {str(r.ROIName): r.ROINumber for r in ds.StructureSetROISequence}
+    colours = {r.ReferencedROINumber: [int(c) for c in r.ROIDisplayColor] for r in ds.ROIContourSequence}
+    assert colours[numbers["GTV lesion 1"]] == [0x12, 0xAB, 0x34]  # as the reviewer chose it
+    seg = pydicom.dcmread(io.BytesIO(httpx.get(f"{server.url}/v1/segmentations/{job_id}/dicom/seg",
+                                               headers=PLANNER).content))
+    assert "GTV lesion 1" in [str(s.SegmentLabel) for s in seg.SegmentSequence]
     files = read_zip(httpx.get(f"{server.url}/v1/segmentations/{job_id}/result", headers=PLANNER).content)
     assert pydicom.dcmread(io.BytesIO(files["rtstruct.dcm"])).ApprovalStatus == "APPROVED"
     assert "source" not in " ".join(files)  # the kept series is not part of the result

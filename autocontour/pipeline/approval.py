@@ -22,7 +22,7 @@ from autocontour.catalogue import StructureDefinition, default_definition
 from autocontour.dicom.series import DicomSeries
 from autocontour.export import SUMMARY, mask_file
 from autocontour.pipeline.editing import current_version
-from autocontour.pipeline.versions import StructureVersions, note_in_summary
+from autocontour.pipeline.versions import StructureVersions, drawn_definition, note_in_summary
 
 
 class Approval(BaseModel):
@@ -63,7 +63,7 @@ def _write_dicom(result_dir: Path, versions: dict[str, int], series: DicomSeries
     if not any(m.any() for m in masks.values()):
         return []
     summary = _summary(result_dir)
-    definitions = {n: _definition(summary, n) for n in masks}
+    definitions = {n: _definition(result_dir, summary, n) for n in masks}
     descriptions = {n: f"approved version {v}" for n, v in versions.items()}
     local = moment.astimezone()  # DICOM dates and times are local
     write_rtstruct(series, masks, result_dir / RTSTRUCT_FILE, descriptions, definitions, roi_names,
@@ -73,11 +73,13 @@ def _write_dicom(result_dir: Path, versions: dict[str, int], series: DicomSeries
     return [RTSTRUCT_FILE, SEG_FILE]
 
 
-def _definition(summary: dict[str, Any], name: str) -> StructureDefinition:
-    """The structure as segment described it; a structure only drawn (propagated from scratch) is a plain
-    organ of that name."""
+def _definition(result_dir: Path, summary: dict[str, Any], name: str) -> StructureDefinition:
+    """The structure as segment described it; a structure only drawn (propagated from scratch) as the reviewer
+    named and coloured it, else a plain organ of that name."""
     known = summary.get("structures", {}).get(name)
-    return StructureDefinition.model_validate(known["definition"]) if known else default_definition(name)
+    if known:
+        return StructureDefinition.model_validate(known["definition"])
+    return drawn_definition(result_dir, name) or default_definition(name)
 
 
 def _summary(result_dir: Path) -> dict[str, Any]:

@@ -7,15 +7,17 @@ card, and nothing that loads torch weights onto a device. A `Segmenter` holds on
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from autocontour.catalogue import DEFAULT_STRUCTURES, Catalogue
 from autocontour.config import Settings
-from autocontour.errors import NoSupportSetError, WeightsError
+from autocontour.errors import NoSupportSetError, SupportSetError, WeightsError
 from autocontour.model.weights import ModelCard, read_card, sha256_of
 from autocontour.rules import OverlapRules, load_rules
-from autocontour.support.store import MANIFEST, SupportSet, discover
+from autocontour.support.store import MANIFEST, SupportSet, discover, load_support_set
 
+log = logging.getLogger(__name__)
 WORKERS = "separate workers"
 
 
@@ -28,6 +30,7 @@ class Library:
         self.settings = settings or Settings()
         self.weights = weights_path(self.settings, weights)
         self.supports: dict[str, SupportSet] = discover(self.settings.support_folders(support_dirs, shipped_support))
+        self._stamps = {name: _manifest_stamp(s) for name, s in self.supports.items()}
         self.catalogue = Catalogue.from_definitions({n: s.definition for n, s in self.supports.items()})
         self.rules: OverlapRules = load_rules(rules or self.settings.rules)
         self.card: ModelCard = read_card(self.weights, sha256_of(self.weights))  # without loading the network
@@ -60,7 +63,35 @@ class Library:
                 f"no support set for {name!r}: {why} (loaded: {loaded}). Build one from your own contoured cases "
                 f"with `autocontour support build {name} --case CT MASK_OR_RTSTRUCT [--roi NAME] [--case ...] "
                 f"--out DIR` and pass --support-dir DIR (server: AUTOCONTOUR_SUPPORT_DIRS)")
-        return {s: self.supports[s] for s in structures}
+        return {s: self.refresh(s) for s in structures}
+
+    def refresh(self, structure: str) -> SupportSet:
+        """The structure's set, read again when its folder holds another set than the one loaded: a set grown
+        (`support add`, or an approval on the review page) serves the next job in every process that loaded it
+        (the API, each Celery worker), without a restart. A set caught mid-swap, or unreadable, stays as it was."""
+        support = self.supports[structure]
+        stamp = _manifest_stamp(support)
+        if support.path is None or stamp is None or stamp == self._stamps.get(structure):
+            return support
+        try:
+            support = load_support_set(support.path)
+        except SupportSetError as exc:
+            log.warning("support set of %s not reloaded: %s", structure, exc)
+            return support
+        self.supports[structure], self._stamps[structure] = support, stamp
+        log.info("support set of %s reloaded: %s", structure, support.id)
+        return support
+
+
+def _manifest_stamp(support: SupportSet) -> tuple[int, int] | None:
+    """Which manifest file the set's folder holds now (inode, modification time); None if none is there."""
+    if support.path is None:
+        return None
+    try:
+        found = (Path(support.path) / MANIFEST).stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def weights_path(settings: Settings, weights: Path | None) -> Path:

@@ -9,7 +9,8 @@ number cannot both win). Version 0 of a segmented structure is the draft as
 result's top-level `<structure>.nii.gz` is a copy of the newest version (or of
 the approved one, once a result is approved: later edits stay in versions/
 until the next approval), so everything that reads a result reads the edited
-(or approved) contour.
+(or approved) contour. A structure the result did not segment (drawn and propagated) keeps how it is
+shown, its display name and colour as the reviewer chose them, in `versions/<structure>/definition.json`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
 
+from autocontour.catalogue import StructureDefinition
 from autocontour.export import SUMMARY, mask_file
 
 VERSIONS = "versions"
+DEFINITION = "definition.json"
 Kind = Literal["draft", "propagate", "refine", "revert"]
 PROVENANCE_NAMES = {0: "none", 1: "drawn", 2: "propagated", 3: "draft"}
 
@@ -106,6 +109,21 @@ class StructureVersions:
         staging = top.with_name(f".{top.name}.{os.getpid()}")
         shutil.copyfile(self.mask_path(n), staging)
         staging.replace(top)
+
+
+def drawn_definition(result_dir: Path, structure: str) -> StructureDefinition | None:
+    """The definition a reviewer gave a structure the result did not segment; None when none was given."""
+    path = Path(result_dir) / VERSIONS / structure / DEFINITION
+    return StructureDefinition.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def save_drawn_definition(result_dir: Path, definition: StructureDefinition) -> None:
+    """Keep a drawn structure's definition beside its versions, for the RTSTRUCT and SEG written at approval."""
+    folder = Path(result_dir) / VERSIONS / definition.name
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{DEFINITION}.{os.getpid()}"
+    staging.write_text(definition.model_dump_json(indent=1) + "\n")
+    staging.replace(folder / DEFINITION)
 
 
 def revert(result_dir: Path, structure: str, n: int, author: str | None) -> Version:

@@ -32,7 +32,7 @@ from autocontour.server.jobs import FINAL, JobStore, ResultStore
 from autocontour.server.metrics import Metrics
 from autocontour.server.queue import make_queue
 from autocontour.server.review import ReviewCache
-from autocontour.server.routers import catalogue, editing, evaluations, health, review, segmentations
+from autocontour.server.routers import catalogue, editing, evaluations, health, review, segmentations, support
 from autocontour.server.settings import ServerSettings
 from autocontour.server.worker import Janitor
 
@@ -93,8 +93,8 @@ def create_app(settings: ServerSettings | None = None, model: Segmenter | Librar
     )
     problems.install(app)
     openapi.install(app, pacs=bool(settings.pacs_url), keys=bool(settings.api_keys))
-    for router in (health.router, catalogue.router, segmentations.router, editing.router, evaluations.router,
-                   review.router):
+    for router in (health.router, catalogue.router, segmentations.router, editing.router, support.router,
+                   evaluations.router, review.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=review.STATIC), name="static")
     app.middleware("http")(_observe)

@@ -16,13 +16,18 @@ from pydantic_settings import PydanticBaseSettingsSource, SettingsConfigDict, To
 from autocontour.config import Settings
 
 SCOPES = ("segment", "read", "evaluate")
+# Adding an approved case to a support set changes what the network draws for every later patient, so no key
+# has it unless the clinic lists it: it is not among the default SCOPES.
+SUPPORT_WRITE = "support:write"
 
 
 class ApiKey(BaseModel):
     """One client's key: its SHA-256 and what it may do."""
 
     sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the key (`autocontour keys hash`)")
-    scopes: list[str] = Field(list(SCOPES), description="what the key may do: segment, read, evaluate")
+    scopes: list[str] = Field(list(SCOPES), description="what the key may do: segment, read, evaluate (the "
+                                                        "default: all three), and support:write (only when "
+                                                        "listed: add approved cases to the server's support sets)")
 
 
 class ServerSettings(Settings):
@@ -40,7 +45,9 @@ class ServerSettings(Settings):
     edit_timeout_s: float = Field(120.0, gt=0, description="longest an edit (propagate) waits for the network, "
                                                            "busy with a job, or for a Celery worker to answer, "
                                                            "before 503 + Retry-After")
-    api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes; empty: no auth")
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="name -> key hash and scopes (default: "
+                                        "segment, read, evaluate; support:write, to add approved cases to the "
+                                        "server's support sets, only when listed); empty: no auth")
     queue: str = Field("local", pattern="^(local|celery)$",
                        description="local: in-process worker; celery: Redis + workers")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker and task results)")

@@ -16,14 +16,18 @@ the old set whole.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from autocontour.errors import SupportSetError
+from autocontour.errors import NotApprovedError, SupportSetError
+from autocontour.pipeline.versions import StructureVersions, approval_of
 from autocontour.support.build import (
     CROP_MIN_MARGIN_MM,
     CaseRules,
@@ -33,6 +37,7 @@ from autocontour.support.build import (
     load_cases,
     mirrored_warning,
     picked_slices,
+    result_case,
     select_slices,
 )
 from autocontour.support.provenance import CaseFiles
@@ -42,7 +47,8 @@ from autocontour.support.store import PREVIEW, SupportManifest, SupportSet, load
 def add_cases(folder: Path, cases: Sequence[tuple[Path, Path] | CaseFiles], rules: CaseRules,
               slices_per_case: int | None = None, out: Path | None = None, preview: bool = True) -> SupportSet:
     """Add `cases` to the support set in `folder` (written to `out` instead, when given); returns the grown set."""
-    support = load_support_set(folder)
+    if not Path(folder).is_dir():
+        raise SupportSetError(f"support-set folder not found: {folder}")
     if not cases:
         raise SupportSetError("give at least one case to add")
     if slices_per_case is not None and slices_per_case < 1:
@@ -51,18 +57,50 @@ def add_cases(folder: Path, cases: Sequence[tuple[Path, Path] | CaseFiles], rule
     if target.resolve() != Path(folder).resolve() and target.exists() and any(target.iterdir()):
         raise SupportSetError(f"{target} exists and is not empty: give a new folder, or none to grow the set in place")
     stage = target.parent / f".{target.name}.adding"
-    shutil.rmtree(stage, ignore_errors=True)  # left by an addition that was killed
-    shutil.copytree(folder, stage)
-    try:
-        grown = _grow(support, cases, rules, slices_per_case, stage)
-        if preview:
-            from autocontour.preview import support_set_preview  # matplotlib: only when a preview is drawn
+    with _one_addition_at_a_time(target):
+        support = load_support_set(folder)  # as it is now: an addition that waited for the lock grows the grown set
+        shutil.rmtree(stage, ignore_errors=True)  # left by an addition that was killed
+        shutil.copytree(folder, stage)
+        try:
+            grown = _grow(support, cases, rules, slices_per_case, stage)
+            if preview:
+                from autocontour.preview import support_set_preview  # matplotlib: only when a preview is drawn
 
-            support_set_preview(grown, stage / PREVIEW)
-        _swap_in(stage, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+                support_set_preview(grown, stage / PREVIEW)
+            _swap_in(stage, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return load_support_set(target)
+
+
+def add_approved_result(folder: Path, result_dir: Path, structure: str, job_id: str) -> SupportSet:
+    """The approved version of `structure` in a server job's result, on the CT the job kept, as a new case of
+    the set in `folder`. Only what a clinician approved may teach the network; the provenance names the job, who
+    approved and when."""
+    approval = approval_of(result_dir)
+    if approval is None:
+        raise NotApprovedError("the job is not approved: approve it first (a support case must be contours a "
+                               "clinician approved)")
+    version = approval["versions"].get(structure)
+    if version is None:
+        raise NotApprovedError(f"the job's approval covers no {structure}: approve the job again")
+    ct, _ = result_case(result_dir, structure)
+    mask = StructureVersions(result_dir, structure).mask_path(version)
+    case = CaseFiles(ct, mask, "result", job_id=job_id, approved_by=approval["by"], approved_on=approval["at"])
+    return add_cases(folder, [case], CaseRules())
+
+
+@contextmanager
+def _one_addition_at_a_time(target: Path) -> Iterator[None]:
+    """Two additions to one set (two approvals, a server and the CLI) would share the staging folder and the
+    second would drop the first one's case: each waits for the other, across processes. The lock is on the
+    folder that holds the set (the set's own folder is swapped out by an addition), and leaves no file."""
+    holder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(holder)  # releases the lock
 
 
 def _grow(support: SupportSet, cases: Sequence[tuple[Path, Path] | CaseFiles], rules: CaseRules,

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from autocontour.errors import SupportSetError
+from autocontour.errors import KnownScanError, SupportSetError
 from autocontour.support.store import CaseProvenance, SourceCase
 
 CaseKind = Literal["file", "pacs", "result"]
@@ -37,6 +37,9 @@ class CaseFiles:
     mask: Path
     kind: CaseKind = "file"
     study_uid: str | None = None  # kind "pacs"
+    job_id: str | None = None  # kind "result": the server job whose approved version it is
+    approved_by: str | None = None  # kind "result": who approved that version (the API key's name)
+    approved_on: str | None = None  # kind "result": when (ISO 8601, UTC)
 
 
 def as_case_files(case: tuple[Path, Path] | CaseFiles) -> CaseFiles:
@@ -66,8 +69,11 @@ def case_provenance(case: CaseFiles, case_id: str, allow_unapproved: bool = Fals
             raise SupportSetError(f"the RTSTRUCT of {case_id} cannot be a support case: {refusal} (a support case "
                                   f"teaches the network what to draw; {ALLOW_UNAPPROVED_FLAG} takes it anyway)")
         fields = _approval_fields(rtstruct) | {"allowed_unapproved": refusal is not None}
+    if case.approved_by is not None:  # a result approved on the review page: the approval is the server's record
+        fields |= {"approval": "APPROVED", "approved_by": case.approved_by, "approved_on": case.approved_on}
     return CaseProvenance(kind=case.kind, added=datetime.now(UTC).isoformat(timespec="seconds"),
-                          mask_sha256=file_sha256(case.mask), study_uid=case.study_uid, **fields)
+                          mask_sha256=file_sha256(case.mask), study_uid=case.study_uid, job_id=case.job_id,
+                          **fields)
 
 
 def _approval_fields(rtstruct) -> dict[str, Any]:
@@ -90,6 +96,6 @@ def known_scans(existing: Iterable[SourceCase]) -> dict[str, str]:
 def refuse_known_scan(case_id: str, scan_fingerprint: str, known: dict[str, str]) -> None:
     """Refuse a scan that is already a case (of the set, or given twice), however it is stored; else note it."""
     if scan_fingerprint in known:
-        raise SupportSetError(f"{case_id} is the same scan as {known[scan_fingerprint]} (same fingerprint, however "
+        raise KnownScanError(f"{case_id} is the same scan as {known[scan_fingerprint]} (same fingerprint, however "
                               "it is stored): a scan can be a support case only once")
     known[scan_fingerprint] = case_id

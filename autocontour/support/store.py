@@ -99,8 +99,11 @@ class CaseProvenance(BaseModel):
     rtstruct_uid: str | None = None  # an RTSTRUCT mask: its SOP Instance UID
     approval: str | None = None  # an RTSTRUCT's ApprovalStatus (APPROVED, UNAPPROVED, ...); None: not stated
     approved_by: str | None = None  # the RTSTRUCT's ReviewerName, when approved
-    approved_on: str | None = None  # its ReviewDate and ReviewTime (YYYYMMDD[HHMMSS])
+    approved_on: str | None = None  # its ReviewDate and ReviewTime (YYYYMMDD[HHMMSS]); a result: ISO 8601 UTC
     allowed_unapproved: bool = False  # taken although not approved, because --allow-unapproved said so
+    # kind "result" added by the server: the job whose approved version it is. Left out of the manifest when
+    # None, so the sets built before the field existed keep their content hashes (their ids).
+    job_id: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class SourceCase(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,12 +11,18 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from autocontour.catalogue import parse_structures
+from autocontour.catalogue import StructureDefinition, default_definition, parse_structures
 from autocontour.dicom.reading import read_input
 from autocontour.errors import UnknownStructureError
 from autocontour.pipeline.approval import Approval, approve
 from autocontour.pipeline.editing import Edit, current_version
-from autocontour.pipeline.versions import StructureVersions, Version, versions_of
+from autocontour.pipeline.versions import (
+    StructureVersions,
+    Version,
+    drawn_definition,
+    save_drawn_definition,
+    versions_of,
+)
 from autocontour.server.auth import AuthenticatedFirst, require
 from autocontour.server.decoding import decode_limited
 from autocontour.server.dependencies import DecodesDep, JobsDep, QueueDep, ResultsDep, SettingsDep
@@ -39,7 +46,8 @@ router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1/segmentations", t
 EDIT_ERRORS = problem_responses(404, 409, 413, 422, 503, described={
     404: "no such job (or another key's, or expired)",
     409: "the job is not done (queued or running: with Retry-After; failed or cancelled), or kept no CT to edit on",
-    422: "an invalid structure name, `slices` or `ends`; a drawn mask that is unreadable, on another grid than "
+    422: "an invalid structure name, `slices`, `ends`, `display_name` or `colour` (or either for a structure the "
+         "job segmented); a drawn mask that is unreadable, on another grid than "
          "the job's CT, or holds more than one label; a listed slice outside the scan or (for a new structure) "
          "empty; nothing drawn at all",
     503: "the network stayed busy with a job, or no worker answered, within AUTOCONTOUR_EDIT_TIMEOUT_S; retry "
@@ -68,6 +76,36 @@ def slice_numbers(text: str | None) -> list[int] | None:
     if not slices:
         raise Problem(422, "invalid-option", "Invalid option", "slices: no slice number listed")
     return slices
+
+
+COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+# What a DICOM LO value (an RTSTRUCT's ROI name, a SEG's segment label) may hold: no control character, no backslash
+DISPLAY_NAME = re.compile(r"[^\\\x00-\x1f\x7f]{1,64}")
+
+
+def drawn_structure_definition(job: Job, results: ResultStore, name: str, display_name: str | None,
+                               colour: str | None) -> StructureDefinition | None:
+    """A drawn structure's display name and colour (what the RTSTRUCT and SEG written at approval call and
+    colour it), checked; None when the request gives neither. A structure the job segmented keeps its
+    support set's definition: naming it anew is refused."""
+    if display_name is None and colour is None:
+        return None
+    if name in job.options["structures"]:
+        raise Problem(422, "invalid-option", "Invalid option", f"display_name and colour describe a new structure; "
+                      f"{name} was segmented and keeps its support set's definition")
+    fields: dict = {}
+    if colour is not None:
+        if not COLOUR.fullmatch(colour):
+            raise Problem(422, "invalid-option", "Invalid option", f"colour: expected #rrggbb, got {colour[:20]!r}")
+        fields["colour"] = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    if display_name is not None:
+        display_name = display_name.strip()
+        if not DISPLAY_NAME.fullmatch(display_name):
+            raise Problem(422, "invalid-option", "Invalid option", "display_name: 1 to 64 characters, without "
+                          "control characters or backslashes (a DICOM ROI name)")
+        fields["display_name"] = display_name
+    base = drawn_definition(results.result_dir(job.id), name) or default_definition(name)
+    return base.model_copy(update=fields)
 
 
 async def _receive_drawn(drawn: UploadFile, results: ResultStore, job_id: str) -> tuple[str, Path]:
@@ -111,6 +149,13 @@ async def propagate(
     ends: Annotated[Literal["continue", "drawn"], Form(
         description="continue: beyond the outermost drawn slices the structure goes on while it shows; drawn: "
                     "they are its ends")] = "continue",
+    display_name: Annotated[str | None, Form(description="a structure the job did not segment: its name in the "
+                                                         "RTSTRUCT (ROI name) and DICOM-SEG (segment label) written "
+                                                         "at approval, up to 64 characters; default: from the "
+                                                         "structure's name (kept from an earlier edit)")] = None,
+    colour: Annotated[str | None, Form(description="a structure the job did not segment: its colour as #rrggbb "
+                                                   "(RTSTRUCT ROI display colour, SEG segment colour); default: "
+                                                   "one of the palette (kept from an earlier edit)")] = None,
     owner: str | None = require("segment"),
 ):
     """Edit one structure of a finished job: the drawn slices are truth and come back exactly; a structure the job
@@ -118,6 +163,7 @@ async def propagate(
     drawn slices alone. Answers with the new version; nothing is overwritten."""
     job = finished(queue, job_id, owner)
     name = structure_name(structure)
+    definition = drawn_structure_definition(job, results, name, display_name, colour)
     request = EditRequest(job_id=job.id, structure=name, drawn="", slices=slice_numbers(slices),
                           ends_drawn=ends == "drawn", author=owner)
     request.drawn, path = await _receive_drawn(drawn, results, job.id)
@@ -128,7 +174,10 @@ async def propagate(
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # the job's upload folder, once no other edit's mask is in it
-    return edit_outcome(answer)
+    version = edit_outcome(answer)
+    if definition is not None:
+        save_drawn_definition(results.result_dir(job.id), definition)
+    return version
 
 
 def _versions(job: Job, results: ResultStore, structure: str) -> list[Version]:

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { job: null, info: null, plane: "axial", index: 0, visible: {}, image: null, contours: {},
-                flagged: [], drawToken: 0, shown: "", sliceTimes: [] };  // shown: the plane/index the canvas last drew
+                flagged: [], drawToken: 0, shown: "", sliceTimes: [], supportSets: new Set() };  // shown: the plane/index the canvas last drew
 
 // The anatomical directions the server names at the edges of each view (planes[plane].edges).
 const DIRECTIONS = { A: "anterior", P: "posterior", S: "superior", I: "inferior", R: "patient's right",
@@ -43,6 +43,7 @@ async function loadStructures() {
   try {
     const catalogue = await (await api("/v1/structures")).json();
     note.hidden = true;
+    state.supportSets = new Set(catalogue.structures.filter((s) => s.available).map((s) => s.name));
     for (const s of catalogue.structures) {
       const label = document.createElement("label");
       const input = document.createElement("input");

@@ -10,6 +10,7 @@ const BRUSH_MM = { min: 1, max: 60, step: 2 };
 const editor = {
   layout: null, active: null, volume: null, filled: null, draft: null, versions: [], tool: "brush", brushMm: 10,
   lassoMode: "fill", edited: new Map(), undo: [], redo: [], stroke: null, cursor: null, busy: false,
+  autoTimer: null,
 
   // Called by app.js once a job's review data is loaded.
   open(info) {
@@ -19,7 +20,21 @@ const editor = {
     $("editor-tools").hidden = $("editor-toolbar").hidden = !this.layout;
     $("editor-unavailable").hidden = !!this.layout;
     this.fillStructureChoice();
+    this.fillSupportChoice();
     if (this.layout) this.activate($("active-structure").value);
+  },
+
+  // One checkbox per structure of the job that has a support set on the server: approve then adds the patient.
+  fillSupportChoice() {
+    const names = Object.keys(state.info.structures).filter((name) => state.supportSets.has(name));
+    $("support-choices").replaceChildren(...names.map((name) => {
+      const label = document.createElement("label"), box = document.createElement("input");
+      box.type = "checkbox"; box.name = "add-to-support"; box.value = name;
+      label.append(box, document.createTextNode(" add this patient to the support set of " +
+                                                state.info.structures[name].display_name));
+      return label;
+    }));
+    $("support-growth").hidden = !names.length;
   },
 
   owns(name) { return this.volume !== null && name === this.active; },
@@ -111,6 +126,7 @@ const editor = {
 
   pointerDown(event) {
     if (event.button !== 0 || !this.editable() || !this.tool) return;
+    clearTimeout(this.autoTimer);  // a stroke under way: propagating now would miss it
     const plane = this.layout.nx * this.layout.ny;
     const p = this.voxelAt(event);
     this.stroke = { z: state.index, before: this.volume.slice(this.sliceOffset(), this.sliceOffset() + plane),
@@ -141,6 +157,15 @@ const editor = {
     this.redo = [];
     this.edited.set(s.z, (this.edited.get(s.z) || 0) + 1);
     this.refreshFilled(s.z); this.sliceChanged(); draw();
+    this.propagateSoon();
+  },
+
+  // "Propagate automatically": 1.5 s after the last finished stroke (each new stroke restarts the wait), and
+  // again once a propagation still running is answered.
+  propagateSoon() {
+    clearTimeout(this.autoTimer);
+    if (!$("auto-propagate").checked) return;
+    this.autoTimer = setTimeout(() => (this.busy ? this.propagateSoon() : this.propagate()), 1500);
   },
 
   // Swap a stroke's slice with what it held before (undo and redo are the same swap).
@@ -193,6 +218,11 @@ const editor = {
     form.append("drawn", writeMask(this.layout, state.info.grid.nifti, this.volume, zs), "drawn.nii");
     form.append("slices", zs.map((z) => inputSlice(this.layout, z)).join(","));
     form.append("ends", $("ends").value);
+    const structure = state.info.structures[this.active];
+    if (structure.status === "new") {  // how the approved RTSTRUCT and SEG will name and colour it
+      form.append("display_name", structure.display_name);
+      form.append("colour", structure.hex);
+    }
     this.setBusy(true);
     try {
       const version = await (await api(this.base() + "/propagate", { method: "POST", body: form })).json();
@@ -382,12 +412,13 @@ Object.assign(editor, {
     if (state.info.structures[name]) return setStatus("The job already has " + name + ": choose it above.", true);
     const hex = $("new-colour").value;
     const colour = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
-    state.info.structures[name] = { display_name: display, colour, confidence: null, volume_ml: 0, status: "new",
-                                    flagged_slices: [], slice_range: null };
+    state.info.structures[name] = { display_name: display, colour, hex, confidence: null, volume_ml: 0,
+                                    status: "new", flagged_slices: [], slice_range: null };
     state.visible[name] = true;
     buildStructureTable();
     this.active = name;
     this.fillStructureChoice();
+    this.fillSupportChoice();
     this.activate(name);
     setStatus("Draw " + display + " on a few slices (three spread over it is enough), then Propagate.");
   },
@@ -399,8 +430,32 @@ Object.assign(editor, {
         Object.entries(approval.versions).map(([n, v]) => n + " v" + v).join(", ") + ").";
       this.offerDownloads(approval);
     } catch (error) {
-      setStatus("Approval refused: " + error.message, true);
+      return setStatus("Approval refused: " + error.message, true);
     }
+    await this.addToSupportSets();
+  },
+
+  // The approved patient into each ticked structure's support set; each outcome (or refusal) listed.
+  async addToSupportSets() {
+    const names = [...document.querySelectorAll("input[name=add-to-support]:checked")].map((box) => box.value);
+    const outcomes = [];
+    for (const name of names) {
+      const display = state.info.structures[name].display_name;
+      try {
+        const added = await (await api("/v1/segmentations/" + state.job.id + "/structures/" + name +
+                                       "/add-to-support-set", { method: "POST" })).json();
+        outcomes.push(["Added to the support set of " + display + ": now " + added.support_set.source_cases +
+                       " patients, " + added.support_set.size + " slices (" + added.support_set.id + ").", false]);
+      } catch (error) {
+        outcomes.push(["Not added to the support set of " + display + ": " + error.message, true]);
+      }
+    }
+    $("support-added").replaceChildren(...outcomes.map(([text, failed]) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      if (failed) item.className = "error";
+      return item;
+    }));
   },
 
   offerDownloads(approval) {
@@ -434,6 +489,7 @@ Object.assign(editor, {
   $("undo").addEventListener("click", () => editor.undoStep());
   $("redo").addEventListener("click", () => editor.redoStep());
   $("propagate").addEventListener("click", () => editor.propagate());
+  $("auto-propagate").addEventListener("change", () => { if (editor.edited.size) editor.propagateSoon(); });
   $("compare-draft").addEventListener("change", () => editor.toggleCompare());
   $("next-slice").addEventListener("click", () => { const z = editor.suggested(); if (z !== null) setPlane("axial", z); });
   $("new-structure").addEventListener("submit", (e) => editor.startStructure(e));
