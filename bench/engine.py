@@ -103,6 +103,7 @@ def main() -> None:
                                                                     "on GPU at most a 6 GiB batch)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = False  # the reference is float32, not cuDNN's default TF32 convolutions
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     model, card = load_model(args.weights, device)
     if device.type == "cuda":

@@ -20,7 +20,7 @@
 #     run(command="bash bench/train_gpu.sh", carry=[".gpu", ".whl"], timeout_s=600)
 # The tool carries 64 MiB with the working tree: pack the prepared file (bench/gpu_pack.py, about 0.85 MB an
 # OpenKBP patient) to .gpu/training_data.safetensors.xz, and prepare a reduced recipe (a few dozen patients);
-# say so in the model card if it is used. STEPS, MAX_SECONDS and VALIDATE_EVERY fit a run to the lease.
+# say so in the model card if it is used. STEPS, MAX_SECONDS, VALIDATE_EVERY, FROM and LR fit a run to the lease.
 # Results land in $OUT: a checkpoint becomes the default only as docs/training-and-weights.md says.
 OUT="${OUT:-/tmp/autocontour-gpu}"
 RECIPE="${RECIPE:-models/training_data_openkbp-gpu.json}"
@@ -41,8 +41,8 @@ if [ ! -f "$DATA" ]; then
 fi
 RUN=/tmp/autocontour-gpu-run  # outside $OUT: the device tool brings back 8 files at most
 python3 -m autocontour.cli train --data "$DATA" --out "$RUN" --device cuda \
-    --from models/autocontour-universeg-v2.safetensors \
-    --steps "${STEPS:-20000}" --max-seconds "${MAX_SECONDS:-1800}" --batch-size 16 --support-size 16 --lr 2e-4 \
+    --from "${FROM:-models/autocontour-universeg-v2.safetensors}" \
+    --steps "${STEPS:-20000}" --max-seconds "${MAX_SECONDS:-1800}" --batch-size 16 --support-size 16 --lr "${LR:-2e-4}" \
     --heldout iliopsoas_left,iliopsoas_right,kidney_left,kidney_right,femur_left,femur_right,spleen \
     --validate-every "${VALIDATE_EVERY:-500}" --checkpoint-every "${VALIDATE_EVERY:-500}" --quiet 2>&1 \
     | tee "$OUT/train.log"
