@@ -94,7 +94,9 @@ def segment_patient(segmenter: Segmenter, patient: Path, structures: tuple[str, 
             drawn[:] = False  # no prior could be made: the prior alone draws nothing
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file))) > 0
         scores[structure] = evaluate(drawn, truth, spacing, tolerance(structure)) | {
-            "registered": (entry.registration_prior or {}).get("source_cases", [])}
+            "registered": (entry.registration_prior or {}).get("source_cases", []),
+            "confidence": entry.confidence, "network_confidence": entry.network_confidence,
+            "estimated_surface_dice": entry.estimated_surface_dice}
     return {"seconds_per_structure": round(seconds / len(structures), 2), "structures": scores}
 
 

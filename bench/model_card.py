@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
                         help="the networks' precision (default: the device's, as `autocontour segment` chooses)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "model_card_results.json")
+    parser.add_argument("--methods", default="checkpoint,untrained,atlas_baseline",
+                        help="which of checkpoint, untrained, atlas_baseline to run (comma-separated)")
     args = parser.parse_args()
     if args.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
@@ -96,6 +98,8 @@ def main() -> None:
 
         results = {}
         for method, weights in (("checkpoint", args.weights), ("untrained", untrained), ("atlas_baseline", None)):
+            if method not in args.methods.split(","):
+                continue
             started = time.perf_counter()
             if weights is None:  # the card of an unused file: the baseline runs no network
                 segmenter = Segmenter(settings, weights=untrained, support_dirs=[sets], shipped_support=False,

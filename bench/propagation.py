@@ -254,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 5, 8])
     p.add_argument("--ends", choices=["drawn", "undrawn", "both"], default="both")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--weights", type=Path, default=WEIGHTS, help="checkpoint (default: the shipped weights)")
     p.add_argument("--precision", default="float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-crop", action="store_true")
@@ -273,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, _ = load_model(WEIGHTS)
+    model, _ = load_model(args.weights)
     engine = CachedEngine(Engine(model, "cpu", args.precision, threads=args.threads))
     options = PropagationOptions(crop=not args.no_crop, flips=not args.no_flips, support_size=args.support_size,
                                  prior_weight=args.prior_weight, prior_scale_mm=args.prior_scale_mm,

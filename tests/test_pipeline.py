@@ -15,6 +15,7 @@ from autocontour.config import Settings
 from autocontour.errors import NoSupportSetError, WeightsError
 from autocontour.options import SegmentOptions
 from autocontour.pipeline import Segmenter
+from autocontour.pipeline.calibration import ConfidenceCalibration
 from autocontour.pipeline.library import Library
 
 
@@ -156,3 +157,18 @@ def test_weak_evidence_lowers_the_confidence_and_says_why(tmp_path, phantom_segm
     factors = [float(reason.rsplit("(x", 1)[1].rstrip(")")) for reason in unplaced.confidence_discounts]
     assert unplaced.confidence == pytest.approx(unplaced.network_confidence * float(np.prod(factors)), abs=2e-3)
     assert unplaced.confidence < unplaced.network_confidence
+
+
+def test_the_summary_estimates_surface_dice_only_for_weights_it_was_fitted_for(tmp_path, phantom_segmenter):
+    ct_path, _ = write_phantom(tmp_path / "new", seed=21, size=(70, 60, 30), spacing=(5.0, 5.0, 5.0))
+    options = SegmentOptions(structures="bladder", support_size=4)
+    unfitted = phantom_segmenter.segment(ct_path, options=options).summary.structures["bladder"]
+    assert unfitted.confidence is not None and unfitted.estimated_surface_dice is None
+    calibration = ConfidenceCalibration.fit([0.2, 0.5, 0.9], [0.3, 0.6, 0.8], phantom_segmenter.model.card.sha256,
+                                            "synthetic")
+    phantom_segmenter.library.calibration = calibration
+    try:
+        fitted = phantom_segmenter.segment(ct_path, options=options).summary.structures["bladder"]
+    finally:
+        phantom_segmenter.library.calibration = None
+    assert fitted.estimated_surface_dice == calibration.estimate(fitted.confidence)

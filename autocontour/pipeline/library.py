@@ -14,6 +14,7 @@ from autocontour.catalogue import DEFAULT_STRUCTURES, Catalogue
 from autocontour.config import Settings
 from autocontour.errors import NoSupportSetError, SupportSetError, WeightsError
 from autocontour.model.weights import ModelCard, read_card, sha256_of
+from autocontour.pipeline.calibration import load_calibration
 from autocontour.rules import OverlapRules, load_rules
 from autocontour.support.store import MANIFEST, SupportSet, discover, load_support_set
 
@@ -34,6 +35,7 @@ class Library:
         self.catalogue = Catalogue.from_definitions({n: s.definition for n, s in self.supports.items()})
         self.rules: OverlapRules = load_rules(rules or self.settings.rules)
         self.card: ModelCard = read_card(self.weights, sha256_of(self.weights))  # without loading the network
+        self.calibration = load_calibration(self.card.sha256)
 
     def describe_model(self) -> dict:
         """The model card as an API process without the network shows it: the workers choose the precision."""

@@ -241,7 +241,8 @@ class Segmenter:
         canonical, names = scan.canonical, options.structures
         spacing, z_mm = canonical.image.GetSpacing(), canonical.slice_positions_mm()
         structures = {n: structure_summary(n, drawn.masks[n], predictions[n], supports[n], drawn.body, spacing,
-                                           z_mm, options.threshold, options.axial_search, scan.fingerprint)
+                                           z_mm, options.threshold, options.axial_search, scan.fingerprint,
+                                           self.library.calibration)
                       for n in names}
         dicom = writes and scan.series is not None
         drawn_any = any(m.mask.any() for m in drawn.masks.values())

@@ -19,6 +19,7 @@ from autocontour.engine.prediction import StructurePrediction
 from autocontour.export import mask_file
 from autocontour.io import CanonicalCT
 from autocontour.model.weights import ModelCard
+from autocontour.pipeline.calibration import ConfidenceCalibration
 from autocontour.pipeline.evidence import discounted, discounts
 from autocontour.postprocess import StructureMask, confidence, laterality_warning
 from autocontour.support.store import SupportSet
@@ -74,6 +75,9 @@ class StructureSummary(BaseModel):
     network_confidence: float | None = Field(description="certainty x agreement of the network's map, "
                                                           "area-weighted over the slices")
     confidence_discounts: list[str] = Field(description="weak evidence behind the structure, each with its factor")
+    estimated_surface_dice: float | None = Field(None, description=(
+        "the surface Dice at the structure's tolerance that this confidence came with where the weights were "
+        "benchmarked (models/confidence_calibration.json; none for weights it was not fitted for)"))
     slice_confidence: dict[str, float]
     flagged_slices: list[FlaggedSlice]
     postprocessing: dict[str, int]
@@ -153,7 +157,8 @@ def input_summary(image: sitk.Image, canonical: CanonicalCT, fingerprint: str, d
 
 def structure_summary(name: str, m: StructureMask, prediction: StructurePrediction, support: SupportSet,
                       body: np.ndarray | None, spacing: tuple[float, ...], z_mm: np.ndarray, threshold: float,
-                      axial_search: str, scan_fingerprint: str) -> StructureSummary:
+                      axial_search: str, scan_fingerprint: str,
+                      calibration: ConfidenceCalibration | None = None) -> StructureSummary:
     """One structure's entry, with the midline check for a lateral structure where `body` is given."""
     definition = support.definition
     # model-grid slices are the canonical slices (same z positions), so per-slice arrays carry over
@@ -174,7 +179,8 @@ def structure_summary(name: str, m: StructureMask, prediction: StructurePredicti
         mask_file=mask_file(name), volume_ml=round(voxels * float(np.prod(spacing)) / 1000, 3), voxels=voxels,
         slice_range=[int(zs.min()), int(zs.max())] if voxels else None,
         z_range_mm=[round(float(z_mm[zs.min()]), 2), round(float(z_mm[zs.max()]), 2)] if voxels else None,
-        confidence=discounted(conf.structure, weak), network_confidence=conf.structure,
+        confidence=(score := discounted(conf.structure, weak)), network_confidence=conf.structure,
+        estimated_surface_dice=calibration.estimate(score) if calibration else None,
         confidence_discounts=[f"{d.reason} (x{d.factor:.2f})" for d in weak],
         slice_confidence={str(z): c for z, c in conf.per_slice.items()},
         flagged_slices=[FlaggedSlice(**f, z_mm=round(float(z_mm[f["slice"]]), 2)) for f in flagged],

@@ -1,0 +1,56 @@
+"""An estimate of surface Dice from the structure confidence, fitted on benchmark results of training data.
+
+A confidence of 0.72 says nothing a physicist can act on; "about 0.8 of the contour's surface within
+tolerance, as measured where these weights were benchmarked" does, and its error on patients the fit never saw
+can be stated (bench/RESULTS.md, "Confidence against quality"). The mapping is isotonic (a higher confidence
+never lowers the estimate, no shape assumed) and belongs to one checkpoint: other weights get no estimate.
+`bench/calibrate_confidence.py` fits it and writes `models/confidence_calibration.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy.optimize import isotonic_regression
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "confidence_calibration.json"
+
+
+class ConfidenceCalibration(BaseModel):
+    """Knots of a monotone map from structure confidence to expected surface Dice at the structure's tolerance."""
+
+    weights_sha256: str = Field(description="the checkpoint whose confidences were fitted")
+    fitted_on: str = Field(description="which benchmark results, and why they count as training data")
+    samples: int
+    confidence: list[float] = Field(description="knots, increasing")
+    surface_dice: list[float] = Field(description="expected surface Dice at each knot, non-decreasing")
+    mean_abs_error: float = Field(description="on the samples it was fitted on")
+
+    @classmethod
+    def fit(cls, confidence: list[float], surface_dice: list[float], weights_sha256: str,
+            fitted_on: str) -> Self:
+        x, y = np.asarray(confidence, float), np.asarray(surface_dice, float)
+        knots, group, counts = np.unique(x, return_inverse=True, return_counts=True)  # ties pooled
+        fitted = isotonic_regression(np.bincount(group, weights=y) / counts, weights=counts).x
+        estimate = fitted[group]
+        return cls(weights_sha256=weights_sha256, fitted_on=fitted_on, samples=len(x),
+                   confidence=[round(float(v), 4) for v in knots],
+                   surface_dice=[round(float(v), 4) for v in fitted],
+                   mean_abs_error=round(float(np.mean(np.abs(estimate - y))), 4))
+
+    def estimate(self, confidence: float | None) -> float | None:
+        """Expected surface Dice; flat beyond the fitted range (no extrapolation)."""
+        if confidence is None:
+            return None
+        return round(float(np.interp(confidence, self.confidence, self.surface_dice)), 3)
+
+
+def load_calibration(weights_sha256: str, path: Path = SHIPPED) -> ConfidenceCalibration | None:
+    """The shipped calibration if it was fitted for these weights, else None."""
+    if not path.is_file():
+        return None
+    calibration = ConfidenceCalibration.model_validate_json(path.read_text())
+    return calibration if calibration.weights_sha256 == weights_sha256 else None
