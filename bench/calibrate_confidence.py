@@ -1,13 +1,15 @@
-"""Fit the confidence calibration on training-data benchmark results, and check it on others.
+"""Fit a confidence calibration on benchmark results, and report how confidence ranks and estimates quality.
 
-    python bench/calibrate_confidence.py fit /tmp/cross_patient.json     # writes models/confidence_calibration.json
-    python bench/calibrate_confidence.py check /tmp/clinic.json [...]    # rank correlation and calibration error
+    python bench/calibrate_confidence.py fit RESULTS.json [...] [--out FILE]   # models/confidence_calibration.json
+    python bench/calibrate_confidence.py check RESULTS.json [...]              # rank correlation and errors
 
 Both read the JSON that bench/cross_patient.py (--json-out) and bench/clinic.py (--json-out) write: every
 structure result holding `confidence` and `nsd` (surface Dice at the structure's tolerance) is a sample, except
-structures absent from the reference. Fit only on results whose queries are training data (the virtual
-patients, phantoms and the DICOM example of bench/cross_patient.py); check on patients the weights never saw
-(the OpenKBP validation patients of bench/clinic.py).
+structures absent from the reference; each query patient is a group. Fit on training and validation data only
+(virtual patients and phantoms, a clinic's own validation patients), never on data held back for evaluation.
+`fit` writes the calibration only where, fitted on all groups but one, it estimates the left-out group's
+surface Dice better than the confidence itself does (leave one patient out); otherwise it says so and exits 1.
+A clinic fits its own from its own cases and points AUTOCONTOUR_CONFIDENCE_CALIBRATION at it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from autocontour.config import Settings  # noqa: E402
 from autocontour.model.weights import sha256_of  # noqa: E402
-from autocontour.pipeline.calibration import SHIPPED, ConfidenceCalibration, load_calibration  # noqa: E402
+from autocontour.pipeline.calibration import (  # noqa: E402
+    SHIPPED,
+    ConfidenceCalibration,
+    held_out_errors,
+    load_calibration,
+)
 
 BINS = 5
 
@@ -37,6 +44,32 @@ def samples(node: object) -> list[dict]:
     if "nsd" in node and node.get("confidence") is not None and node.get("present", True):
         return [node]
     return [found for value in node.values() for found in samples(value)]
+
+
+def grouped(paths: list[Path]) -> dict[str, list[dict]]:
+    """Samples by query patient: a cross-patient case, or a clinic patient whatever its set size and mode."""
+    groups: dict[str, list[dict]] = {}
+    for path in paths:
+        for key, value in json.loads(path.read_text()).items():
+            groups.setdefault(f"{path.stem}:{key.rsplit('/', 1)[-1]}", []).extend(samples(value))
+    return {name: rows for name, rows in groups.items() if rows}
+
+
+def fit(paths: list[Path], sha: str, out: Path) -> int:
+    groups = grouped(paths)
+    held_out, bare = held_out_errors({n: [(r["confidence"], r["nsd"]) for r in rows] for n, rows in groups.items()})
+    print(f"{len(groups)} patients: leave-one-patient-out mean absolute error {held_out:.3f} calibrated, "
+          f"{bare:.3f} for the confidence itself")
+    if held_out >= bare:
+        print("not written: the calibration does not estimate left-out patients better than the confidence")
+        return 1
+    rows = [r for group in groups.values() for r in group]
+    fitted = ConfidenceCalibration.fit([r["confidence"] for r in rows], [r["nsd"] for r in rows], sha,
+                                       ", ".join(p.name for p in paths))
+    fitted.held_out_error, fitted.confidence_error = round(held_out, 4), round(bare, 4)
+    out.write_text(fitted.model_dump_json(indent=1) + "\n")
+    print(f"{out}: {fitted.samples} samples")
+    return 0
 
 
 def calibration_error(estimate: np.ndarray, truth: np.ndarray) -> float:
@@ -67,17 +100,11 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--weights", type=Path, default=Settings().default_weights,
                         help="the checkpoint the results were made with (default: the shipped weights)")
-    parser.add_argument("--out", type=Path, default=SHIPPED)
+    parser.add_argument("--out", type=Path, default=SHIPPED, help="the calibration file written or checked")
     args = parser.parse_args()
     sha = sha256_of(args.weights)
     if args.action == "fit":
-        rows = [r for path in args.results for r in samples(json.loads(path.read_text()))]
-        fitted = ConfidenceCalibration.fit([r["confidence"] for r in rows], [r["nsd"] for r in rows], sha,
-                                           "bench/cross_patient.py results on training data: "
-                                           + ", ".join(p.name for p in args.results))
-        args.out.write_text(fitted.model_dump_json(indent=1) + "\n")
-        print(f"{args.out}: {fitted.samples} samples, fitted mean absolute error {fitted.mean_abs_error:.3f}")
-        return
+        sys.exit(fit(args.results, sha, args.out))
     calibration = load_calibration(sha, args.out)
     print("| results | n | value | rho vs Dice | rho vs surface Dice | mean abs. error vs surface Dice | ECE |")
     print("|---|---|---|---|---|---|---|")

@@ -41,12 +41,12 @@ def main() -> int:
                 if (p / "ct.nii.gz").is_file()]
     failures, started = 0, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="openkbp-smoke-") as tmp:
-        for patient in patients:
+        for number, patient in enumerate(patients, 1):
             code, stderr = segment(patient / "ct.nii.gz", Path(tmp) / patient.name, args.structures)
-            if code != 0 or "Traceback" in stderr:
-                failures += 1
-                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-                print(f"{patient.parent.name}/{patient.name}: exit {code}: {last}", flush=True)
+            failed = code != 0 or "Traceback" in stderr
+            failures += failed
+            last = stderr.strip().splitlines()[-1] if failed and stderr.strip() else "ok"
+            print(f"{number}/{len(patients)} {patient.parent.name}/{patient.name}: exit {code}: {last}", flush=True)
     seconds = time.perf_counter() - started
     print(f"{len(patients) - failures} of {len(patients)} patients segmented with exit 0 and no traceback "
           f"({seconds / max(1, len(patients)):.1f} s a patient)")

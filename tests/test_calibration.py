@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from conftest import ROOT
 
 from autocontour.config import Settings
 from autocontour.model.weights import sha256_of
-from autocontour.pipeline.calibration import SHIPPED, ConfidenceCalibration, load_calibration
+from autocontour.pipeline.calibration import ConfidenceCalibration, held_out_errors, load_calibration
+from autocontour.pipeline.library import Library
 
 
 def test_the_fit_never_lowers_the_estimate_as_confidence_rises_and_pools_ties():
@@ -32,10 +35,36 @@ def test_the_estimate_is_flat_beyond_the_fitted_range_and_none_without_a_confide
     assert fitted.estimate(None) is None
 
 
-def test_the_shipped_calibration_belongs_to_the_shipped_weights_only():
-    shipped = json.loads(SHIPPED.read_text())
-    assert shipped["weights_sha256"] == sha256_of(Settings().default_weights)
-    assert load_calibration(shipped["weights_sha256"]) is not None
-    assert load_calibration("0" * 64) is None
-    assert "training data" in shipped["fitted_on"]
-    assert (ROOT / "bench" / "cross_patient_training_results.json").is_file()  # what it was fitted on
+def test_a_calibration_is_read_only_for_the_weights_it_was_fitted_for(tmp_path, small_weights):
+    path = tmp_path / "calibration.json"
+    sha = sha256_of(small_weights)
+    path.write_text(ConfidenceCalibration.fit([0.3, 0.9], [0.2, 0.8], sha, "synthetic").model_dump_json())
+    assert load_calibration(sha, path) is not None
+    assert load_calibration("0" * 64, path) is None
+    assert load_calibration(sha, tmp_path / "absent.json") is None
+    library = Library(Settings(confidence_calibration=path), weights=small_weights, shipped_support=False)
+    assert library.calibration is not None and library.calibration.weights_sha256 == sha
+
+
+def test_left_out_patients_show_whether_the_calibration_beats_the_confidence():
+    """Within one protocol the confidence sits 0.3 above the truth: a fit on the other patients corrects that."""
+    rng = np.random.default_rng(1)
+    groups = {}
+    for patient in range(4):
+        confidence = rng.uniform(0.4, 0.95, 12)
+        groups[f"pt_{patient}"] = [(c, c - 0.3 + rng.normal(0, 0.03)) for c in confidence]
+    calibrated, bare = held_out_errors(groups)
+    assert bare == pytest.approx(0.3, abs=0.02) and calibrated < 0.1
+
+
+def test_the_fit_script_writes_nothing_where_the_calibration_does_not_help(tmp_path):
+    """Two protocols whose confidences mean different things: left-out patients are estimated worse than by
+    the confidence itself, so no calibration is written."""
+    results = tmp_path / "results.json"
+    rows = {f"n1/network/pt_{i}": {"structures": {"a": {"dice": 0.5, "nsd": truth, "confidence": conf}}}
+            for i, (conf, truth) in enumerate([(0.8, 0.9), (0.8, 0.2), (0.5, 0.5)])}
+    results.write_text(json.dumps(rows))
+    out = tmp_path / "calibration.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate_confidence.py"), "fit", str(results),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and "not written" in run.stdout and not out.exists()

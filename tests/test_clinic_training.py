@@ -163,7 +163,8 @@ def test_a_recipe_naming_a_missing_patients_folder_is_refused_in_one_line(tmp_pa
     assert len(err.splitlines()) == 1 and "nowhere/train" in err and "not there" in err
 
 
-@pytest.mark.parametrize("name", ["training_data_openkbp.json", "training_data_openkbp-gpu.json"])
+@pytest.mark.parametrize("name", ["training_data_openkbp.json", "training_data_openkbp-gpu.json",
+                                  "training_data_openkbp-gpu-lite.json"])
 def test_the_shipped_clinic_recipes_train_on_train_patients_and_validate_on_validation_patients(name):
     recipe, root = load_recipe(ROOT / "models" / name)
     assert root == ROOT

@@ -1,10 +1,11 @@
-"""An estimate of surface Dice from the structure confidence, fitted on benchmark results of training data.
+"""An estimate of surface Dice from the structure confidence, fitted on benchmark results.
 
 A confidence of 0.72 says nothing a physicist can act on; "about 0.8 of the contour's surface within
-tolerance, as measured where these weights were benchmarked" does, and its error on patients the fit never saw
-can be stated (bench/RESULTS.md, "Confidence against quality"). The mapping is isotonic (a higher confidence
-never lowers the estimate, no shape assumed) and belongs to one checkpoint: other weights get no estimate.
-`bench/calibrate_confidence.py` fits it and writes `models/confidence_calibration.json`.
+tolerance, as measured on this clinic's own cases" does, and its error on patients the fit never saw can be
+stated. The mapping is isotonic (a higher confidence never lowers the estimate, no shape assumed) and belongs
+to one checkpoint: other weights get no estimate. `bench/calibrate_confidence.py` fits it, and writes it only
+where it predicts held-out patients better than the confidence read as an estimate does
+(bench/RESULTS.md, "Confidence against quality").
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class ConfidenceCalibration(BaseModel):
     confidence: list[float] = Field(description="knots, increasing")
     surface_dice: list[float] = Field(description="expected surface Dice at each knot, non-decreasing")
     mean_abs_error: float = Field(description="on the samples it was fitted on")
+    held_out_error: float | None = Field(None, description="mean absolute error, each group of samples (a "
+                                                           "patient) estimated by a fit on the others")
+    confidence_error: float | None = Field(None, description="the same for the confidence read as the estimate")
 
     @classmethod
     def fit(cls, confidence: list[float], surface_dice: list[float], weights_sha256: str,
@@ -48,8 +52,21 @@ class ConfidenceCalibration(BaseModel):
         return round(float(np.interp(confidence, self.confidence, self.surface_dice)), 3)
 
 
-def load_calibration(weights_sha256: str, path: Path = SHIPPED) -> ConfidenceCalibration | None:
-    """The shipped calibration if it was fitted for these weights, else None."""
+def held_out_errors(groups: dict[str, list[tuple[float, float]]]) -> tuple[float, float]:
+    """Mean absolute error of the calibration and of the bare confidence on each group of (confidence, surface
+    Dice) samples, the calibration fitted on the other groups: what a patient the fit never saw can expect."""
+    calibrated, bare = [], []
+    for name, samples in groups.items():
+        others = [pair for other, rest in groups.items() if other != name for pair in rest]
+        fitted = ConfidenceCalibration.fit([c for c, _ in others], [t for _, t in others], "", "")
+        calibrated += [abs(np.interp(c, fitted.confidence, fitted.surface_dice) - truth) for c, truth in samples]
+        bare += [abs(c - truth) for c, truth in samples]
+    return float(np.mean(calibrated)), float(np.mean(bare))
+
+
+def load_calibration(weights_sha256: str, path: Path | None = None) -> ConfidenceCalibration | None:
+    """The calibration at `path` (default: the project's, where it ships one) if fitted for these weights."""
+    path = path or SHIPPED
     if not path.is_file():
         return None
     calibration = ConfidenceCalibration.model_validate_json(path.read_text())

@@ -35,7 +35,7 @@ class Library:
         self.catalogue = Catalogue.from_definitions({n: s.definition for n, s in self.supports.items()})
         self.rules: OverlapRules = load_rules(rules or self.settings.rules)
         self.card: ModelCard = read_card(self.weights, sha256_of(self.weights))  # without loading the network
-        self.calibration = load_calibration(self.card.sha256)
+        self.calibration = load_calibration(self.card.sha256, self.settings.confidence_calibration)
 
     def describe_model(self) -> dict:
         """The model card as an API process without the network shows it: the workers choose the precision."""

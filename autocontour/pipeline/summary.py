@@ -76,8 +76,8 @@ class StructureSummary(BaseModel):
                                                           "area-weighted over the slices")
     confidence_discounts: list[str] = Field(description="weak evidence behind the structure, each with its factor")
     estimated_surface_dice: float | None = Field(None, description=(
-        "the surface Dice at the structure's tolerance that this confidence came with where the weights were "
-        "benchmarked (models/confidence_calibration.json; none for weights it was not fitted for)"))
+        "the surface Dice at the structure's tolerance that drafts of this confidence reached on the cases a "
+        "calibration was fitted on (setting confidence_calibration); none without one for these weights"))
     slice_confidence: dict[str, float]
     flagged_slices: list[FlaggedSlice]
     postprocessing: dict[str, int]
