@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = Field(1 << 30, ge=1, description="most memory decoding one CT may take: voxels x "
                                                               "(stored bytes per voxel + the larger of that and 4), "
                                                               "checked from the headers before decoding")
-    max_compression_ratio: float = Field(100.0, ge=1, description="most a CT's .nii.gz or DICOM zip may inflate "
-                                                                  "per compressed byte (CTs: 2-10)")
+    max_compression_ratio: float = Field(500.0, ge=1, description="most a CT's .nii.gz or DICOM zip may inflate "
+                                                                  "per compressed byte (CTs: 2-30; a small body "
+                                                                  "padded with air up to 123; zeros: 1000)")
     scratch_dir: Path | None = Field(None, description="where temporary copies of patient data go (an extracted "
                                                         "DICOM zip, a PACS download); default: the system's "
                                                         "temporary folder. Each CLI run works in a locked folder of "
