@@ -46,6 +46,13 @@ class KnownScanError(SupportSetError):
     http_status = 409
 
 
+class SupportSetBusyError(SupportSetError):
+    """Another addition to the same support set holds it for longer than an addition should take."""
+
+    code = "support-set-busy"
+    http_status = 503
+
+
 class NotApprovedError(AutocontourError):
     """A result offered as a support case before a clinician approved it (or approved that structure)."""
 

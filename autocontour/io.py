@@ -453,18 +453,21 @@ def check_geometry(image: sitk.Image) -> None:
                               f"at least {MIN_AXIAL_SLICES} are needed")
 
 
+AIR_CEILING_HU = -900  # air and its noise lie below; fat, soft tissue and bone far above
+
+
 def check_looks_like_ct(values: np.ndarray) -> None:
     """A CT in Hounsfield units shows air (about -1000 HU) around the patient.
 
     Catches the usual mix-ups: a label map, an MR, an image scaled to 0..1 or
     0..255, or raw stored values without the rescale intercept applied. The
-    upper percentile leaves out voxels at the lowest value (air and padding), so
-    a small body in a large field of view still shows its tissue.
+    upper percentile is read above air (-900 HU), so a small body in a large
+    field of view padded with air still shows its tissue.
     """
     sample = values.ravel()[:: max(1, values.size // 2_000_000)]
     low = np.percentile(sample, 0.5)
-    above_floor = sample[sample > sample.min()]
-    high = np.percentile(above_floor if above_floor.size else sample, 99.5)
+    above_air = sample[sample > AIR_CEILING_HU]
+    high = np.percentile(above_air if above_air.size else sample, 99.5)
     if low > -500 or high < -200 or high - low < 300:
         raise InputImageError(
             f"the image does not look like a CT in Hounsfield units (0.5-99.5 percentile {low:.0f}..{high:.0f}; "

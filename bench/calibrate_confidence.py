@@ -57,6 +57,9 @@ def grouped(paths: list[Path]) -> dict[str, list[dict]]:
 
 def fit(paths: list[Path], sha: str, out: Path) -> int:
     groups = grouped(paths)
+    if len(groups) < 2:
+        print(f"not written: {len(groups)} patient(s) with confidences; leaving one out needs at least 2")
+        return 1
     held_out, bare = held_out_errors({n: [(r["confidence"], r["nsd"]) for r in rows] for n, rows in groups.items()})
     print(f"{len(groups)} patients: leave-one-patient-out mean absolute error {held_out:.3f} calibrated, "
           f"{bare:.3f} for the confidence itself")

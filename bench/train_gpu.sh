@@ -40,6 +40,8 @@ if [ ! -f "$DATA" ]; then
         --save-data "$DATA" --out .gpu
 fi
 RUN=/tmp/autocontour-gpu-run  # outside $OUT: the device tool brings back 8 files at most
+rm -rf "$RUN"  # a warm machine keeps the last run's files: a failed run must not hand them back
+set -o pipefail
 python3 -m autocontour.cli train --data "$DATA" --out "$RUN" --device cuda \
     --from "${FROM:-models/autocontour-universeg-v2.safetensors}" \
     --steps "${STEPS:-20000}" --max-seconds "${MAX_SECONDS:-1800}" --batch-size 16 --support-size 16 --lr "${LR:-2e-4}" \

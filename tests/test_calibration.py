@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 from autocontour.config import Settings
+from autocontour.errors import OptionError
 from autocontour.model.weights import sha256_of
 from autocontour.pipeline.calibration import ConfidenceCalibration, held_out_errors, load_calibration
 from autocontour.pipeline.library import Library
@@ -40,8 +41,12 @@ def test_a_calibration_is_read_only_for_the_weights_it_was_fitted_for(tmp_path, 
     sha = sha256_of(small_weights)
     path.write_text(ConfidenceCalibration.fit([0.3, 0.9], [0.2, 0.8], sha, "synthetic").model_dump_json())
     assert load_calibration(sha, path) is not None
-    assert load_calibration("0" * 64, path) is None
-    assert load_calibration(sha, tmp_path / "absent.json") is None
+    assert load_calibration("0" * 64, path) is None  # other weights: no estimate, and a warning
+    with pytest.raises(OptionError, match="not found"):
+        load_calibration(sha, tmp_path / "absent.json")
+    (tmp_path / "other.json").write_text('{"samples": 3}')
+    with pytest.raises(OptionError, match="not a confidence calibration"):
+        load_calibration(sha, tmp_path / "other.json")
     library = Library(Settings(confidence_calibration=path), weights=small_weights, shipped_support=False)
     assert library.calibration is not None and library.calibration.weights_sha256 == sha
 
@@ -68,3 +73,18 @@ def test_the_fit_script_writes_nothing_where_the_calibration_does_not_help(tmp_p
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate_confidence.py"), "fit", str(results),
                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 1 and "not written" in run.stdout and not out.exists()
+
+
+def test_the_fit_script_writes_a_calibration_that_beats_the_confidence_on_left_out_patients(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = {f"n1/network/pt_{p}": {"structures": {f"s{i}": {"dice": 0.5, "nsd": c - 0.3, "confidence": c}
+                                                 for i, c in enumerate(rng.uniform(0.4, 0.95, 8))}}
+            for p in range(3)}
+    (tmp_path / "clinic.json").write_text(json.dumps(rows))
+    out = tmp_path / "calibration.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate_confidence.py"), "fit",
+                          str(tmp_path / "clinic.json"), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    written = ConfidenceCalibration.model_validate_json(out.read_text())
+    assert written.samples == 24 and written.held_out_error < written.confidence_error
+    assert written.weights_sha256 == sha256_of(Settings().default_weights)

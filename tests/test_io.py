@@ -119,10 +119,10 @@ def test_hu_check_accepts_real_ct_and_refuses_mri_like_values():
 def test_hu_check_accepts_a_small_body_in_a_field_of_view_padded_with_air():
     """Like an OpenKBP planning CT whose body fills 0.4 % of its 128 x 128 x 128 grid: the 99.5th percentile of
     the whole volume is air, yet the scan is a CT."""
-    volume = np.full((64, 128, 128), -1024, dtype=np.int16)
+    volume = np.random.default_rng(1).integers(-1024, -950, (64, 128, 128)).astype(np.int16)  # noisy air
     volume[20:50, 60:66, 60:66] = np.random.default_rng(0).integers(-100, 80, (30, 6, 6))  # soft tissue and fat
     volume[20:50, 62:64, 62:64] = 700  # bone
-    assert np.percentile(volume, 99.5) == -1024  # what the check once read as "no tissue"
+    assert np.percentile(volume, 99.5) < -900  # what the check once read as "no tissue"
     check_looks_like_ct(volume)
 
 

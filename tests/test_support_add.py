@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 import SimpleITK as sitk
 from conftest import EXAMPLE_CT, EXAMPLE_LABELS, RECIPES, ROOT
 from dicom_tools import DEFINITIONS, dciodvfy_errors, tool, write_ct_series
@@ -165,3 +166,19 @@ def test_the_same_ct_as_nifti_dicom_folder_zip_and_plastimatch_series_is_one_sca
         assert main(["support", "add", str(sets), "--case", str(stored), str(EXAMPLE_LABELS), "--recipe",
                      "bladder"]) == 2
         _one_line_error(capsys, "case1 is the same scan as case0, already in the set")
+
+
+def test_a_second_addition_to_one_set_waits_and_then_says_the_set_is_busy(tmp_path, monkeypatch):
+    """Two additions would share the staging folder: the second waits for the first, and gives up with a
+    clear error (503 over HTTP) rather than hanging."""
+    from autocontour.errors import SupportSetBusyError
+    from autocontour.support import grow
+
+    monkeypatch.setattr(grow, "LOCK_WAIT_S", 0.5)
+    target = tmp_path / "sets" / "bladder"
+    with grow._one_addition_at_a_time(target):
+        with pytest.raises(SupportSetBusyError, match="still running"):
+            with grow._one_addition_at_a_time(target):
+                pass
+    with grow._one_addition_at_a_time(target):  # released: the next addition goes ahead
+        pass

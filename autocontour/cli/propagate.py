@@ -39,9 +39,11 @@ def add_drawing_arguments(cmd: argparse.ArgumentParser, verb: str) -> None:
                      help=f"the {verb} slices, as indices along the CT file's third axis from 0 (NIfTI k; a DICOM "
                           f"series: its slices in order of position){erasing}; default: every slice where MASK "
                           "holds any")
+    ends = ("the outermost drawn slices are its ends" if verb == "drawn" else
+            "a correction does not extend the structure past its present ends")
     cmd.add_argument("--ends", choices=["continue", "drawn"], default="continue",
                      help=f"continue (default): beyond the outermost {verb} slices the structure goes on while it "
-                          f"shows; drawn: the outermost {verb} slices are its ends")
+                          f"shows; drawn: {ends}")
 
 
 def add_model_arguments(cmd: argparse.ArgumentParser) -> None:

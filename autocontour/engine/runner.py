@@ -117,7 +117,9 @@ class Engine:
         if self.precision == "float32" and self.device.type == "cuda":
             # cuDNN convolves in TF32 by default (10-bit mantissa): probabilities then move by up to 2e-3 on an
             # H200 (bench/RESULTS.md); float32 here means float32
-            return torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False)
+            cudnn = torch.backends.cudnn
+            return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                               allow_tf32=False)
         if self.precision == "float32":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])

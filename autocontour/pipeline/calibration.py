@@ -10,13 +10,17 @@ where it predicts held-out patients better than the confidence read as an estima
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Self
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from scipy.optimize import isotonic_regression
 
+from autocontour.errors import OptionError
+
+log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "confidence_calibration.json"
 
 
@@ -41,8 +45,7 @@ class ConfidenceCalibration(BaseModel):
         fitted = isotonic_regression(np.bincount(group, weights=y) / counts, weights=counts).x
         estimate = fitted[group]
         return cls(weights_sha256=weights_sha256, fitted_on=fitted_on, samples=len(x),
-                   confidence=[round(float(v), 4) for v in knots],
-                   surface_dice=[round(float(v), 4) for v in fitted],
+                   confidence=[float(v) for v in knots], surface_dice=[round(float(v), 4) for v in fitted],
                    mean_abs_error=round(float(np.mean(np.abs(estimate - y))), 4))
 
     def estimate(self, confidence: float | None) -> float | None:
@@ -55,6 +58,8 @@ class ConfidenceCalibration(BaseModel):
 def held_out_errors(groups: dict[str, list[tuple[float, float]]]) -> tuple[float, float]:
     """Mean absolute error of the calibration and of the bare confidence on each group of (confidence, surface
     Dice) samples, the calibration fitted on the other groups: what a patient the fit never saw can expect."""
+    if len(groups) < 2:
+        raise ValueError(f"leaving one patient out needs at least 2 patients, got {len(groups)}")
     calibrated, bare = [], []
     for name, samples in groups.items():
         others = [pair for other, rest in groups.items() if other != name for pair in rest]
@@ -65,9 +70,18 @@ def held_out_errors(groups: dict[str, list[tuple[float, float]]]) -> tuple[float
 
 
 def load_calibration(weights_sha256: str, path: Path | None = None) -> ConfidenceCalibration | None:
-    """The calibration at `path` (default: the project's, where it ships one) if fitted for these weights."""
-    path = path or SHIPPED
-    if not path.is_file():
+    """The calibration at `path` if fitted for these weights (a warning otherwise); without `path`, the
+    project's where it ships one. A named file that is missing or not a calibration is an error."""
+    if path is None and not SHIPPED.is_file():
         return None
-    calibration = ConfidenceCalibration.model_validate_json(path.read_text())
-    return calibration if calibration.weights_sha256 == weights_sha256 else None
+    source = path or SHIPPED
+    if not source.is_file():
+        raise OptionError(f"confidence calibration not found: {source}")
+    try:
+        calibration = ConfidenceCalibration.model_validate_json(source.read_text())
+    except ValidationError as error:
+        raise OptionError(f"{source} is not a confidence calibration: {error.errors()[0]['msg']}") from None
+    if calibration.weights_sha256 != weights_sha256:
+        log.warning("the confidence calibration was fitted for other weights: no surface Dice is estimated")
+        return None
+    return calibration

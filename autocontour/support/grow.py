@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autocontour.errors import NotApprovedError, SupportSetError
+from autocontour.errors import NotApprovedError, SupportSetBusyError, SupportSetError
 from autocontour.pipeline.versions import StructureVersions, approval_of
 from autocontour.support.build import (
     CROP_MIN_MARGIN_MM,
@@ -42,6 +43,8 @@ from autocontour.support.build import (
 )
 from autocontour.support.provenance import CaseFiles
 from autocontour.support.store import PREVIEW, SupportManifest, SupportSet, load_support_set, save_support_set
+
+LOCK_WAIT_S = 120  # an addition takes seconds; a longer wait means one is stuck
 
 
 def add_cases(folder: Path, cases: Sequence[tuple[Path, Path] | CaseFiles], rules: CaseRules,
@@ -93,11 +96,22 @@ def add_approved_result(folder: Path, result_dir: Path, structure: str, job_id: 
 @contextmanager
 def _one_addition_at_a_time(target: Path) -> Iterator[None]:
     """Two additions to one set (two approvals, a server and the CLI) would share the staging folder and the
-    second would drop the first one's case: each waits for the other, across processes. The lock is on the
-    folder that holds the set (the set's own folder is swapped out by an addition), and leaves no file."""
-    holder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    second would drop the first one's case: each waits for the other, across processes. The lock is a file
+    `<set>.lock` beside the set's folder (the folder itself is swapped out by an addition), opened for writing
+    (NFS emulates flock with locks that need write access). Waits at most LOCK_WAIT_S."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    holder = os.open(target.parent / f"{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SupportSetBusyError(f"another addition to the support set {target.name} is still "
+                                              f"running after {LOCK_WAIT_S} s: try again later") from None
+                time.sleep(0.2)
         yield
     finally:
         os.close(holder)  # releases the lock

@@ -19,7 +19,8 @@ from autocontour.support.store import SourceCase
 
 router = APIRouter(route_class=AuthenticatedFirst, prefix="/v1/segmentations", tags=["support sets"])
 ADD_ERRORS = problem_responses(*AUTH, 404, 409, 422, 503, described={
-    403: "the API key lacks the support:write scope",
+    503: "another addition to the set is still running, or the set's folder cannot be written",
+    403: "the API key lacks the support:write scope, or the server has no API keys (the scope is required)",
     404: "no such job (or another key's, or expired), or no support set of that structure on this server",
     409: "the job is not done or not approved (or its approval does not cover the structure); the scan is "
          "already a case of the set (same fingerprint); the set is the shipped one, which is never written",
@@ -44,8 +45,13 @@ async def add_to_support_set(settings: SettingsDep, queue: QueueDep, results: Re
     """Add the job's approved version of the structure, on the CT it segmented, to the structure's support set on
     this server, and use the grown set from the next job on. Only an approved job is taken, a scan only once;
     the set keeps its slices and gains this case's, as `autocontour support add --from-result` does."""
+    if not settings.api_keys:
+        raise Problem(403, "forbidden", "Forbidden", "adding to a support set needs an API key with the "
+                      f"{SUPPORT_WRITE} scope, and this server has no API keys (AUTOCONTOUR_API_KEYS)")
     job = finished(queue, job_id, owner)
     name = structure_name(structure)
+    if name in library.supports:  # grown by another process since: that set's id is the previous one
+        await run_in_threadpool(library.refresh, name)
     support = library.supports.get(name)
     if support is None or support.path is None:
         raise Problem(404, "not-found", "Not found", f"this server has no support set of {name} to add to")
@@ -54,8 +60,12 @@ async def add_to_support_set(settings: SettingsDep, queue: QueueDep, results: Re
                       f"the support set of {name} is the shipped one, which is never written: copy it into a "
                       "folder of AUTOCONTOUR_SUPPORT_DIRS to grow it")
     previous = support.id
-    grown = await run_in_threadpool(decode_limited, decodes, settings, add_approved_result, support.path,
-                                    results.result_dir(job.id), name, job.id)
-    library.refresh(name)
+    try:
+        grown = await run_in_threadpool(decode_limited, decodes, settings, add_approved_result, support.path,
+                                        results.result_dir(job.id), name, job.id)
+    except OSError as error:  # a read-only or full disk: the set is left as it was
+        raise Problem(503, "support-set-not-written", "Support set not written",
+                      f"the support set of {name} could not be written: {error.strerror}") from None
+    await run_in_threadpool(library.refresh, name)
     return SupportCaseAdded(structure=name, support_set=grown.describe(), previous_id=previous,
                             case=grown.manifest.source_cases[-1])

@@ -165,7 +165,9 @@ const editor = {
   propagateSoon() {
     clearTimeout(this.autoTimer);
     if (!$("auto-propagate").checked) return;
-    this.autoTimer = setTimeout(() => (this.busy ? this.propagateSoon() : this.propagate()), 1500);
+    this.autoTimer = setTimeout(() => {
+      if (this.busy) this.propagateSoon(); else if (this.edited.size) this.propagate();
+    }, 1500);
   },
 
   // Swap a stroke's slice with what it held before (undo and redo are the same swap).
@@ -211,6 +213,7 @@ const editor = {
 
   // The edited slices as a mask on the input grid, to the propagate endpoint; then the new version is shown.
   async propagate() {
+    clearTimeout(this.autoTimer);  // sent now: a pending automatic propagation would find nothing left
     if (this.busy) return;
     const zs = [...this.edited.keys()].sort((a, b) => a - b);
     if (!zs.length) return setStatus("Draw or correct a slice first: Propagate sends the slices you edited.", true);
@@ -424,6 +427,10 @@ Object.assign(editor, {
   },
 
   async approve() {
+    clearTimeout(this.autoTimer);
+    if (this.busy) return setStatus("A propagation is running: approve once it is answered.", true);
+    if (this.edited.size) await this.propagate();  // approve what the reviewer sees, not the version before it
+    if (this.edited.size) return setStatus("The edited slices are not propagated yet: nothing was approved.", true);
     try {
       const approval = await (await api("/v1/segmentations/" + state.job.id + "/approve", { method: "POST" })).json();
       $("approval").textContent = "Approved by " + approval.by + " at " + approval.at + " (" +
