@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     confidence_calibration: Path | None = Field(
         None, description="a calibration JSON (bench/calibrate_confidence.py fit) that turns each structure's "
                           "confidence into estimated_surface_dice, for the weights it was fitted for; default: "
-                          "models/confidence_calibration.json where the project ships one")
+                          "none (the project ships none: a clinic fits its own)")
     max_voxels: int = Field(1 << 30, gt=0, description="most voxels an input CT may have, checked from its header")
     max_dicom_files: int = Field(5000, ge=1, description="most files in a DICOM zip or folder")
     max_dicom_bytes: int = Field(4 << 30, ge=1, description="most bytes a DICOM zip may inflate to")

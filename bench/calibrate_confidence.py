@@ -1,7 +1,7 @@
 """Fit a confidence calibration on benchmark results, and report how confidence ranks and estimates quality.
 
-    python bench/calibrate_confidence.py fit RESULTS.json [...] [--out FILE]   # models/confidence_calibration.json
-    python bench/calibrate_confidence.py check RESULTS.json [...]              # rank correlation and errors
+    python bench/calibrate_confidence.py fit RESULTS.json [...] --out FILE
+    python bench/calibrate_confidence.py check RESULTS.json [...] [--out FILE]   # rank correlation and errors
 
 Both read the JSON that bench/cross_patient.py (--json-out) and bench/clinic.py (--json-out) write: every
 structure result holding `confidence` and `nsd` (surface Dice at the structure's tolerance) is a sample, except
@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 from autocontour.config import Settings  # noqa: E402
 from autocontour.model.weights import sha256_of  # noqa: E402
 from autocontour.pipeline.calibration import (  # noqa: E402
-    SHIPPED,
     ConfidenceCalibration,
     held_out_errors,
     load_calibration,
@@ -103,10 +102,13 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--weights", type=Path, default=Settings().default_weights,
                         help="the checkpoint the results were made with (default: the shipped weights)")
-    parser.add_argument("--out", type=Path, default=SHIPPED, help="the calibration file written or checked")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="fit: the calibration file to write (required); check: a calibration to check too")
     args = parser.parse_args()
     sha = sha256_of(args.weights)
     if args.action == "fit":
+        if args.out is None:
+            parser.error("fit needs --out FILE")
         sys.exit(fit(args.results, sha, args.out))
     calibration = load_calibration(sha, args.out)
     print("| results | n | value | rho vs Dice | rho vs surface Dice | mean abs. error vs surface Dice | ECE |")

@@ -21,7 +21,6 @@ from scipy.optimize import isotonic_regression
 from autocontour.errors import OptionError
 
 log = logging.getLogger(__name__)
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "confidence_calibration.json"
 
 
 class ConfidenceCalibration(BaseModel):
@@ -50,9 +49,10 @@ class ConfidenceCalibration(BaseModel):
 
     def estimate(self, confidence: float | None) -> float | None:
         """Expected surface Dice; flat beyond the fitted range (no extrapolation)."""
-        if confidence is None:
-            return None
-        return round(float(np.interp(confidence, self.confidence, self.surface_dice)), 3)
+        return None if confidence is None else round(self._at(confidence), 3)
+
+    def _at(self, confidence: float) -> float:
+        return float(np.interp(confidence, self.confidence, self.surface_dice))
 
 
 def held_out_errors(groups: dict[str, list[tuple[float, float]]]) -> tuple[float, float]:
@@ -64,23 +64,22 @@ def held_out_errors(groups: dict[str, list[tuple[float, float]]]) -> tuple[float
     for name, samples in groups.items():
         others = [pair for other, rest in groups.items() if other != name for pair in rest]
         fitted = ConfidenceCalibration.fit([c for c, _ in others], [t for _, t in others], "", "")
-        calibrated += [abs(np.interp(c, fitted.confidence, fitted.surface_dice) - truth) for c, truth in samples]
+        calibrated += [abs(fitted._at(c) - truth) for c, truth in samples]
         bare += [abs(c - truth) for c, truth in samples]
     return float(np.mean(calibrated)), float(np.mean(bare))
 
 
-def load_calibration(weights_sha256: str, path: Path | None = None) -> ConfidenceCalibration | None:
-    """The calibration at `path` if fitted for these weights (a warning otherwise); without `path`, the
-    project's where it ships one. A named file that is missing or not a calibration is an error."""
-    if path is None and not SHIPPED.is_file():
+def load_calibration(weights_sha256: str, path: Path | None) -> ConfidenceCalibration | None:
+    """The calibration at `path` if fitted for these weights (a warning otherwise); None without a path (the
+    project ships none). A named file that is missing or not a calibration is an error."""
+    if path is None:
         return None
-    source = path or SHIPPED
-    if not source.is_file():
-        raise OptionError(f"confidence calibration not found: {source}")
+    if not path.is_file():
+        raise OptionError(f"confidence calibration not found: {path}")
     try:
-        calibration = ConfidenceCalibration.model_validate_json(source.read_text())
+        calibration = ConfidenceCalibration.model_validate_json(path.read_text())
     except ValidationError as error:
-        raise OptionError(f"{source} is not a confidence calibration: {error.errors()[0]['msg']}") from None
+        raise OptionError(f"{path} is not a confidence calibration: {error.errors()[0]['msg']}") from None
     if calibration.weights_sha256 != weights_sha256:
         log.warning("the confidence calibration was fitted for other weights: no surface Dice is estimated")
         return None
