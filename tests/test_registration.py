@@ -143,3 +143,37 @@ def test_the_metric_samples_the_query_to_its_own_ends_but_stops_short_of_the_sou
     source_ends = (z[0] + 40.0, z[-1] - 40.0)
     sampled = z[sitk.GetArrayFromImage(_fixed_mask(query, source_ends)).any(axis=(1, 2))]
     assert sampled[0] >= source_ends[0] + OVERLAP_MARGIN_MM and sampled[-1] <= source_ends[1] - OVERLAP_MARGIN_MM
+
+
+def test_a_registration_sampled_on_a_grid_warps_every_mask_as_the_transform_does(phantom):
+    """`sampled_on` stores the displacement once per model grid; the masks it warps are the transform's own."""
+    query_ct, _ = deformed_copy(phantom.ct, phantom.labels, (8.0, -4.0, 12.0), seed=5)
+    registration = register(make_atlas_ct(phantom.ct), make_atlas_ct(query_ct))
+    (nx, ny, nz), (sx, sy, sz) = query_ct.GetSize(), query_ct.GetSpacing()
+    grid = sitk.Image([96, 80, nz], sitk.sitkUInt8)  # a model grid: coarser in-plane, the scan's slices
+    grid.SetSpacing([sx * nx / 96, sy * ny / 80, sz])
+    grid.SetOrigin(query_ct.GetOrigin())
+    sampled = registration.sampled_on(grid)
+    labels = sitk.GetArrayViewFromImage(phantom.labels)
+    for name in ("urinary_bladder", "sacrum"):
+        mask = make_atlas_case(phantom.ct, labels == phantom.names[name]).mask
+        direct = sitk.GetArrayFromImage(registration.warp(mask, grid))
+        assert direct.max() > 0.5, name
+        np.testing.assert_allclose(sitk.GetArrayFromImage(sampled.warp(mask, grid)), direct, atol=1e-5)
+    assert sampled.reliable == registration.reliable
+
+
+def test_the_deformation_is_modelled_over_the_body_not_the_air_around_it(phantom):
+    """A scan padded with air (as the OpenKBP grids are) gets the same B-spline domain as the bare scan."""
+    from autocontour.support.registration import AIR_HU, _bspline_domain
+
+    atlas = make_atlas_ct(phantom.ct)
+    padded = sitk.ConstantPad(atlas, [20, 20, 0], [20, 20, 0], AIR_HU)
+    bare, wide = _bspline_domain(atlas), _bspline_domain(padded)
+    assert wide.GetSize() == bare.GetSize() and wide.GetSize()[0] <= atlas.GetSize()[0]
+    np.testing.assert_allclose(wide.GetOrigin(), bare.GetOrigin())
+    body = np.argwhere(sitk.GetArrayViewFromImage(padded) > AIR_HU)
+    for corner in (body.min(axis=0), body.max(axis=0)):  # the body's extremes lie inside the domain
+        point = padded.TransformIndexToPhysicalPoint([int(i) for i in corner[::-1]])
+        index = wide.TransformPhysicalPointToIndex(point)
+        assert all(0 <= i < n for i, n in zip(index, wide.GetSize(), strict=True))

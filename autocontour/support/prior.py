@@ -116,6 +116,7 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
         return {}, [too_short]
     query = _QueryAtlas(canonical)
     registrations = {} if registrations is None else registrations
+    sampled = _SampledRegistrations()
     priors: dict[str, StructurePrior] = {}
     notes: list[str] = []
     for name, support in supports.items():
@@ -132,7 +133,8 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
                 notes.append(f"{name}: source case {case.case} did not register to the scan ({registration}); "
                              "it adds no registration prior")
                 continue
-            fused.add(case, support.atlas_cases()[case.case].mask, registration, inputs[name].grid)
+            grid = inputs[name].grid
+            fused.add(case, support.atlas_cases()[case.case].mask, sampled.on(key, registration, grid), grid)
         if fused.warped:
             priors[name] = fused.prior(candidates)
         elif fused.diagnostics:
@@ -150,6 +152,20 @@ def _too_short_to_register(canonical: CanonicalCT, supports: dict[str, SupportSe
         return None
     return (f"the scan is {length:.0f} mm long, shorter than the {MIN_OVERLAP_MM:.0f} mm a registration prior needs: "
             "no source case was registered to it")
+
+
+class _SampledRegistrations:
+    """Each registration sampled on each model grid once (`Registration.sampled_on`), for one call: the
+    sampled displacement is as large as the grid, so it is not kept with the registration across scans."""
+
+    def __init__(self) -> None:
+        self._sampled: dict[tuple, Registration] = {}
+
+    def on(self, key: tuple[str, str, float], registration: Registration, grid: sitk.Image) -> Registration:
+        geometry = (key, grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
+        if geometry not in self._sampled:
+            self._sampled[geometry] = registration.sampled_on(grid)
+        return self._sampled[geometry]
 
 
 class _QueryAtlas:

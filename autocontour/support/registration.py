@@ -196,6 +196,18 @@ class Registration:
         """
         return self.diagnostics.get("overlap_mm", 0.0) >= MIN_OVERLAP_MM
 
+    def sampled_on(self, grid: sitk.Image) -> Registration:
+        """The same registration with its transform sampled once at every voxel of `grid`.
+
+        Warping onto `grid` then interpolates a stored displacement at each voxel instead of evaluating the
+        B-spline there again (a tenth of the time): a scan's structures share one model grid, and a source
+        case is warped twice for every structure its sets draw (the mask and its field of view). At the
+        grid's voxels the displacement is the transform's own, so the warped masks are the same.
+        """
+        displacement = sitk.TransformToDisplacementField(self.transform, sitk.sitkVectorFloat64, grid.GetSize(),
+                                                         grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
+        return Registration(sitk.DisplacementFieldTransform(displacement), grid, self.diagnostics)
+
     def warp(self, mask: sitk.Image, reference: sitk.Image | None = None) -> sitk.Image:
         """A source occupancy mask (uint8, AtlasCase.mask) as a float32 probability on `reference`'s grid.
 
@@ -360,6 +372,22 @@ def _bspline_optimizer(method: sitk.ImageRegistrationMethod, iterations: int) ->
         upperBound=BSPLINE_MAX_DISPLACEMENT_MM)
 
 
+def _bspline_domain(query: sitk.Image) -> sitk.Image:
+    """The part of the query's atlas grid that shows the body, and a voxel around it: the B-spline's domain.
+
+    Control points over the air of a padded scan have nothing to align (the metric samples the body only)
+    and cost time: an OpenKBP grid 692 mm across, two thirds air, took 13 s in the B-spline stage with
+    the mesh over the whole grid, 8.5 s over the body. Outside its domain the B-spline moves nothing,
+    which is right for air around the body.
+    """
+    shown = np.nonzero(sitk.GetArrayViewFromImage(query) > AIR_HU)  # (z, y, x); air outside the body is AIR_HU
+    if not shown[0].size:
+        return query
+    lo = [max(0, int(axis.min()) - 1) for axis in reversed(shown)]
+    hi = [min(size, int(axis.max()) + 2) for axis, size in zip(reversed(shown), query.GetSize(), strict=True)]
+    return query[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
 def register(source: sitk.Image, query: sitk.Image, deformable: bool = True,
              affine_iterations: int = 200, bspline_iterations: int = 40) -> Registration:
     """Register a source atlas CT (`make_atlas_ct`) to a query atlas CT; both small, LPS, air outside the body.
@@ -387,9 +415,10 @@ def register(source: sitk.Image, query: sitk.Image, deformable: bool = True,
     transform: sitk.Transform = sitk.AffineTransform(start)
 
     if deformable:
-        physical = np.array(query.GetSize()) * np.array(query.GetSpacing())
+        domain = _bspline_domain(query)
+        physical = np.array(domain.GetSize()) * np.array(domain.GetSpacing())
         mesh = [max(1, int(round(p / BSPLINE_CONTROL_SPACING_MM))) for p in physical]
-        bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+        bspline = sitk.BSplineTransformInitializer(domain, mesh, order=3)
         method = _method(BSPLINE_SAMPLES, fixed_mask, moving_mask)
         _bspline_optimizer(method, bspline_iterations)
         method.SetMovingInitialTransform(transform)
