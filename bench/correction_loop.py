@@ -55,6 +55,7 @@ from autocontour.engine.propagation import (  # noqa: E402
     PropagationOptions,
     next_slice,
     propagate,
+    runs,
 )  # noqa: E402
 from autocontour.engine.refinement import DRAFT, Correction, refine, suggest_next  # noqa: E402
 from autocontour.engine.runner import Engine  # noqa: E402
@@ -120,8 +121,7 @@ def rule_before(start: Propagation, dz_mm: float) -> Callable[[Propagation], int
         if result is start:
             return result.next_slice
         flags = result.provenance == DRAFT
-        runs = [(b - a + 1, (a + b) // 2) for a, b in refinement._runs(flags)]
-        longest = max(runs, default=None)
+        longest = max(((b - a + 1, (a + b) // 2) for a, b in runs(flags)), default=None)
         propagated = np.nonzero(result.provenance == PROPAGATED)[0]
         drawn = np.nonzero(result.provenance == DRAWN)[0]
         if longest is not None and (longest[0] * dz_mm > 2 * refinement.DRAFT_WINDOW_MM or not len(propagated)):
