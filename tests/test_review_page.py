@@ -15,6 +15,8 @@ from conftest import EXAMPLE_CT, ROOT
 from servers import start_server
 
 from autocontour.config import Settings
+from autocontour.model.weights import sha256_of
+from autocontour.pipeline.calibration import ConfidenceCalibration
 from autocontour.server.auth import hash_key
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +42,10 @@ def review_server(folder: Path, small_weights: Path):
         weights, speed = Settings().default_weights, {"cpu_support_size": str(Settings().cpu_support_size)}
     else:
         weights, speed = small_weights, {}
-    return start_server(folder, weights, **speed,
+    calibration = folder / "calibration.json"  # the page shows the estimated surface Dice a calibration gives
+    folder.mkdir(parents=True, exist_ok=True)
+    calibration.write_text(ConfidenceCalibration.fit([0.0, 1.0], [0.1, 0.9], sha256_of(weights), "test").model_dump_json())
+    return start_server(folder, weights, **speed, confidence_calibration=str(calibration),
                         api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
 
 
@@ -68,6 +73,10 @@ def test_upload_review_toggle_and_download(browser, server, screenshots, tmp_pat
     page.wait_for_selector("#review-section:not([hidden])", timeout=600_000)
     page.wait_for_function("() => document.getElementById('slice-label').textContent.includes('/')")
     page.screenshot(path=str(screenshots / "review-axial.png"))
+    bladder = page.evaluate("() => state.info.structures.bladder")
+    estimate = 0.1 + 0.8 * bladder["confidence"]  # the test's calibration: a straight line
+    assert bladder["estimated_surface_dice"] == pytest.approx(estimate, abs=1e-3)
+    assert f"surface Dice about {estimate:.2f}" in page.inner_text("#structure-table")
 
     start = int(page.input_value("#slice"))
     page.focus("#canvas")

@@ -72,7 +72,8 @@ class ReviewVolume:
         for name, s in self.summary.structures.items():
             structures[name] = {
                 "display_name": s.display_name, "colour": list(s.definition.colour),
-                "confidence": s.confidence, "volume_ml": s.volume_ml, "status": s.status,
+                "confidence": s.confidence, "estimated_surface_dice": s.estimated_surface_dice,
+                "volume_ml": s.volume_ml, "status": s.status,
                 "flagged_slices": [f.model_dump() for f in s.flagged_slices], "slice_range": s.slice_range,
             }
         return {"disclaimer": self.summary.disclaimer, "notices": self.summary.notices,

@@ -135,7 +135,9 @@ function buildStructureTable() {
     const swatch = document.createElement("span");
     swatch.className = "swatch"; swatch.style.background = rgb(s.colour);
     label.append(swatch, document.createTextNode(" " + s.display_name));
-    const confidence = s.confidence === null ? "n/a" : s.confidence.toFixed(2);
+    const estimated = s.estimated_surface_dice ?? null;  // only where the server has a calibration
+    const confidence = (s.confidence === null ? "n/a" : s.confidence.toFixed(2))
+      + (estimated === null ? "" : " (surface Dice about " + estimated.toFixed(2) + ")");
     const mask = document.createElement("button");
     mask.type = "button"; mask.textContent = "NIfTI";
     mask.setAttribute("aria-label", "download the " + s.display_name + " mask");
@@ -144,7 +146,7 @@ function buildStructureTable() {
     for (const content of cells) {
       const cell = document.createElement("td");
       if (typeof content === "string") cell.textContent = content; else cell.append(content);
-      if (content === confidence && s.confidence !== null && s.confidence < 0.6) cell.className = "low";
+      if (content === confidence && s.confidence !== null && (estimated ?? s.confidence) < 0.6) cell.className = "low";
       row.append(cell);
     }
     body.append(row);
