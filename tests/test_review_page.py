@@ -44,7 +44,8 @@ def review_server(folder: Path, small_weights: Path):
         weights, speed = small_weights, {}
     calibration = folder / "calibration.json"  # the page shows the estimated surface Dice a calibration gives
     folder.mkdir(parents=True, exist_ok=True)
-    calibration.write_text(ConfidenceCalibration.fit([0.0, 1.0], [0.1, 0.9], sha256_of(weights), "test").model_dump_json())
+    line = ConfidenceCalibration.fit([0.0, 1.0], [0.1, 0.9], sha256_of(weights), "test")  # 0.1 + 0.8 x confidence
+    calibration.write_text(line.model_dump_json())
     return start_server(folder, weights, **speed, confidence_calibration=str(calibration),
                         api_keys={"planner": {"sha256": hash_key("planner-key"), "scopes": ["segment", "read"]}})
 
