@@ -11,8 +11,10 @@ import SimpleITK as sitk
 
 from autocontour.phantom import make_phantom
 from autocontour.support.registration import (
+    AIR_HU,
     MASK_SCALE,
     AtlasCase,
+    _bspline_domain,
     make_atlas_case,
     make_atlas_ct,
     register,
@@ -165,8 +167,6 @@ def test_a_registration_sampled_on_a_grid_warps_every_mask_as_the_transform_does
 
 def test_the_deformation_is_modelled_over_the_body_not_the_air_around_it(phantom):
     """A scan padded with air (as the OpenKBP grids are) gets the same B-spline domain as the bare scan."""
-    from autocontour.support.registration import AIR_HU, _bspline_domain
-
     atlas = make_atlas_ct(phantom.ct)
     padded = sitk.ConstantPad(atlas, [20, 20, 0], [20, 20, 0], AIR_HU)
     bare, wide = _bspline_domain(atlas), _bspline_domain(padded)

@@ -134,7 +134,9 @@ def registration_priors(canonical: CanonicalCT, supports: dict[str, SupportSet],
                              "it adds no registration prior")
                 continue
             grid = inputs[name].grid
-            fused.add(case, support.atlas_cases()[case.case].mask, sampled.on(key, registration, grid), grid)
+            if registration.reliable:  # an unreliable one is not warped at all (`_FusedCases.add`)
+                registration = sampled.on(key, registration, grid)
+            fused.add(case, support.atlas_cases()[case.case].mask, registration, grid)
         if fused.warped:
             priors[name] = fused.prior(candidates)
         elif fused.diagnostics:
@@ -155,17 +157,22 @@ def _too_short_to_register(canonical: CanonicalCT, supports: dict[str, SupportSe
 
 
 class _SampledRegistrations:
-    """Each registration sampled on each model grid once (`Registration.sampled_on`), for one call: the
-    sampled displacement is as large as the grid, so it is not kept with the registration across scans."""
+    """Each registration sampled on each model grid once (`Registration.sampled_on`), for one call.
+
+    A sampled displacement takes 24 bytes a voxel of the model grid (ITK's displacement fields are float64),
+    about 50 MB for a 128 x 128 x 128 grid, so it lasts this call only; one is kept per chosen case and
+    grid (three when the sets were drawn on the same patients), beside the warped masks `_FusedCases`
+    keeps (8 bytes a voxel per case and structure).
+    """
 
     def __init__(self) -> None:
-        self._sampled: dict[tuple, Registration] = {}
+        self._sampled: dict[tuple[tuple[str, str, float], tuple, tuple, tuple, tuple], Registration] = {}
 
     def on(self, key: tuple[str, str, float], registration: Registration, grid: sitk.Image) -> Registration:
-        geometry = (key, grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
-        if geometry not in self._sampled:
-            self._sampled[geometry] = registration.sampled_on(grid)
-        return self._sampled[geometry]
+        cache_key = (key, grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
+        if cache_key not in self._sampled:
+            self._sampled[cache_key] = registration.sampled_on(grid)
+        return self._sampled[cache_key]
 
 
 class _QueryAtlas:

@@ -146,7 +146,7 @@ function buildStructureTable() {
     for (const content of cells) {
       const cell = document.createElement("td");
       if (typeof content === "string") cell.textContent = content; else cell.append(content);
-      if (content === confidence && s.confidence !== null && (estimated ?? s.confidence) < 0.6) cell.className = "low";
+      if (content === confidence && s.confidence !== null && s.confidence < 0.6) cell.className = "low";
       row.append(cell);
     }
     body.append(row);
